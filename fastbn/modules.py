@@ -1,0 +1,106 @@
+"""Drop-in BatchNorm modules: subclasses of torch's, with fused residual and activation.
+
+``fastbn.BatchNorm2d`` *is* a ``torch.nn.BatchNorm2d``: same constructor, parameters,
+buffers and state_dict keys (loadable in both directions), same train/eval semantics and
+errors. What it adds is keyword-only: ``activation`` / ``negative_slope`` fused into the
+layer, and ``forward(input, residual=None)`` adding a residual before the activation.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from fastbn.functional import batch_norm
+from fastbn.reference import ACTIVATIONS
+
+
+class _FastBatchNorm(_BatchNorm):
+    """Shared constructor and forward of the fastbn modules."""
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        bias: bool = True,
+        activation: str | None = None,
+        negative_slope: float = 0.01,
+    ) -> None:
+        if activation is not None and activation not in ACTIVATIONS[1:]:
+            raise ValueError(
+                f"unknown activation {activation!r}; expected None or one of {ACTIVATIONS[1:]}"
+            )
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        if affine and not bias:  # torch < 2.6 has no bias= keyword; same result either way
+            self.register_parameter("bias", None)
+        self.activation = activation
+        self.negative_slope = negative_slope
+
+    def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
+        """activation(BatchNorm(input) + residual)."""
+        self._check_input_dim(input)
+        tracking = self.training and self.track_running_stats
+        # Batch statistics in training, and in eval when no running statistics are kept.
+        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        return batch_norm(
+            input,
+            self.running_mean if not self.training or self.track_running_stats else None,
+            self.running_var if not self.training or self.track_running_stats else None,
+            self.weight,
+            self.bias,
+            use_batch_stats,
+            self.momentum,
+            self.eps,
+            residual=residual,
+            activation=self.activation,
+            negative_slope=self.negative_slope,
+            num_batches_tracked=self.num_batches_tracked if tracking else None,
+        )
+
+    def extra_repr(self) -> str:
+        text = (
+            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
+            f"affine={self.affine}, bias={self.bias is not None}, "
+            f"track_running_stats={self.track_running_stats}"
+        )
+        if self.activation is not None:
+            text += f", activation={self.activation}"
+            if self.activation == "leaky_relu":
+                text += f", negative_slope={self.negative_slope}"
+        return text
+
+
+class BatchNorm1d(_FastBatchNorm, torch.nn.BatchNorm1d):
+    """torch.nn.BatchNorm1d on fastbn: (N, C) or (N, C, L) input."""
+
+
+class BatchNorm2d(_FastBatchNorm, torch.nn.BatchNorm2d):
+    """torch.nn.BatchNorm2d on fastbn: (N, C, H, W) input, NCHW or channels_last."""
+
+
+class BatchNorm3d(_FastBatchNorm, torch.nn.BatchNorm3d):
+    """torch.nn.BatchNorm3d on fastbn: (N, C, D, H, W) input, NCDHW or channels_last_3d."""
+
+
+class BatchNorm(_FastBatchNorm):
+    """BatchNorm for inputs of rank ``num_dims`` (2 to 5), checked on every call."""
+
+    def __init__(self, num_features: int, num_dims: int, *args, **kwargs) -> None:
+        if not isinstance(num_dims, int) or not 2 <= num_dims <= 5:
+            raise ValueError(f"BatchNorm: num_dims must be an int from 2 to 5, got {num_dims!r}")
+        super().__init__(num_features, *args, **kwargs)
+        self.num_dims = num_dims
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() != self.num_dims:
+            raise ValueError(f"expected {self.num_dims}D input (got {input.dim()}D input)")
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, num_dims={self.num_dims}"

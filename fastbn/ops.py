@@ -1,0 +1,219 @@
+"""fastbn's torch custom ops: the single boundary that autograd and torch.compile see.
+
+Three ops, each dispatching on its ``backend`` argument ("torch" -> ``fastbn.reference``,
+"triton" -> ``fastbn.launch``; both modules share these signatures):
+
+``fastbn::batch_stats_(x, running_mean?, running_var?, num_batches_tracked?, momentum?)``
+    -> (mean, var). Mutating, not differentiable: the batch mean and biased variance, plus
+    the running-statistics update in place. Callers pass ``x.detach()``.
+
+``fastbn::normalize(x, mean, var, weight?, bias?, residual?, eps, batch_stats, ...)``
+    -> y = act((x - mean) / sqrt(var + eps) * weight + bias + residual). Differentiable.
+    ``batch_stats=True`` says mean and var are x's own batch statistics (training), so the
+    backward differentiates through them; False says they are constants (running stats).
+
+``fastbn::normalize_backward(grad_out, x, mean, var, ..., output_mask)``
+    -> (d input, d weight, d bias, d residual), each empty when the mask does not ask for it.
+    Differentiable again (double backward), by differentiating the PyTorch formulas of
+    ``fastbn.reference.normalize_backward`` with torch.func.vjp.
+"""
+
+from types import ModuleType
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from fastbn import reference
+
+
+def implementation(backend: str) -> ModuleType:
+    """The module that implements a resolved backend name."""
+    if backend == "torch":
+        return reference
+    if backend == "triton":
+        from fastbn import launch
+
+        return launch
+    raise ValueError(f"unknown resolved backend {backend!r}; expected 'torch' or 'triton'")
+
+
+# ---------------------------------------------------------------------------------------------
+# batch_stats_: statistics and running-stat update
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op(
+    "fastbn::batch_stats_", mutates_args=("running_mean", "running_var", "num_batches_tracked")
+)
+def batch_stats_(
+    x: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    num_batches_tracked: Optional[Tensor],
+    momentum: Optional[float],
+    backend: str,
+) -> tuple[Tensor, Tensor]:
+    return implementation(backend).batch_stats_(
+        x, running_mean, running_var, num_batches_tracked, momentum
+    )
+
+
+@batch_stats_.register_fake
+def _batch_stats_fake(x, running_mean, running_var, num_batches_tracked, momentum, backend):
+    acc = reference.stats_dtype(x.dtype)
+    return x.new_empty(x.shape[1], dtype=acc), x.new_empty(x.shape[1], dtype=acc)
+
+
+# ---------------------------------------------------------------------------------------------
+# normalize: the differentiable forward
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("fastbn::normalize", mutates_args=())
+def normalize(
+    x: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    residual: Optional[Tensor],
+    eps: float,
+    batch_stats: bool,
+    activation: str,
+    negative_slope: float,
+    backend: str,
+) -> Tensor:
+    return implementation(backend).normalize(
+        x, mean, var, weight, bias, residual, eps, activation, negative_slope
+    )
+
+
+@normalize.register_fake
+def _normalize_fake(x, mean, var, weight, bias, residual, eps, batch_stats, activation,
+                    negative_slope, backend):
+    return torch.empty_like(x)
+
+
+def _normalize_setup_context(ctx, inputs, output):
+    x, mean, var, weight, bias, residual, eps, batch_stats, activation, slope, backend = inputs
+    ctx.save_for_backward(x, mean, var, weight, bias, residual)
+    ctx.eps = eps
+    ctx.batch_stats = batch_stats
+    ctx.activation = activation
+    ctx.negative_slope = slope
+    ctx.backend = backend
+
+
+def _normalize_grads(ctx, grad_out):
+    x, mean, var, weight, bias, residual = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    mask = [needs[0], needs[3], needs[4], needs[5]]
+    grads = normalize_backward(
+        grad_out, x, mean, var, weight, bias, residual, ctx.eps, ctx.batch_stats,
+        ctx.activation, ctx.negative_slope, mask, ctx.backend,
+    )
+    grad_input, grad_weight, grad_bias, grad_residual = (
+        grad if wanted else None for grad, wanted in zip(grads, mask)
+    )
+    return grad_input, None, None, grad_weight, grad_bias, grad_residual, None, None, None, None, None
+
+
+normalize.register_autograd(_normalize_grads, setup_context=_normalize_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# normalize_backward: the gradients, differentiable again
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("fastbn::normalize_backward", mutates_args=())
+def normalize_backward(
+    grad_out: Tensor,
+    x: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    residual: Optional[Tensor],
+    eps: float,
+    batch_stats: bool,
+    activation: str,
+    negative_slope: float,
+    output_mask: list[bool],
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return implementation(backend).normalize_backward(
+        grad_out, x, mean, var, weight, bias, residual, eps, batch_stats, activation,
+        negative_slope, output_mask,
+    )
+
+
+@normalize_backward.register_fake
+def _normalize_backward_fake(grad_out, x, mean, var, weight, bias, residual, eps, batch_stats,
+                             activation, negative_slope, output_mask, backend):
+    empty = x.new_empty(0)
+    return (
+        torch.empty_like(x) if output_mask[0] else empty,
+        torch.empty_like(weight) if output_mask[1] and weight is not None else empty,
+        torch.empty_like(bias) if output_mask[2] and bias is not None else empty,
+        torch.empty_like(residual) if output_mask[3] and residual is not None else empty,
+    )
+
+
+def _normalize_backward_setup_context(ctx, inputs, output):
+    (grad_out, x, mean, var, weight, bias, residual, eps, batch_stats, activation, slope,
+     output_mask, backend) = inputs
+    ctx.save_for_backward(grad_out, x, mean, var, weight, bias, residual)
+    ctx.eps = eps
+    ctx.batch_stats = batch_stats
+    ctx.activation = activation
+    ctx.negative_slope = slope
+    ctx.output_mask = list(output_mask)
+
+
+def _normalize_backward_grads(ctx, grad_grad_input, grad_grad_weight, grad_grad_bias,
+                              grad_grad_residual):
+    """Double backward: the vector-Jacobian product of reference.normalize_backward.
+
+    With batch statistics the mean and variance are recomputed from x inside the function
+    being differentiated, so their dependence on x is part of the derivative.
+    """
+    grad_out, x, mean, var, weight, bias, residual = ctx.saved_tensors
+    names = ("grad_out", "x", "weight", "bias", "residual")
+    present = {
+        name: tensor
+        for name, tensor in zip(names, (grad_out, x, weight, bias, residual))
+        if tensor is not None
+    }
+
+    def first_backward(*tensors: Tensor) -> tuple[Tensor, ...]:
+        args = dict.fromkeys(names)
+        args.update(zip(present, tensors))
+        if ctx.batch_stats:
+            batch_mean, batch_var = reference.batch_mean_var(args["x"])
+        else:
+            batch_mean, batch_var = mean, var
+        return reference.normalize_backward(
+            args["grad_out"], args["x"], batch_mean, batch_var, args["weight"], args["bias"],
+            args["residual"], ctx.eps, ctx.batch_stats, ctx.activation, ctx.negative_slope,
+            ctx.output_mask,
+        )
+
+    outputs, vjp = torch.func.vjp(first_backward, *present.values())
+    cotangents = tuple(
+        torch.zeros_like(out) if grad is None else grad.to(out.dtype)
+        for out, grad in zip(
+            outputs, (grad_grad_input, grad_grad_weight, grad_grad_bias, grad_grad_residual)
+        )
+    )
+    grads = dict(zip(present, vjp(cotangents)))
+    return (
+        grads.get("grad_out"), grads.get("x"), None, None, grads.get("weight"),
+        grads.get("bias"), grads.get("residual"), None, None, None, None, None, None,
+    )
+
+
+normalize_backward.register_autograd(
+    _normalize_backward_grads, setup_context=_normalize_backward_setup_context
+)

@@ -1,0 +1,251 @@
+"""Pure-PyTorch BatchNorm: the CPU fallback and the oracle the kernels are tested against.
+
+The three functions here have the same signatures as their twins in ``fastbn.launch``
+(the Triton launchers), so the backend choice is one switch in ``fastbn.ops``:
+
+- ``batch_stats_``        per-channel batch mean and biased variance, and the in-place
+                          running-statistics update;
+- ``normalize``           y = act((x - mean) * invstd * weight + bias + residual);
+- ``normalize_backward``  the gradients of ``normalize`` (explicit formulas, not autograd).
+
+An input (N, C, *S) of any rank >= 2 and any strides is reduced over every dimension but 1.
+fp16/bf16 inputs accumulate in float32, float64 in float64. Outputs keep the input's
+memory format. Everything is written with differentiable torch operations, so the
+double backward in ``fastbn.ops`` differentiates ``normalize_backward`` itself.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+ACTIVATIONS = ("none", "relu", "relu6", "leaky_relu", "silu", "hardswish")
+
+
+def stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype statistics are accumulated and returned in: float64 for float64, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def reduced_dims(x: Tensor) -> list[int]:
+    """Every dimension of an (N, C, *S) tensor except the channel dimension 1."""
+    return [0, *range(2, x.dim())]
+
+
+def channel_view(t: Tensor, x: Tensor) -> Tensor:
+    """A per-channel vector of length C viewed as (1, C, 1, ...) to broadcast against x."""
+    return t.view(1, -1, *([1] * (x.dim() - 2)))
+
+
+def reduced_count(x: Tensor) -> int:
+    """M = N * prod(S): how many values each channel's statistics are taken over."""
+    return x.numel() // x.shape[1] if x.shape[1] else 0
+
+
+def like_input(t: Tensor, x: Tensor) -> Tensor:
+    """t in x's dtype and memory format (the strides torch.empty_like(x) would choose)."""
+    out = torch.empty_like(x)
+    if t.dtype == out.dtype and t.stride() == out.stride():
+        return t
+    out.copy_(t)
+    return out
+
+
+def batch_mean_var(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and biased variance by two passes in the stats dtype.
+
+    Two passes keep the variance right when the mean is large against the spread (mean 1e4,
+    std 1 in float32). An empty batch (M = 0) gives mean 0 and variance 0.
+    """
+    acc = stats_dtype(x.dtype)
+    count = reduced_count(x)
+    if count == 0:
+        zeros = x.new_zeros(x.shape[1], dtype=acc)
+        return zeros, zeros.clone()
+    xa = x.to(acc)
+    dims = reduced_dims(x)
+    mean = xa.mean(dims)
+    var = (xa - channel_view(mean, x)).square().mean(dims)
+    return mean, var
+
+
+def update_running_stats_(
+    running_mean: Tensor,
+    running_var: Tensor,
+    num_batches_tracked: Tensor | None,
+    mean: Tensor,
+    var: Tensor,
+    count: int,
+    momentum: float | None,
+) -> None:
+    """running = (1 - factor) * running + factor * batch, with the unbiased batch variance.
+
+    factor is ``momentum``, or 1 / num_batches_tracked (read on the device, after the caller
+    incremented it) when momentum is None: the cumulative average. Nothing changes when the
+    batch is empty.
+    """
+    if count == 0:
+        return
+    factor: float | Tensor
+    if momentum is None:
+        if num_batches_tracked is None:
+            raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
+        factor = 1.0 / num_batches_tracked.to(mean.dtype)
+    else:
+        factor = momentum
+    unbiased_var = var * (count / (count - 1))
+    running_mean.copy_(factor * mean + (1 - factor) * running_mean.to(mean.dtype))
+    running_var.copy_(factor * unbiased_var + (1 - factor) * running_var.to(var.dtype))
+
+
+def batch_stats_(
+    x: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    num_batches_tracked: Tensor | None,
+    momentum: float | None,
+) -> tuple[Tensor, Tensor]:
+    """Batch mean and biased variance of x (stats dtype); updates the running stats in place.
+
+    ``num_batches_tracked``, when given, is incremented by one first (torch's module does the
+    same on every training step).
+    """
+    mean, var = batch_mean_var(x)
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+    if running_mean is not None and running_var is not None:
+        update_running_stats_(
+            running_mean, running_var, num_batches_tracked, mean, var, reduced_count(x), momentum
+        )
+    return mean, var
+
+
+def activation_forward(u: Tensor, activation: str, negative_slope: float) -> Tensor:
+    """act(u) for the names in ACTIVATIONS."""
+    if activation == "none":
+        return u
+    if activation == "relu":
+        return torch.relu(u)
+    if activation == "relu6":
+        return u.clamp(0.0, 6.0)
+    if activation == "leaky_relu":
+        return torch.where(u > 0, u, u * negative_slope)
+    if activation == "silu":
+        return u * torch.sigmoid(u)
+    if activation == "hardswish":
+        return u * (u + 3.0).clamp(0.0, 6.0) / 6.0
+    raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
+
+
+def activation_derivative(u: Tensor, activation: str, negative_slope: float) -> Tensor:
+    """d act / du at u, with torch's conventions at the kinks (relu'(0) = 0, and so on)."""
+    if activation == "relu":
+        return (u > 0).to(u.dtype)
+    if activation == "relu6":
+        return ((u > 0) & (u < 6.0)).to(u.dtype)
+    if activation == "leaky_relu":
+        return torch.where(u > 0, torch.ones_like(u), torch.full_like(u, negative_slope))
+    if activation == "silu":
+        sig = torch.sigmoid(u)
+        return sig * (1.0 + u * (1.0 - sig))
+    if activation == "hardswish":
+        middle = u / 3.0 + 0.5
+        return torch.where(u < -3.0, torch.zeros_like(u), torch.where(u <= 3.0, middle, 1.0))
+    raise ValueError(f"activation {activation!r} has no derivative here")
+
+
+def pre_activation(
+    x: Tensor,
+    mean: Tensor,
+    invstd: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    residual: Tensor | None,
+) -> Tensor:
+    """u = (x - mean) * invstd * weight + bias + residual, in the stats dtype.
+
+    Forward and backward both call this, so the backward sees exactly the forward's u and
+    the activation's kinks fall on the same elements.
+    """
+    acc = invstd.dtype
+    scale = invstd if weight is None else invstd * weight.to(acc)
+    u = (x.to(acc) - channel_view(mean.to(acc), x)) * channel_view(scale, x)
+    if bias is not None:
+        u = u + channel_view(bias.to(acc), x)
+    if residual is not None:
+        u = u + residual.to(acc)
+    return u
+
+
+def normalize(
+    x: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    residual: Tensor | None,
+    eps: float,
+    activation: str,
+    negative_slope: float,
+) -> Tensor:
+    """y = act((x - mean) / sqrt(var + eps) * weight + bias + residual), in x's dtype and format."""
+    invstd = torch.rsqrt(var.to(stats_dtype(x.dtype)) + eps)
+    u = pre_activation(x, mean, invstd, weight, bias, residual)
+    return like_input(activation_forward(u, activation, negative_slope), x)
+
+
+def normalize_backward(
+    grad_out: Tensor,
+    x: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    residual: Tensor | None,
+    eps: float,
+    batch_stats: bool,
+    activation: str,
+    negative_slope: float,
+    output_mask: list[bool],
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients (d input, d weight, d bias, d residual) of ``normalize``.
+
+    With g = grad_out * act'(u), x_hat = (x - mean) * invstd and sums over the M values of
+    each channel:
+        d weight   = sum(g * x_hat)          d bias = sum(g)          d residual = g
+        d input    = weight * invstd * g                                 (running stats)
+        d input    = weight * invstd * (g - sum(g) / M - x_hat * sum(g * x_hat) / M)
+                                                    (batch stats: mean and var depend on x)
+    A gradient that ``output_mask`` does not ask for comes back as an empty tensor.
+    """
+    acc = stats_dtype(x.dtype)
+    dims = reduced_dims(x)
+    invstd = torch.rsqrt(var.to(acc) + eps)
+    x_hat = (x.to(acc) - channel_view(mean.to(acc), x)) * channel_view(invstd, x)
+    g = grad_out.to(acc)
+    if activation != "none":
+        u = pre_activation(x, mean, invstd, weight, bias, residual)
+        g = g * activation_derivative(u, activation, negative_slope)
+    sum_g = g.sum(dims)
+    sum_g_xhat = (g * x_hat).sum(dims)
+    empty = x.new_empty(0)
+    grad_input = grad_weight = grad_bias = grad_residual = empty
+    if output_mask[0]:
+        scale = invstd if weight is None else invstd * weight.to(acc)
+        count = reduced_count(x)
+        if batch_stats and count > 0:
+            g_centered = (
+                g
+                - channel_view(sum_g / count, x)
+                - x_hat * channel_view(sum_g_xhat / count, x)
+            )
+        else:
+            g_centered = g
+        grad_input = like_input(g_centered * channel_view(scale, x), x)
+    if output_mask[1] and weight is not None:
+        grad_weight = sum_g_xhat.to(weight.dtype)
+    if output_mask[2] and bias is not None:
+        grad_bias = sum_g.to(bias.dtype)
+    if output_mask[3] and residual is not None:
+        grad_residual = like_input(g, residual)
+    return grad_input, grad_weight, grad_bias, grad_residual

@@ -51,6 +51,11 @@ def like_input(t: Tensor, x: Tensor) -> Tensor:
     return out
 
 
+def unbiasing_factor(count: int) -> float:
+    """M / (M - 1): biased to unbiased variance (1 for M = 1, which training rejects)."""
+    return count / max(count - 1, 1)
+
+
 def batch_mean_var(x: Tensor) -> tuple[Tensor, Tensor]:
     """Per-channel mean and biased variance by two passes in the stats dtype.
 
@@ -93,7 +98,7 @@ def update_running_stats_(
         factor = 1.0 / num_batches_tracked.to(mean.dtype)
     else:
         factor = momentum
-    unbiased_var = var * (count / (count - 1))
+    unbiased_var = var * unbiasing_factor(count)
     running_mean.copy_(factor * mean + (1 - factor) * running_mean.to(mean.dtype))
     running_var.copy_(factor * unbiased_var + (1 - factor) * running_var.to(var.dtype))
 

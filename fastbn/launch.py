@@ -1,0 +1,447 @@
+"""Host side of the Triton kernels: views, tiles, grids, workspaces, heuristics.
+
+The three public functions have the signatures of their twins in ``fastbn.reference``.
+Nothing here synchronises with the device: shapes, strides and flags decide every grid
+and kernel variant, and the workspaces come from torch's caching allocator.
+
+Views, not copies: a tensor (N, C, *spatial) is read as [N, C, S] through its strides when
+its spatial dimensions flatten to one stride (NCHW, channels_last, 2-D, and most slices);
+channels-innermost layouts fold the batch into S. Each tensor of a call keeps its own
+strides, so x in channels_last and grad_out in NCHW still need no copy. The copies that
+do happen: a tensor whose spatial dimensions cannot be flattened (for example a slice
+with a step along H) is made contiguous; per-channel vectors (C elements) that are not
+contiguous or not in the statistics dtype are converted.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import triton
+from torch import Tensor
+from triton.runtime.interpreter import InterpretedFunction
+
+from fastbn.kernels import backward as backward_kernels
+from fastbn.kernels import forward as forward_kernels
+from fastbn.reference import reduced_count, stats_dtype, unbiasing_factor
+
+ACTIVATION_CODES = {"none": 0, "relu": 1, "relu6": 2, "leaky_relu": 3, "silu": 4, "hardswish": 5}
+
+# ---------------------------------------------------------------------------------------------
+# Heuristics. The kernels are memory-bound; what matters is that every SM has work and
+# that each thread moves several 16-byte vectors per loop iteration.
+# - Tiles hold about TILE_ELEMENTS values: 16 per thread at 4 warps for the reductions
+#   (two accumulators of that size stay in registers), 32 per thread for the elementwise
+#   kernels. float64 tiles are half as large.
+# - The contiguous axis gets the long side of the tile: up to 1024 positions of S (NCHW),
+#   or up to 128 channels (channels_last), so loads vectorise.
+# - The reductions split each channel block's tiles into chunks so that about
+#   WAVES * SMs programs run (small C still fills an H100's 132 SMs), but never fewer than
+#   MIN_TILES_PER_CHUNK tiles per program, which keeps the partial-sum workspace and the
+#   finalize pass small. One chunk means one launch: the program finishes the statistics.
+# ---------------------------------------------------------------------------------------------
+REDUCTION_TILE_ELEMENTS = 2048
+ELEMENTWISE_TILE_ELEMENTS = 4096
+MAX_BLOCK_S = 1024
+MAX_BLOCK_C = 128
+WAVES = 4
+MIN_TILES_PER_CHUNK = 4
+NUM_WARPS = 4
+# Triton's CPU interpreter has no SMs; a small count makes small test shapes take the
+# chunked path too.
+INTERPRETER_SM_COUNT = 2
+
+
+def interpreted() -> bool:
+    """True when the kernels were built by Triton's interpreter (TRITON_INTERPRET=1)."""
+    return isinstance(forward_kernels.normalize_kernel, InterpretedFunction)
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of the device (INTERPRETER_SM_COUNT off CUDA)."""
+    if device.type != "cuda":
+        return INTERPRETER_SM_COUNT
+    return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+# ---------------------------------------------------------------------------------------------
+# Views
+# ---------------------------------------------------------------------------------------------
+_ANY = -1  # spatial stride of a tensor whose spatial size is 1: any stride will do
+
+
+def _spatial_stride(t: Tensor) -> int | None:
+    """The one stride of t's flattened spatial dimensions; None when they do not flatten."""
+    dims = [(size, stride) for size, stride in zip(t.shape[2:], t.stride()[2:]) if size != 1]
+    if not dims:
+        return _ANY
+    for (_, outer_stride), (inner_size, inner_stride) in zip(dims, dims[1:]):
+        if outer_stride != inner_stride * inner_size:
+            return None
+    return dims[-1][1]
+
+
+@dataclass(frozen=True)
+class View:
+    """How the kernels read every tensor of a call shaped like x: [batch, C, positions].
+
+    With ``folded`` the batch is folded into the positions ([1, C, N * S]), which needs
+    stride_n == S * stride_s in every tensor (channels-innermost layouts, 2-D input).
+    """
+
+    batch: int
+    channels: int
+    positions: int
+    folded: bool
+
+    def strides(self, t: Tensor) -> tuple[int, int, int]:
+        """(stride_n, stride_c, stride_s) of t under this view."""
+        strides = _view_strides(t, self.folded)
+        if strides is None:
+            raise AssertionError("tensor does not fit the view; plan_view should have copied it")
+        return strides
+
+
+def _view_strides(t: Tensor, folded: bool) -> tuple[int, int, int] | None:
+    stride_s = _spatial_stride(t)
+    if stride_s is None:
+        return None
+    n = t.shape[0]
+    positions = reduced_count(t) // n if n else 0
+    if not folded:
+        return t.stride(0), t.stride(1), 1 if stride_s == _ANY else stride_s
+    if stride_s == _ANY:
+        stride_s = t.stride(0) if n > 1 else 1
+    elif n > 1 and t.stride(0) != positions * stride_s:
+        return None
+    return 0, t.stride(1), stride_s
+
+
+def fits_view(t: Tensor) -> bool:
+    """Whether the kernels can read t through its strides (no copy needed)."""
+    return _spatial_stride(t) is not None
+
+
+def plan_view(tensors: list[Tensor]) -> View:
+    """The view shared by same-shaped tensors that all fit_view: folded when all allow it."""
+    x = tensors[0]
+    n = x.shape[0]
+    positions = reduced_count(x) // n if n else 0
+    folded = n == 1 or all(_view_strides(t, True) is not None for t in tensors)
+    if folded:
+        return View(1, x.shape[1], n * positions, True)
+    return View(n, x.shape[1], positions, False)
+
+
+def readable(t: Tensor | None) -> Tensor | None:
+    """t itself when the kernels can read it through its strides, else a contiguous copy."""
+    if t is None or fits_view(t):
+        return t
+    return t.contiguous()
+
+
+def writable(out: Tensor) -> Tensor:
+    """out when the kernels can write it through its strides, else a contiguous stand-in
+    whose values the caller copies into out afterwards."""
+    return out if fits_view(out) else torch.empty(out.shape, dtype=out.dtype, device=out.device)
+
+
+def per_channel(t: Tensor | None, dtype: torch.dtype | None = None) -> Tensor | None:
+    """A per-channel vector as the kernels read it: contiguous, optionally in dtype."""
+    if t is None:
+        return None
+    if dtype is not None and t.dtype != dtype:
+        t = t.to(dtype)
+    return t.contiguous()
+
+
+def needs_int64(tensors: list[Tensor]) -> bool:
+    """Whether some element offset of these tensors reaches 2**31 (then offsets are int64)."""
+    for t in tensors:
+        span = sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()))
+        if t.numel() and max(span, t.numel()) >= 2**31:
+            return True
+    return False
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiles and chunks
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Tiling:
+    """Tile shape and grid of one kernel launch over a View."""
+
+    block_s: int
+    block_c: int
+    tiles_per_n: int
+    num_tiles: int  # tiles of one channel block: batch * tiles_per_n
+    channel_blocks: int
+
+
+def _power_of_two_at_most(value: int, limit: int) -> int:
+    return min(triton.next_power_of_2(max(value, 1)), limit)
+
+
+def tiling(view: View, stride_s: int, elements: int) -> Tiling:
+    """Tiles of about ``elements`` values, the long side on x's contiguous axis."""
+    if stride_s == 1 and view.positions > 1:
+        block_s = _power_of_two_at_most(view.positions, min(MAX_BLOCK_S, elements))
+        block_c = _power_of_two_at_most(view.channels, max(elements // block_s, 1))
+    else:
+        block_c = _power_of_two_at_most(view.channels, min(MAX_BLOCK_C, elements))
+        block_s = _power_of_two_at_most(view.positions, max(elements // block_c, 1))
+    tiles_per_n = triton.cdiv(view.positions, block_s)
+    return Tiling(
+        block_s=block_s,
+        block_c=block_c,
+        tiles_per_n=tiles_per_n,
+        num_tiles=view.batch * tiles_per_n,
+        channel_blocks=triton.cdiv(view.channels, block_c),
+    )
+
+
+def reduction_tiling(view: View, stride_s: int, dtype: torch.dtype) -> Tiling:
+    return tiling(view, stride_s, _tile_elements(REDUCTION_TILE_ELEMENTS, dtype))
+
+
+def elementwise_tiling(view: View, stride_s: int, dtype: torch.dtype) -> Tiling:
+    return tiling(view, stride_s, _tile_elements(ELEMENTWISE_TILE_ELEMENTS, dtype))
+
+
+def _tile_elements(elements: int, dtype: torch.dtype) -> int:
+    return elements // 2 if dtype == torch.float64 else elements
+
+
+def tiles_per_chunk(tiles: Tiling, sms: int) -> int:
+    """Tiles each reduction program sums; one chunk when this equals tiles.num_tiles."""
+    wanted_chunks = triton.cdiv(WAVES * sms, tiles.channel_blocks)
+    most_chunks = triton.cdiv(tiles.num_tiles, MIN_TILES_PER_CHUNK)
+    chunks = max(1, min(wanted_chunks, most_chunks))
+    return triton.cdiv(tiles.num_tiles, chunks)
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward
+# ---------------------------------------------------------------------------------------------
+def batch_stats_(
+    x: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    num_batches_tracked: Tensor | None,
+    momentum: float | None,
+) -> tuple[Tensor, Tensor]:
+    """Batch mean and biased variance (stats dtype); running statistics updated in place."""
+    acc = stats_dtype(x.dtype)
+    channels = x.shape[1]
+    count = reduced_count(x)
+    mean = torch.empty(channels, dtype=acc, device=x.device)
+    var = torch.empty(channels, dtype=acc, device=x.device)
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+    if count == 0:
+        return mean.zero_(), var.zero_()
+    x = readable(x)
+    view = plan_view([x])
+    stride_n, stride_c, stride_s = view.strides(x)
+    tiles = reduction_tiling(view, stride_s, x.dtype)
+    per_chunk = tiles_per_chunk(tiles, sm_count(x.device))
+    chunks = triton.cdiv(tiles.num_tiles, per_chunk)
+    update = running_mean is not None and running_var is not None
+    running = [writable_vector(running_mean), writable_vector(running_var)] if update else [x, x]
+    cumulative = update and momentum is None
+    common = dict(
+        UPDATE_RUNNING=update, CUMULATIVE=cumulative, USE_INT64=needs_int64([x]),
+    )
+    nbt = num_batches_tracked if cumulative else x
+    factor = 0.0 if momentum is None else float(momentum)
+    unbias = unbiasing_factor(count)
+    if chunks == 1:
+        forward_kernels.partial_stats_kernel[(1, tiles.channel_blocks)](
+            x, mean, mean, mean, var, running[0], running[1], nbt,
+            channels, view.positions, stride_n, stride_c, stride_s,
+            tiles.tiles_per_n, tiles.num_tiles, per_chunk, factor, unbias,
+            BLOCK_S=tiles.block_s, BLOCK_C=tiles.block_c, FINALIZE=True, num_warps=NUM_WARPS,
+            **common,
+        )
+    else:
+        sums = torch.empty((2, chunks, channels), dtype=acc, device=x.device)
+        counts = torch.empty(chunks, dtype=torch.int64, device=x.device)
+        forward_kernels.partial_stats_kernel[(chunks, tiles.channel_blocks)](
+            x, sums, counts, mean, var, running[0], running[1], nbt,
+            channels, view.positions, stride_n, stride_c, stride_s,
+            tiles.tiles_per_n, tiles.num_tiles, per_chunk, factor, unbias,
+            BLOCK_S=tiles.block_s, BLOCK_C=tiles.block_c, FINALIZE=False, num_warps=NUM_WARPS,
+            **common,
+        )
+        finalize_block_c = _power_of_two_at_most(channels, 128)
+        forward_kernels.finalize_stats_kernel[(triton.cdiv(channels, finalize_block_c),)](
+            x, sums, counts, mean, var, running[0], running[1], nbt,
+            channels, stride_c, chunks, factor, unbias,
+            BLOCK_C=finalize_block_c, num_warps=NUM_WARPS, **common,
+        )
+    if update:
+        copy_back(running[0], running_mean)
+        copy_back(running[1], running_var)
+    return mean, var
+
+
+def writable_vector(t: Tensor) -> Tensor:
+    """A per-channel buffer the kernels update in place: t if contiguous, else a copy that
+    ``copy_back`` writes into t afterwards."""
+    return t if t.is_contiguous() else t.contiguous()
+
+
+def copy_back(written: Tensor, target: Tensor) -> None:
+    """Copy a stand-in's values into the tensor it stood in for (nothing when they are one)."""
+    if written is not target:
+        target.copy_(written)
+
+
+def normalize(
+    x: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    residual: Tensor | None,
+    eps: float,
+    activation: str,
+    negative_slope: float,
+) -> Tensor:
+    """y = act((x - mean) / sqrt(var + eps) * weight + bias + residual), x's dtype and format."""
+    out = torch.empty_like(x)
+    if x.numel() == 0:
+        return out
+    acc = stats_dtype(x.dtype)
+    x, residual = readable(x), readable(residual)
+    y = writable(out)
+    tensors = [x, y] + ([residual] if residual is not None else [])
+    view = plan_view(tensors)
+    x_strides = view.strides(x)
+    tiles = elementwise_tiling(view, x_strides[2], x.dtype)
+    forward_kernels.normalize_kernel[(tiles.num_tiles, tiles.channel_blocks)](
+        x, y, x if residual is None else residual,
+        per_channel(mean, acc), per_channel(var, acc),
+        _or(per_channel(weight), x), _or(per_channel(bias), x),
+        view.channels, view.positions,
+        *x_strides, *view.strides(y), *(x_strides if residual is None else view.strides(residual)),
+        tiles.tiles_per_n, eps, negative_slope,
+        BLOCK_S=tiles.block_s, BLOCK_C=tiles.block_c,
+        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+        HAS_RESIDUAL=residual is not None, ACTIVATION=ACTIVATION_CODES[activation],
+        USE_INT64=needs_int64(tensors), num_warps=NUM_WARPS,
+    )
+    copy_back(y, out)
+    return out
+
+
+def _or(t: Tensor | None, placeholder: Tensor) -> Tensor:
+    """t, or a placeholder pointer for a kernel argument that a constexpr flag disables."""
+    return placeholder if t is None else t
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward
+# ---------------------------------------------------------------------------------------------
+def normalize_backward(
+    grad_out: Tensor,
+    x: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    residual: Tensor | None,
+    eps: float,
+    batch_stats: bool,
+    activation: str,
+    negative_slope: float,
+    output_mask: list[bool],
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients (d input, d weight, d bias, d residual) of ``normalize``; see the kernels'
+    module docstring for the formulas. Unrequested gradients come back empty."""
+    acc = stats_dtype(x.dtype)
+    channels = x.shape[1]
+    empty = x.new_empty(0)
+    want_input = output_mask[0]
+    want_weight = output_mask[1] and weight is not None
+    want_bias = output_mask[2] and bias is not None
+    want_residual = output_mask[3] and residual is not None
+    grad_input = torch.empty_like(x) if want_input else empty
+    grad_weight = torch.zeros_like(weight) if want_weight else empty
+    grad_bias = torch.zeros_like(bias) if want_bias else empty
+    grad_residual = torch.empty_like(residual) if want_residual else empty
+    if x.numel() == 0:
+        return grad_input, grad_weight, grad_bias, grad_residual
+
+    # The residual matters to the gradients only through the activation's derivative.
+    residual_read = readable(residual) if activation != "none" else None
+    x, grad_out = readable(x), readable(grad_out)
+    gi, gr = writable(grad_input) if want_input else x, writable(grad_residual) if want_residual else x
+    tensors = [x, grad_out] + [t for t, used in ((residual_read, residual_read is not None),
+                                                  (gi, want_input), (gr, want_residual)) if used]
+    view = plan_view(tensors)
+    x_strides, g_strides = view.strides(x), view.strides(grad_out)
+    r_strides = x_strides if residual_read is None else view.strides(residual_read)
+    mean, var = per_channel(mean, acc), per_channel(var, acc)
+    weight_v, bias_v = _or(per_channel(weight), x), _or(per_channel(bias), x)
+    flags = dict(
+        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+        HAS_RESIDUAL=residual_read is not None, ACTIVATION=ACTIVATION_CODES[activation],
+        USE_INT64=needs_int64(tensors),
+    )
+    count = reduced_count(x)
+    sums = torch.empty((2, channels), dtype=acc, device=x.device)
+    if want_weight or want_bias or (want_input and batch_stats):
+        tiles = reduction_tiling(view, x_strides[2], x.dtype)
+        per_chunk = tiles_per_chunk(tiles, sm_count(x.device))
+        chunks = triton.cdiv(tiles.num_tiles, per_chunk)
+        partial = sums if chunks == 1 else torch.empty((2, chunks, channels), dtype=acc,
+                                                       device=x.device)
+        parameter_grads = dict(WRITE_GRAD_WEIGHT=want_weight, WRITE_GRAD_BIAS=want_bias)
+        backward_kernels.partial_grad_sums_kernel[(chunks, tiles.channel_blocks)](
+            grad_out, x, _or(residual_read, x), mean, var, weight_v, bias_v,
+            partial, sums, _or_empty(grad_weight, x), _or_empty(grad_bias, x),
+            channels, view.positions, *g_strides, *x_strides, *r_strides,
+            tiles.tiles_per_n, tiles.num_tiles, per_chunk, eps, negative_slope,
+            BLOCK_S=tiles.block_s, BLOCK_C=tiles.block_c, FINALIZE=chunks == 1,
+            num_warps=NUM_WARPS, **flags, **parameter_grads,
+        )
+        if chunks > 1:
+            finalize_block_c = _power_of_two_at_most(channels, 128)
+            backward_kernels.finalize_grad_sums_kernel[
+                (triton.cdiv(channels, finalize_block_c),)
+            ](
+                partial, sums, _or_empty(grad_weight, x), _or_empty(grad_bias, x),
+                channels, chunks, BLOCK_C=finalize_block_c, USE_INT64=flags["USE_INT64"],
+                num_warps=NUM_WARPS, **parameter_grads,
+            )
+    if want_input or want_residual:
+        tiles = elementwise_tiling(view, x_strides[2], x.dtype)
+        backward_kernels.grad_input_kernel[(tiles.num_tiles, tiles.channel_blocks)](
+            grad_out, x, _or(residual_read, x), gi, gr,
+            mean, var, weight_v, bias_v, sums,
+            channels, view.positions, *g_strides, *x_strides, *r_strides,
+            *(view.strides(gi) if want_input else x_strides),
+            *(view.strides(gr) if want_residual else x_strides),
+            tiles.tiles_per_n, eps, negative_slope, 1.0 / count,
+            BLOCK_S=tiles.block_s, BLOCK_C=tiles.block_c, BATCH_STATS=batch_stats,
+            WRITE_GRAD_INPUT=want_input, WRITE_GRAD_RESIDUAL=want_residual,
+            num_warps=NUM_WARPS, **flags,
+        )
+        if want_input:
+            copy_back(gi, grad_input)
+        if want_residual:
+            copy_back(gr, grad_residual)
+    return grad_input, grad_weight, grad_bias, grad_residual
+
+
+def _or_empty(t: Tensor, placeholder: Tensor) -> Tensor:
+    """t, or a placeholder pointer when t is the empty 'not asked for' gradient."""
+    return t if t.numel() else placeholder

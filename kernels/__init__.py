@@ -1,0 +1,1 @@
+"""fastbn's Triton kernels (@triton.jit code only; the host side is fastbn.launch)."""

@@ -1,0 +1,51 @@
+"""Activation forward and derivative as Triton jit helpers, selected by a constexpr code.
+
+The codes match ``fastbn.launch.ACTIVATION_CODES``. NaN passes through like torch's own
+functions; the derivatives follow torch's conventions at the kinks (relu'(0) = 0,
+relu6'(0) = relu6'(6) = 0, leaky_relu'(0) = negative_slope, hardswish'(+-3) as torch).
+"""
+
+import triton
+import triton.language as tl
+
+NONE = tl.constexpr(0)
+RELU = tl.constexpr(1)
+RELU6 = tl.constexpr(2)
+LEAKY_RELU = tl.constexpr(3)
+SILU = tl.constexpr(4)
+HARDSWISH = tl.constexpr(5)
+
+
+@triton.jit
+def activation_forward(u, ACTIVATION: tl.constexpr, negative_slope):
+    """act(u), elementwise."""
+    out = u
+    if ACTIVATION == RELU:
+        out = tl.where(u < 0, 0.0, u)
+    if ACTIVATION == RELU6:
+        out = tl.where(u < 0, 0.0, tl.where(u > 6.0, 6.0, u))
+    if ACTIVATION == LEAKY_RELU:
+        out = tl.where(u > 0, u, u * negative_slope)
+    if ACTIVATION == SILU:
+        out = u * tl.sigmoid(u)
+    if ACTIVATION == HARDSWISH:
+        out = u * tl.where(u < -3.0, 0.0, tl.where(u > 3.0, 6.0, u + 3.0)) / 6.0
+    return out
+
+
+@triton.jit
+def activation_derivative(u, ACTIVATION: tl.constexpr, negative_slope):
+    """d act / du at u, elementwise (1 for NONE)."""
+    out = tl.full(u.shape, 1.0, u.dtype)
+    if ACTIVATION == RELU:
+        out = tl.where(u > 0, 1.0, 0.0)
+    if ACTIVATION == RELU6:
+        out = tl.where((u > 0) & (u < 6.0), 1.0, 0.0)
+    if ACTIVATION == LEAKY_RELU:
+        out = tl.where(u > 0, 1.0, negative_slope)
+    if ACTIVATION == SILU:
+        sig = tl.sigmoid(u)
+        out = sig * (1.0 + u * (1.0 - sig))
+    if ACTIVATION == HARDSWISH:
+        out = tl.where(u < -3.0, 0.0, tl.where(u <= 3.0, u / 3.0 + 0.5, 1.0))
+    return out.to(u.dtype)

@@ -1,0 +1,38 @@
+"""How every fastbn kernel walks a tensor: [N, C, S] views, 2-D tiles, element offsets.
+
+A tensor (N, C, *spatial) is read as [N, C, S] through three strides (stride_n, stride_c,
+stride_s). NCHW-like layouts have stride_s == 1; channels_last-like layouts have
+stride_c == 1 and are usually folded by the launcher into [1, C, N * S]. Triton
+specialises a stride equal to 1, so loads vectorise along whichever axis is contiguous.
+
+A tile is BLOCK_S positions of S by BLOCK_C channels, at one n. Tiles of one channel
+block are numbered t = n * tiles_per_n + (s // BLOCK_S).
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def tile_start(t, tiles_per_n, BLOCK_S: tl.constexpr, USE_INT64: tl.constexpr):
+    """The batch index n and the first spatial position s0 of tile t."""
+    if USE_INT64:
+        t = t.to(tl.int64)
+    n = t // tiles_per_n
+    s0 = (t % tiles_per_n) * BLOCK_S
+    return n, s0
+
+
+@triton.jit
+def tile_offsets(n, s, c, stride_n, stride_c, stride_s):
+    """Element offsets [BLOCK_S, BLOCK_C] of positions (n, s, c) in one tensor's view."""
+    return n * stride_n + s[:, None] * stride_s + c[None, :] * stride_c
+
+
+@triton.jit
+def channel_block(pid, BLOCK_C: tl.constexpr, USE_INT64: tl.constexpr):
+    """The BLOCK_C channel indices of channel block pid."""
+    c = pid * BLOCK_C + tl.arange(0, BLOCK_C)
+    if USE_INT64:
+        c = c.to(tl.int64)
+    return c

@@ -9,8 +9,8 @@ its spatial dimensions flatten to one stride (NCHW, channels_last, 2-D, and most
 channels-innermost layouts fold the batch into S. Each tensor of a call keeps its own
 strides, so x in channels_last and grad_out in NCHW still need no copy. The copies that
 do happen: a tensor whose spatial dimensions cannot be flattened (for example a slice
-with a step along H) is made contiguous; per-channel vectors (C elements) that are not
-contiguous or not in the statistics dtype are converted.
+with a step along H) is made contiguous, and so are per-channel vectors (C elements)
+that are not.
 """
 
 from __future__ import annotations
@@ -20,12 +20,13 @@ from dataclasses import dataclass
 
 import torch
 import triton
+import triton.language as tl
 from torch import Tensor
 from triton.runtime.interpreter import InterpretedFunction
 
 from fastbn.kernels import backward as backward_kernels
 from fastbn.kernels import forward as forward_kernels
-from fastbn.reference import reduced_count, stats_dtype, unbiasing_factor
+from fastbn.reference import STATS_DTYPE, compute_dtype, reduced_count, unbiasing_factor
 
 ACTIVATION_CODES = {"none": 0, "relu": 1, "relu6": 2, "leaky_relu": 3, "silu": 4, "hardswish": 5}
 
@@ -52,6 +53,11 @@ NUM_WARPS = 4
 # Triton's CPU interpreter has no SMs; a small count makes small test shapes take the
 # chunked path too.
 INTERPRETER_SM_COUNT = 2
+
+
+def kernel_compute_dtype(dtype: torch.dtype) -> tl.dtype:
+    """COMPUTE_DTYPE of the kernels for an input dtype (see reference.compute_dtype)."""
+    return tl.float64 if compute_dtype(dtype) == torch.float64 else tl.float32
 
 
 def interpreted() -> bool:
@@ -153,13 +159,9 @@ def writable(out: Tensor) -> Tensor:
     return out if fits_view(out) else torch.empty(out.shape, dtype=out.dtype, device=out.device)
 
 
-def per_channel(t: Tensor | None, dtype: torch.dtype | None = None) -> Tensor | None:
-    """A per-channel vector as the kernels read it: contiguous, optionally in dtype."""
-    if t is None:
-        return None
-    if dtype is not None and t.dtype != dtype:
-        t = t.to(dtype)
-    return t.contiguous()
+def per_channel(t: Tensor | None) -> Tensor | None:
+    """A per-channel vector as the kernels read it: contiguous."""
+    return None if t is None else t.contiguous()
 
 
 def needs_int64(tensors: list[Tensor]) -> bool:
@@ -237,12 +239,11 @@ def batch_stats_(
     num_batches_tracked: Tensor | None,
     momentum: float | None,
 ) -> tuple[Tensor, Tensor]:
-    """Batch mean and biased variance (stats dtype); running statistics updated in place."""
-    acc = stats_dtype(x.dtype)
+    """Batch mean and biased variance (STATS_DTYPE); running statistics updated in place."""
     channels = x.shape[1]
     count = reduced_count(x)
-    mean = torch.empty(channels, dtype=acc, device=x.device)
-    var = torch.empty(channels, dtype=acc, device=x.device)
+    mean = torch.empty(channels, dtype=STATS_DTYPE, device=x.device)
+    var = torch.empty(channels, dtype=STATS_DTYPE, device=x.device)
     if num_batches_tracked is not None:
         num_batches_tracked.add_(1)
     if count == 0:
@@ -257,7 +258,8 @@ def batch_stats_(
     running = [writable_vector(running_mean), writable_vector(running_var)] if update else [x, x]
     cumulative = update and momentum is None
     common = dict(
-        UPDATE_RUNNING=update, CUMULATIVE=cumulative, USE_INT64=needs_int64([x]),
+        COMPUTE_DTYPE=kernel_compute_dtype(x.dtype), UPDATE_RUNNING=update,
+        CUMULATIVE=cumulative, USE_INT64=needs_int64([x]),
     )
     nbt = num_batches_tracked if cumulative else x
     factor = 0.0 if momentum is None else float(momentum)
@@ -271,10 +273,11 @@ def batch_stats_(
             **common,
         )
     else:
-        sums = torch.empty((2, chunks, channels), dtype=acc, device=x.device)
+        summary = torch.empty((2, chunks, channels), dtype=compute_dtype(x.dtype),
+                              device=x.device)
         counts = torch.empty(chunks, dtype=torch.int64, device=x.device)
         forward_kernels.partial_stats_kernel[(chunks, tiles.channel_blocks)](
-            x, sums, counts, mean, var, running[0], running[1], nbt,
+            x, summary, counts, mean, var, running[0], running[1], nbt,
             channels, view.positions, stride_n, stride_c, stride_s,
             tiles.tiles_per_n, tiles.num_tiles, per_chunk, factor, unbias,
             BLOCK_S=tiles.block_s, BLOCK_C=tiles.block_c, FINALIZE=False, num_warps=NUM_WARPS,
@@ -282,7 +285,7 @@ def batch_stats_(
         )
         finalize_block_c = _power_of_two_at_most(channels, 128)
         forward_kernels.finalize_stats_kernel[(triton.cdiv(channels, finalize_block_c),)](
-            x, sums, counts, mean, var, running[0], running[1], nbt,
+            x, summary, counts, mean, var, running[0], running[1], nbt,
             channels, stride_c, chunks, factor, unbias,
             BLOCK_C=finalize_block_c, num_warps=NUM_WARPS, **common,
         )
@@ -319,7 +322,6 @@ def normalize(
     out = torch.empty_like(x)
     if x.numel() == 0:
         return out
-    acc = stats_dtype(x.dtype)
     x, residual = readable(x), readable(residual)
     y = writable(out)
     tensors = [x, y] + ([residual] if residual is not None else [])
@@ -328,12 +330,11 @@ def normalize(
     tiles = elementwise_tiling(view, x_strides[2], x.dtype)
     forward_kernels.normalize_kernel[(tiles.num_tiles, tiles.channel_blocks)](
         x, y, x if residual is None else residual,
-        per_channel(mean, acc), per_channel(var, acc),
-        _or(per_channel(weight), x), _or(per_channel(bias), x),
+        per_channel(mean), per_channel(var), _or(per_channel(weight), x), _or(per_channel(bias), x),
         view.channels, view.positions,
         *x_strides, *view.strides(y), *(x_strides if residual is None else view.strides(residual)),
         tiles.tiles_per_n, eps, negative_slope,
-        BLOCK_S=tiles.block_s, BLOCK_C=tiles.block_c,
+        BLOCK_S=tiles.block_s, BLOCK_C=tiles.block_c, COMPUTE_DTYPE=kernel_compute_dtype(x.dtype),
         HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
         HAS_RESIDUAL=residual is not None, ACTIVATION=ACTIVATION_CODES[activation],
         USE_INT64=needs_int64(tensors), num_warps=NUM_WARPS,
@@ -366,17 +367,17 @@ def normalize_backward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients (d input, d weight, d bias, d residual) of ``normalize``; see the kernels'
     module docstring for the formulas. Unrequested gradients come back empty."""
-    acc = stats_dtype(x.dtype)
+    acc = compute_dtype(x.dtype)
     channels = x.shape[1]
-    empty = x.new_empty(0)
     want_input = output_mask[0]
     want_weight = output_mask[1] and weight is not None
     want_bias = output_mask[2] and bias is not None
     want_residual = output_mask[3] and residual is not None
-    grad_input = torch.empty_like(x) if want_input else empty
-    grad_weight = torch.zeros_like(weight) if want_weight else empty
-    grad_bias = torch.zeros_like(bias) if want_bias else empty
-    grad_residual = torch.empty_like(residual) if want_residual else empty
+    # Custom-op outputs must not alias each other: a fresh empty tensor for each.
+    grad_input = torch.empty_like(x) if want_input else x.new_empty(0)
+    grad_weight = torch.zeros_like(weight) if want_weight else x.new_empty(0)
+    grad_bias = torch.zeros_like(bias) if want_bias else x.new_empty(0)
+    grad_residual = torch.empty_like(residual) if want_residual else x.new_empty(0)
     if x.numel() == 0:
         return grad_input, grad_weight, grad_bias, grad_residual
 
@@ -389,9 +390,10 @@ def normalize_backward(
     view = plan_view(tensors)
     x_strides, g_strides = view.strides(x), view.strides(grad_out)
     r_strides = x_strides if residual_read is None else view.strides(residual_read)
-    mean, var = per_channel(mean, acc), per_channel(var, acc)
+    mean, var = per_channel(mean), per_channel(var)
     weight_v, bias_v = _or(per_channel(weight), x), _or(per_channel(bias), x)
     flags = dict(
+        COMPUTE_DTYPE=kernel_compute_dtype(x.dtype),
         HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
         HAS_RESIDUAL=residual_read is not None, ACTIVATION=ACTIVATION_CODES[activation],
         USE_INT64=needs_int64(tensors),
@@ -419,8 +421,8 @@ def normalize_backward(
                 (triton.cdiv(channels, finalize_block_c),)
             ](
                 partial, sums, _or_empty(grad_weight, x), _or_empty(grad_bias, x),
-                channels, chunks, BLOCK_C=finalize_block_c, USE_INT64=flags["USE_INT64"],
-                num_warps=NUM_WARPS, **parameter_grads,
+                channels, chunks, BLOCK_C=finalize_block_c, COMPUTE_DTYPE=flags["COMPUTE_DTYPE"],
+                USE_INT64=flags["USE_INT64"], num_warps=NUM_WARPS, **parameter_grads,
             )
     if want_input or want_residual:
         tiles = elementwise_tiling(view, x_strides[2], x.dtype)

@@ -61,8 +61,9 @@ def batch_stats_(
 
 @batch_stats_.register_fake
 def _batch_stats_fake(x, running_mean, running_var, num_batches_tracked, momentum, backend):
-    acc = reference.stats_dtype(x.dtype)
-    return x.new_empty(x.shape[1], dtype=acc), x.new_empty(x.shape[1], dtype=acc)
+    channels = x.shape[1]
+    return (x.new_empty(channels, dtype=reference.STATS_DTYPE),
+            x.new_empty(channels, dtype=reference.STATS_DTYPE))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -152,12 +153,11 @@ def normalize_backward(
 @normalize_backward.register_fake
 def _normalize_backward_fake(grad_out, x, mean, var, weight, bias, residual, eps, batch_stats,
                              activation, negative_slope, output_mask, backend):
-    empty = x.new_empty(0)
     return (
-        torch.empty_like(x) if output_mask[0] else empty,
-        torch.empty_like(weight) if output_mask[1] and weight is not None else empty,
-        torch.empty_like(bias) if output_mask[2] and bias is not None else empty,
-        torch.empty_like(residual) if output_mask[3] and residual is not None else empty,
+        torch.empty_like(x) if output_mask[0] else x.new_empty(0),
+        torch.empty_like(weight) if output_mask[1] and weight is not None else x.new_empty(0),
+        torch.empty_like(bias) if output_mask[2] and bias is not None else x.new_empty(0),
+        torch.empty_like(residual) if output_mask[3] and residual is not None else x.new_empty(0),
     )
 
 

@@ -9,8 +9,9 @@ The three functions here have the same signatures as their twins in ``fastbn.lau
 - ``normalize_backward``  the gradients of ``normalize`` (explicit formulas, not autograd).
 
 An input (N, C, *S) of any rank >= 2 and any strides is reduced over every dimension but 1.
-fp16/bf16 inputs accumulate in float32, float64 in float64. Outputs keep the input's
-memory format. Everything is written with differentiable torch operations, so the
+Elementwise math and sums run in float32 (float64 for float64 input); the batch statistics
+passed between the ops are float64 (see STATS_DTYPE). Outputs keep the input's memory
+format. Everything is written with differentiable torch operations, so the
 double backward in ``fastbn.ops`` differentiates ``normalize_backward`` itself.
 """
 
@@ -22,9 +23,25 @@ from torch import Tensor
 ACTIVATIONS = ("none", "relu", "relu6", "leaky_relu", "silu", "hardswish")
 
 
-def stats_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype statistics are accumulated and returned in: float64 for float64, else float32."""
+STATS_DTYPE = torch.float64
+"""Batch statistics (mean, var) travel between the ops as float64 vectors of length C.
+
+They are accumulated in the compute dtype, but the mean is assembled as anchor + small
+offset (see batch_mean_var), and float32 cannot hold it to that precision: with a mean
+of 1e4 its rounding alone would move every output by ~3e-4 standard deviations.
+"""
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype elementwise math and sums run in: float64 for float64 input, else float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def split_mean(mean: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """mean as hi + lo in dtype, so x - mean = (x - hi) - lo loses nothing in dtype."""
+    hi = mean.to(dtype)
+    lo = (mean.to(torch.float64) - hi.to(torch.float64)).to(dtype)
+    return hi, lo
 
 
 def reduced_dims(x: Tensor) -> list[int]:
@@ -57,21 +74,24 @@ def unbiasing_factor(count: int) -> float:
 
 
 def batch_mean_var(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-channel mean and biased variance by two passes in the stats dtype.
+    """Per-channel mean and biased variance (STATS_DTYPE) by two passes in the compute dtype.
 
-    Two passes keep the variance right when the mean is large against the spread (mean 1e4,
-    std 1 in float32). An empty batch (M = 0) gives mean 0 and variance 0.
+    Values are shifted by an anchor, the channel's first element A, before summing:
+    x - A is exact for values near A, so the mean A + mean(x - A) and the variance stay
+    right when the mean is large against the spread (mean 1e4, std 1 in float32).
+    An empty batch (M = 0) gives mean 0 and variance 0.
     """
-    acc = stats_dtype(x.dtype)
     count = reduced_count(x)
     if count == 0:
-        zeros = x.new_zeros(x.shape[1], dtype=acc)
+        zeros = x.new_zeros(x.shape[1], dtype=STATS_DTYPE)
         return zeros, zeros.clone()
-    xa = x.to(acc)
+    dtype = compute_dtype(x.dtype)
+    anchor = x[(0, slice(None)) + (0,) * (x.dim() - 2)].to(dtype)
+    shifted = x.to(dtype) - channel_view(anchor, x)
     dims = reduced_dims(x)
-    mean = xa.mean(dims)
-    var = (xa - channel_view(mean, x)).square().mean(dims)
-    return mean, var
+    shifted_mean = shifted.mean(dims)
+    var = (shifted - channel_view(shifted_mean, x)).square().mean(dims)
+    return anchor.to(STATS_DTYPE) + shifted_mean.to(STATS_DTYPE), var.to(STATS_DTYPE)
 
 
 def update_running_stats_(
@@ -95,12 +115,12 @@ def update_running_stats_(
     if momentum is None:
         if num_batches_tracked is None:
             raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
-        factor = 1.0 / num_batches_tracked.to(mean.dtype)
+        factor = 1.0 / num_batches_tracked.to(STATS_DTYPE)
     else:
         factor = momentum
     unbiased_var = var * unbiasing_factor(count)
-    running_mean.copy_(factor * mean + (1 - factor) * running_mean.to(mean.dtype))
-    running_var.copy_(factor * unbiased_var + (1 - factor) * running_var.to(var.dtype))
+    running_mean.copy_(factor * mean + (1 - factor) * running_mean.to(STATS_DTYPE))
+    running_var.copy_(factor * unbiased_var + (1 - factor) * running_var.to(STATS_DTYPE))
 
 
 def batch_stats_(
@@ -110,7 +130,7 @@ def batch_stats_(
     num_batches_tracked: Tensor | None,
     momentum: float | None,
 ) -> tuple[Tensor, Tensor]:
-    """Batch mean and biased variance of x (stats dtype); updates the running stats in place.
+    """Batch mean and biased variance of x (STATS_DTYPE); updates the running stats in place.
 
     ``num_batches_tracked``, when given, is incremented by one first (torch's module does the
     same on every training step).
@@ -159,26 +179,33 @@ def activation_derivative(u: Tensor, activation: str, negative_slope: float) -> 
     raise ValueError(f"activation {activation!r} has no derivative here")
 
 
+def channel_constants(
+    x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Per-channel (hi, lo, invstd, scale, shift) in the compute dtype.
+
+    With mean = hi + lo, invstd = 1 / sqrt(var + eps), scale = invstd * weight and
+    shift = bias - lo * scale, the pre-activation is (x - hi) * scale + shift.
+    """
+    dtype = compute_dtype(x.dtype)
+    hi, lo = split_mean(mean, dtype)
+    invstd = torch.rsqrt(var.to(dtype) + eps)
+    scale = invstd if weight is None else invstd * weight.to(dtype)
+    shift = -lo * scale if bias is None else bias.to(dtype) - lo * scale
+    return hi, lo, invstd, scale, shift
+
+
 def pre_activation(
-    x: Tensor,
-    mean: Tensor,
-    invstd: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    residual: Tensor | None,
+    x: Tensor, hi: Tensor, scale: Tensor, shift: Tensor, residual: Tensor | None
 ) -> Tensor:
-    """u = (x - mean) * invstd * weight + bias + residual, in the stats dtype.
+    """u = (x - hi) * scale + shift + residual = (x - mean) * invstd * weight + bias + residual.
 
     Forward and backward both call this, so the backward sees exactly the forward's u and
     the activation's kinks fall on the same elements.
     """
-    acc = invstd.dtype
-    scale = invstd if weight is None else invstd * weight.to(acc)
-    u = (x.to(acc) - channel_view(mean.to(acc), x)) * channel_view(scale, x)
-    if bias is not None:
-        u = u + channel_view(bias.to(acc), x)
+    u = (x.to(scale.dtype) - channel_view(hi, x)) * channel_view(scale, x) + channel_view(shift, x)
     if residual is not None:
-        u = u + residual.to(acc)
+        u = u + residual.to(scale.dtype)
     return u
 
 
@@ -194,8 +221,8 @@ def normalize(
     negative_slope: float,
 ) -> Tensor:
     """y = act((x - mean) / sqrt(var + eps) * weight + bias + residual), in x's dtype and format."""
-    invstd = torch.rsqrt(var.to(stats_dtype(x.dtype)) + eps)
-    u = pre_activation(x, mean, invstd, weight, bias, residual)
+    hi, _, _, scale, shift = channel_constants(x, mean, var, weight, bias, eps)
+    u = pre_activation(x, hi, scale, shift, residual)
     return like_input(activation_forward(u, activation, negative_slope), x)
 
 
@@ -223,20 +250,20 @@ def normalize_backward(
                                                     (batch stats: mean and var depend on x)
     A gradient that ``output_mask`` does not ask for comes back as an empty tensor.
     """
-    acc = stats_dtype(x.dtype)
     dims = reduced_dims(x)
-    invstd = torch.rsqrt(var.to(acc) + eps)
-    x_hat = (x.to(acc) - channel_view(mean.to(acc), x)) * channel_view(invstd, x)
-    g = grad_out.to(acc)
+    hi, lo, invstd, scale, shift = channel_constants(x, mean, var, weight, bias, eps)
+    x_hat = (x.to(invstd.dtype) - channel_view(hi, x)) * channel_view(invstd, x) - channel_view(
+        lo * invstd, x
+    )
+    g = grad_out.to(invstd.dtype)
     if activation != "none":
-        u = pre_activation(x, mean, invstd, weight, bias, residual)
+        u = pre_activation(x, hi, scale, shift, residual)
         g = g * activation_derivative(u, activation, negative_slope)
     sum_g = g.sum(dims)
     sum_g_xhat = (g * x_hat).sum(dims)
-    empty = x.new_empty(0)
-    grad_input = grad_weight = grad_bias = grad_residual = empty
+    # Custom-op outputs must not alias each other: a fresh empty tensor for each.
+    grad_input, grad_weight, grad_bias, grad_residual = (x.new_empty(0) for _ in range(4))
     if output_mask[0]:
-        scale = invstd if weight is None else invstd * weight.to(acc)
         count = reduced_count(x)
         if batch_stats and count > 0:
             g_centered = (
@@ -253,4 +280,6 @@ def normalize_backward(
         grad_bias = sum_g.to(bias.dtype)
     if output_mask[3] and residual is not None:
         grad_residual = like_input(g, residual)
+        if grad_residual is grad_out:  # nor alias an input
+            grad_residual = grad_out.clone()
     return grad_input, grad_weight, grad_bias, grad_residual

@@ -25,7 +25,7 @@ def activation_forward(u, ACTIVATION: tl.constexpr, negative_slope):
     if ACTIVATION == RELU6:
         out = tl.where(u < 0, 0.0, tl.where(u > 6.0, 6.0, u))
     if ACTIVATION == LEAKY_RELU:
-        out = tl.where(u > 0, u, u * negative_slope)
+        out = tl.where(u > 0, u, u * tl.full([], negative_slope, u.dtype))
     if ACTIVATION == SILU:
         out = u * tl.sigmoid(u)
     if ACTIVATION == HARDSWISH:
@@ -42,7 +42,7 @@ def activation_derivative(u, ACTIVATION: tl.constexpr, negative_slope):
     if ACTIVATION == RELU6:
         out = tl.where((u > 0) & (u < 6.0), 1.0, 0.0)
     if ACTIVATION == LEAKY_RELU:
-        out = tl.where(u > 0, 1.0, negative_slope)
+        out = tl.where(u > 0, 1.0, tl.full([], negative_slope, u.dtype))
     if ACTIVATION == SILU:
         sig = tl.sigmoid(u)
         out = sig * (1.0 + u * (1.0 - sig))

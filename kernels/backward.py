@@ -12,54 +12,43 @@ g = grad_out * act'(u), x_hat = (x - mean) * invstd and sums over the M values o
 2. ``finalize_grad_sums_kernel``, grid (channel blocks,): adds the chunks in chunk order
    (deterministic) and writes d weight and d bias.
 3. ``grad_input_kernel``, one tile per program: d input and d residual.
+
+Math runs in COMPUTE_DTYPE; x - mean is taken as (x - hi) - lo (see forward.channel_constants).
 """
 
 import triton
 import triton.language as tl
 
 from .activations import NONE, activation_derivative
-from .forward import channel_scale, pre_activation
+from .forward import channel_constants, pre_activation
 from .tiling import channel_block, tile_offsets, tile_start
 
 
 @triton.jit
 def output_grad_tile(
-    n, s, c, mask, mean, invstd, scale, bias,
+    n, s, c, mask, hi, lo, invstd, scale, shift,
     grad_out_ptr, g_stride_n, g_stride_c, g_stride_s,
     x_ptr, x_stride_n, x_stride_c, x_stride_s,
     residual_ptr, r_stride_n, r_stride_c, r_stride_s,
     negative_slope,
-    HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr,
 ):
-    """g = grad_out * act'(u) and x_hat on one tile, in the statistics dtype."""
-    acc_dtype = mean.dtype
+    """g = grad_out * act'(u) and x_hat on one tile (0 where masked), in COMPUTE_DTYPE."""
     x = tl.load(x_ptr + tile_offsets(n, s, c, x_stride_n, x_stride_c, x_stride_s), mask=mask,
-                other=0).to(acc_dtype)
+                other=0).to(COMPUTE_DTYPE)
     g = tl.load(grad_out_ptr + tile_offsets(n, s, c, g_stride_n, g_stride_c, g_stride_s),
-                mask=mask, other=0).to(acc_dtype)
+                mask=mask, other=0).to(COMPUTE_DTYPE)
     if ACTIVATION != NONE:
         residual = x
         if HAS_RESIDUAL:
             residual = tl.load(
                 residual_ptr + tile_offsets(n, s, c, r_stride_n, r_stride_c, r_stride_s),
                 mask=mask, other=0,
-            ).to(acc_dtype)
-        u = pre_activation(x, mean, scale, bias, residual, HAS_BIAS, HAS_RESIDUAL)
-        g = g * activation_derivative(u, ACTIVATION, negative_slope)
-    x_hat = (x - mean[None, :]) * invstd[None, :]
+            ).to(COMPUTE_DTYPE)
+        u = pre_activation(x, hi, scale, shift, residual, HAS_RESIDUAL)
+        g = tl.where(mask, g * activation_derivative(u, ACTIVATION, negative_slope), 0.0)
+    x_hat = tl.where(mask, (x - hi[:, None]) * invstd[:, None] - (lo * invstd)[:, None], 0.0)
     return g, x_hat
-
-
-@triton.jit
-def channel_parameters(c, c_mask, mean_ptr, var_ptr, weight_ptr, bias_ptr, eps,
-                       HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """Per-channel mean, invstd, scale = invstd * weight and bias, in the statistics dtype."""
-    mean = tl.load(mean_ptr + c, mask=c_mask, other=0)
-    invstd, scale = channel_scale(c, c_mask, var_ptr, weight_ptr, eps, HAS_WEIGHT)
-    bias = mean
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + c, mask=c_mask, other=0).to(mean.dtype)
-    return mean, invstd, scale, bias
 
 
 @triton.jit
@@ -79,8 +68,8 @@ def store_parameter_grads(c, c_mask, sum_g, sum_g_xhat, sums_ptr, grad_weight_pt
 @triton.jit
 def partial_grad_sums_kernel(
     grad_out_ptr, x_ptr, residual_ptr,  # [N, C, S] views
-    mean_ptr, var_ptr, weight_ptr, bias_ptr,  # [C]; mean/var in the statistics dtype
-    partial_ptr,  # [2, num_chunks, C] workspace: per chunk sum(g), sum(g * x_hat)
+    mean_ptr, var_ptr, weight_ptr, bias_ptr,  # [C]
+    partial_ptr,  # [2, num_chunks, C] COMPUTE_DTYPE workspace: per chunk sum(g), sum(g x_hat)
     sums_ptr,  # [2, C] final sum(g), sum(g * x_hat) (written when FINALIZE)
     grad_weight_ptr, grad_bias_ptr,  # [C] (written when FINALIZE and asked for)
     C, S,
@@ -88,8 +77,8 @@ def partial_grad_sums_kernel(
     x_stride_n, x_stride_c, x_stride_s,
     r_stride_n, r_stride_c, r_stride_s,
     tiles_per_n, num_tiles, tiles_per_chunk,
-    eps, negative_slope,
-    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+    eps: tl.float64, negative_slope: tl.float64,
+    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     ACTIVATION: tl.constexpr, FINALIZE: tl.constexpr,
     WRITE_GRAD_WEIGHT: tl.constexpr, WRITE_GRAD_BIAS: tl.constexpr, USE_INT64: tl.constexpr,
@@ -98,29 +87,29 @@ def partial_grad_sums_kernel(
     pid_chunk = tl.program_id(0)
     c = channel_block(tl.program_id(1), BLOCK_C, USE_INT64)
     c_mask = c < C
-    mean, invstd, scale, bias = channel_parameters(
-        c, c_mask, mean_ptr, var_ptr, weight_ptr, bias_ptr, eps, HAS_WEIGHT, HAS_BIAS
+    hi, lo, invstd, scale, shift = channel_constants(
+        c, c_mask, mean_ptr, var_ptr, weight_ptr, bias_ptr, eps, COMPUTE_DTYPE, HAS_WEIGHT,
+        HAS_BIAS,
     )
-    sum_g = tl.zeros([BLOCK_S, BLOCK_C], dtype=mean.dtype)
-    sum_g_xhat = tl.zeros([BLOCK_S, BLOCK_C], dtype=mean.dtype)
+    sum_g = tl.zeros([BLOCK_C, BLOCK_S], dtype=COMPUTE_DTYPE)
+    sum_g_xhat = tl.zeros([BLOCK_C, BLOCK_S], dtype=COMPUTE_DTYPE)
     tile_begin = pid_chunk * tiles_per_chunk
     tile_end = tl.minimum(tile_begin + tiles_per_chunk, num_tiles)
     for t in range(tile_begin, tile_end):
         n, s0 = tile_start(t, tiles_per_n, BLOCK_S, USE_INT64)
         s = s0 + tl.arange(0, BLOCK_S)
-        mask = (s < S)[:, None] & c_mask[None, :]
+        mask = c_mask[:, None] & (s < S)[None, :]
         g, x_hat = output_grad_tile(
-            n, s, c, mask, mean, invstd, scale, bias,
+            n, s, c, mask, hi, lo, invstd, scale, shift,
             grad_out_ptr, g_stride_n, g_stride_c, g_stride_s,
             x_ptr, x_stride_n, x_stride_c, x_stride_s,
             residual_ptr, r_stride_n, r_stride_c, r_stride_s,
-            negative_slope, HAS_BIAS, HAS_RESIDUAL, ACTIVATION,
+            negative_slope, COMPUTE_DTYPE, HAS_RESIDUAL, ACTIVATION,
         )
-        g = tl.where(mask, g, 0.0)
         sum_g += g
         sum_g_xhat += g * x_hat
-    chunk_sum_g = tl.sum(sum_g, axis=0)
-    chunk_sum_g_xhat = tl.sum(sum_g_xhat, axis=0)
+    chunk_sum_g = tl.sum(sum_g, axis=1)
+    chunk_sum_g_xhat = tl.sum(sum_g_xhat, axis=1)
     if FINALIZE:
         store_parameter_grads(c, c_mask, chunk_sum_g, chunk_sum_g_xhat, sums_ptr,
                               grad_weight_ptr, grad_bias_ptr, C, WRITE_GRAD_WEIGHT,
@@ -137,15 +126,14 @@ def finalize_grad_sums_kernel(
     sums_ptr,  # [2, C] final sums, written
     grad_weight_ptr, grad_bias_ptr,  # [C] written when asked for
     C, num_chunks,
-    BLOCK_C: tl.constexpr,
+    BLOCK_C: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
     WRITE_GRAD_WEIGHT: tl.constexpr, WRITE_GRAD_BIAS: tl.constexpr, USE_INT64: tl.constexpr,
 ):
     """Add the chunks of one channel block in chunk order; write the sums and d weight/bias."""
     c = channel_block(tl.program_id(0), BLOCK_C, USE_INT64)
     c_mask = c < C
-    acc_dtype = sums_ptr.dtype.element_ty
-    sum_g = tl.zeros([BLOCK_C], dtype=acc_dtype)
-    sum_g_xhat = tl.zeros([BLOCK_C], dtype=acc_dtype)
+    sum_g = tl.zeros([BLOCK_C], dtype=COMPUTE_DTYPE)
+    sum_g_xhat = tl.zeros([BLOCK_C], dtype=COMPUTE_DTYPE)
     for k in range(num_chunks):
         sum_g += tl.load(partial_ptr + k * C + c, mask=c_mask, other=0)
         sum_g_xhat += tl.load(partial_ptr + (num_chunks + k) * C + c, mask=c_mask, other=0)
@@ -157,7 +145,7 @@ def finalize_grad_sums_kernel(
 def grad_input_kernel(
     grad_out_ptr, x_ptr, residual_ptr,  # [N, C, S] views read
     grad_input_ptr, grad_residual_ptr,  # [N, C, S] views written (when asked for)
-    mean_ptr, var_ptr, weight_ptr, bias_ptr,  # [C]; mean/var in the statistics dtype
+    mean_ptr, var_ptr, weight_ptr, bias_ptr,  # [C]
     sums_ptr,  # [2, C] sum(g), sum(g * x_hat) (read when BATCH_STATS)
     C, S,
     g_stride_n, g_stride_c, g_stride_s,
@@ -166,8 +154,8 @@ def grad_input_kernel(
     gi_stride_n, gi_stride_c, gi_stride_s,
     gr_stride_n, gr_stride_c, gr_stride_s,
     tiles_per_n,
-    eps, negative_slope, inv_count,  # inv_count = 1 / M
-    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+    eps: tl.float64, negative_slope: tl.float64, inv_count: tl.float64,  # 1 / M
+    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     ACTIVATION: tl.constexpr, BATCH_STATS: tl.constexpr,
     WRITE_GRAD_INPUT: tl.constexpr, WRITE_GRAD_RESIDUAL: tl.constexpr,
@@ -178,24 +166,26 @@ def grad_input_kernel(
     s = s0 + tl.arange(0, BLOCK_S)
     c = channel_block(tl.program_id(1), BLOCK_C, USE_INT64)
     c_mask = c < C
-    mask = (s < S)[:, None] & c_mask[None, :]
-    mean, invstd, scale, bias = channel_parameters(
-        c, c_mask, mean_ptr, var_ptr, weight_ptr, bias_ptr, eps, HAS_WEIGHT, HAS_BIAS
+    mask = c_mask[:, None] & (s < S)[None, :]
+    hi, lo, invstd, scale, shift = channel_constants(
+        c, c_mask, mean_ptr, var_ptr, weight_ptr, bias_ptr, eps, COMPUTE_DTYPE, HAS_WEIGHT,
+        HAS_BIAS,
     )
     g, x_hat = output_grad_tile(
-        n, s, c, mask, mean, invstd, scale, bias,
+        n, s, c, mask, hi, lo, invstd, scale, shift,
         grad_out_ptr, g_stride_n, g_stride_c, g_stride_s,
         x_ptr, x_stride_n, x_stride_c, x_stride_s,
         residual_ptr, r_stride_n, r_stride_c, r_stride_s,
-        negative_slope, HAS_BIAS, HAS_RESIDUAL, ACTIVATION,
+        negative_slope, COMPUTE_DTYPE, HAS_RESIDUAL, ACTIVATION,
     )
     if WRITE_GRAD_INPUT:
         centered = g
         if BATCH_STATS:
+            inv_count = tl.full([], inv_count, COMPUTE_DTYPE)
             mean_g = tl.load(sums_ptr + c, mask=c_mask, other=0) * inv_count
             mean_g_xhat = tl.load(sums_ptr + C + c, mask=c_mask, other=0) * inv_count
-            centered = g - mean_g[None, :] - x_hat * mean_g_xhat[None, :]
-        grad_input = centered * scale[None, :]
+            centered = g - mean_g[:, None] - x_hat * mean_g_xhat[:, None]
+        grad_input = centered * scale[:, None]
         tl.store(grad_input_ptr + tile_offsets(n, s, c, gi_stride_n, gi_stride_c, gi_stride_s),
                  grad_input.to(grad_input_ptr.dtype.element_ty), mask=mask)
     if WRITE_GRAD_RESIDUAL:

@@ -5,8 +5,8 @@ stride_s). NCHW-like layouts have stride_s == 1; channels_last-like layouts have
 stride_c == 1 and are usually folded by the launcher into [1, C, N * S]. Triton
 specialises a stride equal to 1, so loads vectorise along whichever axis is contiguous.
 
-A tile is BLOCK_S positions of S by BLOCK_C channels, at one n. Tiles of one channel
-block are numbered t = n * tiles_per_n + (s // BLOCK_S).
+A tile is BLOCK_C channels by BLOCK_S positions of S, at one n; per-channel reductions run
+along axis 1. Tiles of one channel block are numbered t = n * tiles_per_n + (s // BLOCK_S).
 """
 
 import triton
@@ -16,17 +16,18 @@ import triton.language as tl
 @triton.jit
 def tile_start(t, tiles_per_n, BLOCK_S: tl.constexpr, USE_INT64: tl.constexpr):
     """The batch index n and the first spatial position s0 of tile t."""
-    if USE_INT64:
-        t = t.to(tl.int64)
     n = t // tiles_per_n
     s0 = (t % tiles_per_n) * BLOCK_S
+    if USE_INT64:
+        n = n.to(tl.int64)
+        s0 = s0.to(tl.int64)
     return n, s0
 
 
 @triton.jit
 def tile_offsets(n, s, c, stride_n, stride_c, stride_s):
-    """Element offsets [BLOCK_S, BLOCK_C] of positions (n, s, c) in one tensor's view."""
-    return n * stride_n + s[:, None] * stride_s + c[None, :] * stride_c
+    """Element offsets [BLOCK_C, BLOCK_S] of positions (n, c, s) in one tensor's view."""
+    return n * stride_n + c[:, None] * stride_c + s[None, :] * stride_s
 
 
 @triton.jit

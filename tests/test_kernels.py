@@ -1,0 +1,311 @@
+"""The Triton kernels through every path the launchers take.
+
+Without a GPU these run in Triton's interpreter on CPU tensors (small shapes); with one,
+on CUDA at the sizes ``kernel_sizes`` picks. Each case runs fastbn.batch_norm on the
+triton backend, forward and backward, and checks outputs, gradients and running
+statistics against the float64 truth and against torch's own error on the same call.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import DEVICE
+from helpers import (
+    assert_close_to_truth,
+    batch_norm_truth,
+    grads_truth,
+    kernel_sizes,
+    tolerance,
+)
+
+import fastbn
+from fastbn import launch, reference
+
+pytestmark = pytest.mark.skipif(
+    bool(fastbn.backend.triton_problem()), reason="the Triton kernels cannot run here"
+)
+
+
+def make_input(shape, dtype=torch.float32, layout="contiguous", mean=0.0, seed=0):
+    """A random (N, C, *S) input in the given layout; values differ per channel."""
+    gen = torch.Generator().manual_seed(seed)
+    channels = shape[1]
+    offsets = torch.linspace(-1, 1, channels).view(1, -1, *([1] * (len(shape) - 2)))
+    x = (torch.randn(shape, generator=gen) * 1.5 + offsets + mean).to(dtype)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+    elif layout == "sliced_channels":  # non-dense but flattenable: a slice of channels
+        wide = torch.randn(shape[0], channels + 3, *shape[2:], generator=gen).to(dtype)
+        wide[:, 1 : channels + 1] = x
+        x = wide[:, 1 : channels + 1]
+    elif layout == "strided_positions":  # spatial dims flatten to one stride of 2
+        wide = torch.zeros(*shape[:-1], shape[-1] * 2, dtype=dtype)
+        wide[..., ::2] = x
+        x = wide[..., ::2]
+    elif layout == "strided_rows":  # spatial dims do not flatten: the launcher copies
+        wide = torch.zeros(*shape[:2], shape[2] * 2, *shape[3:], dtype=dtype)
+        wide[:, :, ::2] = x
+        x = wide[:, :, ::2]
+    elif layout == "transposed":  # 2-D (N, C) stored as (C, N)
+        x = x.t().contiguous().t()
+    return x.to(DEVICE)
+
+
+def run_batch_norm(x, training=True, affine=True, bias=True, track=True, momentum=0.1,
+                   residual=False, activation=None, grad_layout=None, seed=1):
+    """fastbn (triton backend) and torch on the same call; returns both and the truth."""
+    gen = torch.Generator().manual_seed(seed)
+    channels = x.shape[1]
+    param_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+
+    def vector(scale, shift):
+        return (torch.rand(channels, generator=gen) * scale + shift).to(param_dtype).to(DEVICE)
+
+    weight = vector(1.0, 0.5) if affine else None
+    bias_t = vector(1.0, -0.5) if affine and bias else None
+    running_mean = vector(0.2, -0.1) if track else None
+    running_var = vector(0.5, 0.75) if track else None
+    z = torch.randn(x.shape, generator=gen).to(x.dtype).to(DEVICE) if residual else None
+    grad_out = torch.randn(x.shape, generator=gen).to(x.dtype).to(DEVICE)
+    if grad_layout == "contiguous":
+        grad_out = grad_out.contiguous()
+    elif grad_layout == "channels_last":
+        grad_out = grad_out.to(memory_format=torch.channels_last)
+    nbt = torch.tensor(4, device=DEVICE) if track else None
+
+    results = {}
+    for name in ("fastbn", "torch"):
+        leaves = [t.detach().clone().requires_grad_(True) if t is not None else None
+                  for t in (x, weight, bias_t, z)]
+        rm = running_mean.clone() if track else None
+        rv = running_var.clone() if track else None
+        if name == "fastbn":
+            counter = nbt.clone() if track else None
+            with fastbn.use_backend("triton"):
+                y = fastbn.batch_norm(
+                    leaves[0], rm, rv, leaves[1], leaves[2], training, momentum, 1e-5,
+                    residual=leaves[3], activation=activation, num_batches_tracked=counter,
+                )
+                grads = torch.autograd.grad(y, [t for t in leaves if t is not None], grad_out)
+        else:
+            factor = 1.0 / 5 if momentum is None else momentum
+            u = F.batch_norm(leaves[0], rm, rv, leaves[1], leaves[2], training, factor, 1e-5)
+            if leaves[3] is not None:
+                u = u + leaves[3]
+            y = _torch_activation(u, activation)
+            grads = torch.autograd.grad(y, [t for t in leaves if t is not None], grad_out)
+        results[name] = {"y": y, "grads": grads, "running_mean": rm, "running_var": rv}
+    truth = batch_norm_truth(
+        x, running_mean, running_var, weight, bias_t, training, momentum, 1e-5, z, activation,
+        num_batches_tracked=5,
+    )
+    truth_grads = grads_truth(truth, grad_out)
+    return results, truth, truth_grads
+
+
+def _torch_activation(u, activation):
+    if activation is None:
+        return u
+    return {"relu": F.relu, "relu6": F.relu6, "leaky_relu": F.leaky_relu, "silu": F.silu,
+            "hardswish": F.hardswish}[activation](u)
+
+
+def check_all(results, truth, truth_grads, x_dtype):
+    ours, theirs = results["fastbn"], results["torch"]
+    assert ours["y"].stride() == torch.empty_like(ours["y"]).stride()
+    assert_close_to_truth("y", ours["y"], truth["y"], theirs["y"])
+    for name, mine, torch_grad in zip(truth_grads, ours["grads"], theirs["grads"]):
+        assert_close_to_truth(f"grad {name}", mine, truth_grads[name], torch_grad, dtype=x_dtype)
+    if truth["running_mean"] is not None:
+        assert_close_to_truth("running_mean", ours["running_mean"], truth["running_mean"],
+                              theirs["running_mean"])
+        assert_close_to_truth("running_var", ours["running_var"], truth["running_var"],
+                              theirs["running_var"])
+
+
+LAYOUT_CASES = [
+    ((4, 3, 8, 8), "contiguous"),
+    ((4, 5, 6, 6), "channels_last"),
+    ((37, 6), "contiguous"),
+    ((37, 6), "transposed"),
+    ((3, 5, 40), "contiguous"),
+    ((2, 3, 3, 4, 5), "channels_last"),
+    ((2, 3, 3, 4, 5), "contiguous"),
+    ((4, 3, 5, 6), "sliced_channels"),
+    ((3, 4, 5, 6), "strided_positions"),
+    ((3, 4, 5, 6), "strided_rows"),
+    ((5, 1, 7, 3), "contiguous"),
+    ((6, 4, 1, 1), "contiguous"),
+    ((2, 7, 5, 3), "channels_last"),
+]
+
+
+@pytest.mark.parametrize("shape,layout", LAYOUT_CASES, ids=lambda v: str(v))
+def test_training_forward_and_backward_in_every_layout(shape, layout):
+    x = make_input(shape, layout=layout)
+    check_all(*run_batch_norm(x), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_every_dtype_in_both_layouts(dtype, layout):
+    x = make_input((4, 6, 5, 5), dtype=dtype, layout=layout)
+    check_all(*run_batch_norm(x), dtype)
+
+
+def test_statistics_split_into_chunks_with_partial_tiles():
+    shape = (kernel_sizes(16, 64), 3, 33, 33)
+    x = make_input(shape)
+    view = launch.plan_view([x])
+    tiles = launch.reduction_tiling(view, view.strides(x)[2], x.dtype)
+    per_chunk = launch.tiles_per_chunk(tiles, launch.sm_count(x.device))
+    assert per_chunk < tiles.num_tiles, "this shape must take the chunked path"
+    assert view.positions % tiles.block_s != 0, "this shape must have partial tiles"
+    check_all(*run_batch_norm(x), torch.float32)
+
+
+def test_statistics_in_one_launch_when_one_chunk_suffices():
+    x = make_input((4, 3, 8, 8))
+    view = launch.plan_view([x])
+    tiles = launch.reduction_tiling(view, view.strides(x)[2], x.dtype)
+    assert launch.tiles_per_chunk(tiles, launch.sm_count(x.device)) == tiles.num_tiles
+    check_all(*run_batch_norm(x), torch.float32)
+
+
+def test_channels_last_folds_the_batch_into_positions():
+    x = make_input((4, 5, 6, 6), layout="channels_last")
+    view = launch.plan_view([x])
+    assert view.folded and view.batch == 1 and view.positions == 4 * 36
+    assert view.strides(x)[1:] == (1, 5)
+
+
+def test_sliced_channels_and_strided_positions_are_read_without_a_copy():
+    for layout in ("sliced_channels", "strided_positions"):
+        x = make_input((4, 3, 5, 6), layout=layout)
+        assert not x.is_contiguous() and launch.readable(x) is x, layout
+
+
+def test_rows_that_do_not_flatten_are_copied_once():
+    x = make_input((3, 4, 5, 6), layout="strided_rows")
+    copy = launch.readable(x)
+    assert copy is not x and copy.is_contiguous() and torch.equal(copy, x)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize(
+    "flags",
+    [
+        dict(affine=False),
+        dict(bias=False),
+        dict(track=False),
+        dict(momentum=None),
+        dict(residual=True),
+    ],
+    ids=lambda f: ",".join(f"{k}={v}" for k, v in f.items()),
+)
+def test_flags_in_training_and_eval(flags, training):
+    if not training and flags.get("track") is False:
+        pytest.skip("eval without running statistics is the training path (tested there)")
+    x = make_input((3, 5, 4, 4), layout="channels_last")
+    check_all(*run_batch_norm(x, training=training, **flags), torch.float32)
+
+
+@pytest.mark.parametrize("activation", ["relu", "relu6", "leaky_relu", "silu", "hardswish"])
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+def test_fused_activation_and_residual(activation, residual):
+    x = make_input((3, 4, 5, 5)) * 2
+    check_all(*run_batch_norm(x, residual=residual, activation=activation), torch.float32)
+
+
+def test_grad_out_in_another_layout_than_the_input():
+    x = make_input((3, 4, 5, 5), layout="channels_last")
+    check_all(*run_batch_norm(x, grad_layout="contiguous"), torch.float32)
+    x = make_input((3, 4, 5, 5))
+    check_all(*run_batch_norm(x, grad_layout="channels_last"), torch.float32)
+
+
+def test_64_bit_offsets_give_the_same_bits(monkeypatch):
+    x = make_input((3, 5, 6, 6), layout="channels_last")
+    first, _, _ = run_batch_norm(x, activation="silu", residual=True)
+    monkeypatch.setattr(launch, "needs_int64", lambda tensors: True)
+    second, _, _ = run_batch_norm(x, activation="silu", residual=True)
+    assert torch.equal(first["fastbn"]["y"], second["fastbn"]["y"])
+    for a, b in zip(first["fastbn"]["grads"], second["fastbn"]["grads"]):
+        assert torch.equal(a, b)
+
+
+def test_needs_int64_only_past_two_to_the_31():
+    small = torch.empty(0, device="meta").as_strided((2, 2), (1, 2**30))
+    large = torch.empty(0, device="meta").as_strided((2, 3), (1, 2**30))
+    assert not launch.needs_int64([small])
+    assert launch.needs_int64([large])
+
+
+def test_results_are_bitwise_reproducible():
+    shape = (kernel_sizes(16, 64), 3, 33, 33)
+    x = make_input(shape, dtype=torch.bfloat16)
+    first, _, _ = run_batch_norm(x, residual=True, activation="relu")
+    second, _, _ = run_batch_norm(x, residual=True, activation="relu")
+    for key in ("y", "running_mean", "running_var"):
+        assert torch.equal(first["fastbn"][key], second["fastbn"][key]), key
+    for a, b in zip(first["fastbn"]["grads"], second["fastbn"]["grads"]):
+        assert torch.equal(a, b)
+
+
+def test_large_mean_keeps_variance_accurate():
+    shape = (kernel_sizes(8, 64), 4, 16, 16)
+    x = make_input(shape, mean=1e4)
+    results, truth, truth_grads = run_batch_norm(x, momentum=1.0)
+    check_all(results, truth, truth_grads, torch.float32)
+    true_var = truth["running_var"]
+    relative = (results["fastbn"]["running_var"].double().cpu() - true_var).abs() / true_var
+    assert relative.max() < 1e-5
+
+
+def test_constant_channel_gives_finite_output_equal_to_bias():
+    x = make_input((4, 3, 5, 5))
+    x[:, 1] = 7.0
+    results, truth, truth_grads = run_batch_norm(x)
+    y = results["fastbn"]["y"]
+    assert torch.isfinite(y).all()
+    check_all(results, truth, truth_grads, torch.float32)
+
+
+def test_empty_batch_leaves_running_stats_and_counts_the_step():
+    x = torch.randn(0, 3, 4, 4, device=DEVICE, requires_grad=True)
+    rm, rv = torch.zeros(3, device=DEVICE), torch.ones(3, device=DEVICE)
+    nbt = torch.tensor(0, device=DEVICE)
+    weight = torch.ones(3, device=DEVICE, requires_grad=True)
+    with fastbn.use_backend("triton"):
+        y = fastbn.batch_norm(x, rm, rv, weight, None, True, num_batches_tracked=nbt)
+        (grad_weight,) = torch.autograd.grad(y.sum(), weight)
+    assert y.shape == x.shape
+    assert torch.equal(rm, torch.zeros(3, device=DEVICE))
+    assert torch.equal(rv, torch.ones(3, device=DEVICE))
+    assert nbt.item() == 1
+    assert torch.equal(grad_weight, torch.zeros(3, device=DEVICE))
+
+
+@pytest.mark.parametrize(
+    "mask", [[True, False, False, False], [False, True, True, False], [False, False, False, True]],
+    ids=["input", "params", "residual"],
+)
+@pytest.mark.parametrize("batch_stats", [True, False], ids=["batch", "running"])
+def test_backward_computes_only_what_the_mask_asks(mask, batch_stats):
+    x = make_input((3, 4, 6, 6), layout="channels_last")
+    mean, var = reference.batch_mean_var(x)
+    weight = torch.rand(4, device=DEVICE) + 0.5
+    bias = torch.rand(4, device=DEVICE)
+    z = torch.randn_like(x)
+    grad_out = torch.randn_like(x)
+    args = (grad_out, x, mean, var, weight, bias, z, 1e-5, batch_stats, "leaky_relu", 0.1, mask)
+    ours = launch.normalize_backward(*args)
+    expected = reference.normalize_backward(*args)
+    for wanted, mine, theirs in zip(mask, ours, expected):
+        if wanted:
+            atol, rtol = tolerance(torch.float32)
+            torch.testing.assert_close(mine, theirs, atol=atol, rtol=rtol)
+        else:
+            assert mine.numel() == 0

@@ -33,9 +33,11 @@ ACTIVATION_CODES = {"none": 0, "relu": 1, "relu6": 2, "leaky_relu": 3, "silu": 4
 # ---------------------------------------------------------------------------------------------
 # Heuristics. The kernels are memory-bound; what matters is that every SM has work and
 # that each thread moves several 16-byte vectors per loop iteration.
-# - Tiles hold about TILE_ELEMENTS values: 16 per thread at 4 warps for the reductions
-#   (two accumulators of that size stay in registers), 32 per thread for the elementwise
-#   kernels. float64 tiles are half as large.
+# - Tiles hold about TILE_ELEMENTS values, and each thread holds ELEMENTS_PER_THREAD of
+#   them: enough loads in flight, and registers low enough for several programs per SM
+#   and no spills (tests/test_kernel_compile.py checks with ptxas). float64 values take
+#   two registers, so float64 tiles and per-thread counts are halved.
+#   The reductions keep two accumulators of tile size, so their tiles are smaller.
 # - The contiguous axis gets the long side of the tile: up to 1024 positions of S (NCHW),
 #   or up to 128 channels (channels_last), so loads vectorise.
 # - The reductions split each channel block's tiles into chunks so that about
@@ -45,11 +47,13 @@ ACTIVATION_CODES = {"none": 0, "relu": 1, "relu6": 2, "leaky_relu": 3, "silu": 4
 # ---------------------------------------------------------------------------------------------
 REDUCTION_TILE_ELEMENTS = 2048
 ELEMENTWISE_TILE_ELEMENTS = 4096
+ELEMENTS_PER_THREAD = 16
 MAX_BLOCK_S = 1024
 MAX_BLOCK_C = 128
 WAVES = 4
 MIN_TILES_PER_CHUNK = 4
-NUM_WARPS = 4
+FINALIZE_BLOCK_C = 128
+FINALIZE_NUM_WARPS = 4
 # Triton's CPU interpreter has no SMs; a small count makes small test shapes take the
 # chunked path too.
 INTERPRETER_SM_COUNT = 2
@@ -178,10 +182,11 @@ def needs_int64(tensors: list[Tensor]) -> bool:
 # ---------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Tiling:
-    """Tile shape and grid of one kernel launch over a View."""
+    """Tile shape, warps and grid of one kernel launch over a View."""
 
     block_s: int
     block_c: int
+    num_warps: int
     tiles_per_n: int
     num_tiles: int  # tiles of one channel block: batch * tiles_per_n
     channel_blocks: int
@@ -191,8 +196,9 @@ def _power_of_two_at_most(value: int, limit: int) -> int:
     return min(triton.next_power_of_2(max(value, 1)), limit)
 
 
-def tiling(view: View, stride_s: int, elements: int) -> Tiling:
-    """Tiles of about ``elements`` values, the long side on x's contiguous axis."""
+def tiling(view: View, stride_s: int, elements: int, per_thread: int) -> Tiling:
+    """Tiles of at most ``elements`` values, the long side on x's contiguous axis, with
+    warps for ``per_thread`` values per thread."""
     if stride_s == 1 and view.positions > 1:
         block_s = _power_of_two_at_most(view.positions, min(MAX_BLOCK_S, elements))
         block_c = _power_of_two_at_most(view.channels, max(elements // block_s, 1))
@@ -203,6 +209,7 @@ def tiling(view: View, stride_s: int, elements: int) -> Tiling:
     return Tiling(
         block_s=block_s,
         block_c=block_c,
+        num_warps=_power_of_two_at_most(block_s * block_c // (32 * per_thread), 8),
         tiles_per_n=tiles_per_n,
         num_tiles=view.batch * tiles_per_n,
         channel_blocks=triton.cdiv(view.channels, block_c),
@@ -210,15 +217,18 @@ def tiling(view: View, stride_s: int, elements: int) -> Tiling:
 
 
 def reduction_tiling(view: View, stride_s: int, dtype: torch.dtype) -> Tiling:
-    return tiling(view, stride_s, _tile_elements(REDUCTION_TILE_ELEMENTS, dtype))
+    return tiling(view, stride_s, *_register_budget(REDUCTION_TILE_ELEMENTS, dtype))
 
 
 def elementwise_tiling(view: View, stride_s: int, dtype: torch.dtype) -> Tiling:
-    return tiling(view, stride_s, _tile_elements(ELEMENTWISE_TILE_ELEMENTS, dtype))
+    return tiling(view, stride_s, *_register_budget(ELEMENTWISE_TILE_ELEMENTS, dtype))
 
 
-def _tile_elements(elements: int, dtype: torch.dtype) -> int:
-    return elements // 2 if dtype == torch.float64 else elements
+def _register_budget(elements: int, dtype: torch.dtype) -> tuple[int, int]:
+    """(tile elements, elements per thread), halved for float64."""
+    if dtype == torch.float64:
+        return elements // 2, ELEMENTS_PER_THREAD // 2
+    return elements, ELEMENTS_PER_THREAD
 
 
 def tiles_per_chunk(tiles: Tiling, sms: int) -> int:
@@ -269,7 +279,7 @@ def batch_stats_(
             x, mean, mean, mean, var, running[0], running[1], nbt,
             channels, view.positions, stride_n, stride_c, stride_s,
             tiles.tiles_per_n, tiles.num_tiles, per_chunk, factor, unbias,
-            BLOCK_S=tiles.block_s, BLOCK_C=tiles.block_c, FINALIZE=True, num_warps=NUM_WARPS,
+            BLOCK_S=tiles.block_s, BLOCK_C=tiles.block_c, FINALIZE=True, num_warps=tiles.num_warps,
             **common,
         )
     else:
@@ -280,14 +290,14 @@ def batch_stats_(
             x, summary, counts, mean, var, running[0], running[1], nbt,
             channels, view.positions, stride_n, stride_c, stride_s,
             tiles.tiles_per_n, tiles.num_tiles, per_chunk, factor, unbias,
-            BLOCK_S=tiles.block_s, BLOCK_C=tiles.block_c, FINALIZE=False, num_warps=NUM_WARPS,
+            BLOCK_S=tiles.block_s, BLOCK_C=tiles.block_c, FINALIZE=False, num_warps=tiles.num_warps,
             **common,
         )
-        finalize_block_c = _power_of_two_at_most(channels, 128)
+        finalize_block_c = _power_of_two_at_most(channels, FINALIZE_BLOCK_C)
         forward_kernels.finalize_stats_kernel[(triton.cdiv(channels, finalize_block_c),)](
             x, summary, counts, mean, var, running[0], running[1], nbt,
             channels, stride_c, chunks, factor, unbias,
-            BLOCK_C=finalize_block_c, num_warps=NUM_WARPS, **common,
+            BLOCK_C=finalize_block_c, num_warps=FINALIZE_NUM_WARPS, **common,
         )
     if update:
         copy_back(running[0], running_mean)
@@ -337,7 +347,7 @@ def normalize(
         BLOCK_S=tiles.block_s, BLOCK_C=tiles.block_c, COMPUTE_DTYPE=kernel_compute_dtype(x.dtype),
         HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
         HAS_RESIDUAL=residual is not None, ACTIVATION=ACTIVATION_CODES[activation],
-        USE_INT64=needs_int64(tensors), num_warps=NUM_WARPS,
+        USE_INT64=needs_int64(tensors), num_warps=tiles.num_warps,
     )
     copy_back(y, out)
     return out
@@ -413,16 +423,16 @@ def normalize_backward(
             channels, view.positions, *g_strides, *x_strides, *r_strides,
             tiles.tiles_per_n, tiles.num_tiles, per_chunk, eps, negative_slope,
             BLOCK_S=tiles.block_s, BLOCK_C=tiles.block_c, FINALIZE=chunks == 1,
-            num_warps=NUM_WARPS, **flags, **parameter_grads,
+            num_warps=tiles.num_warps, **flags, **parameter_grads,
         )
         if chunks > 1:
-            finalize_block_c = _power_of_two_at_most(channels, 128)
+            finalize_block_c = _power_of_two_at_most(channels, FINALIZE_BLOCK_C)
             backward_kernels.finalize_grad_sums_kernel[
                 (triton.cdiv(channels, finalize_block_c),)
             ](
                 partial, sums, _or_empty(grad_weight, x), _or_empty(grad_bias, x),
                 channels, chunks, BLOCK_C=finalize_block_c, COMPUTE_DTYPE=flags["COMPUTE_DTYPE"],
-                USE_INT64=flags["USE_INT64"], num_warps=NUM_WARPS, **parameter_grads,
+                USE_INT64=flags["USE_INT64"], num_warps=FINALIZE_NUM_WARPS, **parameter_grads,
             )
     if want_input or want_residual:
         tiles = elementwise_tiling(view, x_strides[2], x.dtype)
@@ -435,7 +445,7 @@ def normalize_backward(
             tiles.tiles_per_n, eps, negative_slope, 1.0 / count,
             BLOCK_S=tiles.block_s, BLOCK_C=tiles.block_c, BATCH_STATS=batch_stats,
             WRITE_GRAD_INPUT=want_input, WRITE_GRAD_RESIDUAL=want_residual,
-            num_warps=NUM_WARPS, **flags,
+            num_warps=tiles.num_warps, **flags,
         )
         if want_input:
             copy_back(gi, grad_input)

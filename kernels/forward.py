@@ -46,7 +46,7 @@ def store_statistics(
     c, c_mask, anchor, anchored_mean, m2, count,
     mean_ptr, var_ptr, running_mean_ptr, running_var_ptr, num_batches_tracked_ptr,
     momentum, unbias,
-    UPDATE_RUNNING: tl.constexpr, CUMULATIVE: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr, UPDATE_RUNNING: tl.constexpr, CUMULATIVE: tl.constexpr,
 ):
     """Write the batch mean and biased variance (float64); update the running statistics."""
     mean = anchor.to(tl.float64) + anchored_mean.to(tl.float64)
@@ -63,10 +63,12 @@ def store_statistics(
         running_var = tl.load(running_var_ptr + c, mask=c_mask).to(tl.float64)
         running_mean = factor * mean + (1 - factor) * running_mean
         running_var = factor * unbiased_var + (1 - factor) * running_var
-        tl.store(running_mean_ptr + c, running_mean.to(running_mean_ptr.dtype.element_ty),
-                 mask=c_mask)
-        tl.store(running_var_ptr + c, running_var.to(running_var_ptr.dtype.element_ty),
-                 mask=c_mask)
+        # Through COMPUTE_DTYPE: exact for float32/float64 buffers, and Triton's interpreter
+        # turns float64 -> bfloat16 into 0.
+        running_mean = running_mean.to(COMPUTE_DTYPE).to(running_mean_ptr.dtype.element_ty)
+        running_var = running_var.to(COMPUTE_DTYPE).to(running_var_ptr.dtype.element_ty)
+        tl.store(running_mean_ptr + c, running_mean, mask=c_mask)
+        tl.store(running_var_ptr + c, running_var, mask=c_mask)
 
 
 @triton.jit
@@ -132,7 +134,7 @@ def partial_stats_kernel(
         store_statistics(
             c, c_mask, anchor, anchored_mean, m2, count_f,
             mean_ptr, var_ptr, running_mean_ptr, running_var_ptr, num_batches_tracked_ptr,
-            momentum, unbias, UPDATE_RUNNING, CUMULATIVE,
+            momentum, unbias, COMPUTE_DTYPE, UPDATE_RUNNING, CUMULATIVE,
         )
     else:
         num_chunks = tl.num_programs(0)
@@ -168,7 +170,7 @@ def finalize_stats_kernel(
     store_statistics(
         c, c_mask, anchor, mean, m2, count,
         mean_ptr, var_ptr, running_mean_ptr, running_var_ptr, num_batches_tracked_ptr,
-        momentum, unbias, UPDATE_RUNNING, CUMULATIVE,
+        momentum, unbias, COMPUTE_DTYPE, UPDATE_RUNNING, CUMULATIVE,
     )
 
 

@@ -1,0 +1,12 @@
+"""``python -m fastbn.bench``: fastbn against torch eager, torch.compile and apex.
+
+- ``shapes``    points (shape, dtype, layout), the suites, --shape parsing;
+- ``traffic``   the bytes model (compulsory traffic per mode);
+- ``problem``   a point's tensors, the float64 truth, the error measure and tolerances;
+- ``providers`` the implementations under test;
+- ``modes``     what one timed call of each mode does;
+- ``timing``    CUDA-event and CPU timers, the copy bandwidth;
+- ``runner``    the check-then-time loop and its long-format rows;
+- ``report``    progress, the table, geometric means, JSON and the plot;
+- ``cli``       the command line.
+"""

@@ -1,0 +1,309 @@
+"""``python -m fastbn.bench``: the command line, the run's metadata, and what it prints."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.metadata
+import platform
+import re
+import shlex
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import torch
+
+import fastbn
+from fastbn.backend import resolve_backend, triton_problem
+from fastbn.bench.modes import MODES
+from fastbn.bench.problem import TOLERANCE
+from fastbn.bench.providers import PROVIDERS, make_providers
+from fastbn.bench.report import (
+    Progress,
+    geomean_speedups,
+    problems,
+    summary,
+    table,
+    write_json,
+    write_plot,
+)
+from fastbn.bench.runner import Row, Settings, describe, run
+from fastbn.bench.shapes import DTYPES, LAYOUTS, SUITES, grid, parse_shape, restyle
+from fastbn.bench.timing import COPY_BYTES, copy_bandwidth, timer
+from fastbn.bench.traffic import PASSES_PER_ELEMENT
+
+DEFAULTS = {  # per device type: suite, providers, warmup calls, timed calls
+    "cuda": {"suite": "quick", "providers": PROVIDERS, "warmup": 10, "reps": 100},
+    "cpu": {"suite": "cpu", "providers": ("fastbn", "torch"), "warmup": 3, "reps": 15},
+}
+
+CPU_BANNER = (
+    "NO CUDA GPU: fastbn's Triton kernels need one, so these are CPU numbers - fastbn's "
+    "PyTorch path against torch's CPU BatchNorm. They say nothing about speed on a GPU."
+)
+
+
+def listed(choices: tuple[str, ...], what: str):
+    """An argparse type: a comma-separated list of ``choices`` (repeats dropped)."""
+
+    def parse(text: str) -> tuple[str, ...]:
+        names = tuple(dict.fromkeys(name.strip() for name in text.split(",") if name.strip()))
+        unknown = [name for name in names if name not in choices]
+        if unknown or not names:
+            raise argparse.ArgumentTypeError(
+                f"unknown {what} {', '.join(map(repr, unknown)) or repr(text)}; "
+                f"choose from {', '.join(choices)}"
+            )
+        return names
+
+    return parse
+
+
+def shape_argument(text: str) -> tuple[int, ...]:
+    """An argparse type for --shape (see shapes.parse_shape)."""
+    try:
+        return parse_shape(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    suites = "\n".join(
+        textwrap.fill(suite.description, 90, initial_indent=f"  {name:10s}",
+                      subsequent_indent=" " * 12)
+        for name, suite in SUITES.items()
+    )
+    passes = ", ".join(f"{mode} {n}s" for mode, n in PASSES_PER_ELEMENT.items())
+    tolerances = ", ".join(f"{dtype} {tol:g}" for dtype, tol in TOLERANCE.items())
+    parser = argparse.ArgumentParser(
+        prog="python -m fastbn.bench",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=(
+            "Time fastbn's BatchNorm against torch eager, torch.compile and apex on real "
+            "shapes, after checking each against a float64 truth, and say how close each "
+            "gets to the memory bandwidth this device measures."
+        ),
+        epilog=f"""\
+suites (--suite):
+{suites}
+  Without CUDA only 'cpu' runs; the GPU-sized suites are refused (use --shape for your own).
+  --dtypes / --layouts, when given, replace each point's dtype / layout.
+
+providers (--providers):
+  fastbn   fastbn.batch_norm, backend "auto" (the Triton kernels on CUDA; the PyTorch path
+           on CPU). The header says which backend ran.
+  torch    torch.nn.functional.batch_norm, eager (cuDNN / native CUDA kernels, or CPU)
+  compile  torch.compile(F.batch_norm), Inductor, static shapes, compiled for each point.
+           On CPU only when asked for: compiling there is slow.
+  apex     apex.parallel.SyncBatchNorm in one process (its fused syncbn kernels), CUDA only;
+           skipped with a note when apex or its CUDA extension is missing.
+  Default: all on CUDA, fastbn,torch on CPU.
+
+modes (--modes): {", ".join(MODES)}
+  forward-train updates the running statistics with autograd recording; forward-eval runs
+  under no_grad; backward times only torch.autograd.grad(retain_graph=True) on a forward
+  made beforehand; forward-backward is a training forward and its gradients.
+  Inputs are fp32/fp16/bf16 (--dtypes {",".join(DTYPES)}); weight, bias and running stats
+  are fp32. Layouts (--layouts {",".join(LAYOUTS)}): channels_last is channels_last_3d
+  for 5-D; 2-D and 3-D input has one layout, shown as nchw.
+
+check: before timing, each provider's outputs (y, running stats, dx, dweight, dbias as the
+  mode has them) are compared with BatchNorm computed in float64 from the same inputs:
+  max|out - truth| / max|truth| must be within {tolerances}.
+  A row outside it is marked WRONG (ERROR if it raised) and is not timed.
+
+timing: CUDA events around each call with the L2 cache flushed before it; on CPU
+  time.perf_counter. Median (and 20%/80% quantiles in the JSON) over --reps calls after
+  --warmup calls. The copy bandwidth is dst.copy_(src) of {COPY_BYTES["cuda"] >> 30} GiB
+  ({COPY_BYTES["cpu"] >> 20} MiB on CPU): GB/s = 2 x bytes / time.
+
+bytes model: compulsory traffic per element of x, of s bytes each:
+  {passes}.
+  GB/s = compulsory bytes / median time; %copy = that over the measured copy bandwidth.
+  Speedup "vs NAME" = NAME's median / fastbn's median (> 1: fastbn is faster); the summary
+  is its geometric mean over the suite's points, per mode and over all modes.
+
+output: the table on stdout, progress on stderr. --out DIR writes
+  SUITE-DEVICE-DATE.json (device, versions, command, date, copy bandwidth, every row in long
+  format) and, when matplotlib is installed, SUITE-DEVICE-DATE.png (speedup per point).
+
+exit status: 0, or 1 when some fastbn row was wrong or failed, 2 for a bad argument.
+""",
+    )
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument(
+        "--suite", choices=SUITES, help="a named suite (default: quick on CUDA, cpu on CPU)"
+    )
+    which.add_argument(
+        "--shape", action="append", type=shape_argument, metavar="N,C[,D][,H,W]",
+        help="a shape of your own, rank 2 to 5 (repeatable), e.g. 256,1024 or 8,64,16,56,56",
+    )
+    parser.add_argument(
+        "--modes", type=listed(MODES, "mode"), default=MODES, metavar="LIST",
+        help=f"comma-separated modes (default: all: {','.join(MODES)})",
+    )
+    parser.add_argument(
+        "--dtypes", type=listed(DTYPES, "dtype"), metavar="LIST",
+        help="comma-separated input dtypes (default: the suite's; for --shape fp32,fp16,bf16 "
+        "on CUDA, fp32 on CPU)",
+    )
+    parser.add_argument(
+        "--layouts", type=listed(LAYOUTS, "layout"), metavar="LIST",
+        help="comma-separated layouts (default: the suite's; both for --shape)",
+    )
+    parser.add_argument(
+        "--providers", type=listed(PROVIDERS, "provider"), metavar="LIST",
+        help="comma-separated providers (default: all on CUDA, fastbn,torch on CPU)",
+    )
+    parser.add_argument(
+        "--warmup", type=int, metavar="N",
+        help="untimed calls before timing (default: 10 on CUDA, 3 on CPU)",
+    )
+    parser.add_argument(
+        "--reps", type=int, metavar="N", help="timed calls (default: 100 on CUDA, 15 on CPU)"
+    )
+    parser.add_argument(
+        "--out", type=Path, metavar="DIR", help="write the JSON file (and the PNG plot) here"
+    )
+    return parser
+
+
+def choose_points(parser: argparse.ArgumentParser, args: argparse.Namespace, device: str):
+    """The run's suite name and points, from --suite / --shape and the device's defaults."""
+    if args.shape:
+        dtypes = DTYPES if device == "cuda" else ("fp32",)
+        points = grid(args.shape, dtypes=dtypes)
+        return "custom", restyle(points, args.dtypes, args.layouts)
+    suite = SUITES[args.suite or DEFAULTS[device]["suite"]]
+    if suite.for_gpu and device != "cuda":
+        parser.error(
+            f"suite {suite.name!r} is sized for a GPU and this machine has no CUDA device; "
+            "on CPU run --suite cpu (the default) or give your own --shape N,C,..."
+        )
+    return suite.name, restyle(suite.points, args.dtypes, args.layouts)
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's model name where the system says it."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def package_version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def fastbn_backend(device: torch.device, notes: list[str]) -> str:
+    """The backend fastbn.batch_norm picks on ``device`` under "auto"; a note when it matters."""
+    try:
+        with fastbn.use_backend("auto"):
+            backend = resolve_backend(torch.empty(0, device=device))
+    except Exception as exc:  # the fastbn rows will fail and say why; the baselines still run
+        notes.append(f"fastbn cannot choose a backend here: {describe(exc)}")
+        return "none"
+    if device.type == "cuda" and backend == "torch":
+        notes.append(f"fastbn runs its PyTorch path on this GPU: {triton_problem()}")
+    return backend
+
+
+def header(meta: dict, points: int, modes: int) -> str:
+    """What the run is and where: printed above the table."""
+    device, copy, timing = meta["device"], meta["copy_bandwidth"], meta["timing"]
+    method = (
+        "CUDA events, L2 flushed before each call" if device["type"] == "cuda"
+        else "time.perf_counter"
+    )
+    lines = [CPU_BANNER] if device["type"] == "cpu" else []
+    lines += [
+        f"fastbn bench: suite {meta['suite']}, {points} points x {modes} modes x "
+        f"{len(meta['providers'])} providers ({', '.join(meta['providers'])}) on "
+        f"{device['name']} ({device['type']})",
+        "versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items() if v),
+        f"fastbn backend: {meta['fastbn_backend']}; copy bandwidth {copy['gbps']:.1f} GB/s "
+        f"(dst.copy_(src), {copy['bytes'] >> 20} MiB)",
+        f"timing: {method}; median of {timing['reps']} calls after {timing['warmup']} warmup",
+        *(f"note: {note}" for note in meta["notes"]),
+    ]
+    return "\n".join(lines)
+
+
+def save(out: Path, meta: dict, rows: list[Row], geomeans: dict) -> list[Path]:
+    """Write SUITE-DEVICE-DATE.json, and .png when matplotlib is there; the paths written."""
+    out.mkdir(parents=True, exist_ok=True)
+    device = re.sub(r"[^a-z0-9]+", "-", meta["device"]["name"].lower()).strip("-")
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    stem = out / f"{meta['suite']}-{device}-{stamp}"
+    written = [stem.with_suffix(".json")]
+    write_json(written[0], meta, rows, geomeans)
+    title = f"fastbn speedup: {meta['suite']} on {meta['device']['name']}"
+    if write_plot(stem.with_suffix(".png"), rows, title):
+        written.append(stem.with_suffix(".png"))
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark the arguments describe; the exit status (see --help)."""
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    defaults = DEFAULTS[device.type]
+    suite, points = choose_points(parser, args, device.type)
+    warmup = defaults["warmup"] if args.warmup is None else args.warmup
+    reps = defaults["reps"] if args.reps is None else args.reps
+    if warmup < 0 or reps < 1:
+        parser.error("--warmup must be at least 0 and --reps at least 1")
+    providers, notes = make_providers(args.providers or defaults["providers"], device)
+    backend = fastbn_backend(device, notes)
+    copy_gbps, copy_bytes = copy_bandwidth(device)
+    meta = {
+        "command": shlex.join(["python", "-m", "fastbn.bench", *argv]),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "suite": suite,
+        "device": {"type": device.type, "name": device_name(device)},
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "triton": package_version("triton"),
+            "fastbn": fastbn.__version__,
+            "cuda": torch.version.cuda,
+        },
+        "fastbn_backend": backend,
+        "copy_bandwidth": {"gbps": copy_gbps, "bytes": copy_bytes},
+        "timing": {"warmup": warmup, "reps": reps},
+        "modes": list(args.modes),
+        "providers": [p.name for p in providers],
+        "notes": notes,
+    }
+    print(header(meta, len(points), len(args.modes)) + "\n", flush=True)
+
+    settings = Settings(device, timer(device), warmup, reps, copy_gbps)
+    start = time.perf_counter()
+    with fastbn.use_backend("auto"):
+        rows = run(points, args.modes, providers, settings, Progress())
+    meta["elapsed_s"] = round(time.perf_counter() - start, 1)
+    geomeans = geomean_speedups(rows)
+    print(table(rows, meta["providers"]))
+    if problems(rows):
+        print("\nnot timed:\n" + "\n".join(f"  {line}" for line in problems(rows)))
+    if geomeans:
+        print("\n" + summary(geomeans))
+    print(f"\nchecked and timed in {meta['elapsed_s']} s")
+    if args.out is not None:
+        written = save(args.out, meta, rows, geomeans)
+        print("\n" + "\n".join(f"wrote {path}" for path in written))
+        if len(written) == 1:
+            print("no plot: matplotlib is not installed, or no speedup to plot")
+    return 1 if any(r.provider == "fastbn" and r.status != "ok" for r in rows) else 0

@@ -1,0 +1,211 @@
+"""What the benchmark shows and writes: progress, the table, geometric means, JSON, a plot."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+from pathlib import Path
+from typing import TextIO
+
+from fastbn.bench.modes import MODES
+from fastbn.bench.runner import Row
+from fastbn.bench.shapes import shape_label
+
+SCHEMA = "fastbn.bench/1"
+
+
+class Progress:
+    """A counter on stderr: one line rewritten in place on a terminal, else about 20 lines."""
+
+    def __init__(self, stream: TextIO | None = None) -> None:
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+        self.width = 0
+
+    def __call__(self, done: int, total: int, label: str) -> None:
+        text = f"[{done}/{total}] {label}"
+        if self.tty:
+            self.stream.write("\r" + text.ljust(self.width))
+            self.width = len(text)
+            if done == total:
+                self.stream.write("\r" + " " * self.width + "\r")
+        elif done % max(1, total // 20) == 0 and done < total:
+            self.stream.write(text + "\n")
+        self.stream.flush()
+
+
+def format_columns(header: list[str], lines: list[list[str]], left: int) -> str:
+    """Aligned columns: the first ``left`` columns left-aligned, the others right-aligned."""
+    widths = [max(len(cell) for cell in column) for column in zip(header, *lines, strict=True)]
+
+    def render(cells: list[str]) -> str:
+        return "  ".join(
+            cell.ljust(width) if i < left else cell.rjust(width)
+            for i, (cell, width) in enumerate(zip(cells, widths, strict=True))
+        ).rstrip()
+
+    rule = "  ".join("-" * width for width in widths)
+    return "\n".join([render(header), rule, *(render(cells) for cells in lines)])
+
+
+def time_cell(row: Row | None) -> str:
+    """A row's median in ms, or WRONG / ERROR / '-' (not run)."""
+    if row is None:
+        return "-"
+    if row.status != "ok":
+        return row.status.upper()
+    return f"{row.median_ms:.4f}" if row.median_ms < 1 else f"{row.median_ms:.3f}"
+
+
+def rate(value: float) -> str:
+    """A GB/s or percentage figure: whole numbers from 10 up, two decimals below."""
+    return f"{value:.0f}" if value >= 10 else f"{value:.2f}"
+
+
+def times(speedup: float) -> str:
+    """A speedup as '1.52x' (two significant digits below 0.1)."""
+    return f"{speedup:.2f}x" if speedup >= 0.1 else f"{speedup:.2g}x"
+
+
+def table(rows: list[Row], providers: list[str]) -> str:
+    """One line per (point, mode): each provider's median ms; fastbn's GB/s on compulsory
+    bytes and % of copy bandwidth; fastbn's speedup over each baseline (baseline time /
+    fastbn time, > 1 when fastbn is faster)."""
+    by_key: dict[tuple, dict[str, Row]] = {}
+    for row in rows:
+        by_key.setdefault((row.shape, row.dtype, row.layout, row.mode), {})[row.provider] = row
+    baselines = [name for name in providers if name != "fastbn"]
+    header = ["shape", "dtype", "layout", "mode"]
+    for name in providers:
+        header.append(f"{name} ms")
+        if name == "fastbn":
+            header += ["GB/s", "%copy"]
+    header += [f"vs {name}" for name in baselines if "fastbn" in providers]
+    lines = []
+    for (shape, dtype, layout, mode), cells in by_key.items():
+        line = [shape_label(shape), dtype, layout, mode]
+        for name in providers:
+            line.append(time_cell(cells.get(name)))
+            fastbn_row = cells.get(name) if name == "fastbn" else None
+            if fastbn_row is not None and fastbn_row.status == "ok":
+                line += [rate(fastbn_row.gbps), rate(fastbn_row.pct_copy) + "%"]
+            elif name == "fastbn":
+                line += ["-", "-"]
+        if "fastbn" in providers:
+            for name in baselines:
+                speedup = cells[name].fastbn_speedup if name in cells else None
+                line.append("-" if speedup is None else times(speedup))
+        lines.append(line)
+    return format_columns(header, lines, left=4)
+
+
+def problems(rows: list[Row]) -> list[str]:
+    """One line per row that was not timed, saying why."""
+    return [
+        f"{row.provider} {row.mode} {shape_label(row.shape)} {row.dtype} {row.layout}: "
+        f"{row.status}: {row.message}"
+        for row in rows
+        if row.status != "ok"
+    ]
+
+
+def geomean_speedups(rows: list[Row]) -> dict[str, dict[str, dict[str, float]]]:
+    """Per baseline, per mode and over all modes ("all"): the geometric mean of fastbn's
+    speedup and the number of rows it is taken over."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for row in rows:
+        if row.fastbn_speedup is None:
+            continue
+        for key in (row.mode, "all"):
+            entry = out.setdefault(row.provider, {}).setdefault(key, {"log_sum": 0.0, "n": 0})
+            entry["log_sum"] += math.log(row.fastbn_speedup)
+            entry["n"] += 1
+    return {
+        baseline: {
+            key: {"speedup": math.exp(entry["log_sum"] / entry["n"]), "n": entry["n"]}
+            for key, entry in sorted(
+                per_mode.items(), key=lambda item: (MODES + ("all",)).index(item[0])
+            )
+        }
+        for baseline, per_mode in out.items()
+    }
+
+
+def summary(geomeans: dict[str, dict[str, dict[str, float]]]) -> str:
+    """The geometric-mean speedups as a table: one line per baseline, one column per mode."""
+    keys = [key for key in (*MODES, "all") if any(key in g for g in geomeans.values())]
+    lines = [
+        [f"fastbn vs {baseline}"]
+        + [
+            f"{times(g[key]['speedup'])} (n={g[key]['n']})" if key in g else "-"
+            for key in keys
+        ]
+        for baseline, g in geomeans.items()
+    ]
+    return format_columns(["geometric mean", *keys], lines, left=1)
+
+
+def write_json(path: Path, meta: dict, rows: list[Row], geomeans: dict) -> None:
+    """The run as JSON: ``meta`` (device, versions, command, date, copy bandwidth, notes),
+    ``geomean_speedup``, and ``rows`` in long format (one object per point, mode, provider)."""
+    document = {
+        "schema": SCHEMA,
+        **meta,
+        "geomean_speedup": geomeans,
+        "rows": [dataclasses.asdict(row) for row in rows],
+    }
+    path.write_text(json.dumps(document, indent=1) + "\n")
+
+
+def write_plot(path: Path, rows: list[Row], title: str) -> bool:
+    """A PNG of fastbn's speedup per point (log scale), one panel per mode, a bar per baseline.
+
+    Returns False (and writes nothing) when matplotlib is not installed.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    speedups: dict[str, dict[str, dict[str, float]]] = {}
+    for row in rows:
+        if row.fastbn_speedup is not None:
+            label = f"{shape_label(row.shape)} {row.dtype} {row.layout}"
+            speedups.setdefault(row.mode, {}).setdefault(row.provider, {})[label] = (
+                row.fastbn_speedup
+            )
+    if not speedups:
+        return False
+    modes = [mode for mode in MODES if mode in speedups]
+    labels = list(dict.fromkeys(
+        label for mode in modes for per_point in speedups[mode].values() for label in per_point
+    ))
+    baselines = list(dict.fromkeys(b for mode in modes for b in speedups[mode]))
+    width = 0.8 / len(baselines)
+    figure, axes = plt.subplots(
+        len(modes), 1, figsize=(min(40, max(8, 0.35 * len(labels) * len(baselines))),
+                                3.2 * len(modes) + 1.5),
+        squeeze=False, sharex=True,
+    )
+    for axis, mode in zip(axes[:, 0], modes, strict=True):
+        for i, baseline in enumerate(baselines):
+            values = speedups[mode].get(baseline, {})
+            positions = [j + (i - (len(baselines) - 1) / 2) * width for j in range(len(labels))]
+            axis.bar(positions, [values.get(label, math.nan) for label in labels], width,
+                     label=f"vs {baseline}")
+        axis.axhline(1.0, color="black", linewidth=0.8)
+        axis.set_yscale("log")
+        axis.set_ylabel("fastbn speedup (log)")
+        axis.set_title(mode)
+        axis.legend(loc="upper right", fontsize="small")
+    axes[-1, 0].set_xticks(range(len(labels)))
+    axes[-1, 0].set_xticklabels(labels, rotation=60, ha="right", fontsize="small")
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return True

@@ -1,0 +1,174 @@
+"""The benchmark loop: for each point, provider and mode, check against the truth, then time."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from fastbn.bench.modes import make_step
+from fastbn.bench.problem import TOLERANCE, TORCH_DTYPES, Inputs, make_inputs, relative_error, truth
+from fastbn.bench.providers import Provider
+from fastbn.bench.shapes import Point
+from fastbn.bench.timing import Timing
+from fastbn.bench.traffic import compulsory_bytes
+
+Timer = Callable[[Callable[[], object], int, int], Timing]
+ProgressCallback = Callable[[int, int, str], None]
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How to measure: the device, its timer, calls per measurement, the copy bandwidth."""
+
+    device: torch.device
+    time_step: Timer
+    warmup: int
+    reps: int
+    copy_gbps: float
+
+
+@dataclass
+class Row:
+    """One (point, mode, provider) result: the long format of the report and the JSON file.
+
+    status: "ok" (checked, then timed), "wrong" (outside the tolerance of the float64 truth:
+    not timed) or "error" (raised: not timed; ``message`` says what). ``error`` is the
+    relative error against the truth; ``fastbn_speedup`` is this row's time over fastbn's
+    on the same point and mode (on baseline rows where both are "ok").
+    """
+
+    shape: tuple[int, ...]
+    dtype: str
+    layout: str
+    mode: str
+    provider: str
+    status: str
+    bytes: int
+    error: float | None = None
+    message: str = ""
+    median_ms: float | None = None
+    q20_ms: float | None = None
+    q80_ms: float | None = None
+    reps: int = 0
+    gbps: float | None = None
+    pct_copy: float | None = None
+    fastbn_speedup: float | None = None
+
+
+def describe(exc: Exception) -> str:
+    """The exception's type and the first line of its message."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+
+
+def failed(point: Point, mode: str, provider: str, message: str) -> Row:
+    """The row of a measurement that could not be made."""
+    numel, element_size = math.prod(point.shape), TORCH_DTYPES[point.dtype].itemsize
+    return Row(
+        point.shape, point.dtype, point.layout, mode, provider, "error",
+        compulsory_bytes(mode, numel, element_size), message=message,
+    )
+
+
+def measure(
+    provider: Provider, mode: str, point: Point, inputs: Inputs, expected: dict[str, Tensor],
+    settings: Settings,
+) -> Row:
+    """Run ``mode`` once through ``provider`` and check it; time it only if it is right."""
+    row = failed(point, mode, provider.name, "")
+    try:
+        step = make_step(mode, provider.bind, inputs)
+        error = relative_error(step(), expected)
+        row.error = error if math.isfinite(error) else None
+        if not error <= TOLERANCE[point.dtype]:
+            row.status = "wrong"
+            row.message = (
+                f"relative error {error:.3g} against the float64 truth exceeds "
+                f"{TOLERANCE[point.dtype]:g}"
+            )
+            return row
+        timing = settings.time_step(step, settings.warmup, settings.reps)
+    except Exception as exc:  # a provider that fails is reported, and the run goes on
+        row.message = describe(exc)
+        return row
+    row.status = "ok"
+    row.median_ms, row.q20_ms, row.q80_ms = timing.median_ms, timing.q20_ms, timing.q80_ms
+    row.reps = timing.reps
+    row.gbps = row.bytes / (timing.median_ms * 1e-3) / 1e9
+    row.pct_copy = 100 * row.gbps / settings.copy_gbps
+    return row
+
+
+def add_speedups(rows: list[Row]) -> None:
+    """Set ``fastbn_speedup`` = time / fastbn's time on each checked baseline row."""
+    fastbn_ms = {
+        (r.shape, r.dtype, r.layout, r.mode): r.median_ms
+        for r in rows
+        if r.provider == "fastbn" and r.status == "ok"
+    }
+    for row in rows:
+        reference_ms = fastbn_ms.get((row.shape, row.dtype, row.layout, row.mode))
+        if row.provider != "fastbn" and row.status == "ok" and reference_ms:
+            row.fastbn_speedup = row.median_ms / reference_ms
+
+
+def run_point(
+    point: Point, modes: tuple[str, ...], providers: list[Provider], settings: Settings,
+    progress: Callable[[str], None],
+) -> list[Row]:
+    """The rows of one point: its inputs and truth are made once, shared by every provider.
+
+    A failure becomes "error" rows: while preparing the inputs (out of memory, say), for
+    all the point's rows; in a provider's set-up for the point, for that provider's rows.
+    """
+    try:
+        inputs = make_inputs(point, settings.device)
+        expected = truth(inputs, modes)
+    except Exception as exc:
+        message = f"preparing the inputs failed: {describe(exc)}"
+        return [failed(point, mode, p.name, message) for p in providers for mode in modes]
+    rows = []
+    for provider in providers:
+        failure = ""
+        try:
+            provider.start_point()
+        except Exception as exc:
+            failure = f"setting up {provider.name} failed: {describe(exc)}"
+        for mode in modes:
+            progress(f"{point.label} {point.dtype} {point.layout} {mode} {provider.name}")
+            rows.append(
+                failed(point, mode, provider.name, failure)
+                if failure
+                else measure(provider, mode, point, inputs, expected, settings)
+            )
+    return rows
+
+
+def run(
+    points: list[Point],
+    modes: tuple[str, ...],
+    providers: list[Provider],
+    settings: Settings,
+    progress: ProgressCallback = lambda done, total, label: None,
+) -> list[Row]:
+    """Every (point, provider, mode) as a Row, in that nesting order, speedups filled in."""
+    rows: list[Row] = []
+    total = len(points) * len(providers) * len(modes)
+    done = 0
+
+    def advance(label: str) -> None:
+        nonlocal done
+        progress(done, total, label)
+        done += 1
+
+    for point in points:
+        rows += run_point(point, modes, providers, settings, advance)
+        if settings.device.type == "cuda":
+            torch.cuda.empty_cache()
+    progress(total, total, "done")
+    add_speedups(rows)
+    return rows

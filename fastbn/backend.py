@@ -27,7 +27,9 @@ _triton_problem: str | None = None  # why the kernels cannot run, once known (""
 
 def _check_name(name: str, source: str) -> str:
     if name not in BACKENDS:
-        raise ValueError(f"unknown fastbn backend {name!r} from {source}; expected one of {BACKENDS}")
+        raise ValueError(
+            f"unknown fastbn backend {name!r} from {source}; expected one of {BACKENDS}"
+        )
     return name
 
 

@@ -69,7 +69,7 @@ def interpreted() -> bool:
     return isinstance(forward_kernels.normalize_kernel, InterpretedFunction)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cuda_sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
@@ -89,10 +89,11 @@ _ANY = -1  # spatial stride of a tensor whose spatial size is 1: any stride will
 
 def _spatial_stride(t: Tensor) -> int | None:
     """The one stride of t's flattened spatial dimensions; None when they do not flatten."""
-    dims = [(size, stride) for size, stride in zip(t.shape[2:], t.stride()[2:]) if size != 1]
+    spatial = zip(t.shape[2:], t.stride()[2:], strict=True)
+    dims = [(size, stride) for size, stride in spatial if size != 1]
     if not dims:
         return _ANY
-    for (_, outer_stride), (inner_size, inner_stride) in zip(dims, dims[1:]):
+    for (_, outer_stride), (inner_size, inner_stride) in zip(dims, dims[1:], strict=False):
         if outer_stride != inner_stride * inner_size:
             return None
     return dims[-1][1]
@@ -171,7 +172,8 @@ def per_channel(t: Tensor | None) -> Tensor | None:
 def needs_int64(tensors: list[Tensor]) -> bool:
     """Whether some element offset of these tensors reaches 2**31 (then offsets are int64)."""
     for t in tensors:
-        span = sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()))
+        span = sum((size - 1) * abs(stride)
+                   for size, stride in zip(t.shape, t.stride(), strict=True))
         if t.numel() and max(span, t.numel()) >= 2**31:
             return True
     return False
@@ -394,7 +396,8 @@ def normalize_backward(
     # The residual matters to the gradients only through the activation's derivative.
     residual_read = readable(residual) if activation != "none" else None
     x, grad_out = readable(x), readable(grad_out)
-    gi, gr = writable(grad_input) if want_input else x, writable(grad_residual) if want_residual else x
+    gi = writable(grad_input) if want_input else x
+    gr = writable(grad_residual) if want_residual else x
     tensors = [x, grad_out] + [t for t, used in ((residual_read, residual_read is not None),
                                                   (gi, want_input), (gr, want_residual)) if used]
     view = plan_view(tensors)

@@ -115,9 +115,11 @@ def _normalize_grads(ctx, grad_out):
         ctx.activation, ctx.negative_slope, mask, ctx.backend,
     )
     grad_input, grad_weight, grad_bias, grad_residual = (
-        grad if wanted else None for grad, wanted in zip(grads, mask)
+        grad if wanted else None for grad, wanted in zip(grads, mask, strict=True)
     )
-    return grad_input, None, None, grad_weight, grad_bias, grad_residual, None, None, None, None, None
+    # One gradient per op argument: x, mean, var, weight, bias, residual, then five non-tensors.
+    return (grad_input, None, None, grad_weight, grad_bias, grad_residual,
+            None, None, None, None, None)
 
 
 normalize.register_autograd(_normalize_grads, setup_context=_normalize_setup_context)
@@ -183,13 +185,13 @@ def _normalize_backward_grads(ctx, grad_grad_input, grad_grad_weight, grad_grad_
     names = ("grad_out", "x", "weight", "bias", "residual")
     present = {
         name: tensor
-        for name, tensor in zip(names, (grad_out, x, weight, bias, residual))
+        for name, tensor in zip(names, (grad_out, x, weight, bias, residual), strict=True)
         if tensor is not None
     }
 
     def first_backward(*tensors: Tensor) -> tuple[Tensor, ...]:
         args = dict.fromkeys(names)
-        args.update(zip(present, tensors))
+        args.update(zip(present, tensors, strict=True))
         if ctx.batch_stats:
             batch_mean, batch_var = reference.batch_mean_var(args["x"])
         else:
@@ -204,10 +206,12 @@ def _normalize_backward_grads(ctx, grad_grad_input, grad_grad_weight, grad_grad_
     cotangents = tuple(
         torch.zeros_like(out) if grad is None else grad.to(out.dtype)
         for out, grad in zip(
-            outputs, (grad_grad_input, grad_grad_weight, grad_grad_bias, grad_grad_residual)
+            outputs,
+            (grad_grad_input, grad_grad_weight, grad_grad_bias, grad_grad_residual),
+            strict=True,
         )
     )
-    grads = dict(zip(present, vjp(cotangents)))
+    grads = dict(zip(present, vjp(cotangents), strict=True))
     return (
         grads.get("grad_out"), grads.get("x"), None, None, grads.get("weight"),
         grads.get("bias"), grads.get("residual"), None, None, None, None, None, None,

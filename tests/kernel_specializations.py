@@ -135,7 +135,7 @@ def full_configs():
             "momentum", "use_int64")
     values = (DTYPES, LAYOUTS, (2, 64), ACTIVATIONS, (False, True), (False, True),
               (False, True), (0.1, None), (False, True))
-    return [dict(zip(keys, combo)) for combo in itertools.product(*values)]
+    return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*values)]
 
 
 def specialize(kernel, args, kwargs, backend):

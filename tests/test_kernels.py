@@ -116,7 +116,7 @@ def check_all(results, truth, truth_grads, x_dtype):
     ours, theirs = results["fastbn"], results["torch"]
     assert ours["y"].stride() == torch.empty_like(ours["y"]).stride()
     assert_close_to_truth("y", ours["y"], truth["y"], theirs["y"])
-    for name, mine, torch_grad in zip(truth_grads, ours["grads"], theirs["grads"]):
+    for name, mine, torch_grad in zip(truth_grads, ours["grads"], theirs["grads"], strict=True):
         assert_close_to_truth(f"grad {name}", mine, truth_grads[name], torch_grad, dtype=x_dtype)
     if truth["running_mean"] is not None:
         assert_close_to_truth("running_mean", ours["running_mean"], truth["running_mean"],
@@ -232,7 +232,7 @@ def test_64_bit_offsets_give_the_same_bits(monkeypatch):
     monkeypatch.setattr(launch, "needs_int64", lambda tensors: True)
     second, _, _ = run_batch_norm(x, activation="silu", residual=True)
     assert torch.equal(first["fastbn"]["y"], second["fastbn"]["y"])
-    for a, b in zip(first["fastbn"]["grads"], second["fastbn"]["grads"]):
+    for a, b in zip(first["fastbn"]["grads"], second["fastbn"]["grads"], strict=True):
         assert torch.equal(a, b)
 
 
@@ -250,7 +250,7 @@ def test_results_are_bitwise_reproducible():
     second, _, _ = run_batch_norm(x, residual=True, activation="relu")
     for key in ("y", "running_mean", "running_var"):
         assert torch.equal(first["fastbn"][key], second["fastbn"][key]), key
-    for a, b in zip(first["fastbn"]["grads"], second["fastbn"]["grads"]):
+    for a, b in zip(first["fastbn"]["grads"], second["fastbn"]["grads"], strict=True):
         assert torch.equal(a, b)
 
 
@@ -303,7 +303,7 @@ def test_backward_computes_only_what_the_mask_asks(mask, batch_stats):
     args = (grad_out, x, mean, var, weight, bias, z, 1e-5, batch_stats, "leaky_relu", 0.1, mask)
     ours = launch.normalize_backward(*args)
     expected = reference.normalize_backward(*args)
-    for wanted, mine, theirs in zip(mask, ours, expected):
+    for wanted, mine, theirs in zip(mask, ours, expected, strict=True):
         if wanted:
             atol, rtol = tolerance(torch.float32)
             torch.testing.assert_close(mine, theirs, atol=atol, rtol=rtol)

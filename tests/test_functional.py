@@ -1,0 +1,322 @@
+"""fastbn.batch_norm: F.batch_norm's contract, its errors, and its results against the truth.
+
+A bad call raises the exception type torch raises for the same mistake (computed here by
+making the mistake with torch), with a message naming the problem, and changes nothing:
+running_mean, running_var and num_batches_tracked keep their values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import assert_close_to_truth, batch_norm_truth, grads_truth, make_input
+
+import fastbn
+
+SHAPE = (4, 3, 2, 2)
+FASTBN_ONLY = ("residual", "activation", "num_batches_tracked")
+
+
+def valid_call(device) -> dict:
+    """Arguments of a valid training call with running statistics and a step counter."""
+    generator = torch.Generator().manual_seed(0)
+    return {
+        "input": make_input(SHAPE, device=device),
+        "running_mean": torch.randn(3, generator=generator).to(device),
+        "running_var": (0.5 + torch.rand(3, generator=generator)).to(device),
+        "weight": (1 + torch.randn(3, generator=generator)).to(device),
+        "bias": torch.randn(3, generator=generator).to(device),
+        "training": True,
+        "momentum": 0.1,
+        "eps": 1e-5,
+        "num_batches_tracked": torch.tensor(5, device=device),
+    }
+
+
+def torch_functional(call: dict) -> None:
+    """The same call made to torch.nn.functional.batch_norm (fastbn-only arguments dropped)."""
+    args = {k: v for k, v in call.items() if k not in FASTBN_ONLY}
+    for name in ("running_mean", "running_var"):
+        if args[name] is not None:
+            args[name] = args[name].clone()
+    y = F.batch_norm(**args)
+    if call.get("residual") is not None:
+        y + call["residual"]
+
+
+def torch_module(call: dict) -> None:
+    """The same input given to torch's module for its rank (BatchNorm1d for 1-D, 3d for 6-D)."""
+    x = call["input"]
+    module = torch.nn.BatchNorm1d(3) if x.dim() < 2 else torch.nn.BatchNorm3d(3)
+    module.to(x.device)(x)
+
+
+@dataclass
+class Mistake:
+    """One bad call: what changes from the valid call, and how torch judges the same call."""
+
+    name: str
+    change: Callable[[dict, torch.device], dict]
+    match: str
+    torch_call: Callable[[dict], None] | None = torch_functional
+    error: type[Exception] | None = None  # where torch has no such check
+
+    def call(self, device) -> dict:
+        call = valid_call(device)
+        call.update(self.change(call, device))
+        return call
+
+    def expected_error(self, call: dict) -> type[Exception]:
+        """torch's exception type for this mistake (or the declared one where torch has none)."""
+        if self.torch_call is None:
+            return self.error
+        try:
+            self.torch_call(call)
+        except Exception as error:
+            return type(error)
+        raise AssertionError(f"torch accepts the call {self.name!r}")
+
+
+def other_device(tensor):
+    return tensor.to("meta")
+
+
+MISTAKES = [
+    Mistake("weight_channels", lambda c, d: {"weight": torch.ones(4, device=d)},
+            r"weight .*3 elements"),
+    Mistake("bias_channels", lambda c, d: {"bias": torch.zeros(4, device=d)},
+            r"bias .*3 elements"),
+    Mistake("running_mean_channels", lambda c, d: {"running_mean": torch.zeros(4, device=d)},
+            r"running_mean .*3 elements"),
+    Mistake("running_var_channels", lambda c, d: {"running_var": torch.ones(2, device=d)},
+            r"running_var .*3 elements"),
+    Mistake("running_mean_channels_in_eval",
+            lambda c, d: {"running_mean": torch.zeros(4, device=d), "training": False},
+            r"running_mean .*3 elements"),
+    Mistake("one_value_per_channel_2d",
+            lambda c, d: {"input": make_input((1, 3), device=d)}, "more than 1 value per channel"),
+    Mistake("one_value_per_channel_4d",
+            lambda c, d: {"input": make_input((1, 3, 1, 1), device=d)},
+            "more than 1 value per channel"),
+    Mistake("zero_eps", lambda c, d: {"eps": 0.0}, "eps must be positive"),
+    Mistake("negative_eps", lambda c, d: {"eps": -1e-3}, "eps must be positive"),
+    Mistake("integer_input", lambda c, d: {"input": c["input"].long()}, "int64"),
+    Mistake("weight_on_other_device", lambda c, d: {"weight": other_device(c["weight"])},
+            "weight is on meta"),
+    Mistake("bias_on_other_device", lambda c, d: {"bias": other_device(c["bias"])},
+            "bias is on meta"),
+    Mistake("running_mean_on_other_device",
+            lambda c, d: {"running_mean": other_device(c["running_mean"])},
+            "running_mean is on meta"),
+    Mistake("running_var_on_other_device",
+            lambda c, d: {"running_var": other_device(c["running_var"])},
+            "running_var is on meta"),
+    Mistake("eval_without_running_stats",
+            lambda c, d: {"training": False, "running_mean": None, "running_var": None},
+            "running_mean must be defined"),
+    Mistake("running_var_without_running_mean", lambda c, d: {"running_mean": None},
+            "running_mean and running_var"),
+    Mistake("residual_shape",
+            lambda c, d: {"residual": make_input((4, 3, 2, 3), device=d)}, "residual"),
+    Mistake("unknown_activation", lambda c, d: {"activation": "gelu"}, "unknown activation",
+            torch_call=None, error=ValueError),
+    Mistake("momentum_none_without_counter",
+            lambda c, d: {"momentum": None, "num_batches_tracked": None}, "num_batches_tracked",
+            torch_call=None, error=ValueError),
+    Mistake("rank_1_input", lambda c, d: {"input": torch.randn(3, device=d)}, "1D input",
+            torch_call=torch_module),
+    Mistake("rank_6_input", lambda c, d: {"input": torch.randn(2, 3, 2, 2, 2, 2, device=d)},
+            "6D input", torch_call=torch_module),
+]
+
+
+@pytest.mark.parametrize("mistake", MISTAKES, ids=lambda m: m.name)
+def test_mistake_raises_torchs_exception_type_naming_the_problem(backend, device, mistake):
+    call = mistake.call(device)
+    expected = mistake.expected_error(call)
+    with pytest.raises(expected, match=mistake.match) as raised:
+        fastbn.batch_norm(**call)
+    assert type(raised.value) is expected
+
+
+@pytest.mark.parametrize("mistake", MISTAKES, ids=lambda m: m.name)
+def test_mistake_leaves_running_stats_and_counter_unchanged(backend, device, mistake):
+    call = mistake.call(device)
+    state = {
+        name: call[name].clone()
+        for name in ("running_mean", "running_var", "num_batches_tracked")
+        if call[name] is not None and call[name].device.type != "meta"
+    }
+    assert state, "nothing to watch"
+    with pytest.raises(mistake.expected_error(call)):
+        fastbn.batch_norm(**call)
+    for name, before in state.items():
+        assert torch.equal(call[name], before), f"{name} changed by a failed call"
+
+
+def test_zero_eps_is_accepted_in_eval(backend, device):
+    call = valid_call(device) | {"training": False, "eps": 0.0}
+    assert fastbn.batch_norm(**call).shape == SHAPE
+
+
+def test_one_value_per_channel_is_accepted_in_eval(backend, device):
+    call = valid_call(device) | {"training": False, "input": make_input((1, 3), device=device)}
+    assert fastbn.batch_norm(**call).shape == (1, 3)
+
+
+# ---------------------------------------------------------------------------------------------
+# Failed module calls change nothing either (torch's module counts the batch before checking)
+# ---------------------------------------------------------------------------------------------
+
+
+def trained_module(device, module_class=fastbn.BatchNorm2d, num_features=3):
+    module = module_class(num_features, device=device)
+    module(make_input((4, num_features, 2, 2), device=device))
+    return module
+
+
+def module_state(module):
+    return {name: tensor.clone() for name, tensor in module.named_buffers()}
+
+
+def assert_state_unchanged(module, before):
+    for name, tensor in module.named_buffers():
+        assert torch.equal(tensor, before[name]), f"{name} changed by a failed call"
+
+
+def torch_module_error(module_class, num_features, x, **kwargs):
+    try:
+        module_class(num_features, device=x.device)(x, **kwargs)
+    except Exception as error:
+        return type(error)
+    raise AssertionError("torch's module accepts the call")
+
+
+@pytest.mark.parametrize("shape", [(4, 3, 2), (4, 3, 2, 2, 2)], ids=["3d", "5d"])
+def test_module_rejects_wrong_rank_like_torch_without_counting_the_batch(backend, device, shape):
+    module = trained_module(device)
+    before = module_state(module)
+    x = make_input(shape, device=device)
+    expected = torch_module_error(torch.nn.BatchNorm2d, 3, x)
+    with pytest.raises(expected, match="expected 4D input"):
+        module(x)
+    assert_state_unchanged(module, before)
+
+
+def test_module_rejects_wrong_channel_count_like_torch_without_counting_the_batch(
+    backend, device
+):
+    module = trained_module(device, num_features=4)
+    before = module_state(module)
+    x = make_input((4, 3, 2, 2), device=device)
+    expected = torch_module_error(torch.nn.BatchNorm2d, 4, x)
+    with pytest.raises(expected, match="3 elements"):
+        module(x)
+    assert_state_unchanged(module, before)
+
+
+def test_module_rejects_one_value_per_channel_without_counting_the_batch(backend, device):
+    module = trained_module(device)
+    before = module_state(module)
+    x = make_input((1, 3, 1, 1), device=device)
+    expected = torch_module_error(torch.nn.BatchNorm2d, 3, x)
+    with pytest.raises(expected, match="more than 1 value per channel"):
+        module(x)
+    assert_state_unchanged(module, before)
+
+
+def test_generic_module_rejects_wrong_rank_without_counting_the_batch(backend, device):
+    module = fastbn.BatchNorm(3, 4, device=device)
+    module(make_input((4, 3, 2, 2), device=device))
+    before = module_state(module)
+    with pytest.raises(ValueError, match="expected 4D input"):
+        module(make_input((4, 3, 2), device=device))
+    assert_state_unchanged(module, before)
+
+
+def test_module_rejects_wrong_residual_shape_without_counting_the_batch(backend, device):
+    module = trained_module(device)
+    before = module_state(module)
+    with pytest.raises(RuntimeError, match="residual"):
+        module(
+            make_input((4, 3, 2, 2), device=device),
+            residual=make_input((4, 3, 2, 3), device=device),
+        )
+    assert_state_unchanged(module, before)
+
+
+# ---------------------------------------------------------------------------------------------
+# Results against the float64 truth, with torch's F.batch_norm as the yardstick
+# ---------------------------------------------------------------------------------------------
+
+
+AFFINE = {"none": (False, False), "weight": (True, False), "weight_and_bias": (True, True)}
+
+
+@pytest.mark.parametrize("affine", list(AFFINE))
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_batch_norm_matches_truth(backend, device, training, affine):
+    call = valid_call(device) | {"training": training}
+    del call["num_batches_tracked"]
+    has_weight, has_bias = AFFINE[affine]
+    call["weight"] = call["weight"].requires_grad_(True) if has_weight else None
+    call["bias"] = call["bias"].requires_grad_(True) if has_bias else None
+    call["input"] = call["input"].requires_grad_(True)
+    torch_call = {k: v.detach().clone() if isinstance(v, torch.Tensor) else v
+                  for k, v in call.items()}
+    for name in ("input", "weight", "bias"):
+        if torch_call[name] is not None:
+            torch_call[name].requires_grad_(True)
+    truth = batch_norm_truth(
+        call["input"], call["running_mean"], call["running_var"], call["weight"], call["bias"],
+        training, call["momentum"], call["eps"],
+    )
+    grad_out = make_input(SHAPE, seed=7, device=device)
+
+    y = fastbn.batch_norm(**call)
+    y.backward(grad_out)
+    y_torch = F.batch_norm(**torch_call)
+    y_torch.backward(grad_out)
+
+    assert_close_to_truth("output", y, truth["y"], y_torch)
+    names = {"x": "input", "weight": "weight", "bias": "bias"}
+    for name, grad_truth in grads_truth(truth, grad_out).items():
+        arg = names[name]
+        assert_close_to_truth(
+            f"grad {name}", call[arg].grad, grad_truth, torch_call[arg].grad
+        )
+    for name in ("running_mean", "running_var"):
+        assert_close_to_truth(name, call[name], truth[name], torch_call[name])
+
+
+def test_training_without_running_stats_normalizes_with_batch_statistics(backend, device):
+    x = make_input(SHAPE, spread=3.0, offset=2.0, device=device)
+    truth = batch_norm_truth(x, None, None, None, None, training=True)
+    assert_close_to_truth("output", fastbn.batch_norm(x, None, None, training=True), truth["y"])
+
+
+def test_training_increments_num_batches_tracked(backend, device):
+    call = valid_call(device)
+    fastbn.batch_norm(**call)
+    assert int(call["num_batches_tracked"]) == 6
+
+
+def test_eval_leaves_num_batches_tracked_alone(backend, device):
+    call = valid_call(device) | {"training": False}
+    fastbn.batch_norm(**call)
+    assert int(call["num_batches_tracked"]) == 5
+
+
+def test_momentum_none_updates_with_one_over_num_batches_tracked(backend, device):
+    call = valid_call(device) | {"momentum": None}
+    truth = batch_norm_truth(
+        call["input"], call["running_mean"], call["running_var"], call["weight"], call["bias"],
+        training=True, momentum=None, num_batches_tracked=6,
+    )
+    fastbn.batch_norm(**call)
+    for name in ("running_mean", "running_var"):
+        assert_close_to_truth(name, call[name], truth[name])

@@ -1,0 +1,563 @@
+"""fastbn.BatchNorm1d/2d/3d and fastbn.BatchNorm: drop-ins for torch.nn.BatchNorm1d/2d/3d.
+
+Each module is run side by side with torch's over several training steps and one eval
+step; every output, gradient, running statistic and counter is held against the float64
+truth (and against twice torch's own error) by tests/helpers.py.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from helpers import (
+    ACTIVATIONS,
+    DTYPES,
+    LOW_PRECISION,
+    activation64,
+    assert_close_to_truth,
+    batch_norm_truth,
+    grads_truth,
+    kink_distance,
+    make_input,
+)
+
+import fastbn
+
+TORCH_CLASS = {
+    fastbn.BatchNorm1d: torch.nn.BatchNorm1d,
+    fastbn.BatchNorm2d: torch.nn.BatchNorm2d,
+    fastbn.BatchNorm3d: torch.nn.BatchNorm3d,
+}
+STEPS = 3
+
+
+def parameter_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The module dtype for an input dtype: float32 parameters for fp16/bf16 (mixed precision)."""
+    return torch.float32 if dtype in LOW_PRECISION else dtype
+
+
+def randomize_(module: torch.nn.Module, seed: int = 0) -> None:
+    """Give a module non-trivial parameters, running statistics and counter (4 batches seen)."""
+    generator = torch.Generator().manual_seed(seed)
+    c = module.num_features
+
+    def fill_(tensor, values):
+        if tensor is not None:
+            tensor.copy_(values.to(tensor.dtype))
+
+    with torch.no_grad():
+        fill_(module.weight, 1 + 0.5 * torch.randn(c, generator=generator))
+        fill_(module.bias, 0.5 * torch.randn(c, generator=generator))
+        fill_(module.running_mean, 0.3 * torch.randn(c, generator=generator))
+        fill_(module.running_var, 0.5 + torch.rand(c, generator=generator))
+        fill_(module.num_batches_tracked, torch.tensor(4))
+
+
+def make_pair(
+    fast_class, num_features, device, dtype=torch.float32, seed=0, fast_options=None, **options
+):
+    """A randomized fastbn module and torch's module of the same class in the same state.
+
+    options go to both constructors, fast_options (activation, ...) to fastbn's only.
+    """
+    fast = fast_class(num_features, device=device, dtype=dtype, **options, **(fast_options or {}))
+    ref = TORCH_CLASS[fast_class](num_features, device=device, dtype=dtype, **options)
+    randomize_(fast, seed)
+    ref.load_state_dict(fast.state_dict())
+    return fast, ref
+
+
+def forward_backward(module, x, grad_out, **kwargs):
+    """Output and gradients (input, weight, bias) of one call of module on a fresh leaf x."""
+    for p in module.parameters():
+        p.grad = None
+    leaf = x.detach().clone().requires_grad_(True)
+    y = module(leaf, **kwargs)
+    y.backward(grad_out)
+    grads = {"x": leaf.grad}
+    for name in ("weight", "bias"):
+        if getattr(module, name) is not None:
+            grads[name] = getattr(module, name).grad
+    return y.detach(), grads
+
+
+def state_before(module):
+    """(running_mean, running_var, num_batches_tracked) as they are now, copied."""
+    def copy(t):
+        return None if t is None else t.detach().clone()
+
+    return copy(module.running_mean), copy(module.running_var), copy(module.num_batches_tracked)
+
+
+def assert_call_matches_truth(label, fast, ref, x, grad_out, training):
+    """One call of fast and ref on x: fast's results are within tolerance of the truth."""
+    running_mean, running_var, counter = state_before(fast)
+    tracking = training and fast.track_running_stats
+    counter_after = None if counter is None else int(counter) + int(tracking)
+    truth = batch_norm_truth(
+        x, running_mean, running_var, fast.weight, fast.bias, training, fast.momentum, fast.eps,
+        num_batches_tracked=counter_after,
+    )
+    y, grads = forward_backward(fast, x, grad_out)
+    y_ref, grads_ref = forward_backward(ref, x, grad_out)
+
+    assert y.dtype == x.dtype, f"{label}: output dtype {y.dtype} != input dtype {x.dtype}"
+    assert y.stride() == torch.empty_like(x).stride(), f"{label}: output strides {y.stride()}"
+    assert_close_to_truth(f"{label} output", y, truth["y"], y_ref)
+    for name, grad_truth in grads_truth(truth, grad_out).items():
+        leaf_dtype = x.dtype if name == "x" else getattr(fast, name).dtype
+        assert grads[name].dtype == leaf_dtype, f"{label}: grad {name} dtype {grads[name].dtype}"
+        assert_close_to_truth(f"{label} grad {name}", grads[name], grad_truth, grads_ref[name])
+    for name in ("running_mean", "running_var"):
+        if truth[name] is None:
+            assert getattr(fast, name) is None, f"{label}: {name} appeared"
+        else:
+            assert_close_to_truth(
+                f"{label} {name}", getattr(fast, name), truth[name], getattr(ref, name)
+            )
+    if counter is not None:
+        assert int(fast.num_batches_tracked) == counter_after == int(ref.num_batches_tracked), (
+            f"{label}: num_batches_tracked {int(fast.num_batches_tracked)}, expected "
+            f"{counter_after} (torch: {int(ref.num_batches_tracked)})"
+        )
+
+
+def assert_train_then_eval_matches_truth(fast, ref, shape, dtype, device, channels_last=False):
+    """STEPS training calls, then one eval call, each held against the truth."""
+    def inputs(seed):
+        x = make_input(shape, dtype, seed=seed, channels_last=channels_last, device=device)
+        grad_out = make_input(
+            shape, dtype, seed=seed + 1000, channels_last=channels_last, device=device
+        )
+        return x, grad_out
+
+    fast.train()
+    ref.train()
+    for step in range(STEPS):
+        assert_call_matches_truth(f"train step {step}", fast, ref, *inputs(step), training=True)
+    fast.eval()
+    ref.eval()
+    assert_call_matches_truth("eval", fast, ref, *inputs(STEPS), training=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Parity with torch's modules against the float64 truth
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_batchnorm2d_matches_truth_in_each_dtype_and_memory_format(
+    backend, device, dtype, channels_last
+):
+    fast, ref = make_pair(fastbn.BatchNorm2d, 3, device, parameter_dtype(dtype))
+    assert_train_then_eval_matches_truth(fast, ref, (4, 3, 5, 6), dtype, device, channels_last)
+
+
+RANK_CASES = [
+    (fastbn.BatchNorm1d, (6, 3), False),
+    (fastbn.BatchNorm1d, (4, 3, 7), False),
+    (fastbn.BatchNorm1d, (4, 3, 7), True),
+    (fastbn.BatchNorm3d, (2, 3, 3, 4, 5), False),
+    (fastbn.BatchNorm3d, (2, 3, 3, 4, 5), True),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize(
+    "fast_class, shape, channels_last", RANK_CASES,
+    ids=["1d-NC", "1d-NCL", "1d-NCL-channels_last", "3d-NCDHW", "3d-channels_last_3d"],
+)
+def test_batchnorm1d_and_3d_match_truth_in_each_layout(
+    backend, device, fast_class, shape, channels_last, dtype
+):
+    fast, ref = make_pair(fast_class, shape[1], device, parameter_dtype(dtype))
+    assert_train_then_eval_matches_truth(fast, ref, shape, dtype, device, channels_last)
+
+
+@pytest.mark.parametrize("track_running_stats", [True, False], ids=["tracked", "untracked"])
+@pytest.mark.parametrize(
+    "affine, bias", [(True, True), (True, False), (False, True)],
+    ids=["affine", "affine-bias_false", "not_affine"],
+)
+@pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum0.1", "momentum_none"])
+def test_batchnorm2d_matches_truth_for_each_option(
+    backend, device, momentum, affine, bias, track_running_stats
+):
+    fast, ref = make_pair(
+        fastbn.BatchNorm2d, 3, device, momentum=momentum, affine=affine, bias=bias,
+        track_running_stats=track_running_stats,
+    )
+    assert_train_then_eval_matches_truth(fast, ref, (3, 3, 4, 5), torch.float32, device)
+
+
+ODD_SHAPES = [
+    (fastbn.BatchNorm1d, (2, 1)),  # C = 1, N = 2
+    (fastbn.BatchNorm1d, (5, 7)),
+    (fastbn.BatchNorm1d, (2, 3, 1)),  # S = 1
+    (fastbn.BatchNorm1d, (5, 7, 11)),
+    (fastbn.BatchNorm2d, (2, 1, 3, 3)),
+    (fastbn.BatchNorm2d, (5, 7, 3, 11)),
+    (fastbn.BatchNorm2d, (2, 3, 1, 1)),
+    (fastbn.BatchNorm2d, (1, 3, 2, 1)),  # N = 1, S = 2
+    (fastbn.BatchNorm3d, (2, 1, 1, 1, 1)),
+    (fastbn.BatchNorm3d, (3, 5, 1, 3, 1)),
+    (fastbn.BatchNorm3d, (2, 3, 5, 3, 7)),
+]
+
+
+def odd_cases():
+    """Each odd shape in each layout; float64 where a channel holds only two values."""
+    for cls, shape in ODD_SHAPES:
+        dtype = torch.float64 if shape[0] * math.prod(shape[2:]) == 2 else torch.float32
+        for channels_last in (False, True) if len(shape) > 2 else (False,):
+            layout = "channels_last" if channels_last else "contiguous"
+            name = f"{'x'.join(map(str, shape))}-{layout}-{str(dtype)[6:]}"
+            yield pytest.param(cls, shape, channels_last, dtype, id=name)
+
+
+@pytest.mark.parametrize("fast_class, shape, channels_last, dtype", list(odd_cases()))
+def test_odd_shapes_match_truth(backend, device, fast_class, shape, channels_last, dtype):
+    """Shapes whose channels hold two values run in float64: two values normalize to +-1
+    whatever they are, so the input gradient is pure cancellation of size eps / var, below
+    what float32 resolves (torch's own float32 error exceeds the table there too)."""
+    fast, ref = make_pair(fast_class, shape[1], device, dtype)
+    assert_train_then_eval_matches_truth(fast, ref, shape, dtype, device, channels_last)
+
+
+# ---------------------------------------------------------------------------------------------
+# Semantics, one at a time
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "shape", [(2, 3, 4), (2, 3, 4, 5), (2, 3, 2, 3, 4)], ids=["3d", "4d", "5d"]
+)
+def test_output_and_input_grad_keep_channels_last_memory_format(backend, device, shape):
+    module = {3: fastbn.BatchNorm1d, 4: fastbn.BatchNorm2d, 5: fastbn.BatchNorm3d}[len(shape)]
+    x = make_input(shape, channels_last=True, device=device).requires_grad_(True)
+    y = module(shape[1], device=device)(x)
+    y.backward(torch.ones_like(y))
+    expected = torch.empty_like(x).stride()
+    assert y.stride() == expected
+    assert x.grad.stride() == expected
+    if len(shape) == 4:
+        assert y.is_contiguous(memory_format=torch.channels_last)
+    if len(shape) == 5:
+        assert y.is_contiguous(memory_format=torch.channels_last_3d)
+
+
+def test_momentum_none_is_cumulative_average(backend, device):
+    module = fastbn.BatchNorm2d(3, momentum=None, device=device)
+    batches = [make_input((4, 3, 3, 3), seed=s, spread=1 + s, device=device) for s in range(3)]
+    for x in batches:
+        module(x)
+    stacked = torch.stack([x.double().cpu() for x in batches])
+    expected_mean = stacked.mean(dim=(0, 1, 3, 4))
+    expected_var = torch.stack([x.var(dim=(0, 2, 3)) for x in stacked]).mean(0)
+    assert int(module.num_batches_tracked) == 3
+    assert_close_to_truth("running_mean", module.running_mean, expected_mean)
+    assert_close_to_truth("running_var", module.running_var, expected_var)
+
+
+def test_running_var_takes_unbiased_batch_variance(backend, device):
+    module = fastbn.BatchNorm2d(3, momentum=1.0, device=device)
+    x = make_input((2, 3, 2, 2), spread=2.0, device=device)
+    module(x)
+    assert_close_to_truth("running_var", module.running_var, x.double().cpu().var(dim=(0, 2, 3)))
+
+
+def test_eval_leaves_running_stats_and_counter_unchanged(backend, device):
+    module, _ = make_pair(fastbn.BatchNorm2d, 3, device)
+    before = state_before(module)
+    module.eval()
+    module(make_input((4, 3, 2, 2), device=device))
+    names = ("running_mean", "running_var", "num_batches_tracked")
+    for name, old in zip(names, before, strict=True):
+        assert torch.equal(getattr(module, name), old), f"{name} changed in eval"
+
+
+def test_untracked_module_normalizes_with_batch_statistics_in_eval(backend, device):
+    module = fastbn.BatchNorm2d(3, track_running_stats=False, device=device).eval()
+    x = make_input((4, 3, 2, 2), spread=3.0, offset=5.0, device=device)
+    truth = batch_norm_truth(x, None, None, module.weight, module.bias, training=True)
+    assert module.running_mean is None and module.num_batches_tracked is None
+    assert_close_to_truth("output", module(x), truth["y"])
+
+
+@pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum0.1", "momentum_none"])
+@pytest.mark.parametrize(
+    "fast_class, shape, channels_last",
+    [
+        (fastbn.BatchNorm1d, (0, 3), False),
+        (fastbn.BatchNorm2d, (0, 3, 4, 4), False),
+        (fastbn.BatchNorm2d, (0, 3, 4, 4), True),
+    ],
+    ids=["1d", "2d", "2d-channels_last"],
+)
+def test_zero_size_batch_behaves_like_torch(
+    backend, device, fast_class, shape, channels_last, momentum
+):
+    """N = 0: empty output, running stats unchanged, counter incremented, zero param grads."""
+    fast, ref = make_pair(fast_class, shape[1], device, momentum=momentum)
+    before = state_before(fast)
+    x = make_input(shape, channels_last=channels_last, device=device)
+    grad_out = torch.empty_like(x)
+    y, grads = forward_backward(fast, x, grad_out)
+    y_ref, grads_ref = forward_backward(ref, x, grad_out)
+    assert y.shape == x.shape and y.stride() == torch.empty_like(x).stride()
+    assert torch.equal(fast.running_mean, before[0]) and torch.equal(fast.running_var, before[1])
+    assert int(fast.num_batches_tracked) == int(before[2]) + 1 == int(ref.num_batches_tracked)
+    for name in ("weight", "bias"):
+        assert torch.equal(grads[name], torch.zeros_like(grads[name]))
+        assert torch.equal(grads[name], grads_ref[name])
+    assert grads["x"].shape == x.shape
+
+
+def test_zero_size_batch_in_eval_gives_empty_output(backend, device):
+    module = fastbn.BatchNorm2d(3, device=device).eval()
+    x = make_input((0, 3, 2, 2), device=device)
+    assert module(x).shape == (0, 3, 2, 2)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("activation", ACTIVATIONS, ids=str)
+def test_residual_and_activation_match_truth(backend, device, activation, mode):
+    """m(x, residual=z) = activation(BN(x) + z); pre-activations kept 1e-3 away from kinks."""
+    shape = (4, 3, 3, 5)
+    training = mode == "train"
+    for seed in range(100):  # the first draw whose pre-activations avoid every kink
+        fast, ref = make_pair(
+            fastbn.BatchNorm2d, 3, device, seed=seed,
+            fast_options={"activation": activation, "negative_slope": 0.2},
+        )
+        x = make_input(shape, seed=seed, spread=2.0, device=device)
+        residual = make_input(shape, seed=seed + 500, device=device)
+        pre = batch_norm_truth(
+            x, fast.running_mean, fast.running_var, fast.weight, fast.bias, training,
+            residual=residual,
+        )["y"]
+        if kink_distance(pre, activation) > 1e-3:
+            break
+    else:
+        pytest.fail("no seed gave pre-activations 1e-3 away from the kinks")
+    fast.train(training)
+    ref.train(training)
+    grad_out = make_input(shape, seed=seed + 1000, device=device)
+    truth = batch_norm_truth(
+        x, fast.running_mean, fast.running_var, fast.weight, fast.bias, training,
+        residual=residual, activation=activation, negative_slope=0.2,
+        num_batches_tracked=int(fast.num_batches_tracked) + int(training),
+    )
+    leaves = {
+        "x": x.clone().requires_grad_(True), "residual": residual.clone().requires_grad_(True)
+    }
+    y = fast(leaves["x"], residual=leaves["residual"])
+    y.backward(grad_out)
+    x_ref = x.clone().requires_grad_(True)
+    z_ref = residual.clone().requires_grad_(True)
+    y_ref = activation64(ref(x_ref) + z_ref, activation, 0.2)
+    y_ref.backward(grad_out)
+    assert_close_to_truth("output", y, truth["y"], y_ref)
+    expected = grads_truth(truth, grad_out)
+    actual = {**{k: v.grad for k, v in leaves.items()}, "weight": fast.weight.grad,
+              "bias": fast.bias.grad}
+    torch_grads = {"x": x_ref.grad, "residual": z_ref.grad, "weight": ref.weight.grad,
+                   "bias": ref.bias.grad}
+    for name, grad_truth in expected.items():
+        assert_close_to_truth(f"grad {name}", actual[name], grad_truth, torch_grads[name])
+    assert_close_to_truth("running_mean", fast.running_mean, truth["running_mean"])
+
+
+@pytest.mark.parametrize(
+    "convert, dtype",
+    [
+        (lambda m: m.to(torch.float64), torch.float64),
+        (lambda m: m.double(), torch.float64),
+        (lambda m: m.to(torch.bfloat16), torch.bfloat16),
+    ],
+    ids=["to_float64", "double", "to_bfloat16"],
+)
+def test_dtype_conversion_converts_state_and_module_still_matches_truth(
+    backend, device, convert, dtype
+):
+    fast, ref = make_pair(fastbn.BatchNorm2d, 3, device)
+    convert(fast)
+    convert(ref)
+    for name, tensor in fast.state_dict().items():
+        expected = torch.long if name == "num_batches_tracked" else dtype
+        assert tensor.dtype == expected, f"{name} is {tensor.dtype}"
+    assert_train_then_eval_matches_truth(fast, ref, (3, 3, 4, 5), dtype, device)
+
+
+# ---------------------------------------------------------------------------------------------
+# The nn.Module contract: class, state_dict, resets, repr, hooks
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fast_class", list(TORCH_CLASS), ids=lambda c: c.__name__)
+def test_module_is_an_instance_of_torchs_class(fast_class):
+    assert isinstance(fast_class(3), TORCH_CLASS[fast_class])
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"bias": False}, {"affine": False}, {"track_running_stats": False}],
+    ids=["default", "bias_false", "not_affine", "untracked"],
+)
+def test_state_dict_has_torchs_keys(options):
+    fast = fastbn.BatchNorm2d(3, **options)
+    ref = torch.nn.BatchNorm2d(3, **options)
+    assert list(fast.state_dict()) == list(ref.state_dict())
+
+
+def trained_pair(device):
+    """A fastbn module trained two steps, and a torch module with fresh default state."""
+    fast = fastbn.BatchNorm2d(3, device=device)
+    randomize_(fast, seed=1)
+    for seed in range(2):
+        fast(make_input((2, 3, 2, 2), seed=seed, device=device))
+    return fast, torch.nn.BatchNorm2d(3, device=device)
+
+
+def test_fastbn_state_dict_loads_strictly_into_torch_module(backend, device):
+    fast, ref = trained_pair(device)
+    ref.load_state_dict(fast.state_dict(), strict=True)
+    for name, tensor in fast.state_dict().items():
+        assert torch.equal(ref.state_dict()[name], tensor), f"{name} not preserved"
+
+
+def test_torch_state_dict_loads_strictly_into_fastbn_module(backend, device):
+    trained, _ = trained_pair(device)
+    ref = torch.nn.BatchNorm2d(3, device=device)
+    ref.load_state_dict(trained.state_dict())
+    fast = fastbn.BatchNorm2d(3, device=device)
+    fast.load_state_dict(ref.state_dict(), strict=True)
+    for name, tensor in ref.state_dict().items():
+        assert torch.equal(fast.state_dict()[name], tensor), f"{name} not preserved"
+
+
+def test_reset_running_stats_restores_initial_statistics_only(backend, device):
+    fast, _ = trained_pair(device)
+    weight = fast.weight.detach().clone()
+    fast.reset_running_stats()
+    assert torch.equal(fast.running_mean, torch.zeros(3, device=device))
+    assert torch.equal(fast.running_var, torch.ones(3, device=device))
+    assert int(fast.num_batches_tracked) == 0
+    assert torch.equal(fast.weight, weight)
+
+
+def test_reset_parameters_restores_initial_parameters_and_statistics(backend, device):
+    fast, fresh = trained_pair(device)
+    fast.reset_parameters()
+    for name, tensor in fresh.state_dict().items():
+        assert torch.equal(fast.state_dict()[name], tensor), f"{name} not reset"
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"momentum": None, "eps": 1e-3}, {"affine": False, "track_running_stats": False},
+     {"bias": False}],
+    ids=["default", "momentum_none", "plain", "bias_false"],
+)
+def test_repr_without_activation_equals_torchs(options):
+    assert repr(fastbn.BatchNorm2d(4, **options)) == repr(torch.nn.BatchNorm2d(4, **options))
+
+
+def test_repr_shows_activation():
+    assert "activation=silu" in repr(fastbn.BatchNorm2d(4, activation="silu"))
+
+
+def test_repr_shows_negative_slope_of_leaky_relu():
+    text = repr(fastbn.BatchNorm1d(4, activation="leaky_relu", negative_slope=0.2))
+    assert "activation=leaky_relu" in text and "negative_slope=0.2" in text
+
+
+def test_unknown_activation_is_rejected_at_construction():
+    with pytest.raises(ValueError, match="activation"):
+        fastbn.BatchNorm2d(3, activation="gelu")
+
+
+@pytest.mark.parametrize("num_dims", [2, 3, 4, 5])
+def test_generic_batchnorm_matches_truth_on_its_rank(backend, device, num_dims):
+    module = fastbn.BatchNorm(3, num_dims, device=device)
+    x = make_input((2, 3, 2, 3, 2)[:num_dims], device=device)
+    truth = batch_norm_truth(x, module.running_mean, module.running_var, module.weight,
+                             module.bias, training=True)
+    assert_close_to_truth("output", module(x), truth["y"])
+
+
+@pytest.mark.parametrize("rank_offset", [-1, 1], ids=["rank_below", "rank_above"])
+@pytest.mark.parametrize("num_dims", [2, 3, 4, 5])
+def test_generic_batchnorm_rejects_other_ranks(backend, device, num_dims, rank_offset):
+    module = fastbn.BatchNorm(3, num_dims, device=device)
+    x = torch.randn((2, 3, 2, 2, 2, 2)[: num_dims + rank_offset], device=device)
+    with pytest.raises(ValueError, match=f"expected {num_dims}D input"):
+        module(x)
+
+
+@pytest.mark.parametrize("num_dims", [0, 1, 6, 2.0, "4"], ids=repr)
+def test_generic_batchnorm_rejects_num_dims_outside_2_to_5(num_dims):
+    with pytest.raises(ValueError, match="num_dims"):
+        fastbn.BatchNorm(3, num_dims)
+
+
+def hook_events(module_class, device, register):
+    """The hook calls one forward and backward of module_class(3) records (via register)."""
+    module = module_class(3, device=device)
+    events = []
+    register(module, events)
+    x = make_input((2, 3, 2, 2), device=device).requires_grad_(True)
+    module(x).sum().backward()
+    return events
+
+
+def describe(value):
+    """Hook arguments as comparable data: tensors by shape and dtype."""
+    if isinstance(value, torch.Tensor):
+        return ("tensor", tuple(value.shape), value.dtype)
+    if isinstance(value, (tuple, list)):
+        return tuple(describe(v) for v in value)
+    return value
+
+
+HOOKS = {
+    "forward_pre": lambda m, log: m.register_forward_pre_hook(
+        lambda mod, args: log.append(("pre", type(mod).__name__, describe(args)))
+    ),
+    "forward": lambda m, log: m.register_forward_hook(
+        lambda mod, args, out: log.append(("forward", describe(args), describe(out)))
+    ),
+    "full_backward": lambda m, log: m.register_full_backward_hook(
+        lambda mod, grad_in, grad_out: log.append(
+            ("backward", describe(grad_in), describe(grad_out))
+        )
+    ),
+}
+
+
+@pytest.mark.parametrize("hook", list(HOOKS))
+def test_hook_fires_as_for_torchs_module(backend, device, hook):
+    fast_events = hook_events(fastbn.BatchNorm2d, device, HOOKS[hook])
+    torch_events = hook_events(torch.nn.BatchNorm2d, device, HOOKS[hook])
+    assert len(fast_events) == 1
+    assert fast_events == torch_events
+
+
+def test_forward_pre_hook_can_replace_the_input(backend, device):
+    module = fastbn.BatchNorm2d(3, device=device)
+    module.register_forward_pre_hook(lambda mod, args: (args[0] * 2 + 1,))
+    x = make_input((2, 3, 2, 2), device=device)
+    truth = batch_norm_truth(x * 2 + 1, None, None, module.weight, module.bias, training=True)
+    assert_close_to_truth("output", module(x), truth["y"])
+
+
+def test_full_backward_hook_sees_the_input_gradient(backend, device):
+    module = fastbn.BatchNorm2d(3, device=device)
+    seen = []
+    module.register_full_backward_hook(lambda mod, grad_in, grad_out: seen.append(grad_in[0]))
+    x = make_input((2, 3, 2, 2), device=device).requires_grad_(True)
+    module(x).pow(2).sum().backward()
+    assert len(seen) == 1 and torch.equal(seen[0], x.grad)

@@ -1,6 +1,7 @@
 """fastbn: fused BatchNorm for PyTorch (Triton kernels on CUDA, a PyTorch path elsewhere)."""
 
 from fastbn.backend import use_backend
+from fastbn.convert import convert
 from fastbn.functional import batch_norm
 from fastbn.modules import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
 
@@ -10,6 +11,7 @@ __all__ = [
     "BatchNorm2d",
     "BatchNorm3d",
     "batch_norm",
+    "convert",
     "use_backend",
 ]
 

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from fastbn import ops
 from fastbn.backend import resolve_backend
-from fastbn.reference import ACTIVATIONS, reduced_count
+from fastbn.reference import ACTIVATIONS, SIGN_ACTIVATIONS, reduced_count
 
 _FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -62,10 +62,19 @@ def batch_norm(
         )
     else:
         mean, var = running_mean, running_var
-    return ops.normalize(
-        input, mean, var, weight, bias, residual, eps, training, activation_name,
-        negative_slope, backend,
+    # relu-family activations with a residual keep a bit mask for the backward instead of
+    # the residual, when a backward can follow.
+    save_mask = (
+        activation_name in SIGN_ACTIVATIONS
+        and residual is not None
+        and torch.is_grad_enabled()
+        and any(t is not None and t.requires_grad for t in (input, weight, bias, residual))
     )
+    output, _ = ops.normalize(
+        input, mean, var, weight, bias, residual, eps, training, activation_name,
+        negative_slope, save_mask, backend,
+    )
+    return output
 
 
 def _check_call(

@@ -26,7 +26,13 @@ from triton.runtime.interpreter import InterpretedFunction
 
 from fastbn.kernels import backward as backward_kernels
 from fastbn.kernels import forward as forward_kernels
-from fastbn.reference import STATS_DTYPE, compute_dtype, reduced_count, unbiasing_factor
+from fastbn.reference import (
+    STATS_DTYPE,
+    compute_dtype,
+    mask_shape,
+    reduced_count,
+    unbiasing_factor,
+)
 
 ACTIVATION_CODES = {"none": 0, "relu": 1, "relu6": 2, "leaky_relu": 3, "silu": 4, "hardswish": 5}
 
@@ -140,15 +146,28 @@ def fits_view(t: Tensor) -> bool:
     return _spatial_stride(t) is not None
 
 
-def plan_view(tensors: list[Tensor]) -> View:
-    """The view shared by same-shaped tensors that all fit_view: folded when all allow it."""
+def plan_view(tensors: list[Tensor], activation_mask: bool = False) -> View:
+    """The view shared by same-shaped tensors that all fit_view: folded when all allow it.
+
+    With an activation mask the view must match the mask's packing (reference.mask_shape):
+    unfolded [N, C, S], except 2-D input, which is always folded into [1, C, N].
+    """
     x = tensors[0]
     n = x.shape[0]
     positions = reduced_count(x) // n if n else 0
-    folded = n == 1 or all(_view_strides(t, True) is not None for t in tensors)
+    if activation_mask:
+        folded = x.dim() == 2
+    else:
+        folded = n == 1 or all(_view_strides(t, True) is not None for t in tensors)
     if folded:
         return View(1, x.shape[1], n * positions, True)
     return View(n, x.shape[1], positions, False)
+
+
+def mask_strides(view: View) -> tuple[int, int]:
+    """(stride_n, stride_c) of the contiguous [rows, C, cdiv(S, 8)] uint8 activation mask."""
+    bytes_per_row = triton.cdiv(view.positions, 8)
+    return view.channels * bytes_per_row, bytes_per_row
 
 
 def readable(t: Tensor | None) -> Tensor | None:
@@ -198,15 +217,17 @@ def _power_of_two_at_most(value: int, limit: int) -> int:
     return min(triton.next_power_of_2(max(value, 1)), limit)
 
 
-def tiling(view: View, stride_s: int, elements: int, per_thread: int) -> Tiling:
+def tiling(view: View, stride_s: int, elements: int, per_thread: int,
+           min_block_s: int = 1) -> Tiling:
     """Tiles of at most ``elements`` values, the long side on x's contiguous axis, with
-    warps for ``per_thread`` values per thread."""
+    warps for ``per_thread`` values per thread; at least ``min_block_s`` positions long."""
     if stride_s == 1 and view.positions > 1:
         block_s = _power_of_two_at_most(view.positions, min(MAX_BLOCK_S, elements))
         block_c = _power_of_two_at_most(view.channels, max(elements // block_s, 1))
     else:
         block_c = _power_of_two_at_most(view.channels, min(MAX_BLOCK_C, elements))
         block_s = _power_of_two_at_most(view.positions, max(elements // block_c, 1))
+    block_s = max(block_s, min_block_s)
     tiles_per_n = triton.cdiv(view.positions, block_s)
     return Tiling(
         block_s=block_s,
@@ -222,8 +243,10 @@ def reduction_tiling(view: View, stride_s: int, dtype: torch.dtype) -> Tiling:
     return tiling(view, stride_s, *_register_budget(REDUCTION_TILE_ELEMENTS, dtype))
 
 
-def elementwise_tiling(view: View, stride_s: int, dtype: torch.dtype) -> Tiling:
-    return tiling(view, stride_s, *_register_budget(ELEMENTWISE_TILE_ELEMENTS, dtype))
+def elementwise_tiling(view: View, stride_s: int, dtype: torch.dtype,
+                       min_block_s: int = 1) -> Tiling:
+    return tiling(view, stride_s, *_register_budget(ELEMENTWISE_TILE_ELEMENTS, dtype),
+                  min_block_s)
 
 
 def _register_budget(elements: int, dtype: torch.dtype) -> tuple[int, int]:
@@ -329,30 +352,36 @@ def normalize(
     eps: float,
     activation: str,
     negative_slope: float,
-) -> Tensor:
-    """y = act((x - mean) / sqrt(var + eps) * weight + bias + residual), x's dtype and format."""
+    save_mask: bool,
+) -> tuple[Tensor, Tensor]:
+    """y = act((x - mean) / sqrt(var + eps) * weight + bias + residual), x's dtype and format,
+    and the packed activation mask when ``save_mask`` (else an empty uint8 tensor)."""
     out = torch.empty_like(x)
+    activation_mask = x.new_empty(mask_shape(x) if save_mask else (0,), dtype=torch.uint8)
     if x.numel() == 0:
-        return out
+        return out, activation_mask.zero_()
     x, residual = readable(x), readable(residual)
     y = writable(out)
     tensors = [x, y] + ([residual] if residual is not None else [])
-    view = plan_view(tensors)
+    view = plan_view(tensors, activation_mask=save_mask)
     x_strides = view.strides(x)
-    tiles = elementwise_tiling(view, x_strides[2], x.dtype)
+    # The mask packs 8 positions per byte, so tiles hold whole bytes of it.
+    tiles = elementwise_tiling(view, x_strides[2], x.dtype, min_block_s=8 if save_mask else 1)
     forward_kernels.normalize_kernel[(tiles.num_tiles, tiles.channel_blocks)](
         x, y, x if residual is None else residual,
         per_channel(mean), per_channel(var), _or(per_channel(weight), x), _or(per_channel(bias), x),
+        activation_mask if save_mask else x,
         view.channels, view.positions,
         *x_strides, *view.strides(y), *(x_strides if residual is None else view.strides(residual)),
+        *mask_strides(view),
         tiles.tiles_per_n, eps, negative_slope,
         BLOCK_S=tiles.block_s, BLOCK_C=tiles.block_c, COMPUTE_DTYPE=kernel_compute_dtype(x.dtype),
         HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
         HAS_RESIDUAL=residual is not None, ACTIVATION=ACTIVATION_CODES[activation],
-        USE_INT64=needs_int64(tensors), num_warps=tiles.num_warps,
+        WRITE_MASK=save_mask, USE_INT64=needs_int64(tensors), num_warps=tiles.num_warps,
     )
     copy_back(y, out)
-    return out
+    return out, activation_mask
 
 
 def _or(t: Tensor | None, placeholder: Tensor) -> Tensor:
@@ -371,6 +400,7 @@ def normalize_backward(
     weight: Tensor | None,
     bias: Tensor | None,
     residual: Tensor | None,
+    activation_mask: Tensor | None,
     eps: float,
     batch_stats: bool,
     activation: str,
@@ -378,38 +408,43 @@ def normalize_backward(
     output_mask: list[bool],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients (d input, d weight, d bias, d residual) of ``normalize``; see the kernels'
-    module docstring for the formulas. Unrequested gradients come back empty."""
+    module docstring for the formulas. Unrequested gradients come back empty; d residual
+    comes in the residual's format, or x's when the activation mask stood in for it."""
     acc = compute_dtype(x.dtype)
     channels = x.shape[1]
     want_input = output_mask[0]
     want_weight = output_mask[1] and weight is not None
     want_bias = output_mask[2] and bias is not None
-    want_residual = output_mask[3] and residual is not None
+    want_residual = output_mask[3]
     # Custom-op outputs must not alias each other: a fresh empty tensor for each.
     grad_input = torch.empty_like(x) if want_input else x.new_empty(0)
     grad_weight = torch.zeros_like(weight) if want_weight else x.new_empty(0)
     grad_bias = torch.zeros_like(bias) if want_bias else x.new_empty(0)
-    grad_residual = torch.empty_like(residual) if want_residual else x.new_empty(0)
+    grad_residual = (torch.empty_like(x if residual is None else residual) if want_residual
+                     else x.new_empty(0))
     if x.numel() == 0:
         return grad_input, grad_weight, grad_bias, grad_residual
 
-    # The residual matters to the gradients only through the activation's derivative.
-    residual_read = readable(residual) if activation != "none" else None
+    # The residual matters to the gradients only through the activation's derivative, and
+    # not at all when the mask records that derivative.
+    use_mask = activation_mask is not None
+    residual_read = readable(residual) if activation != "none" and not use_mask else None
     x, grad_out = readable(x), readable(grad_out)
     gi = writable(grad_input) if want_input else x
     gr = writable(grad_residual) if want_residual else x
     tensors = [x, grad_out] + [t for t, used in ((residual_read, residual_read is not None),
                                                   (gi, want_input), (gr, want_residual)) if used]
-    view = plan_view(tensors)
+    view = plan_view(tensors, activation_mask=use_mask)
     x_strides, g_strides = view.strides(x), view.strides(grad_out)
     r_strides = x_strides if residual_read is None else view.strides(residual_read)
     mean, var = per_channel(mean), per_channel(var)
     weight_v, bias_v = _or(per_channel(weight), x), _or(per_channel(bias), x)
+    mask_v = activation_mask if use_mask else x
     flags = dict(
         COMPUTE_DTYPE=kernel_compute_dtype(x.dtype),
         HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
         HAS_RESIDUAL=residual_read is not None, ACTIVATION=ACTIVATION_CODES[activation],
-        USE_INT64=needs_int64(tensors),
+        USE_MASK=use_mask, USE_INT64=needs_int64(tensors),
     )
     count = reduced_count(x)
     sums = torch.empty((2, channels), dtype=acc, device=x.device)
@@ -421,9 +456,9 @@ def normalize_backward(
                                                        device=x.device)
         parameter_grads = dict(WRITE_GRAD_WEIGHT=want_weight, WRITE_GRAD_BIAS=want_bias)
         backward_kernels.partial_grad_sums_kernel[(chunks, tiles.channel_blocks)](
-            grad_out, x, _or(residual_read, x), mean, var, weight_v, bias_v,
+            grad_out, x, _or(residual_read, x), mean, var, weight_v, bias_v, mask_v,
             partial, sums, _or_empty(grad_weight, x), _or_empty(grad_bias, x),
-            channels, view.positions, *g_strides, *x_strides, *r_strides,
+            channels, view.positions, *g_strides, *x_strides, *r_strides, *mask_strides(view),
             tiles.tiles_per_n, tiles.num_tiles, per_chunk, eps, negative_slope,
             BLOCK_S=tiles.block_s, BLOCK_C=tiles.block_c, FINALIZE=chunks == 1,
             num_warps=tiles.num_warps, **flags, **parameter_grads,
@@ -441,10 +476,11 @@ def normalize_backward(
         tiles = elementwise_tiling(view, x_strides[2], x.dtype)
         backward_kernels.grad_input_kernel[(tiles.num_tiles, tiles.channel_blocks)](
             grad_out, x, _or(residual_read, x), gi, gr,
-            mean, var, weight_v, bias_v, sums,
+            mean, var, weight_v, bias_v, mask_v, sums,
             channels, view.positions, *g_strides, *x_strides, *r_strides,
             *(view.strides(gi) if want_input else x_strides),
             *(view.strides(gr) if want_residual else x_strides),
+            *mask_strides(view),
             tiles.tiles_per_n, eps, negative_slope, 1.0 / count,
             BLOCK_S=tiles.block_s, BLOCK_C=tiles.block_c, BATCH_STATS=batch_stats,
             WRITE_GRAD_INPUT=want_input, WRITE_GRAD_RESIDUAL=want_residual,

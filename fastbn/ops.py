@@ -8,11 +8,13 @@ Three ops, each dispatching on its ``backend`` argument ("torch" -> ``fastbn.ref
     the running-statistics update in place. Callers pass ``x.detach()``.
 
 ``fastbn::normalize(x, mean, var, weight?, bias?, residual?, eps, batch_stats, ...)``
-    -> y = act((x - mean) / sqrt(var + eps) * weight + bias + residual). Differentiable.
-    ``batch_stats=True`` says mean and var are x's own batch statistics (training), so the
-    backward differentiates through them; False says they are constants (running stats).
+    -> (y = act((x - mean) / sqrt(var + eps) * weight + bias + residual), activation mask).
+    Differentiable in y. ``batch_stats=True`` says mean and var are x's own batch statistics
+    (training), so the backward differentiates through them; False says they are constants
+    (running stats). With ``save_mask`` it also returns the packed bits of a relu-family
+    derivative, which the backward keeps instead of the residual.
 
-``fastbn::normalize_backward(grad_out, x, mean, var, ..., output_mask)``
+``fastbn::normalize_backward(grad_out, x, mean, var, ..., activation_mask?, output_mask)``
     -> (d input, d weight, d bias, d residual), each empty when the mask does not ask for it.
     Differentiable again (double backward), by differentiating the PyTorch formulas of
     ``fastbn.reference.normalize_backward`` with torch.func.vjp.
@@ -83,22 +85,34 @@ def normalize(
     batch_stats: bool,
     activation: str,
     negative_slope: float,
+    save_mask: bool,
     backend: str,
-) -> Tensor:
+) -> tuple[Tensor, Tensor]:
     return implementation(backend).normalize(
-        x, mean, var, weight, bias, residual, eps, activation, negative_slope
+        x, mean, var, weight, bias, residual, eps, activation, negative_slope, save_mask
     )
 
 
 @normalize.register_fake
 def _normalize_fake(x, mean, var, weight, bias, residual, eps, batch_stats, activation,
-                    negative_slope, backend):
-    return torch.empty_like(x)
+                    negative_slope, save_mask, backend):
+    shape = reference.mask_shape(x) if save_mask else (0,)
+    return torch.empty_like(x), x.new_empty(shape, dtype=torch.uint8)
 
 
 def _normalize_setup_context(ctx, inputs, output):
-    x, mean, var, weight, bias, residual, eps, batch_stats, activation, slope, backend = inputs
-    ctx.save_for_backward(x, mean, var, weight, bias, residual)
+    """What the backward keeps: x, the statistics and the affine parameters, plus
+    - nothing more without an activation, or with one but no residual (u is recomputed);
+    - the packed activation mask (1 bit per element) for relu/relu6/leaky_relu with a
+      residual, which is then not kept;
+    - the residual for silu/hardswish with a residual (their derivative needs u)."""
+    (x, mean, var, weight, bias, residual, eps, batch_stats, activation, slope, save_mask,
+     backend) = inputs
+    activation_mask = output[1] if save_mask else None
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(x, mean, var, weight, bias,
+                          None if save_mask else residual, activation_mask)
+    ctx.has_residual = residual is not None
     ctx.eps = eps
     ctx.batch_stats = batch_stats
     ctx.activation = activation
@@ -106,20 +120,20 @@ def _normalize_setup_context(ctx, inputs, output):
     ctx.backend = backend
 
 
-def _normalize_grads(ctx, grad_out):
-    x, mean, var, weight, bias, residual = ctx.saved_tensors
+def _normalize_grads(ctx, grad_out, _grad_mask):
+    x, mean, var, weight, bias, residual, activation_mask = ctx.saved_tensors
     needs = ctx.needs_input_grad
-    mask = [needs[0], needs[3], needs[4], needs[5]]
+    mask = [needs[0], needs[3], needs[4], needs[5] and ctx.has_residual]
     grads = normalize_backward(
-        grad_out, x, mean, var, weight, bias, residual, ctx.eps, ctx.batch_stats,
-        ctx.activation, ctx.negative_slope, mask, ctx.backend,
+        grad_out, x, mean, var, weight, bias, residual, activation_mask, ctx.eps,
+        ctx.batch_stats, ctx.activation, ctx.negative_slope, mask, ctx.backend,
     )
     grad_input, grad_weight, grad_bias, grad_residual = (
         grad if wanted else None for grad, wanted in zip(grads, mask, strict=True)
     )
-    # One gradient per op argument: x, mean, var, weight, bias, residual, then five non-tensors.
+    # One gradient per op argument: x, mean, var, weight, bias, residual, then six non-tensors.
     return (grad_input, None, None, grad_weight, grad_bias, grad_residual,
-            None, None, None, None, None)
+            None, None, None, None, None, None)
 
 
 normalize.register_autograd(_normalize_grads, setup_context=_normalize_setup_context)
@@ -139,6 +153,7 @@ def normalize_backward(
     weight: Optional[Tensor],
     bias: Optional[Tensor],
     residual: Optional[Tensor],
+    activation_mask: Optional[Tensor],
     eps: float,
     batch_stats: bool,
     activation: str,
@@ -147,26 +162,28 @@ def normalize_backward(
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return implementation(backend).normalize_backward(
-        grad_out, x, mean, var, weight, bias, residual, eps, batch_stats, activation,
-        negative_slope, output_mask,
+        grad_out, x, mean, var, weight, bias, residual, activation_mask, eps, batch_stats,
+        activation, negative_slope, output_mask,
     )
 
 
 @normalize_backward.register_fake
-def _normalize_backward_fake(grad_out, x, mean, var, weight, bias, residual, eps, batch_stats,
-                             activation, negative_slope, output_mask, backend):
+def _normalize_backward_fake(grad_out, x, mean, var, weight, bias, residual, activation_mask,
+                             eps, batch_stats, activation, negative_slope, output_mask,
+                             backend):
     return (
         torch.empty_like(x) if output_mask[0] else x.new_empty(0),
         torch.empty_like(weight) if output_mask[1] and weight is not None else x.new_empty(0),
         torch.empty_like(bias) if output_mask[2] and bias is not None else x.new_empty(0),
-        torch.empty_like(residual) if output_mask[3] and residual is not None else x.new_empty(0),
+        torch.empty_like(x if residual is None else residual) if output_mask[3]
+        else x.new_empty(0),
     )
 
 
 def _normalize_backward_setup_context(ctx, inputs, output):
-    (grad_out, x, mean, var, weight, bias, residual, eps, batch_stats, activation, slope,
-     output_mask, backend) = inputs
-    ctx.save_for_backward(grad_out, x, mean, var, weight, bias, residual)
+    (grad_out, x, mean, var, weight, bias, residual, activation_mask, eps, batch_stats,
+     activation, slope, output_mask, backend) = inputs
+    ctx.save_for_backward(grad_out, x, mean, var, weight, bias, residual, activation_mask)
     ctx.eps = eps
     ctx.batch_stats = batch_stats
     ctx.activation = activation
@@ -179,9 +196,10 @@ def _normalize_backward_grads(ctx, grad_grad_input, grad_grad_weight, grad_grad_
     """Double backward: the vector-Jacobian product of reference.normalize_backward.
 
     With batch statistics the mean and variance are recomputed from x inside the function
-    being differentiated, so their dependence on x is part of the derivative.
+    being differentiated, so their dependence on x is part of the derivative. The
+    activation mask is a constant (the derivatives it encodes are piecewise constant).
     """
-    grad_out, x, mean, var, weight, bias, residual = ctx.saved_tensors
+    grad_out, x, mean, var, weight, bias, residual, activation_mask = ctx.saved_tensors
     names = ("grad_out", "x", "weight", "bias", "residual")
     present = {
         name: tensor
@@ -198,8 +216,8 @@ def _normalize_backward_grads(ctx, grad_grad_input, grad_grad_weight, grad_grad_
             batch_mean, batch_var = mean, var
         return reference.normalize_backward(
             args["grad_out"], args["x"], batch_mean, batch_var, args["weight"], args["bias"],
-            args["residual"], ctx.eps, ctx.batch_stats, ctx.activation, ctx.negative_slope,
-            ctx.output_mask,
+            args["residual"], activation_mask, ctx.eps, ctx.batch_stats, ctx.activation,
+            ctx.negative_slope, ctx.output_mask,
         )
 
     outputs, vjp = torch.func.vjp(first_backward, *present.values())
@@ -212,9 +230,11 @@ def _normalize_backward_grads(ctx, grad_grad_input, grad_grad_weight, grad_grad_
         )
     )
     grads = dict(zip(present, vjp(cotangents), strict=True))
+    # One gradient per op argument: grad_out, x, mean, var, weight, bias, residual,
+    # activation_mask, then six non-tensors.
     return (
         grads.get("grad_out"), grads.get("x"), None, None, grads.get("weight"),
-        grads.get("bias"), grads.get("residual"), None, None, None, None, None, None,
+        grads.get("bias"), grads.get("residual"), None, None, None, None, None, None, None,
     )
 
 

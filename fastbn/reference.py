@@ -162,14 +162,32 @@ def activation_forward(u: Tensor, activation: str, negative_slope: float) -> Ten
     raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
 
 
-def activation_derivative(u: Tensor, activation: str, negative_slope: float) -> Tensor:
-    """d act / du at u, with torch's conventions at the kinks (relu'(0) = 0, and so on)."""
-    if activation == "relu":
-        return (u > 0).to(u.dtype)
+SIGN_ACTIVATIONS = ("relu", "relu6", "leaky_relu")
+"""Activations whose derivative takes two values: 1, or else 0 (negative_slope for
+leaky_relu). One bit per element says which, so with a residual the forward saves a bit
+mask (see pack_bits) instead of the residual."""
+
+
+def derivative_is_one(u: Tensor, activation: str) -> Tensor:
+    """Where a SIGN_ACTIVATIONS activation has derivative 1 at u (torch's kink conventions:
+    relu'(0) = 0, relu6'(0) = relu6'(6) = 0, leaky_relu'(0) = negative_slope)."""
     if activation == "relu6":
-        return ((u > 0) & (u < 6.0)).to(u.dtype)
-    if activation == "leaky_relu":
-        return torch.where(u > 0, torch.ones_like(u), torch.full_like(u, negative_slope))
+        return (u > 0) & (u < 6.0)
+    return u > 0
+
+
+def derivative_from_bits(bits: Tensor, activation: str, negative_slope: float,
+                         dtype: torch.dtype) -> Tensor:
+    """A SIGN_ACTIVATIONS derivative from its derivative_is_one bits."""
+    otherwise = negative_slope if activation == "leaky_relu" else 0.0
+    return torch.where(bits, 1.0, otherwise).to(dtype)
+
+
+def activation_derivative(u: Tensor, activation: str, negative_slope: float) -> Tensor:
+    """d act / du at u."""
+    if activation in SIGN_ACTIVATIONS:
+        return derivative_from_bits(derivative_is_one(u, activation), activation,
+                                    negative_slope, u.dtype)
     if activation == "silu":
         sig = torch.sigmoid(u)
         return sig * (1.0 + u * (1.0 - sig))
@@ -177,6 +195,38 @@ def activation_derivative(u: Tensor, activation: str, negative_slope: float) -> 
         middle = u / 3.0 + 0.5
         return torch.where(u < -3.0, torch.zeros_like(u), torch.where(u <= 3.0, middle, 1.0))
     raise ValueError(f"activation {activation!r} has no derivative here")
+
+
+def mask_positions(t: Tensor) -> Tensor:
+    """The [rows, C, positions] view the activation mask is packed along: (N, C, S) with S the
+    flattened spatial dimensions, or (1, C, N) for 2-D input."""
+    if t.dim() == 2:
+        return t.t().unsqueeze(0)
+    return t.reshape(t.shape[0], t.shape[1], -1)
+
+
+def mask_shape(x: Tensor) -> tuple[int, int, int]:
+    """Shape of the uint8 activation mask of x: 8 positions per byte, bit j = position 8k + j."""
+    rows, channels, positions = mask_positions(x).shape
+    return rows, channels, -(-positions // 8)
+
+
+def pack_bits(bits: Tensor) -> Tensor:
+    """A boolean tensor shaped like x, packed into its uint8 activation mask."""
+    view = mask_positions(bits).to(torch.uint8)
+    padded = torch.nn.functional.pad(view, (0, -view.shape[-1] % 8))
+    groups = padded.reshape(*padded.shape[:2], -1, 8)
+    weights = torch.tensor([1 << j for j in range(8)], dtype=torch.uint8, device=bits.device)
+    return (groups * weights).sum(-1, dtype=torch.uint8)
+
+
+def unpack_bits(mask: Tensor, x: Tensor) -> Tensor:
+    """The boolean tensor shaped like x that ``pack_bits`` packed into mask."""
+    shifts = torch.arange(8, dtype=torch.uint8, device=mask.device)
+    bits = ((mask.unsqueeze(-1) >> shifts) & 1).bool().flatten(-2)
+    rows, channels, positions = mask_positions(x).shape
+    bits = bits[..., :positions]
+    return bits[0].t() if x.dim() == 2 else bits.reshape(x.shape)
 
 
 def channel_constants(
@@ -219,11 +269,17 @@ def normalize(
     eps: float,
     activation: str,
     negative_slope: float,
-) -> Tensor:
-    """y = act((x - mean) / sqrt(var + eps) * weight + bias + residual), in x's dtype and format."""
+    save_mask: bool,
+) -> tuple[Tensor, Tensor]:
+    """y = act((x - mean) / sqrt(var + eps) * weight + bias + residual), in x's dtype and format,
+    and, when ``save_mask``, the packed derivative_is_one bits of a SIGN_ACTIVATIONS
+    activation (else an empty uint8 tensor)."""
     hi, _, _, scale, shift = channel_constants(x, mean, var, weight, bias, eps)
     u = pre_activation(x, hi, scale, shift, residual)
-    return like_input(activation_forward(u, activation, negative_slope), x)
+    y = like_input(activation_forward(u, activation, negative_slope), x)
+    if save_mask:
+        return y, pack_bits(derivative_is_one(u, activation))
+    return y, x.new_empty(0, dtype=torch.uint8)
 
 
 def normalize_backward(
@@ -234,6 +290,7 @@ def normalize_backward(
     weight: Tensor | None,
     bias: Tensor | None,
     residual: Tensor | None,
+    activation_mask: Tensor | None,
     eps: float,
     batch_stats: bool,
     activation: str,
@@ -242,6 +299,8 @@ def normalize_backward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients (d input, d weight, d bias, d residual) of ``normalize``.
 
+    act'(u) comes from ``activation_mask`` when given (the forward's packed bits; the
+    residual is then not needed), else from u recomputed from x (and the residual).
     With g = grad_out * act'(u), x_hat = (x - mean) * invstd and sums over the M values of
     each channel:
         d weight   = sum(g * x_hat)          d bias = sum(g)          d residual = g
@@ -256,7 +315,10 @@ def normalize_backward(
         lo * invstd, x
     )
     g = grad_out.to(invstd.dtype)
-    if activation != "none":
+    if activation_mask is not None:
+        bits = unpack_bits(activation_mask, x)
+        g = g * derivative_from_bits(bits, activation, negative_slope, g.dtype)
+    elif activation != "none":
         u = pre_activation(x, hi, scale, shift, residual)
         g = g * activation_derivative(u, activation, negative_slope)
     sum_g = g.sum(dims)
@@ -278,8 +340,8 @@ def normalize_backward(
         grad_weight = sum_g_xhat.to(weight.dtype)
     if output_mask[2] and bias is not None:
         grad_bias = sum_g.to(bias.dtype)
-    if output_mask[3] and residual is not None:
-        grad_residual = like_input(g, residual)
+    if output_mask[3]:  # in the residual's format, or x's when the mask stood in for it
+        grad_residual = like_input(g, x if residual is None else residual)
         if grad_residual is grad_out:  # nor alias an input
             grad_residual = grad_out.clone()
     return grad_input, grad_weight, grad_bias, grad_residual

@@ -3,6 +3,8 @@
 The codes match ``fastbn.launch.ACTIVATION_CODES``. NaN passes through like torch's own
 functions; the derivatives follow torch's conventions at the kinks (relu'(0) = 0,
 relu6'(0) = relu6'(6) = 0, leaky_relu'(0) = negative_slope, hardswish'(+-3) as torch).
+The relu family's derivative takes two values, so one bit per element records it
+(derivative_is_one); the bits are packed 8 per byte (see forward.store_activation_bits).
 """
 
 import triton
@@ -34,15 +36,29 @@ def activation_forward(u, ACTIVATION: tl.constexpr, negative_slope):
 
 
 @triton.jit
+def derivative_is_one(u, ACTIVATION: tl.constexpr):
+    """Where relu / relu6 / leaky_relu have derivative 1 at u (else 0, or negative_slope)."""
+    if ACTIVATION == RELU6:
+        return (u > 0) & (u < 6.0)
+    return u > 0
+
+
+@triton.jit
+def derivative_from_bits(bits, ACTIVATION: tl.constexpr, negative_slope, dtype: tl.constexpr):
+    """The relu / relu6 / leaky_relu derivative from its derivative_is_one bits."""
+    otherwise = tl.full([], 0.0, dtype)
+    if ACTIVATION == LEAKY_RELU:
+        otherwise = tl.full([], negative_slope, dtype)
+    return tl.where(bits, tl.full([], 1.0, dtype), otherwise)
+
+
+@triton.jit
 def activation_derivative(u, ACTIVATION: tl.constexpr, negative_slope):
     """d act / du at u, elementwise (1 for NONE)."""
     out = tl.full(u.shape, 1.0, u.dtype)
-    if ACTIVATION == RELU:
-        out = tl.where(u > 0, 1.0, 0.0)
-    if ACTIVATION == RELU6:
-        out = tl.where((u > 0) & (u < 6.0), 1.0, 0.0)
-    if ACTIVATION == LEAKY_RELU:
-        out = tl.where(u > 0, 1.0, tl.full([], negative_slope, u.dtype))
+    if ACTIVATION == RELU or ACTIVATION == RELU6 or ACTIVATION == LEAKY_RELU:
+        out = derivative_from_bits(derivative_is_one(u, ACTIVATION), ACTIVATION,
+                                   negative_slope, u.dtype)
     if ACTIVATION == SILU:
         sig = tl.sigmoid(u)
         out = sig * (1.0 + u * (1.0 - sig))

@@ -19,7 +19,7 @@ Math runs in COMPUTE_DTYPE; x - mean is taken as (x - hi) - lo (see forward.chan
 import triton
 import triton.language as tl
 
-from .activations import NONE, activation_derivative
+from .activations import NONE, activation_derivative, derivative_from_bits
 from .forward import channel_constants, pre_activation
 from .tiling import channel_block, tile_offsets, tile_start
 
@@ -30,15 +30,26 @@ def output_grad_tile(
     grad_out_ptr, g_stride_n, g_stride_c, g_stride_s,
     x_ptr, x_stride_n, x_stride_c, x_stride_s,
     residual_ptr, r_stride_n, r_stride_c, r_stride_s,
+    mask_ptr, mask_stride_n, mask_stride_c,
     negative_slope,
     COMPUTE_DTYPE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr,
+    USE_MASK: tl.constexpr,
 ):
-    """g = grad_out * act'(u) and x_hat on one tile (0 where masked), in COMPUTE_DTYPE."""
+    """g = grad_out * act'(u) and x_hat on one tile (0 where masked), in COMPUTE_DTYPE.
+
+    act'(u) comes from the packed activation mask (USE_MASK), or from u recomputed from x
+    (and the residual) exactly as the forward computed it.
+    """
     x = tl.load(x_ptr + tile_offsets(n, s, c, x_stride_n, x_stride_c, x_stride_s), mask=mask,
                 other=0).to(COMPUTE_DTYPE)
     g = tl.load(grad_out_ptr + tile_offsets(n, s, c, g_stride_n, g_stride_c, g_stride_s),
                 mask=mask, other=0).to(COMPUTE_DTYPE)
-    if ACTIVATION != NONE:
+    if USE_MASK:
+        byte = tl.load(mask_ptr + n * mask_stride_n + c[:, None] * mask_stride_c
+                       + (s // 8)[None, :], mask=mask, other=0)
+        bits = ((byte.to(tl.int32) >> (s % 8).to(tl.int32)[None, :]) & 1) != 0
+        g = g * derivative_from_bits(bits, ACTIVATION, negative_slope, COMPUTE_DTYPE)
+    elif ACTIVATION != NONE:
         residual = x
         if HAS_RESIDUAL:
             residual = tl.load(
@@ -69,6 +80,7 @@ def store_parameter_grads(c, c_mask, sum_g, sum_g_xhat, sums_ptr, grad_weight_pt
 def partial_grad_sums_kernel(
     grad_out_ptr, x_ptr, residual_ptr,  # [N, C, S] views
     mean_ptr, var_ptr, weight_ptr, bias_ptr,  # [C]
+    mask_ptr,  # [N, C, cdiv(S, 8)] uint8 activation mask (read when USE_MASK)
     partial_ptr,  # [2, num_chunks, C] COMPUTE_DTYPE workspace: per chunk sum(g), sum(g x_hat)
     sums_ptr,  # [2, C] final sum(g), sum(g * x_hat) (written when FINALIZE)
     grad_weight_ptr, grad_bias_ptr,  # [C] (written when FINALIZE and asked for)
@@ -76,11 +88,12 @@ def partial_grad_sums_kernel(
     g_stride_n, g_stride_c, g_stride_s,
     x_stride_n, x_stride_c, x_stride_s,
     r_stride_n, r_stride_c, r_stride_s,
+    mask_stride_n, mask_stride_c,
     tiles_per_n, num_tiles, tiles_per_chunk,
     eps: tl.float64, negative_slope: tl.float64,
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-    ACTIVATION: tl.constexpr, FINALIZE: tl.constexpr,
+    ACTIVATION: tl.constexpr, USE_MASK: tl.constexpr, FINALIZE: tl.constexpr,
     WRITE_GRAD_WEIGHT: tl.constexpr, WRITE_GRAD_BIAS: tl.constexpr, USE_INT64: tl.constexpr,
 ):
     """sum(g) and sum(g * x_hat) over one chunk of tiles for one channel block."""
@@ -104,7 +117,8 @@ def partial_grad_sums_kernel(
             grad_out_ptr, g_stride_n, g_stride_c, g_stride_s,
             x_ptr, x_stride_n, x_stride_c, x_stride_s,
             residual_ptr, r_stride_n, r_stride_c, r_stride_s,
-            negative_slope, COMPUTE_DTYPE, HAS_RESIDUAL, ACTIVATION,
+            mask_ptr, mask_stride_n, mask_stride_c,
+            negative_slope, COMPUTE_DTYPE, HAS_RESIDUAL, ACTIVATION, USE_MASK,
         )
         sum_g += g
         sum_g_xhat += g * x_hat
@@ -146,6 +160,7 @@ def grad_input_kernel(
     grad_out_ptr, x_ptr, residual_ptr,  # [N, C, S] views read
     grad_input_ptr, grad_residual_ptr,  # [N, C, S] views written (when asked for)
     mean_ptr, var_ptr, weight_ptr, bias_ptr,  # [C]
+    mask_ptr,  # [N, C, cdiv(S, 8)] uint8 activation mask (read when USE_MASK)
     sums_ptr,  # [2, C] sum(g), sum(g * x_hat) (read when BATCH_STATS)
     C, S,
     g_stride_n, g_stride_c, g_stride_s,
@@ -153,11 +168,12 @@ def grad_input_kernel(
     r_stride_n, r_stride_c, r_stride_s,
     gi_stride_n, gi_stride_c, gi_stride_s,
     gr_stride_n, gr_stride_c, gr_stride_s,
+    mask_stride_n, mask_stride_c,
     tiles_per_n,
     eps: tl.float64, negative_slope: tl.float64, inv_count: tl.float64,  # 1 / M
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-    ACTIVATION: tl.constexpr, BATCH_STATS: tl.constexpr,
+    ACTIVATION: tl.constexpr, USE_MASK: tl.constexpr, BATCH_STATS: tl.constexpr,
     WRITE_GRAD_INPUT: tl.constexpr, WRITE_GRAD_RESIDUAL: tl.constexpr,
     USE_INT64: tl.constexpr,
 ):
@@ -176,7 +192,8 @@ def grad_input_kernel(
         grad_out_ptr, g_stride_n, g_stride_c, g_stride_s,
         x_ptr, x_stride_n, x_stride_c, x_stride_s,
         residual_ptr, r_stride_n, r_stride_c, r_stride_s,
-        negative_slope, COMPUTE_DTYPE, HAS_RESIDUAL, ACTIVATION,
+        mask_ptr, mask_stride_n, mask_stride_c,
+        negative_slope, COMPUTE_DTYPE, HAS_RESIDUAL, ACTIVATION, USE_MASK,
     )
     if WRITE_GRAD_INPUT:
         centered = g

@@ -28,7 +28,7 @@ Float scalars arrive as float64 and are rounded to the dtype they meet.
 import triton
 import triton.language as tl
 
-from .activations import activation_forward
+from .activations import activation_forward, derivative_is_one
 from .tiling import channel_block, tile_offsets, tile_start
 
 
@@ -211,19 +211,36 @@ def pre_activation(x, hi, scale, shift, residual, HAS_RESIDUAL: tl.constexpr):
 
 
 @triton.jit
+def store_activation_bits(mask_ptr, u, n, s0, c, c_mask, tile_mask, mask_stride_n,
+                          mask_stride_c, ACTIVATION: tl.constexpr, BLOCK_S: tl.constexpr,
+                          BLOCK_C: tl.constexpr):
+    """Pack derivative_is_one(u) of a tile into the uint8 activation mask [rows, C, S8]:
+    bit j of byte k is position 8k + j (BLOCK_S and s0 are multiples of 8)."""
+    bits = (derivative_is_one(u, ACTIVATION) & tile_mask).to(tl.int32)
+    groups = tl.reshape(bits, [BLOCK_C, BLOCK_S // 8, 8])
+    packed = tl.sum(groups << tl.arange(0, 8)[None, None, :], axis=2)
+    byte = s0 // 8 + tl.arange(0, BLOCK_S // 8)
+    byte_mask = c_mask[:, None] & (byte < mask_stride_c)[None, :]
+    offsets = n * mask_stride_n + c[:, None] * mask_stride_c + byte[None, :]
+    tl.store(mask_ptr + offsets, packed.to(tl.uint8), mask=byte_mask)
+
+
+@triton.jit
 def normalize_kernel(
     x_ptr, y_ptr, residual_ptr,  # [N, C, S] views; y written
     mean_ptr, var_ptr,  # [C] statistics (float64 batch statistics, or running statistics)
     weight_ptr, bias_ptr,  # [C] affine parameters (when HAS_WEIGHT / HAS_BIAS)
+    mask_ptr,  # [N, C, cdiv(S, 8)] uint8 activation mask, written when WRITE_MASK
     C, S,
     x_stride_n, x_stride_c, x_stride_s,
     y_stride_n, y_stride_c, y_stride_s,
     r_stride_n, r_stride_c, r_stride_s,
+    mask_stride_n, mask_stride_c,  # C * cdiv(S, 8) and cdiv(S, 8)
     tiles_per_n,
     eps: tl.float64, negative_slope: tl.float64,
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-    ACTIVATION: tl.constexpr, USE_INT64: tl.constexpr,
+    ACTIVATION: tl.constexpr, WRITE_MASK: tl.constexpr, USE_INT64: tl.constexpr,
 ):
     """y = act((x - mean) * invstd * weight + bias + residual) on one tile."""
     n, s0 = tile_start(tl.program_id(0), tiles_per_n, BLOCK_S, USE_INT64)
@@ -247,3 +264,6 @@ def normalize_kernel(
     y = activation_forward(u, ACTIVATION, negative_slope)
     tl.store(y_ptr + tile_offsets(n, s, c, y_stride_n, y_stride_c, y_stride_s),
              y.to(y_ptr.dtype.element_ty), mask=mask)
+    if WRITE_MASK:
+        store_activation_bits(mask_ptr, u, n, s0, c, c_mask, mask, mask_stride_n,
+                              mask_stride_c, ACTIVATION, BLOCK_S, BLOCK_C)

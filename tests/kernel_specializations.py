@@ -33,6 +33,7 @@ from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import create_function_from_signature
 
 from fastbn import launch
+from fastbn.reference import SIGN_ACTIVATIONS
 
 KERNEL_MODULES = (launch.forward_kernels, launch.backward_kernels)
 KERNEL_NAMES = (
@@ -103,12 +104,16 @@ def run_config(dtype, layout, batch, activation, residual, affine, track, moment
         z = make(x.shape, dtype, layout) if residual else None
         mean, var = launch.batch_stats_(x, running_mean, running_var, nbt, momentum)
         mean, var = mean.zero_(), var.fill_(1.0)
-        launch.normalize(x, mean, var, weight, bias, z, 1e-5, activation, 0.01)
+        save_mask = residual and activation in SIGN_ACTIVATIONS
+        _, mask = launch.normalize(x, mean, var, weight, bias, z, 1e-5, activation, 0.01,
+                                   save_mask)
+        mask = mask if save_mask else None
         grad = make(x.shape, dtype, layout)
         for batch_stats in (True, False):
-            launch.normalize_backward(grad, x, mean, var, weight, bias, z, 1e-5, batch_stats,
-                                      activation, 0.01, [True, affine, affine, residual])
-        launch.normalize_backward(grad, x, mean, var, weight, bias, z, 1e-5, True,
+            launch.normalize_backward(grad, x, mean, var, weight, bias, z, mask, 1e-5,
+                                      batch_stats, activation, 0.01,
+                                      [True, affine, affine, residual])
+        launch.normalize_backward(grad, x, mean, var, weight, bias, z, mask, 1e-5, True,
                                   activation, 0.01, [False, affine, affine, False])
     finally:
         launch.needs_int64 = launch_needs_int64

@@ -8,6 +8,7 @@ statistics against the float64 truth and against torch's own error on the same c
 
 from __future__ import annotations
 
+import helpers
 import pytest
 import torch
 import torch.nn.functional as F
@@ -29,17 +30,14 @@ pytestmark = pytest.mark.skipif(
 
 
 def make_input(shape, dtype=torch.float32, layout="contiguous", mean=0.0, seed=0):
-    """A random (N, C, *S) input in the given layout; values differ per channel."""
-    gen = torch.Generator().manual_seed(seed)
-    channels = shape[1]
-    offsets = torch.linspace(-1, 1, channels).view(1, -1, *([1] * (len(shape) - 2)))
-    x = (torch.randn(shape, generator=gen) * 1.5 + offsets + mean).to(dtype)
-    if layout == "channels_last":
-        x = x.to(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
-    elif layout == "sliced_channels":  # non-dense but flattenable: a slice of channels
-        wide = torch.randn(shape[0], channels + 3, *shape[2:], generator=gen).to(dtype)
-        wide[:, 1 : channels + 1] = x
-        x = wide[:, 1 : channels + 1]
+    """helpers.make_input's values in a layout: contiguous, channels_last, or one of the
+    strided views below."""
+    x = helpers.make_input(shape, dtype, seed=seed, offset=mean,
+                           channels_last=layout == "channels_last", device=torch.device("cpu"))
+    if layout == "sliced_channels":  # non-dense but flattenable: a slice of channels
+        wide = torch.zeros(shape[0], shape[1] + 3, *shape[2:], dtype=dtype)
+        wide[:, 1 : shape[1] + 1] = x
+        x = wide[:, 1 : shape[1] + 1]
     elif layout == "strided_positions":  # spatial dims flatten to one stride of 2
         wide = torch.zeros(*shape[:-1], shape[-1] * 2, dtype=dtype)
         wide[..., ::2] = x
@@ -139,6 +137,7 @@ LAYOUT_CASES = [
     ((5, 1, 7, 3), "contiguous"),
     ((6, 4, 1, 1), "contiguous"),
     ((2, 7, 5, 3), "channels_last"),
+    ((3, 5, 40), "channels_last"),
 ]
 
 
@@ -300,7 +299,8 @@ def test_backward_computes_only_what_the_mask_asks(mask, batch_stats):
     bias = torch.rand(4, device=DEVICE)
     z = torch.randn_like(x)
     grad_out = torch.randn_like(x)
-    args = (grad_out, x, mean, var, weight, bias, z, 1e-5, batch_stats, "leaky_relu", 0.1, mask)
+    args = (grad_out, x, mean, var, weight, bias, z, None, 1e-5, batch_stats, "leaky_relu", 0.1,
+            mask)
     ours = launch.normalize_backward(*args)
     expected = reference.normalize_backward(*args)
     for wanted, mine, theirs in zip(mask, ours, expected, strict=True):
@@ -309,3 +309,52 @@ def test_backward_computes_only_what_the_mask_asks(mask, batch_stats):
             torch.testing.assert_close(mine, theirs, atol=atol, rtol=rtol)
         else:
             assert mine.numel() == 0
+
+
+MASK_SHAPES = [
+    ((3, 4, 5, 5), "contiguous"), ((3, 4, 5, 5), "channels_last"), ((37, 6), "contiguous"),
+    ((2, 3, 17), "contiguous"), ((2, 3, 17), "channels_last"), ((2, 3, 2, 3, 4), "channels_last"),
+    ((5, 2, 1, 1), "contiguous"),
+]
+
+
+@pytest.mark.parametrize("activation", ["relu", "relu6", "leaky_relu"])
+@pytest.mark.parametrize("shape,layout", MASK_SHAPES, ids=lambda v: str(v))
+def test_activation_mask_packs_the_same_bits_as_the_reference(activation, shape, layout):
+    x = make_input(shape, layout=layout) * 4
+    mean, var = reference.batch_mean_var(x)
+    weight = torch.rand(shape[1], device=DEVICE) + 0.5
+    z = torch.randn_like(x)
+    args = (x, mean, var, weight, None, z, 1e-5, activation, 0.1, True)
+    y, mask = launch.normalize(*args)
+    expected_y, expected_mask = reference.normalize(*args)
+    assert mask.shape == reference.mask_shape(x) and mask.dtype == torch.uint8
+    assert torch.equal(mask, expected_mask)
+    assert torch.equal(reference.unpack_bits(mask, x), reference.derivative_is_one(
+        reference.pre_activation(x, *_hi_scale_shift(x, mean, var, weight), z), activation))
+    atol, rtol = tolerance(torch.float32)
+    torch.testing.assert_close(y, expected_y, atol=atol, rtol=rtol)
+
+
+def _hi_scale_shift(x, mean, var, weight):
+    hi, _, _, scale, shift = reference.channel_constants(x, mean, var, weight, None, 1e-5)
+    return hi, scale, shift
+
+
+@pytest.mark.parametrize("activation", ["relu", "leaky_relu"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_backward_from_the_mask_equals_backward_from_the_residual(activation, layout):
+    x = make_input((3, 4, 6, 5), layout=layout) * 3
+    mean, var = reference.batch_mean_var(x)
+    weight, bias = torch.rand(4, device=DEVICE) + 0.5, torch.randn(4, device=DEVICE)
+    z = torch.randn_like(x)
+    _, mask = launch.normalize(x, mean, var, weight, bias, z, 1e-5, activation, 0.1, True)
+    grad_out = torch.randn_like(x)
+    common = (1e-5, True, activation, 0.1, [True, True, True, True])
+    from_mask = launch.normalize_backward(grad_out, x, mean, var, weight, bias, None, mask,
+                                          *common)
+    from_residual = launch.normalize_backward(grad_out, x, mean, var, weight, bias, z, None,
+                                              *common)
+    atol, rtol = tolerance(torch.float32)
+    for a, b in zip(from_mask, from_residual, strict=True):
+        torch.testing.assert_close(a, b, atol=atol, rtol=rtol)

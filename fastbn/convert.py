@@ -1,0 +1,582 @@
+"""fastbn.convert: swap a model's torch BatchNorm layers for fastbn's and fuse around them.
+
+Three steps, none of which changes a parameter, a buffer or a state_dict key:
+
+1. Swap. Each torch.nn.BatchNorm1d/2d/3d (or a subclass that keeps torch's ``forward``)
+   becomes the fastbn class of the same rank, holding the same Parameter and buffer
+   objects, hooks, training flag and qconfig. ``_fastbn_classes`` is the one map from a
+   torch class to the fastbn class that replaces it.
+2. Fold in nn.Sequential. A fastbn layer directly followed by an activation module takes the
+   activation, and the activation's slot becomes nn.Identity, so indices stay.
+3. Fuse in traced graphs. torch.fx traces a module with its BatchNorm layers kept as calls
+   and finds BN -> activation, BN -> add and BN -> add -> activation; each becomes one call
+   ``bn(x, residual=other)`` of a copy of the layer that carries the activation (the copy
+   shares every tensor with the layer, which is left as it was, so the module passed in
+   keeps computing the same thing). The smallest module whose own forward holds such a
+   pattern is replaced by a torch.fx.GraphModule that keeps its submodule tree; a module
+   that does not trace is left as it is, and its children are tried in turn.
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+import warnings
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import fx, nn
+from torch.nn import functional as F
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from fastbn.modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, _FastBatchNorm
+
+# An activation as fastbn layers take it: (activation, negative_slope).
+Activation = tuple[str, float]
+
+_DEFAULT_SLOPE = 0.01
+_ACTIVATION_MODULES: dict[type, str] = {
+    nn.ReLU: "relu",
+    nn.ReLU6: "relu6",
+    nn.LeakyReLU: "leaky_relu",
+    nn.SiLU: "silu",
+    nn.Hardswish: "hardswish",
+}
+# (function, activation, the arguments it takes after the input); `inplace` is irrelevant
+# once fused: the layer writes a fresh output either way.
+_ACTIVATION_FUNCTIONS = (
+    (F.relu, "relu", ("inplace",)),
+    (torch.relu, "relu", ()),
+    (torch.relu_, "relu", ()),
+    (F.relu6, "relu6", ("inplace",)),
+    (F.leaky_relu, "leaky_relu", ("negative_slope", "inplace")),
+    (F.silu, "silu", ("inplace",)),
+    (F.hardswish, "hardswish", ("inplace",)),
+)
+_ACTIVATION_METHODS = ("relu", "relu_")
+# How fx records `a + b`, `a += b` (both as operator.add for tensors), torch.add and Tensor.add_.
+_ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
+_ADD_METHODS = ("add", "add_")
+_IN_PLACE_ADDS = (operator.iadd, "add_")
+
+_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+_HOOK_STATE = (
+    *_HOOKS,
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_forward_pre_hooks_with_kwargs",
+    "_is_full_backward_hook",
+)
+_STATE_DICT_HOOKS = (
+    "_state_dict_hooks",
+    "_state_dict_pre_hooks",
+    "_load_state_dict_pre_hooks",
+    "_load_state_dict_post_hooks",
+)
+_STATE_DICT_METHODS = (
+    "_save_to_state_dict", "_load_from_state_dict", "get_extra_state", "set_extra_state",
+)
+_PARAMETERS = ["weight", "bias"]
+_BUFFERS = ["running_mean", "running_var", "num_batches_tracked"]
+
+
+def convert(
+    module: nn.Module, *, fuse: bool = True, sync: bool = False, process_group: Any = None
+) -> nn.Module:
+    """Swap every torch BatchNorm layer of ``module`` for fastbn's and, with fuse, fuse around it.
+
+    The fastbn layers hold the original Parameter and buffer objects (so the device, dtype
+    and state_dict keys stay), the training flag, eps, momentum, hooks and qconfig. Layers
+    whose class overrides torch's ``forward``, and torch.nn.SyncBatchNorm, are left alone.
+
+    fuse=True folds into a fastbn layer (one without hooks):
+    - the activation module (ReLU, ReLU6, LeakyReLU, SiLU, Hardswish) that follows it in an
+      nn.Sequential; that slot becomes nn.Identity;
+    - where torch.fx traces the module: an activation (module, F./torch. function or
+      Tensor.relu) applied to the layer's output, and a tensor add of the layer's output and
+      another tensor (which must have the output's shape and dtype) with the activation
+      that may follow, when each intermediate result has no other use. The smallest module
+      whose forward holds such a pattern is replaced by a torch.fx.GraphModule with the same
+      submodule tree, parameters and state_dict keys, which calls ``bn(x, residual=other)``.
+    A module that torch.fx cannot trace (or whose forward depends on ``self.training``, which
+    a trace would freeze) keeps its forward, its submodules are tried instead, and one
+    warning per call says which module did not trace and why.
+
+    Converts in place where it can and returns the result, which is a new object when
+    ``module`` is itself a BatchNorm layer or was replaced by a GraphModule: use the returned
+    module. ``sync=True`` (convert to fastbn.SyncBatchNorm with ``process_group``) is not
+    available yet and raises NotImplementedError.
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"fastbn.convert: expected an nn.Module, got {type(module).__name__}")
+    if process_group is not None and not sync:
+        raise ValueError("fastbn.convert: process_group is only used with sync=True")
+    classes = _fastbn_classes(sync)
+    extra = {"process_group": process_group} if sync else {}
+    module = _swap(module, classes, extra, {})
+    if not fuse:
+        return module
+    _fold_sequentials(module)
+    failures: list[str] = []
+    for rewrite in _plan(module, "", failures):
+        module = _apply(module, rewrite)
+    if failures:
+        others = f"; {len(failures) - 1} more module(s) did not trace" if len(failures) > 1 else ""
+        warnings.warn(
+            f"fastbn.convert: torch.fx cannot trace {failures[0]}{others}. Its BatchNorm "
+            "layers were swapped and activations in nn.Sequential folded, but activations "
+            "and residual adds in its forward were not fused.",
+            stacklevel=2,
+        )
+    return module
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Swap
+
+
+def _fastbn_classes(sync: bool) -> dict[type[_BatchNorm], type[_FastBatchNorm]]:
+    """The torch BatchNorm classes that convert replaces, each with the fastbn class it uses."""
+    if sync:
+        raise NotImplementedError(
+            "fastbn.SyncBatchNorm is not available yet, so fastbn.convert(..., sync=True) "
+            "cannot convert to it; use sync=False, or torch.nn.SyncBatchNorm."
+            "convert_sync_batchnorm for synchronised statistics"
+        )
+    return {nn.BatchNorm1d: BatchNorm1d, nn.BatchNorm2d: BatchNorm2d, nn.BatchNorm3d: BatchNorm3d}
+
+
+def _swap(
+    module: nn.Module, classes: dict, extra: dict[str, Any], done: dict[int, nn.Module]
+) -> nn.Module:
+    """module with its torch BatchNorm layers (itself included) swapped; shared stays shared."""
+    if id(module) in done:
+        return done[id(module)]
+    target = _fastbn_class(module, classes)
+    result = module if target is None else _swapped(module, target, extra)
+    done[id(module)] = result
+    for name, child in list(module._modules.items()):
+        if child is not None:
+            swapped = _swap(child, classes, extra, done)
+            if swapped is not child:
+                module._modules[name] = swapped
+    return result
+
+
+def _fastbn_class(module: nn.Module, classes: dict) -> type[_FastBatchNorm] | None:
+    """The class to swap module for, or None where a swap would lose behaviour or state."""
+    for torch_class, fastbn_class in classes.items():
+        if isinstance(module, torch_class) and not isinstance(module, fastbn_class):
+            keeps_torch_forward = all(
+                getattr(type(module), name) is getattr(torch_class, name)
+                for name in ("forward", "_check_input_dim")
+            )
+            plain = (
+                list(module._parameters) == _PARAMETERS
+                and list(module._buffers) == _BUFFERS
+                and not module._modules
+            )
+            return fastbn_class if keeps_torch_forward and plain else None
+    return None
+
+
+def _swapped(layer: _BatchNorm, cls: type[_FastBatchNorm], extra: dict[str, Any]) -> nn.Module:
+    """A cls layer with layer's tensors, hooks and flags, as convert_sync_batchnorm does."""
+    new = cls(
+        layer.num_features, layer.eps, layer.momentum, layer.affine, layer.track_running_stats,
+        device="meta", **extra,
+    )
+    for name in _PARAMETERS:
+        new._parameters[name] = layer._parameters[name]
+    for name in _BUFFERS:
+        new._buffers[name] = layer._buffers[name]
+    new._non_persistent_buffers_set = set(layer._non_persistent_buffers_set)
+    new.training = layer.training
+    _share_hooks(layer, new)
+    if hasattr(layer, "qconfig"):
+        new.qconfig = layer.qconfig
+    return new
+
+
+def _share_hooks(source: nn.Module, target: nn.Module) -> None:
+    """Give target source's hook dictionaries, so the hooks fire and their handles still work."""
+    for name in _HOOK_STATE:
+        if name in vars(source):
+            target.__dict__[name] = vars(source)[name]
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Fold in nn.Sequential
+
+
+def _fold_sequentials(root: nn.Module) -> None:
+    """Give each fusible layer the activation module that follows it in an nn.Sequential."""
+    paths = Counter(id(m) for _, m in root.named_modules(remove_duplicate=False))
+    for sequential in list(root.modules()):
+        if not isinstance(sequential, nn.Sequential):
+            continue
+        if type(sequential).forward is not nn.Sequential.forward:
+            continue
+        layers = list(sequential._modules.items())
+        for (_, layer), (name, follower) in zip(layers, layers[1:], strict=False):
+            activation = _module_activation(follower)
+            # A layer reachable another way would take the activation there too.
+            if activation is not None and _fusible(layer) and paths[id(layer)] == 1:
+                layer.activation, layer.negative_slope = activation
+                sequential._modules[name] = nn.Identity()
+
+
+def _fusible(module: nn.Module | None) -> bool:
+    """A fastbn layer that can take an activation and a residual: none yet, and no hooks
+    (they would see the fused output)."""
+    return (
+        isinstance(module, _FastBatchNorm) and module.activation is None and not _has_hooks(module)
+    )
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    return any(getattr(module, name, None) for name in _HOOKS)
+
+
+def _module_activation(module: nn.Module | None) -> Activation | None:
+    """The activation an activation module computes; None for other modules or with hooks."""
+    name = _ACTIVATION_MODULES.get(type(module))
+    if name is None or _has_hooks(module):
+        return None
+    return name, float(getattr(module, "negative_slope", _DEFAULT_SLOPE))
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Fuse in traced graphs
+
+
+class _Untraceable(Exception):
+    """A module's forward cannot be rewritten from a trace; the message says why."""
+
+
+@dataclass
+class _Fusion:
+    target: str  # the layer's path in the traced module
+    activation: str | None  # None: a residual only
+    negative_slope: float | None  # None: the layer's own
+    scope: tuple[str, ...]  # the submodules whose forward holds the pattern; (): the module's
+
+
+@dataclass
+class _Rewrite:
+    """Replace the module at path (in the root) by a GraphModule of graph."""
+
+    path: str
+    module: nn.Module
+    graph: fx.Graph
+    traced_through: set[int]  # ids of the modules whose forward the graph inlines
+    fusions: list[_Fusion]
+
+
+class _Tracer(fx.Tracer):
+    """Traces through containers, keeping as calls BatchNorm layers and the modules a trace
+    would change: those with hooks (they would not fire) or their own state_dict logic."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.traced_through: set[int] = set()
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if (
+            isinstance(m, _BatchNorm)
+            or _has_hooks(m)
+            or _has_own_state_dict(m)
+            or super().is_leaf_module(m, module_qualified_name)
+        ):
+            return True
+        self.traced_through.add(id(m))
+        return False
+
+
+def _has_own_state_dict(module: nn.Module) -> bool:
+    return any(
+        getattr(type(module), name) is not getattr(nn.Module, name) for name in _STATE_DICT_METHODS
+    ) or any(getattr(module, name, None) for name in _STATE_DICT_HOOKS)
+
+
+def _plan(module: nn.Module, path: str, failures: list[str]) -> list[_Rewrite]:
+    """The rewrites in module's subtree: from its own trace, else from its children's."""
+    if not any(_fusible(m) for m in module.modules() if m is not module):
+        return []
+    try:
+        return _plan_traced(module, path)
+    except _Untraceable as error:
+        failures.append(f"{type(module).__name__} ({error})")
+    return [
+        rewrite
+        for name, child in module.named_children()
+        for rewrite in _plan(child, _join(path, name), failures)
+    ]
+
+
+def _plan_traced(module: nn.Module, path: str) -> list[_Rewrite]:
+    """The rewrites from module's trace, at the deepest modules that hold the patterns.
+
+    Raises _Untraceable when module itself does not trace.
+    """
+    graph, traced_through = _trace(module)
+    fusions = _fuse_graph(graph, dict(module.named_modules()))
+    if not fusions:
+        return []
+    here = [_Rewrite(path, module, graph, traced_through, fusions)]
+    if any(not fusion.scope for fusion in fusions):
+        return here
+    # Every pattern lies inside a submodule: rewrite those instead, keeping this module's
+    # class and forward, unless one of them does not trace (or finds less) on its own.
+    rewrites = []
+    for name in dict.fromkeys(fusion.scope[0] for fusion in fusions):
+        try:
+            below = _plan_traced(module.get_submodule(name), _join(path, name))
+        except _Untraceable:
+            return here
+        if sum(len(r.fusions) for r in below) < sum(f.scope[0] == name for f in fusions):
+            return here
+        rewrites += below
+    return rewrites
+
+
+def _trace(module: nn.Module) -> tuple[fx.Graph, set[int]]:
+    """module's forward as a graph, which must not depend on the modules' training flags."""
+    if _has_own_state_dict(module):
+        raise _Untraceable("it has its own state_dict logic, which a GraphModule would lose")
+    flags = {m: m.training for m in module.modules()}
+    traces = []
+    try:
+        for flip in (False, True):
+            for m, training in flags.items():
+                m.training = training != flip
+            tracer = _Tracer()
+            try:
+                graph = tracer.trace(module)
+            except Exception as error:  # tracing runs arbitrary user code
+                reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+                raise _Untraceable(f"{type(error).__name__}: {reason}") from error
+            traces.append((graph, tracer.traced_through | {id(module)}))
+    finally:
+        for m, training in flags.items():
+            m.training = training
+    (graph, traced_through), (flipped, _) = traces
+    if graph.python_code("self").src != flipped.python_code("self").src:
+        raise _Untraceable("its forward depends on self.training, which a trace would freeze")
+    return graph, traced_through
+
+
+def _fuse_graph(graph: fx.Graph, modules: dict[str, nn.Module]) -> list[_Fusion]:
+    """Rewrite graph so each fusible layer computes the activation and add that follow it."""
+    calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
+    fusions = []
+    for node in list(graph.nodes):
+        if (
+            node.op == "call_module"
+            and calls[node.target] == 1  # one call site: the layer changes for all of them
+            and _fusible(modules.get(node.target))
+            and len(node.args) == 1
+            and isinstance(node.args[0], fx.Node)
+            and not node.kwargs
+            and len(node.users) == 1
+        ):
+            fusion = _fuse_node(graph, node, modules)
+            if fusion is not None:
+                fusions.append(fusion)
+    graph.lint()
+    return fusions
+
+
+def _fuse_node(graph: fx.Graph, node: fx.Node, modules: dict[str, nn.Module]) -> _Fusion | None:
+    """Fold into the layer call `node` its user: an activation, or an add (and an activation)."""
+    (user,) = node.users
+    activation = _activation(user, node, modules)
+    if activation is not None:
+        user.replace_all_uses_with(node)
+        graph.erase_node(user)
+        return _Fusion(node.target, *activation, _scope(node, user))
+    residual = _residual(user, node)
+    if residual is None:
+        return None
+    add = user
+    follower = next(iter(add.users)) if len(add.users) == 1 else None
+    activation = None if follower is None else _activation(follower, add, modules)
+    if not _call_before(node, add, residual):
+        return None
+    node.kwargs = {"residual": residual}
+    if activation is None:
+        add.replace_all_uses_with(node)
+        graph.erase_node(add)
+        return _Fusion(node.target, None, None, _scope(node, add))
+    follower.replace_all_uses_with(node)
+    graph.erase_node(follower)
+    graph.erase_node(add)
+    return _Fusion(node.target, *activation, _scope(node, add, follower))
+
+
+def _activation(node: fx.Node, source: fx.Node, modules: dict[str, nn.Module]) -> Activation | None:
+    """The activation node applies to source (its only argument), or None."""
+    if node.op == "call_module":
+        if node.args != (source,) or node.kwargs:
+            return None
+        return _module_activation(modules.get(node.target))
+    if node.op == "call_method":
+        plain = node.target in _ACTIVATION_METHODS and node.args == (source,) and not node.kwargs
+        return ("relu", _DEFAULT_SLOPE) if plain else None
+    if node.op != "call_function" or not node.args or node.args[0] is not source:
+        return None
+    found = [(name, parameters) for function, name, parameters in _ACTIVATION_FUNCTIONS
+             if node.target is function]
+    if not found:
+        return None
+    ((name, parameters),) = found
+    if len(node.args) > 1 + len(parameters) or not set(node.kwargs) <= set(parameters):
+        return None
+    options = {**dict(zip(parameters, node.args[1:], strict=False)), **node.kwargs}
+    slope = options.get("negative_slope", _DEFAULT_SLOPE)
+    if not isinstance(options.get("inplace", False), bool):
+        return None
+    if isinstance(slope, bool) or not isinstance(slope, (int, float)):
+        return None
+    return name, float(slope)
+
+
+def _residual(add: fx.Node, source: fx.Node) -> fx.Node | None:
+    """The other operand when add is a plain add of source and another node, else None.
+
+    An in-place add must write into source: writing into the other operand is a change that
+    later readers of it would miss.
+    """
+    if add.op == "call_function":
+        is_add = any(add.target is function for function in _ADD_FUNCTIONS)
+    else:
+        is_add = add.op == "call_method" and add.target in _ADD_METHODS
+    if not is_add or add.kwargs or len(add.args) != 2:
+        return None
+    first, second = add.args
+    if first is source:
+        other = second
+    elif second is source and add.target not in _IN_PLACE_ADDS:
+        other = first
+    else:
+        return None
+    return other if isinstance(other, fx.Node) and other is not source else None
+
+
+def _call_before(node: fx.Node, add: fx.Node, residual: fx.Node) -> bool:
+    """Make residual available to the layer call node, moving the call down to add if needed.
+
+    The move is refused when another node reads the layer's input in between: it might
+    change it in place.
+    """
+    order = {n: i for i, n in enumerate(node.graph.nodes)}
+    if order[residual] < order[node]:
+        return True
+    (input,) = node.args
+    if any(order[node] < order[user] < order[add] for user in input.users):
+        return False
+    add.prepend(node)
+    return True
+
+
+def _scope(*nodes: fx.Node) -> tuple[str, ...]:
+    """The submodules (qualified names, outermost first) whose forward ran all of nodes."""
+    owners = []
+    for node in nodes:
+        stack = [name for name, _ in node.meta.get("nn_module_stack", {}).values()]
+        owners.append(stack[:-1] if node.op == "call_module" else stack)
+    common = []
+    for names in zip(*owners, strict=False):
+        if len(set(names)) > 1:
+            break
+        common.append(names[0])
+    return tuple(common)
+
+
+def _apply(root: nn.Module, rewrite: _Rewrite) -> nn.Module:
+    """root with the module at rewrite.path replaced by its GraphModule."""
+    replacement = _graph_module(rewrite)
+    if not rewrite.path:
+        return replacement
+    parent, _, name = rewrite.path.rpartition(".")
+    root.get_submodule(parent)._modules[name] = replacement
+    return root
+
+
+def _graph_module(rewrite: _Rewrite) -> fx.GraphModule:
+    """A GraphModule running rewrite.graph over the module's own tree of submodules.
+
+    GraphModule alone would copy only the modules the graph calls, so the containers are
+    rebuilt: the ones the graph inlines become bare nn.Modules holding the same parameters,
+    buffers and children (their forward would no longer match the fused layers), the rest
+    are kept, and each fused layer is a copy that shares every tensor with the original.
+    """
+    module = rewrite.module
+    layers = dict(module.named_modules())
+    fused = {
+        fusion.target: _fused_copy(layers[fusion.target], fusion.activation, fusion.negative_slope)
+        for fusion in rewrite.fusions
+    }
+    tree = _mirror(module, "", rewrite.traced_through, fused)
+    attributes = [node.target for node in rewrite.graph.nodes if node.op == "get_attr"]
+    _copy_missing(module, tree, attributes)
+    graph_module = fx.GraphModule(tree, rewrite.graph, type(module).__name__)
+    for name in ("_parameters", "_buffers", "_modules"):
+        getattr(graph_module, name).clear()
+        getattr(graph_module, name).update(getattr(tree, name))
+    graph_module._non_persistent_buffers_set = set(tree._non_persistent_buffers_set)
+    _copy_missing(module, graph_module, attributes)
+    _share_hooks(module, graph_module)
+    for name, value in vars(module).items():  # plain attributes such as num_classes
+        if not name.startswith("_") and not hasattr(graph_module, name):
+            graph_module.__dict__[name] = value
+    return graph_module
+
+
+def _fused_copy(
+    layer: nn.Module, activation: str | None, negative_slope: float | None
+) -> nn.Module:
+    """layer with the activation, sharing its tensors but not its dictionaries."""
+    fused = copy.copy(layer)
+    for name, value in vars(layer).items():
+        if isinstance(value, (dict, set)):
+            fused.__dict__[name] = copy.copy(value)
+    fused.activation = activation
+    if negative_slope is not None:
+        fused.negative_slope = negative_slope
+    return fused
+
+
+def _mirror(
+    module: nn.Module, path: str, traced_through: set[int], fused: dict[str, nn.Module]
+) -> nn.Module:
+    """module's tree with inlined containers made bare and fused layers replaced."""
+    if id(module) not in traced_through:
+        return fused.get(path, module)
+    bare = nn.Module()
+    bare.training = module.training
+    bare._parameters.update(module._parameters)
+    bare._buffers.update(module._buffers)
+    bare._non_persistent_buffers_set.update(module._non_persistent_buffers_set)
+    for name, child in module._modules.items():
+        bare._modules[name] = (
+            None if child is None else _mirror(child, _join(path, name), traced_through, fused)
+        )
+    return bare
+
+
+def _copy_missing(source: nn.Module, target: nn.Module, attributes: list[str]) -> None:
+    """Copy the attributes (qualified names) that target lacks from source, as they are."""
+    for qualified_name in attributes:
+        *parents, name = qualified_name.split(".")
+        origin, destination = source, target
+        for parent in parents:
+            origin, destination = getattr(origin, parent), getattr(destination, parent)
+        if not hasattr(destination, name):
+            setattr(destination, name, getattr(origin, name))
+
+
+def _join(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name

@@ -34,7 +34,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from fastbn.modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, _FastBatchNorm
 
 # An activation as fastbn layers take it: (activation, negative_slope).
-Activation = tuple[str, float]
+_Activation = tuple[str, float]
 
 _DEFAULT_SLOPE = 0.01
 _ACTIVATION_MODULES: dict[type, str] = {
@@ -91,23 +91,29 @@ def convert(
     and state_dict keys stay), the training flag, eps, momentum, hooks and qconfig. Layers
     whose class overrides torch's ``forward``, and torch.nn.SyncBatchNorm, are left alone.
 
-    fuse=True folds into a fastbn layer (one without hooks):
+    fuse=True folds into a fastbn layer that has no hooks (they would see the fused output):
     - the activation module (ReLU, ReLU6, LeakyReLU, SiLU, Hardswish) that follows it in an
       nn.Sequential; that slot becomes nn.Identity;
-    - where torch.fx traces the module: an activation (module, F./torch. function or
-      Tensor.relu) applied to the layer's output, and a tensor add of the layer's output and
-      another tensor (which must have the output's shape and dtype) with the activation
-      that may follow, when each intermediate result has no other use. The smallest module
-      whose forward holds such a pattern is replaced by a torch.fx.GraphModule with the same
-      submodule tree, parameters and state_dict keys, which calls ``bn(x, residual=other)``.
-    A module that torch.fx cannot trace (or whose forward depends on ``self.training``, which
-    a trace would freeze) keeps its forward, its submodules are tried instead, and one
-    warning per call says which module did not trace and why.
+    - where torch.fx traces the model: an activation (one of those modules, F.relu and the
+      like, torch.relu, Tensor.relu) of the layer's output, and an add (``+``, ``+=``,
+      torch.add, Tensor.add_) of the layer's output and another computed tensor with the
+      activation that may follow, where the layer has one call site and each intermediate
+      result no other use. fx records no shapes: the other tensor is taken to have the
+      output's shape and dtype, as in residual blocks (a broadcasting add would make the
+      layer raise; convert with fuse=False then). The smallest module whose forward holds
+      such a pattern is replaced by a torch.fx.GraphModule with the same submodule tree,
+      parameters, buffers and state_dict keys, calling ``bn(x, residual=other)``; the
+      containers it inlines keep their class and attributes but raise if called alone.
+      Modules with hooks or their own state_dict logic are not inlined but rewritten on
+      their own; a module that does not trace, or whose forward depends on
+      ``self.training`` (a trace would freeze it), keeps its forward, its children are
+      tried instead, and one warning per call says which module did not trace and why.
 
     Converts in place where it can and returns the result, which is a new object when
-    ``module`` is itself a BatchNorm layer or was replaced by a GraphModule: use the returned
-    module. ``sync=True`` (convert to fastbn.SyncBatchNorm with ``process_group``) is not
-    available yet and raises NotImplementedError.
+    ``module`` is itself a BatchNorm layer or was replaced by a GraphModule, so use the
+    returned module (``module`` itself then still computes the same, unfused).
+    ``sync=True`` (convert to fastbn.SyncBatchNorm with ``process_group``) is not available
+    yet and raises NotImplementedError.
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"fastbn.convert: expected an nn.Module, got {type(module).__name__}")
@@ -240,7 +246,7 @@ def _has_hooks(module: nn.Module) -> bool:
     return any(getattr(module, name, None) for name in _HOOKS)
 
 
-def _module_activation(module: nn.Module | None) -> Activation | None:
+def _module_activation(module: nn.Module | None) -> _Activation | None:
     """The activation an activation module computes; None for other modules or with hooks."""
     name = _ACTIVATION_MODULES.get(type(module))
     if name is None or _has_hooks(module):
@@ -276,8 +282,8 @@ class _Rewrite:
 
 
 class _Tracer(fx.Tracer):
-    """Traces through containers, keeping as calls BatchNorm layers and the modules a trace
-    would change: those with hooks (they would not fire) or their own state_dict logic."""
+    """Traces through containers, keeping as calls BatchNorm layers and the modules that
+    _kept_whole names; records the modules whose forward it inlines."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -286,13 +292,20 @@ class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if (
             isinstance(m, _BatchNorm)
-            or _has_hooks(m)
-            or _has_own_state_dict(m)
+            or _kept_whole(m)
             or super().is_leaf_module(m, module_qualified_name)
         ):
             return True
         self.traced_through.add(id(m))
         return False
+
+
+def _kept_whole(module: nn.Module) -> bool:
+    """A module a trace must not inline: its hooks would not fire, its state_dict logic would
+    be lost."""
+    return not isinstance(module, _BatchNorm) and (
+        _has_hooks(module) or _has_own_state_dict(module)
+    )
 
 
 def _has_own_state_dict(module: nn.Module) -> bool:
@@ -306,61 +319,74 @@ def _plan(module: nn.Module, path: str, failures: list[str]) -> list[_Rewrite]:
     if not any(_fusible(m) for m in module.modules() if m is not module):
         return []
     try:
-        return _plan_traced(module, path)
+        rewrites, kept_whole = _plan_traced(module, path)
     except _Untraceable as error:
         failures.append(f"{type(module).__name__} ({error})")
-    return [
-        rewrite
-        for name, child in module.named_children()
-        for rewrite in _plan(child, _join(path, name), failures)
-    ]
+        return [
+            rewrite
+            for name, child in module.named_children()
+            for rewrite in _plan(child, _join(path, name), failures)
+        ]
+    # The modules the trace kept as calls are rewritten on their own, after (inside) the rest.
+    for name, submodule in kept_whole.items():
+        rewrites += _plan(submodule, _join(path, name), failures)
+    return rewrites
 
 
-def _plan_traced(module: nn.Module, path: str) -> list[_Rewrite]:
-    """The rewrites from module's trace, at the deepest modules that hold the patterns.
+def _plan_traced(
+    module: nn.Module, path: str
+) -> tuple[list[_Rewrite], dict[str, nn.Module]]:
+    """The rewrites from module's trace, at the deepest modules that hold the patterns, and
+    the submodules the trace kept whole (see _kept_whole), by name.
 
     Raises _Untraceable when module itself does not trace.
     """
     graph, traced_through = _trace(module)
-    fusions = _fuse_graph(graph, dict(module.named_modules()))
-    if not fusions:
-        return []
-    here = [_Rewrite(path, module, graph, traced_through, fusions)]
-    if any(not fusion.scope for fusion in fusions):
-        return here
+    modules = dict(module.named_modules())
+    kept_whole = {
+        node.target: modules[node.target]
+        for node in graph.nodes
+        if node.op == "call_module" and _kept_whole(modules[node.target])
+    }
+    fusions = _fuse_graph(graph, modules)
+    here = [_Rewrite(path, module, graph, traced_through, fusions)] if fusions else []
+    if not fusions or any(not fusion.scope for fusion in fusions):
+        return here, kept_whole
     # Every pattern lies inside a submodule: rewrite those instead, keeping this module's
     # class and forward, unless one of them does not trace (or finds less) on its own.
     rewrites = []
     for name in dict.fromkeys(fusion.scope[0] for fusion in fusions):
         try:
-            below = _plan_traced(module.get_submodule(name), _join(path, name))
+            below, _ = _plan_traced(module.get_submodule(name), _join(path, name))
         except _Untraceable:
-            return here
+            return here, kept_whole
         if sum(len(r.fusions) for r in below) < sum(f.scope[0] == name for f in fusions):
-            return here
+            return here, kept_whole
         rewrites += below
-    return rewrites
+    return rewrites, kept_whole
 
 
 def _trace(module: nn.Module) -> tuple[fx.Graph, set[int]]:
     """module's forward as a graph, which must not depend on the modules' training flags."""
     if _has_own_state_dict(module):
         raise _Untraceable("it has its own state_dict logic, which a GraphModule would lose")
-    flags = {m: m.training for m in module.modules()}
+    flags = [(m, m.training) for m in module.modules()]
     traces = []
     try:
         for flip in (False, True):
-            for m, training in flags.items():
+            for m, training in flags:
                 m.training = training != flip
             tracer = _Tracer()
             try:
-                graph = tracer.trace(module)
+                with warnings.catch_warnings():  # the call's one warning is convert's
+                    warnings.simplefilter("ignore")
+                    graph = tracer.trace(module)
             except Exception as error:  # tracing runs arbitrary user code
                 reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
                 raise _Untraceable(f"{type(error).__name__}: {reason}") from error
             traces.append((graph, tracer.traced_through | {id(module)}))
     finally:
-        for m, training in flags.items():
+        for m, training in flags:
             m.training = training
     (graph, traced_through), (flipped, _) = traces
     if graph.python_code("self").src != flipped.python_code("self").src:
@@ -416,7 +442,9 @@ def _fuse_node(graph: fx.Graph, node: fx.Node, modules: dict[str, nn.Module]) ->
     return _Fusion(node.target, *activation, _scope(node, add, follower))
 
 
-def _activation(node: fx.Node, source: fx.Node, modules: dict[str, nn.Module]) -> Activation | None:
+def _activation(
+    node: fx.Node, source: fx.Node, modules: dict[str, nn.Module]
+) -> _Activation | None:
     """The activation node applies to source (its only argument), or None."""
     if node.op == "call_module":
         if node.args != (source,) or node.kwargs:
@@ -462,7 +490,10 @@ def _residual(add: fx.Node, source: fx.Node) -> fx.Node | None:
         other = first
     else:
         return None
-    return other if isinstance(other, fx.Node) and other is not source else None
+    # A parameter or buffer is a broadcast bias, not a residual of the output's shape.
+    if not isinstance(other, fx.Node) or other is source or other.op == "get_attr":
+        return None
+    return other
 
 
 def _call_before(node: fx.Node, add: fx.Node, residual: fx.Node) -> bool:
@@ -474,8 +505,8 @@ def _call_before(node: fx.Node, add: fx.Node, residual: fx.Node) -> bool:
     order = {n: i for i, n in enumerate(node.graph.nodes)}
     if order[residual] < order[node]:
         return True
-    (input,) = node.args
-    if any(order[node] < order[user] < order[add] for user in input.users):
+    (layer_input,) = node.args
+    if any(order[node] < order[user] < order[add] for user in layer_input.users):
         return False
     add.prepend(node)
     return True
@@ -508,10 +539,11 @@ def _apply(root: nn.Module, rewrite: _Rewrite) -> nn.Module:
 def _graph_module(rewrite: _Rewrite) -> fx.GraphModule:
     """A GraphModule running rewrite.graph over the module's own tree of submodules.
 
-    GraphModule alone would copy only the modules the graph calls, so the containers are
-    rebuilt: the ones the graph inlines become bare nn.Modules holding the same parameters,
-    buffers and children (their forward would no longer match the fused layers), the rest
-    are kept, and each fused layer is a copy that shares every tensor with the original.
+    GraphModule alone would keep only the modules the graph calls, under bare containers.
+    Here the tree stays whole: each fused layer is a copy that shares every tensor with the
+    original, and the containers above it are copies too (same class, parameters, buffers
+    and attributes); a container whose forward the graph inlined gets a forward that raises,
+    since running its old forward over the fused layers would compute something else.
     """
     module = rewrite.module
     layers = dict(module.named_modules())
@@ -520,29 +552,35 @@ def _graph_module(rewrite: _Rewrite) -> fx.GraphModule:
         for fusion in rewrite.fusions
     }
     tree = _mirror(module, "", rewrite.traced_through, fused)
-    attributes = [node.target for node in rewrite.graph.nodes if node.op == "get_attr"]
-    _copy_missing(module, tree, attributes)
     graph_module = fx.GraphModule(tree, rewrite.graph, type(module).__name__)
     for name in ("_parameters", "_buffers", "_modules"):
         getattr(graph_module, name).clear()
         getattr(graph_module, name).update(getattr(tree, name))
     graph_module._non_persistent_buffers_set = set(tree._non_persistent_buffers_set)
-    _copy_missing(module, graph_module, attributes)
-    _share_hooks(module, graph_module)
     for name, value in vars(module).items():  # plain attributes such as num_classes
         if not name.startswith("_") and not hasattr(graph_module, name):
             graph_module.__dict__[name] = value
+    for node in rewrite.graph.nodes:  # tensors the trace stored on the module itself
+        if node.op == "get_attr" and not hasattr(graph_module, node.target):
+            setattr(graph_module, node.target, getattr(module, node.target))
+    _share_hooks(module, graph_module)
     return graph_module
+
+
+def _copy_module(module: nn.Module) -> nn.Module:
+    """module's copy: the same tensors, submodules and attributes, but its own dictionaries."""
+    clone = copy.copy(module)
+    for name, value in vars(module).items():
+        if isinstance(value, (dict, set)):
+            clone.__dict__[name] = copy.copy(value)
+    return clone
 
 
 def _fused_copy(
     layer: nn.Module, activation: str | None, negative_slope: float | None
 ) -> nn.Module:
-    """layer with the activation, sharing its tensors but not its dictionaries."""
-    fused = copy.copy(layer)
-    for name, value in vars(layer).items():
-        if isinstance(value, (dict, set)):
-            fused.__dict__[name] = copy.copy(value)
+    """A copy of layer that applies the activation."""
+    fused = _copy_module(layer)
     fused.activation = activation
     if negative_slope is not None:
         fused.negative_slope = negative_slope
@@ -552,30 +590,36 @@ def _fused_copy(
 def _mirror(
     module: nn.Module, path: str, traced_through: set[int], fused: dict[str, nn.Module]
 ) -> nn.Module:
-    """module's tree with inlined containers made bare and fused layers replaced."""
-    if id(module) not in traced_through:
-        return fused.get(path, module)
-    bare = nn.Module()
-    bare.training = module.training
-    bare._parameters.update(module._parameters)
-    bare._buffers.update(module._buffers)
-    bare._non_persistent_buffers_set.update(module._non_persistent_buffers_set)
-    for name, child in module._modules.items():
-        bare._modules[name] = (
-            None if child is None else _mirror(child, _join(path, name), traced_through, fused)
+    """module's tree with the fused layers in place: module itself where nothing under it
+    changed, else a copy, whose forward raises if the graph inlined it."""
+    if path in fused:
+        return fused[path]
+    children = {
+        name: None if child is None else _mirror(child, _join(path, name), traced_through, fused)
+        for name, child in module._modules.items()
+    }
+    inlined = id(module) in traced_through
+    if not inlined and all(children[name] is child for name, child in module._modules.items()):
+        return module
+    clone = _copy_module(module)
+    clone._modules.update(children)
+    if inlined:
+        clone.forward = _Inlined(type(module).__name__)
+    return clone
+
+
+class _Inlined:
+    """The forward of a container that a GraphModule inlined (a class, so it pickles)."""
+
+    def __init__(self, class_name: str) -> None:
+        self.class_name = class_name
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError(
+            f"fastbn.convert inlined this {self.class_name}'s forward into the "
+            "torch.fx.GraphModule that holds it, with its BatchNorm layers fused; call that "
+            "GraphModule (or convert with fuse=False)"
         )
-    return bare
-
-
-def _copy_missing(source: nn.Module, target: nn.Module, attributes: list[str]) -> None:
-    """Copy the attributes (qualified names) that target lacks from source, as they are."""
-    for qualified_name in attributes:
-        *parents, name = qualified_name.split(".")
-        origin, destination = source, target
-        for parent in parents:
-            origin, destination = getattr(origin, parent), getattr(destination, parent)
-        if not hasattr(destination, name):
-            setattr(destination, name, getattr(origin, name))
 
 
 def _join(path: str, name: str) -> str:

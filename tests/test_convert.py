@@ -1,0 +1,598 @@
+"""fastbn.convert: swap torch BatchNorm layers for fastbn's and fuse activations and adds.
+
+The models are small torchvision-style ResNets defined here. Each converted model is run
+side by side with an untouched deep copy of the original: outputs, gradients and running
+statistics must agree within tests/helpers.py's tolerance for the dtype.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import assert_matches, make_input
+from torch import nn
+
+import fastbn
+from fastbn.modules import _FastBatchNorm
+
+# ---------------------------------------------------------------------------------------------
+# Models
+
+
+def conv3x3(inplanes: int, planes: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
+
+
+class BasicBlock(nn.Module):
+    """torchvision's BasicBlock: one ReLU module used after bn1 and after the add (`+=`)."""
+
+    expansion = 1
+
+    def __init__(self, inplanes, planes, stride=1, downsample=None):
+        super().__init__()
+        self.conv1 = conv3x3(inplanes, planes, stride)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = conv3x3(planes, planes)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = downsample
+
+    def forward(self, x):
+        identity = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        if self.downsample is not None:
+            identity = self.downsample(x)
+        out += identity
+        return self.relu(out)
+
+
+class Bottleneck(nn.Module):
+    """torchvision's Bottleneck, with the activations written three ways."""
+
+    expansion = 4
+
+    def __init__(self, inplanes, planes, stride=1, downsample=None):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = conv3x3(planes, planes, stride)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, planes * self.expansion, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * self.expansion)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    def forward(self, x):
+        identity = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = F.relu(self.bn2(self.conv2(out)), inplace=True)
+        out = self.bn3(self.conv3(out))
+        if self.downsample is not None:
+            identity = self.downsample(x)
+        out = torch.add(out, identity)
+        return torch.relu(out)
+
+
+class ResNet(nn.Module):
+    """torchvision's ResNet, small: stem conv-bn-relu-maxpool, two stages, avgpool, fc."""
+
+    def __init__(self, block, layers=(2, 1), width=8, num_classes=5):
+        super().__init__()
+        self.num_classes = num_classes
+        self.inplanes = width
+        self.conv1 = nn.Conv2d(3, width, 3, 2, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        self.layer1 = self._make_layer(block, width, layers[0])
+        self.layer2 = self._make_layer(block, 2 * width, layers[1], stride=2)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(2 * width * block.expansion, num_classes)
+
+    def _make_layer(self, block, planes, blocks, stride=1):
+        downsample = None
+        if stride != 1 or self.inplanes != planes * block.expansion:
+            downsample = nn.Sequential(
+                nn.Conv2d(self.inplanes, planes * block.expansion, 1, stride, bias=False),
+                nn.BatchNorm2d(planes * block.expansion),
+            )
+        layers = [block(self.inplanes, planes, stride, downsample)]
+        self.inplanes = planes * block.expansion
+        layers += [block(self.inplanes, planes) for _ in range(1, blocks)]
+        return nn.Sequential(*layers)
+
+    def forward(self, x):
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer2(self.layer1(x))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+class DataDependent(nn.Module):
+    """Branches on a tensor's value, which torch.fx cannot trace."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+        self.block = BasicBlock(4, 4)
+
+    def forward(self, x):
+        x = self.features(x)
+        if x.sum() > 0:
+            x = x * 2
+        return self.block(x)
+
+
+class TrainingBranch(nn.Module):
+    """Runs a different path in training, which a trace would freeze."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        x = self.bn(self.conv(x))
+        return F.relu(x) if self.training else F.silu(x)
+
+
+class Wrapper(nn.Module):
+    """Holds the patterns only in its submodules and has a method of its own."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.block = BasicBlock(4, 4)
+
+    def forward(self, x):
+        return self.block(self.stem(x))
+
+    def describe(self):
+        return "wrapper"
+
+
+def resnet(block=BasicBlock, seed=0, **options) -> ResNet:
+    torch.manual_seed(seed)
+    model = ResNet(block, **options)
+    randomize_batchnorms_(model, seed)
+    return model
+
+
+def randomize_batchnorms_(model: nn.Module, seed: int = 0) -> None:
+    """Non-trivial affine parameters and running statistics in every BatchNorm layer."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in model.modules():
+            if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+                c = layer.num_features
+                layer.weight.copy_(1 + 0.3 * torch.randn(c, generator=generator))
+                layer.bias.copy_(0.3 * torch.randn(c, generator=generator))
+                layer.running_mean.copy_(0.2 * torch.randn(c, generator=generator))
+                layer.running_var.copy_(0.5 + torch.rand(c, generator=generator))
+
+
+def converted_pair(model: nn.Module, device, **options) -> tuple[nn.Module, nn.Module]:
+    """(fastbn.convert(model), an untouched copy of model), both on device."""
+    model = model.to(device)
+    reference = copy.deepcopy(model)
+    return fastbn.convert(model, **options), reference
+
+
+def fused_layers(model: nn.Module) -> dict[str, str]:
+    """{path: activation} of the fastbn layers that carry an activation."""
+    return {
+        name: layer.activation
+        for name, layer in model.named_modules()
+        if isinstance(layer, _FastBatchNorm) and layer.activation is not None
+    }
+
+
+def residual_calls(model: nn.Module) -> list[str]:
+    """The layers a GraphModule calls with residual=."""
+    return [
+        node.target
+        for module in model.modules()
+        if isinstance(module, torch.fx.GraphModule)
+        for node in module.graph.nodes
+        if node.op == "call_module" and "residual" in node.kwargs
+    ]
+
+
+def assert_same_outputs(converted, reference, x) -> None:
+    assert_matches("output", converted(x), reference(x))
+
+
+# ---------------------------------------------------------------------------------------------
+# Numerics: the converted model computes what the original did
+
+
+@pytest.mark.parametrize("block", [BasicBlock, Bottleneck])
+def test_converted_resnet_matches_original_in_train_and_eval(backend, device, block):
+    converted, reference = converted_pair(resnet(block), device)
+    for step in range(2):
+        x = make_input((2, 3, 32, 32), seed=step, device=device)
+        grad_out = make_input((2, 5), seed=10 + step, device=device)
+        results = []
+        for model in (converted, reference):
+            x_leaf = x.clone().requires_grad_(True)
+            output = model(x_leaf)
+            output.backward(grad_out)
+            grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+            results.append((output, x_leaf.grad, grads))
+            with torch.no_grad():
+                for p in model.parameters():
+                    p -= 0.01 * p.grad
+                    p.grad = None
+        (output, x_grad, grads), (ref_output, ref_x_grad, ref_grads) = results
+        assert_matches(f"step {step} output", output, ref_output)
+        assert_matches(f"step {step} input grad", x_grad, ref_x_grad)
+        assert grads.keys() == ref_grads.keys()
+        for name, grad in grads.items():
+            assert_matches(f"step {step} grad of {name}", grad, ref_grads[name])
+    ref_buffers = dict(reference.named_buffers())
+    for name, buffer in converted.named_buffers():
+        if buffer.is_floating_point():
+            assert_matches(name, buffer, ref_buffers[name])
+        else:
+            assert torch.equal(buffer, ref_buffers[name]), name
+    converted.eval()
+    reference.eval()
+    x = make_input((2, 3, 32, 32), seed=5, device=device)
+    assert_matches("eval output", converted(x), reference(x))
+
+
+def test_double_model_stays_double_and_matches(device):
+    converted, reference = converted_pair(resnet().double(), device)
+    assert {p.dtype for p in converted.parameters()} == {torch.float64}
+    assert {p.device for p in converted.parameters()} == {device}
+    assert_same_outputs(converted, reference, make_input((2, 3, 16, 16), torch.float64))
+
+
+def test_argument_keeps_computing_the_same_after_its_root_is_replaced(device):
+    model = resnet().to(device).eval()
+    reference = copy.deepcopy(model)
+    converted = fastbn.convert(model)
+    assert converted is not model
+    assert_same_outputs(model, reference, make_input((2, 3, 16, 16), device=device))
+
+
+# ---------------------------------------------------------------------------------------------
+# State: the same tensors under the same names
+
+
+def test_converted_model_holds_the_original_parameters_and_buffers():
+    model = resnet(Bottleneck)
+    parameters, buffers = dict(model.named_parameters()), dict(model.named_buffers())
+    keys = list(model.state_dict())
+    converted = fastbn.convert(model)
+    assert list(converted.state_dict()) == keys
+    assert dict(converted.named_parameters()).keys() == parameters.keys()
+    for name, parameter in converted.named_parameters():
+        assert parameter is parameters[name], name
+    for name, buffer in converted.named_buffers():
+        assert buffer is buffers[name], name
+
+
+def test_every_batchnorm_becomes_a_fastbn_layer():
+    converted = fastbn.convert(resnet(Bottleneck))
+    layers = [m for m in converted.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    assert len(layers) == 12
+    assert all(type(m) is fastbn.BatchNorm2d for m in layers)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"affine": False}, {"track_running_stats": False}, {"momentum": None, "eps": 1e-3},
+     {"bias": False}],
+)
+def test_root_batchnorm_is_replaced_keeping_options_tensors_and_qconfig(options):
+    layer = nn.BatchNorm2d(6, **options)
+    layer.qconfig = "qconfig marker"
+    layer.eval()
+    swapped = fastbn.convert(layer)
+    assert type(swapped) is fastbn.BatchNorm2d
+    for name in ("eps", "momentum", "affine", "track_running_stats", "training", "qconfig"):
+        assert getattr(swapped, name) == getattr(layer, name), name
+    for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+        assert getattr(swapped, name) is getattr(layer, name), name
+    assert list(swapped.state_dict()) == list(layer.state_dict())
+
+
+def test_training_flags_are_kept():
+    model = resnet()
+    model.eval()
+    model.layer1[0].bn1.train()
+    flags = {name: m.training for name, m in model.named_modules()}
+    converted = fastbn.convert(model)
+    assert converted.training is False
+    for name, module in converted.named_modules():
+        assert module.training is flags[name], name
+
+
+def test_deep_copy_of_converted_model_keeps_keys_and_results():
+    converted = fastbn.convert(resnet()).eval()
+    duplicate = copy.deepcopy(converted)
+    assert list(duplicate.state_dict()) == list(converted.state_dict())
+    assert_same_outputs(duplicate, converted, make_input((2, 3, 16, 16)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Fusion
+
+
+def test_resnet_activations_and_residual_adds_are_fused():
+    converted = fastbn.convert(resnet(BasicBlock, layers=(2, 1)))
+    assert isinstance(converted, torch.fx.GraphModule)
+    blocks = ["layer1.0", "layer1.1", "layer2.0"]
+    expected = {"bn1": "relu"} | {f"{b}.{bn}": "relu" for b in blocks for bn in ("bn1", "bn2")}
+    assert fused_layers(converted) == expected
+    assert residual_calls(converted) == [f"{b}.bn2" for b in blocks]
+    assert "layer2.0.downsample.1" not in fused_layers(converted)
+
+
+def test_bottleneck_fuses_module_functional_and_torch_relu():
+    converted = fastbn.convert(resnet(Bottleneck, layers=(1, 1)))
+    blocks = ["layer1.0", "layer2.0"]
+    expected = {"bn1": "relu"} | {f"{b}.bn{i}": "relu" for b in blocks for i in (1, 2, 3)}
+    assert fused_layers(converted) == expected
+    assert residual_calls(converted) == [f"{b}.bn3" for b in blocks]
+
+
+def test_residual_fusion_is_shown_in_the_graph_module_code():
+    converted = fastbn.convert(resnet())
+    assert 'getattr(self.layer1, "0").bn2(layer1_0_conv2, residual = maxpool)' in converted.code
+    assert "activation=relu" in repr(converted.layer1[0].bn2)
+
+
+@pytest.mark.parametrize(
+    ("activation", "name", "slope"),
+    [(nn.ReLU(inplace=True), "relu", 0.01), (nn.ReLU6(), "relu6", 0.01),
+     (nn.LeakyReLU(0.2), "leaky_relu", 0.2), (nn.SiLU(), "silu", 0.01),
+     (nn.Hardswish(), "hardswish", 0.01)],
+)
+def test_sequential_activation_is_folded_into_the_layer(device, activation, name, slope):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), activation)
+    converted, reference = converted_pair(model, device)
+    assert converted is model
+    assert (converted[1].activation, converted[1].negative_slope) == (name, slope)
+    assert type(converted[2]) is nn.Identity
+    assert list(converted.state_dict()) == list(reference.state_dict())
+    assert_same_outputs(converted, reference, make_input((2, 3, 8, 8), device=device))
+
+
+def test_mlp_batchnorm1d_takes_the_following_relu(device):
+    model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+    converted, reference = converted_pair(model, device)
+    assert type(converted[1]) is fastbn.BatchNorm1d
+    assert converted[1].activation == "relu"
+    assert type(converted[2]) is nn.Identity
+    assert_same_outputs(converted, reference, make_input((4, 6), device=device))
+
+
+@pytest.mark.parametrize(
+    ("write", "expected"),
+    [(lambda y: F.leaky_relu(y, 0.3), ("leaky_relu", 0.3)),
+     (lambda y: F.relu6(y), ("relu6", 0.01)),
+     (lambda y: F.hardswish(y), ("hardswish", 0.01)),
+     (lambda y: y.relu(), ("relu", 0.01))],
+)
+def test_functional_activation_is_fused_with_its_arguments(device, write, expected):
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = nn.BatchNorm1d(4)
+
+        def forward(self, x):
+            return write(self.bn(x))
+
+    converted, reference = converted_pair(Model(), device)
+    bn = converted.get_submodule("bn")
+    assert (bn.activation, bn.negative_slope) == expected
+    assert_same_outputs(converted, reference, make_input((5, 4), device=device))
+
+
+def test_shared_relu_module_is_fused_per_call_site(device):
+    class Block(BasicBlock):
+        def forward(self, x):
+            return super().forward(self.relu(x - 0.5))
+
+    converted, reference = converted_pair(Block(4, 4), device)
+    assert fused_layers(converted) == {"bn1": "relu", "bn2": "relu"}
+    relu_calls = [n for n in converted.graph.nodes if n.op == "call_module" and n.target == "relu"]
+    assert len(relu_calls) == 1  # the call on the block's input stays
+    assert_same_outputs(converted, reference, make_input((2, 4, 6, 6), device=device))
+
+
+def test_add_without_activation_fuses_the_residual(device):
+    class InvertedResidual(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Sequential(
+                nn.Conv2d(4, 8, 1), nn.BatchNorm2d(8), nn.ReLU6(), nn.Conv2d(8, 4, 1),
+                nn.BatchNorm2d(4),
+            )
+
+        def forward(self, x):
+            return x + self.conv(x)
+
+    converted, reference = converted_pair(InvertedResidual(), device)
+    assert residual_calls(converted) == ["conv.4"]
+    assert fused_layers(converted) == {"conv.1": "relu6"}
+    assert_same_outputs(converted, reference, make_input((2, 4, 5, 5), device=device))
+
+
+def test_add_of_a_parameter_is_not_taken_for_a_residual(device):
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = nn.BatchNorm2d(4)
+            self.offset = nn.Parameter(torch.linspace(-1, 1, 4).view(4, 1, 1))
+
+        def forward(self, x):
+            return F.relu(self.bn(x) + self.offset)
+
+    converted, reference = converted_pair(Model(), device)
+    assert residual_calls(converted) == []
+    assert_same_outputs(converted, reference, make_input((2, 4, 5, 5), device=device))
+
+
+def test_batchnorm_output_with_another_use_is_not_fused(device):
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            y = self.bn(x)
+            return F.relu(y) + y
+
+    converted, reference = converted_pair(Model(), device)
+    assert fused_layers(converted) == {}
+    assert type(converted.bn) is fastbn.BatchNorm2d
+    assert_same_outputs(converted, reference, make_input((2, 4, 5, 5), device=device))
+
+
+def test_add_written_into_the_other_operand_is_not_fused(device):
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            skip = x * 1
+            skip.add_(self.bn(x))
+            return torch.relu(skip), skip
+
+    converted, reference = converted_pair(Model(), device)
+    assert residual_calls(converted) == []
+    x = make_input((2, 4, 5, 5), device=device)
+    for output, expected in zip(converted(x), reference(x), strict=True):
+        assert_matches("output", output, expected)
+
+
+def test_batchnorm_with_hooks_keeps_them_and_is_not_fused(device):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+    seen = []
+    model[1].register_forward_pre_hook(lambda module, args: seen.append("pre"))
+    handle = model[1].register_forward_hook(lambda module, args, output: seen.append("post"))
+    converted, reference = converted_pair(model, device)
+    assert type(converted[1]) is fastbn.BatchNorm2d
+    assert converted[1].activation is None
+    assert type(converted[2]) is nn.ReLU
+    x = make_input((2, 3, 6, 6), device=device)
+    assert_same_outputs(converted, reference, x)
+    assert seen == ["pre", "post", "pre", "post"]  # converted, then the deep copy
+    handle.remove()
+    converted(x)
+    assert seen[4:] == ["pre"]
+
+
+def test_container_with_hooks_is_kept_whole_and_fused_inside(device):
+    model = resnet()
+    calls = []
+    model.layer1.register_forward_hook(lambda module, args, output: calls.append(module))
+    converted, reference = converted_pair(model, device)
+    assert type(converted.layer1) is nn.Sequential
+    assert all(isinstance(block, torch.fx.GraphModule) for block in converted.layer1)
+    assert residual_calls(converted) == ["layer2.0.bn2", "bn2", "bn2"]
+    calls.clear()
+    assert_same_outputs(converted, reference, make_input((2, 3, 16, 16), device=device))
+    assert calls == [converted.layer1, reference.layer1]
+
+
+def test_inlined_containers_stay_indexable_but_refuse_to_run_alone():
+    converted = fastbn.convert(resnet())
+    assert isinstance(converted.layer1[0], BasicBlock)
+    assert converted.layer1[0].bn2.activation == "relu"
+    with pytest.raises(RuntimeError, match="inlined this BasicBlock's forward"):
+        converted.layer1[0](make_input((2, 8, 4, 4)))
+
+
+def test_root_with_patterns_only_in_submodules_keeps_its_class(device):
+    converted, reference = converted_pair(Wrapper(), device)
+    assert type(converted) is Wrapper
+    assert converted.describe() == "wrapper"
+    assert isinstance(converted.block, torch.fx.GraphModule)
+    assert residual_calls(converted) == ["bn2"]
+    assert_same_outputs(converted, reference, make_input((2, 3, 6, 6), device=device))
+
+
+def test_converting_twice_changes_nothing():
+    converted = fastbn.convert(resnet())
+    code, keys, fused = converted.code, list(converted.state_dict()), fused_layers(converted)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again = fastbn.convert(converted)
+    assert again is converted
+    assert (again.code, list(again.state_dict()), fused_layers(again)) == (code, keys, fused)
+
+
+def test_fuse_false_only_swaps():
+    model = resnet()
+    converted = fastbn.convert(model, fuse=False)
+    assert converted is model
+    assert fused_layers(converted) == {}
+    assert type(converted.bn1) is fastbn.BatchNorm2d
+
+
+# ---------------------------------------------------------------------------------------------
+# What is left alone, and why it is said
+
+
+def test_untraceable_model_is_swapped_and_warns_once(device):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        converted, reference = converted_pair(DataDependent(), device)
+    assert len(caught) == 1
+    message = str(caught[0].message)
+    assert "DataDependent" in message
+    assert "TraceError" in message
+    assert type(converted) is DataDependent
+    assert converted.features[1].activation == "relu"
+    assert type(converted.features[2]) is nn.Identity
+    assert residual_calls(converted) == ["bn2"]  # the block on its own traces
+    assert_same_outputs(converted, reference, make_input((2, 3, 6, 6), device=device))
+
+
+def test_forward_that_depends_on_training_is_not_frozen(device):
+    with pytest.warns(UserWarning, match="depends on self.training"):
+        converted, reference = converted_pair(TrainingBranch(), device)
+    assert type(converted.bn) is fastbn.BatchNorm2d
+    assert fused_layers(converted) == {}
+    converted.eval()
+    reference.eval()
+    assert_same_outputs(converted, reference, make_input((2, 3, 5, 5), device=device))
+
+
+def test_sync_batchnorm_is_left_alone():
+    model = nn.Sequential(nn.SyncBatchNorm(4), nn.BatchNorm2d(4))
+    converted = fastbn.convert(model)
+    assert type(converted[0]) is nn.SyncBatchNorm
+    assert type(converted[1]) is fastbn.BatchNorm2d
+
+
+def test_subclass_with_its_own_forward_is_left_alone():
+    class Scaled(nn.BatchNorm2d):
+        def forward(self, input):
+            return 2 * super().forward(input)
+
+    class Tagged(nn.BatchNorm2d):
+        pass
+
+    converted = fastbn.convert(nn.Sequential(Scaled(4), Tagged(4)))
+    assert type(converted[0]) is Scaled
+    assert type(converted[1]) is fastbn.BatchNorm2d
+
+
+def test_sync_is_not_available_yet():
+    with pytest.raises(NotImplementedError, match="fastbn.SyncBatchNorm is not available yet"):
+        fastbn.convert(resnet(), sync=True)
+
+
+def test_process_group_without_sync_is_rejected():
+    with pytest.raises(ValueError, match="process_group is only used with sync=True"):
+        fastbn.convert(resnet(), process_group=object())

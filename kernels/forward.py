@@ -188,7 +188,7 @@ def channel_constants(c, c_mask, mean_ptr, var_ptr, weight_ptr, bias_ptr, eps,
     hi = mean.to(COMPUTE_DTYPE)
     lo = (mean - hi.to(tl.float64)).to(COMPUTE_DTYPE)
     var = tl.load(var_ptr + c, mask=c_mask, other=1).to(COMPUTE_DTYPE)
-    invstd = 1.0 / tl.sqrt(var + tl.full([], eps, COMPUTE_DTYPE))
+    invstd = tl.math.rsqrt(var + tl.full([], eps, COMPUTE_DTYPE))
     scale = invstd
     if HAS_WEIGHT:
         scale = invstd * tl.load(weight_ptr + c, mask=c_mask, other=0).to(COMPUTE_DTYPE)

@@ -10,22 +10,32 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastbn.bench.cli import main
-from fastbn.bench.modes import MODES
-from fastbn.bench.providers import ApexProvider, FunctionalProvider
-from fastbn.bench.report import geomean_speedups, table
+import fastbn
+from fastbn.bench.cli import build_parser, choose_points, main
+from fastbn.bench.modes import MODES, make_step
+from fastbn.bench.problem import TOLERANCE, make_inputs, relative_error, truth
+from fastbn.bench.providers import (
+    ApexProvider,
+    CompiledProvider,
+    FunctionalProvider,
+    unfused_batch_norm,
+)
+from fastbn.bench.report import geomean_speedups, summary, table
 from fastbn.bench.runner import Row, Settings, run
 from fastbn.bench.shapes import (
+    FUSIONS,
     SUITES,
     Point,
     parse_shape,
     r3d18_bn_inputs,
     resnet50_bn_inputs,
+    resnet50_bn_layers,
 )
 from fastbn.bench.timing import time_cpu
 from fastbn.bench.traffic import PASSES_PER_ELEMENT, compulsory_bytes
 
 TINY = Point((4, 3, 5, 5), "fp32", "nchw")
+TORCH = FunctionalProvider("torch", F.batch_norm, unfused_batch_norm)
 CPU_SETTINGS = Settings(torch.device("cpu"), time_cpu, warmup=0, reps=2, copy_gbps=10.0)
 
 
@@ -52,16 +62,30 @@ def bn_input_shapes(model: torch.nn.Module, x: torch.Tensor) -> list[tuple[int, 
 
 
 @pytest.mark.parametrize(
-    ("mode", "passes"),
-    [("forward-train", 2), ("forward-eval", 2), ("backward", 3), ("forward-backward", 5)],
+    ("fusion", "mode", "passes"),
+    [
+        ("none", "forward-train", 2), ("none", "forward-eval", 2), ("none", "backward", 3),
+        ("none", "forward-backward", 5),
+        ("relu", "forward-train", 2), ("relu", "forward-eval", 2), ("relu", "backward", 3),
+        ("relu", "forward-backward", 5),
+        ("add_relu", "forward-train", 3), ("add_relu", "forward-eval", 3),
+        ("add_relu", "backward", 4), ("add_relu", "forward-backward", 7),
+    ],
 )
-def test_bytes_model_counts_compulsory_passes_over_x(mode, passes):
+def test_bytes_model_counts_compulsory_passes_over_x(fusion, mode, passes):
     for element_size in (2, 4):
-        assert compulsory_bytes(mode, 1000, element_size) == passes * 1000 * element_size
+        assert compulsory_bytes(mode, fusion, 1000, element_size) == passes * 1000 * element_size
 
 
-def test_bytes_model_covers_exactly_the_modes():
-    assert set(PASSES_PER_ELEMENT) == set(MODES)
+def test_bytes_model_covers_exactly_the_fusions_and_modes():
+    assert set(PASSES_PER_ELEMENT) == set(FUSIONS)
+    assert all(set(per_mode) == set(MODES) for per_mode in PASSES_PER_ELEMENT.values())
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_bytes_model_forward_backward_is_forward_plus_backward(fusion):
+    passes = PASSES_PER_ELEMENT[fusion]
+    assert passes["forward-backward"] == passes["forward-train"] + passes["backward"]
 
 
 # --- suites ---------------------------------------------------------------------------------
@@ -74,7 +98,7 @@ def test_resnet50_has_53_batchnorms_with_12_distinct_shapes():
 
 
 def test_resnet50_suite_has_the_known_shapes_at_batch_32_and_256():
-    shapes = {point.shape for point in SUITES["resnet50"].points}
+    shapes = {point.shape for point in SUITES["resnet50"].points if point.fusion == "none"}
     assert len(shapes) == 24
     for batch in (32, 256):
         assert (batch, 64, 112, 112) in shapes  # stem
@@ -83,8 +107,41 @@ def test_resnet50_suite_has_the_known_shapes_at_batch_32_and_256():
     assert (32, 128, 14, 14) not in shapes
 
 
-def test_resnet50_suite_has_every_dtype_and_layout():
-    assert len(SUITES["resnet50"].points) == 24 * 3 * 2
+def test_resnet50_suite_has_its_plain_points_in_every_dtype_and_layout():
+    plain = [point for point in SUITES["resnet50"].points if point.fusion == "none"]
+    assert len(plain) == 24 * 3 * 2
+
+
+def test_resnet50_layers_are_followed_by_relu_add_relu_or_nothing():
+    fusions = [fusion for _, fusion in resnet50_bn_layers(32)]
+    # the stem and 16 Bottlenecks' bn1 and bn2; 16 bn3; 4 downsample bns
+    assert (fusions.count("relu"), fusions.count("add_relu"), fusions.count("none")) == (
+        33, 16, 4
+    )
+    assert [shape for shape, _ in resnet50_bn_layers(32)] == resnet50_bn_inputs(32)
+
+
+@pytest.mark.parametrize(
+    ("fusion", "chw"),
+    [
+        ("relu", {(64, 112, 112), (64, 56, 56), (128, 56, 56), (128, 28, 28), (256, 28, 28),
+                  (256, 14, 14), (512, 14, 14), (512, 7, 7)}),
+        ("add_relu", {(256, 56, 56), (512, 28, 28), (1024, 14, 14), (2048, 7, 7)}),
+    ],
+)
+def test_resnet50_suite_has_fused_rows_where_resnet50_fuses(fusion, chw):
+    points = [point for point in SUITES["resnet50"].points if point.fusion == fusion]
+    assert {point.shape for point in points} == {
+        (batch, *size) for batch in (32, 256) for size in chw
+    }
+    assert {(point.dtype, point.layout) for point in points} == {
+        (dtype, layout) for dtype in ("fp16", "bf16") for layout in ("nchw", "channels_last")
+    }
+    assert len(points) == len(chw) * 2 * 2 * 2
+
+
+def test_resnet50_suite_point_count():
+    assert len(SUITES["resnet50"].points) == 24 * 3 * 2 + (8 + 4) * 2 * 2 * 2
 
 
 def test_resnet50_shapes_match_torchvision():
@@ -115,12 +172,13 @@ def test_bn1d_suite_spans_1024x256_to_65536x4096_in_one_layout():
     assert len(points) == len(set(shapes)) * 3
 
 
-def test_quick_suite_is_a_dozen_points_covering_every_dtype_layout_and_rank():
+def test_quick_suite_is_14_points_covering_every_dtype_layout_rank_and_fusion():
     points = SUITES["quick"].points
-    assert len(points) == 12
+    assert len(points) == 14
     assert {p.dtype for p in points} == {"fp32", "fp16", "bf16"}
     assert {p.layout for p in points} == {"nchw", "channels_last"}
     assert {len(p.shape) for p in points} == {2, 4, 5}
+    assert sorted(p.fusion for p in points if p.fusion != "none") == ["add_relu", "relu"]
 
 
 def test_only_the_cpu_suite_runs_without_a_gpu():
@@ -172,6 +230,96 @@ def test_provider_that_skips_the_running_stat_update_is_wrong_in_forward_train_o
     assert [row.status for row in rows] == ["wrong", "ok"]
 
 
+@pytest.mark.parametrize("fusion", FUSIONS)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_every_mode_of_every_fusion_is_checked_then_timed(fusion, layout):
+    fastbn_provider = FunctionalProvider("fastbn", fastbn.batch_norm, fastbn.batch_norm)
+    rows = run([Point((4, 3, 5, 5), "fp32", layout, fusion)], MODES, [fastbn_provider, TORCH],
+               CPU_SETTINGS)
+    assert [(row.provider, row.mode, row.status) for row in rows] == [
+        (name, mode, "ok") for name in ("fastbn", "torch") for mode in MODES
+    ]
+    assert all(row.fusion == fusion for row in rows)
+
+
+@pytest.mark.parametrize(("fusion", "grads"), [
+    ("none", {"grad_input", "grad_weight", "grad_bias"}),
+    ("relu", {"grad_input", "grad_weight", "grad_bias"}),
+    ("add_relu", {"grad_input", "grad_weight", "grad_bias", "grad_residual"}),
+])
+def test_gradient_modes_return_the_gradient_of_every_input(fusion, grads):
+    inputs = make_inputs(Point((4, 3, 5, 5), "fp32", "nchw", fusion), torch.device("cpu"))
+    assert set(make_step("backward", TORCH.bind, inputs)()) == grads
+    assert set(make_step("forward-backward", TORCH.bind, inputs)()) == grads | {
+        "y_train", "running_mean", "running_var"
+    }
+    assert grads <= set(truth(inputs, ("backward",)).values)
+
+
+def test_provider_that_drops_the_residual_is_not_timed():
+    def no_residual(*args, residual=None, activation=None):
+        return unfused_batch_norm(*args, activation=activation)
+
+    rows = run([Point((4, 3, 5, 5), "fp32", "nchw", "add_relu")], MODES,
+               [FunctionalProvider("dropped", F.batch_norm, no_residual)], CPU_SETTINGS)
+    # y is wrong; and z, unused, has no gradient to ask for
+    assert [row.status for row in rows] == ["wrong", "wrong", "error", "error"]
+    assert all(row.median_ms is None for row in rows)
+
+
+def test_provider_whose_backward_skips_the_relu_is_wrong_in_the_gradient_modes_only():
+    def straight_through(*args, residual=None, activation=None):
+        u = unfused_batch_norm(*args, residual=residual)
+        return u + (F.relu(u) - u).detach()
+
+    rows = run([Point((4, 3, 5, 5), "fp32", "nchw", "relu")], MODES,
+               [FunctionalProvider("straight", F.batch_norm, straight_through)], CPU_SETTINGS)
+    assert [row.status for row in rows] == ["ok", "ok", "wrong", "wrong"]
+
+
+def test_residual_gradient_is_checked():
+    def half_residual_gradient(*args, residual=None, activation=None):
+        half = 0.5 * residual
+        return unfused_batch_norm(*args, residual=half + half.detach(), activation=activation)
+
+    rows = run([Point((4, 3, 5, 5), "fp32", "nchw", "add_relu")], MODES,
+               [FunctionalProvider("half", F.batch_norm, half_residual_gradient)], CPU_SETTINGS)
+    assert [row.status for row in rows] == ["ok", "ok", "wrong", "wrong"]
+
+
+def test_relu_kink_is_judged_on_the_providers_side():
+    # torch eager rounds BN(x) to bf16 before adding z, so some u near 0 change sign, and
+    # with them a whole dy in dx and dz: wrong against the truth's side, right on its own.
+    inputs = make_inputs(Point((8, 32, 16, 16), "bf16", "channels_last", "add_relu"),
+                         torch.device("cpu"))
+    expected = truth(inputs, ("forward-backward",))
+    outputs = make_step("forward-backward", TORCH.bind, inputs)()
+    assert relative_error(outputs, expected.values) > TOLERANCE["bf16"]
+    assert relative_error(outputs, expected.values_for(outputs)) <= TOLERANCE["bf16"]
+
+
+def test_kink_leaves_a_wrong_relu_gradient_wrong():
+    def leaky_gradient(*args, residual=None, activation=None):
+        u = unfused_batch_norm(*args, residual=residual)
+        return F.relu(u) + 0.5 * (u - u.detach()) * (u <= 0)
+
+    inputs = make_inputs(Point((8, 32, 16, 16), "bf16", "channels_last", "add_relu"),
+                         torch.device("cpu"))
+    expected = truth(inputs, ("backward",))
+    outputs = make_step("backward", FunctionalProvider("leaky", F.batch_norm, leaky_gradient)
+                        .bind, inputs)()
+    assert relative_error(outputs, expected.values_for(outputs)) > 0.1
+
+
+def test_provider_without_fusions_gets_no_rows_on_fused_points():
+    points = [TINY, Point((4, 3, 5, 5), "fp32", "nchw", "relu")]
+    rows = run(points, ("forward-eval",),
+               [TORCH, FunctionalProvider("plain", F.batch_norm)], CPU_SETTINGS)
+    assert [(row.provider, row.fusion) for row in rows] == [
+        ("torch", "none"), ("plain", "none"), ("torch", "relu")
+    ]
+
+
 def test_provider_that_raises_is_marked_error_and_the_run_goes_on():
     def broken(*args):
         raise RuntimeError("no kernel for this")
@@ -182,15 +330,37 @@ def test_provider_that_raises_is_marked_error_and_the_run_goes_on():
     assert rows[0].message == "RuntimeError: no kernel for this"
 
 
-def test_speedup_is_the_baseline_time_over_fastbns_and_geomean_multiplies():
-    def row(provider, mode, ms, shape=(2, 3)):
-        return Row(shape, "fp32", "nchw", mode, provider, "ok", 0, median_ms=ms,
-                   fastbn_speedup=None if provider == "fastbn" else ms)
+def speedup_row(provider, mode, speedup, shape=(2, 3), fusion="none"):
+    return Row(shape, "fp32", "nchw", fusion, mode, provider, "ok", 0, median_ms=speedup,
+               fastbn_speedup=speedup)
 
-    rows = [row("torch", "backward", 2.0), row("torch", "backward", 8.0, (4, 3))]
+
+def test_speedup_is_the_baseline_time_over_fastbns_and_geomean_multiplies():
+    rows = [speedup_row("torch", "backward", 2.0), speedup_row("torch", "backward", 8.0, (4, 3))]
     means = geomean_speedups(rows)
-    assert means["torch"]["backward"] == {"speedup": pytest.approx(4.0), "n": 2}
-    assert means["torch"]["all"]["n"] == 2
+    assert means["torch"]["none"]["backward"] == {"speedup": pytest.approx(4.0), "n": 2}
+    assert means["torch"]["all"]["all"]["n"] == 2
+
+
+def test_geomean_is_taken_per_fusion_and_over_all_fusions():
+    rows = [speedup_row("torch", "backward", 2.0), speedup_row("torch", "backward", 8.0),
+            speedup_row("torch", "backward", 3.0, fusion="relu"),
+            speedup_row("torch", "forward-train", 1.0, fusion="add_relu")]
+    means = geomean_speedups(rows)["torch"]
+    assert list(means) == ["none", "relu", "add_relu", "all"]
+    assert means["none"]["backward"]["speedup"] == pytest.approx(4.0)
+    assert means["relu"]["all"] == {"speedup": pytest.approx(3.0), "n": 1}
+    assert means["all"]["backward"] == {"speedup": pytest.approx(48 ** (1 / 3)), "n": 3}
+    lines = summary(geomean_speedups(rows)).splitlines()
+    assert [line.split()[3] for line in lines[2:]] == ["none", "relu", "add_relu", "all"]
+
+
+def test_summary_of_one_fusion_has_one_line_per_baseline():
+    rows = [speedup_row("torch", "backward", 2.0, fusion="relu"),
+            speedup_row("compile", "backward", 3.0, fusion="relu")]
+    lines = summary(geomean_speedups(rows)).splitlines()
+    assert len(lines) == 2 + 2
+    assert all(" relu " in line for line in lines[2:])
 
 
 def test_table_marks_rows_that_were_not_timed():
@@ -215,6 +385,9 @@ def test_table_marks_rows_that_were_not_timed():
         (["--dtypes", "fp8"], "unknown dtype"),
         (["--providers", "fastbn,cudnn9"], "unknown provider"),
         (["--layouts", "nhwc"], "unknown layout"),
+        (["--fusion", "gelu"], "unknown fusion"),
+        (["--fusion", "relu,add"], "unknown fusion 'add'"),
+        (["--fusion", ","], "unknown fusion"),
         (["--suite", "cpu", "--shape", "4,4"], "not allowed with"),
     ],
 )
@@ -239,7 +412,7 @@ def test_json_file_has_the_run_metadata_and_long_format_rows(tmp_path, capsys):
     assert main(args) == 0
     (path,) = tmp_path.glob("custom-*.json")
     document = json.loads(path.read_text())
-    assert document["schema"] == "fastbn.bench/1"
+    assert document["schema"] == "fastbn.bench/2"
     assert document["command"] == "python -m fastbn.bench " + " ".join(args)
     assert {"date", "suite", "device", "versions", "copy_bandwidth", "notes", "rows"} <= set(
         document
@@ -253,9 +426,56 @@ def test_json_file_has_the_run_metadata_and_long_format_rows(tmp_path, capsys):
     assert all(set(row) == {f.name for f in dataclasses.fields(Row)} for row in rows)
     keys = {(tuple(r["shape"]), r["layout"], r["mode"], r["provider"]) for r in rows}
     assert len(keys) == len(rows)
+    assert {row["fusion"] for row in rows} == {"none"}
     assert all(row["status"] == "ok" for row in rows)
     assert all(row["fastbn_speedup"] > 0 for row in rows if row["provider"] == "torch")
     assert "vs torch" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("args", "fusions"),
+    [
+        (["--shape", "4,3,5,5"], {"none"}),
+        (["--shape", "4,3,5,5", "--fusion", "relu,add_relu"], {"relu", "add_relu"}),
+        (["--suite", "quick", "--fusion", "add_relu"], {"add_relu"}),
+        (["--suite", "quick"], set(FUSIONS)),
+    ],
+)
+def test_fusion_flag_replaces_each_points_fusion(args, fusions):
+    parser = build_parser()
+    _, points = choose_points(parser, parser.parse_args(args), "cuda")
+    assert {point.fusion for point in points} == fusions
+    if "--fusion" in args:
+        unfused = choose_points(parser, parser.parse_args(args[:2]), "cuda")[1]
+        assert len(points) == len({(p.shape, p.dtype, p.layout) for p in unfused}) * len(
+            fusions
+        )
+
+
+def test_fused_run_on_cpu_checks_every_provider_and_writes_the_fusion(tmp_path, capsys):
+    args = ["--shape", "2,8,6,6", "--fusion", "relu,add_relu", "--reps", "2", "--warmup", "0",
+            "--out", str(tmp_path)]
+    assert main(args) == 0
+    (path,) = tmp_path.glob("custom-*.json")
+    document = json.loads(path.read_text())
+    rows = document["rows"]
+    assert len(rows) == 2 * 2 * len(MODES) * len(document["providers"])  # fusions x layouts
+    assert {row["provider"] for row in rows} == set(document["providers"])
+    assert all(row["status"] == "ok" for row in rows), [r for r in rows if r["status"] != "ok"]
+    assert {row["fusion"] for row in rows} == {"relu", "add_relu"}
+    assert set(document["geomean_speedup"]["torch"]) == {"relu", "add_relu", "all"}
+    out = capsys.readouterr().out
+    assert "fusion" in out.splitlines()[out.splitlines().index("") + 1]
+    assert "add_relu" in out
+
+
+@pytest.mark.slow
+def test_compile_provider_runs_every_fusion():
+    points = [Point((2, 8, 6, 6), "bf16", "channels_last", fusion) for fusion in FUSIONS]
+    rows = run(points, MODES, [CompiledProvider()], CPU_SETTINGS)
+    assert [(row.fusion, row.status) for row in rows] == [
+        (fusion, "ok") for fusion in FUSIONS for _ in MODES
+    ], [row.message for row in rows]
 
 
 def test_plot_is_written_when_matplotlib_is_installed(tmp_path):

@@ -1,7 +1,7 @@
 """``python -m fastbn.bench``: fastbn against torch eager, torch.compile and apex.
 
-- ``shapes``    points (shape, dtype, layout), the suites, --shape parsing;
-- ``traffic``   the bytes model (compulsory traffic per mode);
+- ``shapes``    points (shape, dtype, layout, fusion), the suites, --shape parsing;
+- ``traffic``   the bytes model (compulsory traffic per mode and fusion);
 - ``problem``   a point's tensors, the float64 truth, the error measure and tolerances;
 - ``providers`` the implementations under test;
 - ``modes``     what one timed call of each mode does;

@@ -30,7 +30,7 @@ from fastbn.bench.report import (
     write_plot,
 )
 from fastbn.bench.runner import Row, Settings, describe, run
-from fastbn.bench.shapes import DTYPES, LAYOUTS, SUITES, grid, parse_shape, restyle
+from fastbn.bench.shapes import DTYPES, FUSIONS, LAYOUTS, SUITES, grid, parse_shape, restyle
 from fastbn.bench.timing import COPY_BYTES, copy_bandwidth, timer
 from fastbn.bench.traffic import PASSES_PER_ELEMENT
 
@@ -75,43 +75,63 @@ def build_parser() -> argparse.ArgumentParser:
                       subsequent_indent=" " * 12)
         for name, suite in SUITES.items()
     )
-    passes = ", ".join(f"{mode} {n}s" for mode, n in PASSES_PER_ELEMENT.items())
+    passes = "\n".join(
+        f"  {fusion:10s}" + ", ".join(f"{mode} {n}s" for mode, n in per_mode.items())
+        for fusion, per_mode in PASSES_PER_ELEMENT.items()
+    )
     tolerances = ", ".join(f"{dtype} {tol:g}" for dtype, tol in TOLERANCE.items())
     parser = argparse.ArgumentParser(
         prog="python -m fastbn.bench",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description=(
-            "Time fastbn's BatchNorm against torch eager, torch.compile and apex on real "
-            "shapes, after checking each against a float64 truth, and say how close each "
-            "gets to the memory bandwidth this device measures."
+            "Time fastbn's BatchNorm (alone, or fused with a ReLU or a residual add and a "
+            "ReLU) against torch eager, torch.compile and apex on real shapes, after checking "
+            "each against a float64 truth, and say how close each gets to the memory "
+            "bandwidth this device measures."
         ),
         epilog=f"""\
 suites (--suite):
 {suites}
   Without CUDA only 'cpu' runs; the GPU-sized suites are refused (use --shape for your own).
-  --dtypes / --layouts, when given, replace each point's dtype / layout.
+  --dtypes / --layouts / --fusion, when given, replace each point's dtype / layout / fusion.
+
+fusions (--fusion {",".join(FUSIONS)}): what follows BatchNorm in the timed call.
+  none      y = BN(x), plain BatchNorm (every suite; the default for --shape)
+  relu      y = relu(BN(x))
+  add_relu  y = relu(BN(x) + z), z a second input of x's shape, dtype and layout
+  The resnet50 suite has its plain points in every dtype and layout, and adds fused points
+  where resnet50 fuses: relu after the stem's bn1 and each Bottleneck's bn1 and bn2, add_relu
+  after each bn3 (the downsample bn stays plain) - fused points in fp16 and bf16 only
+  (mixed-precision training), both layouts. The quick suite has one of each.
 
 providers (--providers):
   fastbn   fastbn.batch_norm, backend "auto" (the Triton kernels on CUDA; the PyTorch path
-           on CPU). The header says which backend ran.
-  torch    torch.nn.functional.batch_norm, eager (cuDNN / native CUDA kernels, or CPU)
-  compile  torch.compile(F.batch_norm), Inductor, static shapes, compiled for each point.
+           on CPU). The header says which backend ran. Fused points: one call with
+           residual=z, activation="relu".
+  torch    torch.nn.functional.batch_norm, eager (cuDNN / native CUDA kernels, or CPU).
+           Fused points: F.relu(F.batch_norm(x, ...) + z), three eager ops (two for relu).
+  compile  torch.compile of the torch provider's function (F.batch_norm, or the composite
+           for fused points), Inductor, static shapes, compiled for each point.
            On CPU only when asked for: compiling there is slow.
   apex     apex.parallel.SyncBatchNorm in one process (its fused syncbn kernels), CUDA only;
-           skipped with a note when apex or its CUDA extension is missing.
+           skipped with a note when apex or its CUDA extension is missing. Plain points
+           only: fused points have no apex rows.
   Default: all on CUDA, fastbn,torch on CPU.
 
 modes (--modes): {", ".join(MODES)}
   forward-train updates the running statistics with autograd recording; forward-eval runs
   under no_grad; backward times only torch.autograd.grad(retain_graph=True) on a forward
-  made beforehand; forward-backward is a training forward and its gradients.
+  made beforehand; forward-backward is a training forward and its gradients (of x, weight,
+  bias, and z for add_relu).
   Inputs are fp32/fp16/bf16 (--dtypes {",".join(DTYPES)}); weight, bias and running stats
   are fp32. Layouts (--layouts {",".join(LAYOUTS)}): channels_last is channels_last_3d
   for 5-D; 2-D and 3-D input has one layout, shown as nchw.
 
-check: before timing, each provider's outputs (y, running stats, dx, dweight, dbias as the
-  mode has them) are compared with BatchNorm computed in float64 from the same inputs:
-  max|out - truth| / max|truth| must be within {tolerances}.
+check: before timing, each provider's outputs (y, running stats, dx, dweight, dbias, dz as
+  the mode has them) are compared with BatchNorm and its fusion computed in float64 from the
+  same inputs: max|out - truth| / max|truth| must be within {tolerances}.
+  Where relu's input is within that tolerance of 0, rounding may put it on either side; the
+  truth's gradients there take the provider's side, read from its dx.
   A row outside it is marked WRONG (ERROR if it raised) and is not timed.
 
 timing: CUDA events around each call with the L2 cache flushed before it; on CPU
@@ -119,15 +139,18 @@ timing: CUDA events around each call with the L2 cache flushed before it; on CPU
   --warmup calls. The copy bandwidth is dst.copy_(src) of {COPY_BYTES["cuda"] >> 30} GiB
   ({COPY_BYTES["cpu"] >> 20} MiB on CPU): GB/s = 2 x bytes / time.
 
-bytes model: compulsory traffic per element of x, of s bytes each:
-  {passes}.
+bytes model: compulsory traffic per element of x, of s bytes each, per fusion:
+{passes}
+  (add_relu reads z and writes dz too; relu moves nothing more.)
   GB/s = compulsory bytes / median time; %copy = that over the measured copy bandwidth.
   Speedup "vs NAME" = NAME's median / fastbn's median (> 1: fastbn is faster); the summary
-  is its geometric mean over the suite's points, per mode and over all modes.
+  is its geometric mean over the suite's points, per fusion (and over all fusions when
+  there are several), per mode and over all modes.
 
 output: the table on stdout, progress on stderr. --out DIR writes
-  SUITE-DEVICE-DATE.json (device, versions, command, date, copy bandwidth, every row in long
-  format) and, when matplotlib is installed, SUITE-DEVICE-DATE.png (speedup per point).
+  SUITE-DEVICE-DATE.json (device, versions, command, date, copy bandwidth, geometric means,
+  every row in long format with its fusion) and, when matplotlib is installed,
+  SUITE-DEVICE-DATE.png (speedup per point).
 
 exit status: 0, or 1 when some fastbn row was wrong or failed, 2 for a bad argument.
 """,
@@ -154,6 +177,11 @@ exit status: 0, or 1 when some fastbn row was wrong or failed, 2 for a bad argum
         help="comma-separated layouts (default: the suite's; both for --shape)",
     )
     parser.add_argument(
+        "--fusion", type=listed(FUSIONS, "fusion"), metavar="LIST",
+        help="comma-separated fusions: none, relu, add_relu (default: the suite's; none for "
+        "--shape)",
+    )
+    parser.add_argument(
         "--providers", type=listed(PROVIDERS, "provider"), metavar="LIST",
         help="comma-separated providers (default: all on CUDA, fastbn,torch on CPU)",
     )
@@ -175,14 +203,14 @@ def choose_points(parser: argparse.ArgumentParser, args: argparse.Namespace, dev
     if args.shape:
         dtypes = DTYPES if device == "cuda" else ("fp32",)
         points = grid(args.shape, dtypes=dtypes)
-        return "custom", restyle(points, args.dtypes, args.layouts)
+        return "custom", restyle(points, args.dtypes, args.layouts, args.fusion)
     suite = SUITES[args.suite or DEFAULTS[device]["suite"]]
     if suite.for_gpu and device != "cuda":
         parser.error(
             f"suite {suite.name!r} is sized for a GPU and this machine has no CUDA device; "
             "on CPU run --suite cpu (the default) or give your own --shape N,C,..."
         )
-    return suite.name, restyle(suite.points, args.dtypes, args.layouts)
+    return suite.name, restyle(suite.points, args.dtypes, args.layouts, args.fusion)
 
 
 def device_name(device: torch.device) -> str:

@@ -1,13 +1,15 @@
 """The BatchNorm implementations the benchmark compares, behind one small interface.
 
 - ``fastbn``:  ``fastbn.batch_norm`` (the caller runs it under ``fastbn.use_backend("auto")``:
-  the Triton kernels on CUDA, the PyTorch path on CPU);
+  the Triton kernels on CUDA, the PyTorch path on CPU); fused points are one call with
+  ``residual=z, activation="relu"``;
 - ``torch``:   ``torch.nn.functional.batch_norm`` in eager mode (cuDNN or torch's native
-  kernels on CUDA, torch's CPU kernels on CPU);
-- ``compile``: ``torch.compile(torch.nn.functional.batch_norm)`` (Inductor), static shapes,
-  compiled afresh for each point;
+  kernels on CUDA, torch's CPU kernels on CPU); fused points are ``unfused_batch_norm``:
+  F.batch_norm, then ``+ z``, then F.relu;
+- ``compile``: ``torch.compile`` (Inductor) of F.batch_norm, or of ``unfused_batch_norm`` for
+  fused points, static shapes, compiled afresh for each point;
 - ``apex``:    ``apex.parallel.SyncBatchNorm`` in a single process, when apex is installed
-  with its fused CUDA extension (``syncbn``).
+  with its fused CUDA extension (``syncbn``); plain points only.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import fastbn
-from fastbn.bench.problem import memory_format
+from fastbn.bench.problem import ACTIVATION, memory_format
+from fastbn.bench.shapes import FUSIONS
 
 PROVIDERS = ("fastbn", "torch", "compile", "apex")
 
@@ -39,45 +42,91 @@ class Params:
     eps: float
 
 
+# A bound layer's call: (x, the residual z or None) -> y.
+Forward = Callable[[Tensor, Tensor | None], Tensor]
+# A provider's bind: (layer state, training, fusion) -> Forward.
+Bind = Callable[[Params, bool, str], Forward]
+
+
+def unfused_batch_norm(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    *,
+    residual: Tensor | None = None,
+    activation: str | None = None,
+) -> Tensor:
+    """fastbn.batch_norm's fused call as separate torch ops, the way eager PyTorch models
+    write it: F.relu(F.batch_norm(...) + residual). Only the "relu" activation."""
+    if activation not in (None, "relu"):
+        raise ValueError(f"unfused_batch_norm: activation {activation!r} is not 'relu'")
+    y = F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    if residual is not None:
+        y = y + residual
+    return y if activation is None else F.relu(y)
+
+
 class Provider:
-    """A BatchNorm implementation: ``bind`` fixes a layer's state and mode, giving x -> y."""
+    """A BatchNorm implementation: ``bind`` fixes a layer's state, mode and fusion, giving
+    (x, z) -> y. It runs only the points whose fusion is in ``fusions``."""
 
     name: str
+    fusions: tuple[str, ...] = ("none",)
 
     def start_point(self) -> None:
-        """Called before the first call on a new point (shape, dtype, layout)."""
+        """Called before the first call on a new point (shape, dtype, layout, fusion)."""
 
-    def bind(self, params: Params, training: bool) -> Callable[[Tensor], Tensor]:
+    def bind(self, params: Params, training: bool, fusion: str) -> Forward:
         raise NotImplementedError
 
 
 class FunctionalProvider(Provider):
-    """A function with torch.nn.functional.batch_norm's positional signature."""
+    """``function`` with torch.nn.functional.batch_norm's positional signature for plain
+    points and, when given, ``fused`` with fastbn.batch_norm's (the same, plus keywords
+    ``residual`` and ``activation``) for the fusions."""
 
-    def __init__(self, name: str, function: Callable[..., Tensor]) -> None:
+    def __init__(
+        self, name: str, function: Callable[..., Tensor], fused: Callable[..., Tensor] | None = None
+    ) -> None:
         self.name = name
         self.function = function
+        self.fused = fused
+        self.fusions = FUSIONS if fused is not None else ("none",)
 
-    def bind(self, params: Params, training: bool) -> Callable[[Tensor], Tensor]:
-        function, p = self.function, params
-        return lambda x: function(
-            x, p.running_mean, p.running_var, p.weight, p.bias, training, p.momentum, p.eps
+    def bind(self, params: Params, training: bool, fusion: str) -> Forward:
+        p = params
+        if fusion == "none":
+            function = self.function
+            return lambda x, residual: function(
+                x, p.running_mean, p.running_var, p.weight, p.bias, training, p.momentum, p.eps
+            )
+        fused, activation = self.fused, ACTIVATION[fusion]
+        return lambda x, residual: fused(
+            x, p.running_mean, p.running_var, p.weight, p.bias, training, p.momentum, p.eps,
+            residual=residual, activation=activation,
         )
 
 
 class CompiledProvider(FunctionalProvider):
-    """torch.compile of F.batch_norm with static shapes, recompiled for each point.
+    """torch.compile of F.batch_norm (unfused_batch_norm for fused points) with static
+    shapes, recompiled for each point.
 
     Resetting dynamo per point keeps every point's graphs compiled for its own shape
     (no automatic dynamic shapes) and the recompile limit out of reach.
     """
 
     def __init__(self) -> None:
-        super().__init__("compile", F.batch_norm)
+        super().__init__("compile", F.batch_norm, unfused_batch_norm)
 
     def start_point(self) -> None:
         torch._dynamo.reset()
         self.function = torch.compile(F.batch_norm, dynamic=False)
+        self.fused = torch.compile(unfused_batch_norm, dynamic=False)
 
 
 class ApexProvider(Provider):
@@ -85,7 +134,9 @@ class ApexProvider(Provider):
 
     apex reads channels-last input as (N, *spatial, C) with ``channel_last=True``, so a
     channels_last tensor goes in as its (copy-free) permuted view and comes back the same
-    way. apex's own eval path for NCHW input is torch's F.batch_norm.
+    way. apex's own eval path for NCHW input is torch's F.batch_norm. Plain points only:
+    apex's fused ReLU and residual (``fuse_relu``, ``z``) are channels-last only and not
+    benchmarked.
     """
 
     name = "apex"
@@ -93,7 +144,9 @@ class ApexProvider(Provider):
     def __init__(self, module_class: type[torch.nn.Module]) -> None:
         self.module_class = module_class
 
-    def bind(self, params: Params, training: bool) -> Callable[[Tensor], Tensor]:
+    def bind(self, params: Params, training: bool, fusion: str) -> Forward:
+        if fusion != "none":
+            raise ValueError(f"the apex provider runs plain BatchNorm only, not {fusion!r}")
         module = self.module_class(params.weight.numel(), eps=params.eps, momentum=params.momentum)
         module.weight = params.weight
         module.bias = params.bias
@@ -102,7 +155,7 @@ class ApexProvider(Provider):
         module.num_batches_tracked = module.num_batches_tracked.to(params.weight.device)
         module.train(training)
 
-        def forward(x: Tensor) -> Tensor:
+        def forward(x: Tensor, residual: Tensor | None) -> Tensor:
             module.channel_last = is_channels_last(x)
             if not module.channel_last:
                 return module(x)
@@ -132,7 +185,10 @@ def find_apex() -> tuple[type[torch.nn.Module] | None, str]:
             "apex: installed without its CUDA extension (syncbn), so its SyncBatchNorm is "
             "plain PyTorch; skipped"
         )
-    return SyncBatchNorm, "apex: apex.parallel.SyncBatchNorm (fused syncbn kernels), one GPU"
+    return SyncBatchNorm, (
+        "apex: apex.parallel.SyncBatchNorm (fused syncbn kernels), one GPU; plain BatchNorm "
+        "only: no apex rows for relu / add_relu points"
+    )
 
 
 def make_providers(
@@ -143,9 +199,9 @@ def make_providers(
     notes: list[str] = []
     for name in names:
         if name == "fastbn":
-            providers.append(FunctionalProvider("fastbn", fastbn.batch_norm))
+            providers.append(FunctionalProvider("fastbn", fastbn.batch_norm, fastbn.batch_norm))
         elif name == "torch":
-            providers.append(FunctionalProvider("torch", F.batch_norm))
+            providers.append(FunctionalProvider("torch", F.batch_norm, unfused_batch_norm))
         elif name == "compile":
             providers.append(CompiledProvider())
         elif name == "apex" and device.type != "cuda":

@@ -11,9 +11,9 @@ from typing import TextIO
 
 from fastbn.bench.modes import MODES
 from fastbn.bench.runner import Row
-from fastbn.bench.shapes import shape_label
+from fastbn.bench.shapes import FUSIONS, shape_label
 
-SCHEMA = "fastbn.bench/1"
+SCHEMA = "fastbn.bench/2"  # 2: rows have "fusion"; geomean_speedup is per fusion, then mode
 
 
 class Progress:
@@ -70,22 +70,23 @@ def times(speedup: float) -> str:
 
 
 def table(rows: list[Row], providers: list[str]) -> str:
-    """One line per (point, mode): each provider's median ms; fastbn's GB/s on compulsory
-    bytes and % of copy bandwidth; fastbn's speedup over each baseline (baseline time /
-    fastbn time, > 1 when fastbn is faster)."""
+    """One line per (point, mode): each provider's median ms ('-' where it has no row, as apex
+    on fused points); fastbn's GB/s on compulsory bytes and % of copy bandwidth; fastbn's
+    speedup over each baseline (baseline time / fastbn time, > 1 when fastbn is faster)."""
     by_key: dict[tuple, dict[str, Row]] = {}
     for row in rows:
-        by_key.setdefault((row.shape, row.dtype, row.layout, row.mode), {})[row.provider] = row
+        key = (row.shape, row.dtype, row.layout, row.fusion, row.mode)
+        by_key.setdefault(key, {})[row.provider] = row
     baselines = [name for name in providers if name != "fastbn"]
-    header = ["shape", "dtype", "layout", "mode"]
+    header = ["shape", "dtype", "layout", "fusion", "mode"]
     for name in providers:
         header.append(f"{name} ms")
         if name == "fastbn":
             header += ["GB/s", "%copy"]
     header += [f"vs {name}" for name in baselines if "fastbn" in providers]
     lines = []
-    for (shape, dtype, layout, mode), cells in by_key.items():
-        line = [shape_label(shape), dtype, layout, mode]
+    for (shape, dtype, layout, fusion, mode), cells in by_key.items():
+        line = [shape_label(shape), dtype, layout, fusion, mode]
         for name in providers:
             line.append(time_cell(cells.get(name)))
             fastbn_row = cells.get(name) if name == "fastbn" else None
@@ -98,58 +99,78 @@ def table(rows: list[Row], providers: list[str]) -> str:
                 speedup = cells[name].fastbn_speedup if name in cells else None
                 line.append("-" if speedup is None else times(speedup))
         lines.append(line)
-    return format_columns(header, lines, left=4)
+    return format_columns(header, lines, left=5)
 
 
 def problems(rows: list[Row]) -> list[str]:
     """One line per row that was not timed, saying why."""
     return [
-        f"{row.provider} {row.mode} {shape_label(row.shape)} {row.dtype} {row.layout}: "
-        f"{row.status}: {row.message}"
+        f"{row.provider} {row.mode} {shape_label(row.shape)} {row.dtype} {row.layout} "
+        f"{row.fusion}: {row.status}: {row.message}"
         for row in rows
         if row.status != "ok"
     ]
 
 
-def geomean_speedups(rows: list[Row]) -> dict[str, dict[str, dict[str, float]]]:
-    """Per baseline, per mode and over all modes ("all"): the geometric mean of fastbn's
-    speedup and the number of rows it is taken over."""
-    out: dict[str, dict[str, dict[str, float]]] = {}
+Geomeans = dict[str, dict[str, dict[str, dict[str, float]]]]
+
+
+def geomean_speedups(rows: list[Row]) -> Geomeans:
+    """Per baseline, per fusion and over all fusions ("all"), per mode and over all modes
+    ("all"): the geometric mean of fastbn's speedup and the number of rows it is taken over.
+    Indexed ``[baseline][fusion][mode]``."""
+    sums: dict[str, dict[str, dict[str, list[float]]]] = {}
     for row in rows:
         if row.fastbn_speedup is None:
             continue
-        for key in (row.mode, "all"):
-            entry = out.setdefault(row.provider, {}).setdefault(key, {"log_sum": 0.0, "n": 0})
-            entry["log_sum"] += math.log(row.fastbn_speedup)
-            entry["n"] += 1
+        for fusion in (row.fusion, "all"):
+            for mode in (row.mode, "all"):
+                entry = sums.setdefault(row.provider, {}).setdefault(fusion, {}).setdefault(
+                    mode, [0.0, 0]
+                )
+                entry[0] += math.log(row.fastbn_speedup)
+                entry[1] += 1
+    fusion_order, mode_order = (*FUSIONS, "all"), (*MODES, "all")
     return {
         baseline: {
-            key: {"speedup": math.exp(entry["log_sum"] / entry["n"]), "n": entry["n"]}
-            for key, entry in sorted(
-                per_mode.items(), key=lambda item: (MODES + ("all",)).index(item[0])
+            fusion: {
+                mode: {"speedup": math.exp(log_sum / n), "n": int(n)}
+                for mode, (log_sum, n) in sorted(
+                    per_mode.items(), key=lambda item: mode_order.index(item[0])
+                )
+            }
+            for fusion, per_mode in sorted(
+                per_fusion.items(), key=lambda item: fusion_order.index(item[0])
             )
         }
-        for baseline, per_mode in out.items()
+        for baseline, per_fusion in sums.items()
     }
 
 
-def summary(geomeans: dict[str, dict[str, dict[str, float]]]) -> str:
-    """The geometric-mean speedups as a table: one line per baseline, one column per mode."""
-    keys = [key for key in (*MODES, "all") if any(key in g for g in geomeans.values())]
-    lines = [
-        [f"fastbn vs {baseline}"]
-        + [
-            f"{times(g[key]['speedup'])} (n={g[key]['n']})" if key in g else "-"
-            for key in keys
-        ]
-        for baseline, g in geomeans.items()
+def summary(geomeans: Geomeans) -> str:
+    """The geometric-mean speedups as a table: one line per baseline and fusion (and over all
+    fusions when a baseline has several), one column per mode and over all modes."""
+    keys = [
+        key for key in (*MODES, "all")
+        if any(key in g for per_fusion in geomeans.values() for g in per_fusion.values())
     ]
-    return format_columns(["geometric mean", *keys], lines, left=1)
+    lines = []
+    for baseline, per_fusion in geomeans.items():
+        fusions = [f for f in per_fusion if f != "all"]
+        for fusion in fusions if len(fusions) == 1 else [*fusions, "all"]:
+            g = per_fusion[fusion]
+            lines.append(
+                [f"fastbn vs {baseline}", fusion]
+                + [f"{times(g[key]['speedup'])} (n={g[key]['n']})" if key in g else "-"
+                   for key in keys]
+            )
+    return format_columns(["geometric mean", "fusion", *keys], lines, left=2)
 
 
-def write_json(path: Path, meta: dict, rows: list[Row], geomeans: dict) -> None:
+def write_json(path: Path, meta: dict, rows: list[Row], geomeans: Geomeans) -> None:
     """The run as JSON: ``meta`` (device, versions, command, date, copy bandwidth, notes),
-    ``geomean_speedup``, and ``rows`` in long format (one object per point, mode, provider)."""
+    ``geomean_speedup`` ([baseline][fusion or "all"][mode or "all"]), and ``rows`` in long
+    format (one object per point, mode, provider; a point is shape, dtype, layout, fusion)."""
     document = {
         "schema": SCHEMA,
         **meta,
@@ -174,7 +195,9 @@ def write_plot(path: Path, rows: list[Row], title: str) -> bool:
     speedups: dict[str, dict[str, dict[str, float]]] = {}
     for row in rows:
         if row.fastbn_speedup is not None:
-            label = f"{shape_label(row.shape)} {row.dtype} {row.layout}"
+            label = f"{shape_label(row.shape)} {row.dtype} {row.layout}" + (
+                "" if row.fusion == "none" else f" {row.fusion}"
+            )
             speedups.setdefault(row.mode, {}).setdefault(row.provider, {})[label] = (
                 row.fastbn_speedup
             )

@@ -7,10 +7,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
 
 from fastbn.bench.modes import make_step
-from fastbn.bench.problem import TOLERANCE, TORCH_DTYPES, Inputs, make_inputs, relative_error, truth
+from fastbn.bench.problem import (
+    TOLERANCE,
+    TORCH_DTYPES,
+    Inputs,
+    Truth,
+    make_inputs,
+    relative_error,
+    truth,
+)
 from fastbn.bench.providers import Provider
 from fastbn.bench.shapes import Point
 from fastbn.bench.timing import Timing
@@ -35,15 +42,17 @@ class Settings:
 class Row:
     """One (point, mode, provider) result: the long format of the report and the JSON file.
 
-    status: "ok" (checked, then timed), "wrong" (outside the tolerance of the float64 truth:
-    not timed) or "error" (raised: not timed; ``message`` says what). ``error`` is the
-    relative error against the truth; ``fastbn_speedup`` is this row's time over fastbn's
-    on the same point and mode (on baseline rows where both are "ok").
+    ``fusion`` is what follows the BatchNorm (shapes.FUSIONS). status: "ok" (checked, then
+    timed), "wrong" (outside the tolerance of the float64 truth: not timed) or "error"
+    (raised: not timed; ``message`` says what). ``error`` is the relative error against the
+    truth; ``fastbn_speedup`` is this row's time over fastbn's on the same point and mode (on
+    baseline rows where both are "ok").
     """
 
     shape: tuple[int, ...]
     dtype: str
     layout: str
+    fusion: str
     mode: str
     provider: str
     status: str
@@ -69,20 +78,22 @@ def failed(point: Point, mode: str, provider: str, message: str) -> Row:
     """The row of a measurement that could not be made."""
     numel, element_size = math.prod(point.shape), TORCH_DTYPES[point.dtype].itemsize
     return Row(
-        point.shape, point.dtype, point.layout, mode, provider, "error",
-        compulsory_bytes(mode, numel, element_size), message=message,
+        point.shape, point.dtype, point.layout, point.fusion, mode, provider, "error",
+        compulsory_bytes(mode, point.fusion, numel, element_size), message=message,
     )
 
 
 def measure(
-    provider: Provider, mode: str, point: Point, inputs: Inputs, expected: dict[str, Tensor],
+    provider: Provider, mode: str, point: Point, inputs: Inputs, expected: Truth,
     settings: Settings,
 ) -> Row:
     """Run ``mode`` once through ``provider`` and check it; time it only if it is right."""
     row = failed(point, mode, provider.name, "")
     try:
         step = make_step(mode, provider.bind, inputs)
-        error = relative_error(step(), expected)
+        outputs = step()
+        error = relative_error(outputs, expected.values_for(outputs))
+        del outputs
         row.error = error if math.isfinite(error) else None
         if not error <= TOLERANCE[point.dtype]:
             row.status = "wrong"
@@ -106,14 +117,19 @@ def measure(
 def add_speedups(rows: list[Row]) -> None:
     """Set ``fastbn_speedup`` = time / fastbn's time on each checked baseline row."""
     fastbn_ms = {
-        (r.shape, r.dtype, r.layout, r.mode): r.median_ms
+        (r.shape, r.dtype, r.layout, r.fusion, r.mode): r.median_ms
         for r in rows
         if r.provider == "fastbn" and r.status == "ok"
     }
     for row in rows:
-        reference_ms = fastbn_ms.get((row.shape, row.dtype, row.layout, row.mode))
+        reference_ms = fastbn_ms.get((row.shape, row.dtype, row.layout, row.fusion, row.mode))
         if row.provider != "fastbn" and row.status == "ok" and reference_ms:
             row.fastbn_speedup = row.median_ms / reference_ms
+
+
+def running(point: Point, providers: list[Provider]) -> list[Provider]:
+    """The providers that run ``point``'s fusion."""
+    return [provider for provider in providers if point.fusion in provider.fusions]
 
 
 def run_point(
@@ -139,7 +155,9 @@ def run_point(
         except Exception as exc:
             failure = f"setting up {provider.name} failed: {describe(exc)}"
         for mode in modes:
-            progress(f"{point.label} {point.dtype} {point.layout} {mode} {provider.name}")
+            progress(
+                f"{point.label} {point.dtype} {point.layout} {point.fusion} {mode} {provider.name}"
+            )
             rows.append(
                 failed(point, mode, provider.name, failure)
                 if failure
@@ -155,9 +173,10 @@ def run(
     settings: Settings,
     progress: ProgressCallback = lambda done, total, label: None,
 ) -> list[Row]:
-    """Every (point, provider, mode) as a Row, in that nesting order, speedups filled in."""
+    """Every (point, provider, mode) as a Row, in that nesting order, speedups filled in;
+    none for a provider that does not run the point's fusion."""
     rows: list[Row] = []
-    total = len(points) * len(providers) * len(modes)
+    total = sum(len(running(point, providers)) for point in points) * len(modes)
     done = 0
 
     def advance(label: str) -> None:
@@ -166,7 +185,9 @@ def run(
         done += 1
 
     for point in points:
-        rows += run_point(point, modes, providers, settings, advance)
+        runners = running(point, providers)
+        if runners:
+            rows += run_point(point, modes, runners, settings, advance)
         if settings.device.type == "cuda":
             torch.cuda.empty_cache()
     progress(total, total, "done")

@@ -3,13 +3,14 @@
 from fastbn.backend import use_backend
 from fastbn.convert import convert
 from fastbn.functional import batch_norm
-from fastbn.modules import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
+from fastbn.modules import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d, SyncBatchNorm
 
 __all__ = [
     "BatchNorm",
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "SyncBatchNorm",
     "batch_norm",
     "convert",
     "use_backend",

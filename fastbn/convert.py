@@ -3,7 +3,8 @@
 Three steps, none of which changes a parameter, a buffer or a state_dict key:
 
 1. Swap. Each torch.nn.BatchNorm1d/2d/3d (or a subclass that keeps torch's ``forward``)
-   becomes the fastbn class of the same rank, holding the same Parameter and buffer
+   becomes the fastbn class of the same rank (with sync=True, it and torch.nn.SyncBatchNorm
+   become fastbn.SyncBatchNorm), holding the same Parameter and buffer
    objects, hooks, training flag and qconfig. ``_fastbn_classes`` is the one map from a
    torch class to the fastbn class that replaces it.
 2. Fold in nn.Sequential. A fastbn layer directly followed by an activation module takes the
@@ -31,7 +32,7 @@ from torch import fx, nn
 from torch.nn import functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from fastbn.modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, _FastBatchNorm
+from fastbn.modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, SyncBatchNorm, _FastBatchNorm
 
 # An activation as fastbn layers take it: (activation, negative_slope).
 _Activation = tuple[str, float]
@@ -89,7 +90,9 @@ def convert(
 
     The fastbn layers hold the original Parameter and buffer objects (so the device, dtype
     and state_dict keys stay), the training flag, eps, momentum, hooks and qconfig. Layers
-    whose class overrides torch's ``forward``, and torch.nn.SyncBatchNorm, are left alone.
+    whose class overrides torch's ``forward``, and torch.nn.SyncBatchNorm, are left alone;
+    with sync=True every layer, torch.nn.SyncBatchNorm included, becomes a
+    fastbn.SyncBatchNorm over ``process_group``.
 
     fuse=True folds into a fastbn layer that has no hooks (they would see the fused output):
     - the activation module (ReLU, ReLU6, LeakyReLU, SiLU, Hardswish) that follows it in an
@@ -112,8 +115,6 @@ def convert(
     Converts in place where it can and returns the result, which is a new object when
     ``module`` is itself a BatchNorm layer or was replaced by a GraphModule, so use the
     returned module (``module`` itself then still computes the same, unfused).
-    ``sync=True`` (convert to fastbn.SyncBatchNorm with ``process_group``) is not available
-    yet and raises NotImplementedError.
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"fastbn.convert: expected an nn.Module, got {type(module).__name__}")
@@ -146,11 +147,8 @@ def convert(
 def _fastbn_classes(sync: bool) -> dict[type[_BatchNorm], type[_FastBatchNorm]]:
     """The torch BatchNorm classes that convert replaces, each with the fastbn class it uses."""
     if sync:
-        raise NotImplementedError(
-            "fastbn.SyncBatchNorm is not available yet, so fastbn.convert(..., sync=True) "
-            "cannot convert to it; use sync=False, or torch.nn.SyncBatchNorm."
-            "convert_sync_batchnorm for synchronised statistics"
-        )
+        torch_classes = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+        return dict.fromkeys(torch_classes, SyncBatchNorm)
     return {nn.BatchNorm1d: BatchNorm1d, nn.BatchNorm2d: BatchNorm2d, nn.BatchNorm3d: BatchNorm3d}
 
 

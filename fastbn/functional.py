@@ -62,19 +62,25 @@ def batch_norm(
         )
     else:
         mean, var = running_mean, running_var
-    # relu-family activations with a residual keep a bit mask for the backward instead of
-    # the residual, when a backward can follow.
-    save_mask = (
-        activation_name in SIGN_ACTIVATIONS
+    output, _ = ops.normalize(
+        input, mean, var, weight, bias, residual, eps, training, activation_name,
+        negative_slope, saves_mask(activation_name, input, weight, bias, residual), backend,
+    )
+    return output
+
+
+def saves_mask(
+    activation: str, input: Tensor, weight: Tensor | None, bias: Tensor | None,
+    residual: Tensor | None,
+) -> bool:
+    """Whether the forward keeps the activation's bit mask for the backward instead of the
+    residual: relu-family activations with a residual, when a backward can follow."""
+    return (
+        activation in SIGN_ACTIVATIONS
         and residual is not None
         and torch.is_grad_enabled()
         and any(t is not None and t.requires_grad for t in (input, weight, bias, residual))
     )
-    output, _ = ops.normalize(
-        input, mean, var, weight, bias, residual, eps, training, activation_name,
-        negative_slope, save_mask, backend,
-    )
-    return output
 
 
 def _check_call(
@@ -89,8 +95,11 @@ def _check_call(
     residual: Tensor | None,
     activation: str,
     num_batches_tracked: Tensor | None,
+    whole_batch: bool = True,
 ) -> None:
-    """Raise for a call batch_norm cannot serve; change nothing."""
+    """Raise for a call batch_norm cannot serve; change nothing. ``whole_batch=False`` says
+    input is one rank's share of a synchronised batch, which may hold one value per channel
+    (or none)."""
     if not isinstance(input, Tensor):
         raise TypeError(f"batch_norm: input must be a Tensor, got {type(input).__name__}")
     if not 2 <= input.dim() <= 5:
@@ -149,7 +158,7 @@ def _check_call(
                 "(pass training=True to normalize with batch statistics)"
             )
         return
-    if reduced_count(input) == 1:
+    if whole_batch and reduced_count(input) == 1:
         raise ValueError(
             "Expected more than 1 value per channel when training, got input size "
             f"{input.size()}"

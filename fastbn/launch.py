@@ -1,6 +1,6 @@
 """Host side of the Triton kernels: views, tiles, grids, workspaces, heuristics.
 
-The three public functions have the signatures of their twins in ``fastbn.reference``.
+The five public functions have the signatures of their twins in ``fastbn.reference``.
 Nothing here synchronises with the device: shapes, strides and flags decide every grid
 and kernel variant, and the workspaces come from torch's caching allocator.
 
@@ -407,90 +407,180 @@ def normalize_backward(
     negative_slope: float,
     output_mask: list[bool],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Gradients (d input, d weight, d bias, d residual) of ``normalize``; see the kernels'
-    module docstring for the formulas. Unrequested gradients come back empty; d residual
-    comes in the residual's format, or x's when the activation mask stood in for it."""
-    acc = compute_dtype(x.dtype)
-    channels = x.shape[1]
-    want_input = output_mask[0]
-    want_weight = output_mask[1] and weight is not None
-    want_bias = output_mask[2] and bias is not None
-    want_residual = output_mask[3]
-    # Custom-op outputs must not alias each other: a fresh empty tensor for each.
-    grad_input = torch.empty_like(x) if want_input else x.new_empty(0)
-    grad_weight = torch.zeros_like(weight) if want_weight else x.new_empty(0)
-    grad_bias = torch.zeros_like(bias) if want_bias else x.new_empty(0)
-    grad_residual = (torch.empty_like(x if residual is None else residual) if want_residual
-                     else x.new_empty(0))
-    if x.numel() == 0:
-        return grad_input, grad_weight, grad_bias, grad_residual
+    """Gradients (d input, d weight, d bias, d residual) of ``normalize``: the sums of
+    ``normalize_grad_sums`` (which write d weight and d bias), then the elementwise
+    gradients of ``normalize_grad_input``; see the kernels' module docstring for the formulas.
+    Unrequested gradients come back empty; d residual comes in the residual's format, or
+    x's when the activation mask stood in for it."""
+    want_input, want_weight, want_bias, want_residual = output_mask
+    # grad_out copied once, if the kernels cannot read it, for both pieces; x and the
+    # residual stay as given, since the gradients take their memory formats.
+    grad_out = readable(grad_out)
+    sums, grad_weight, grad_bias = None, x.new_empty(0), x.new_empty(0)
+    if want_weight or want_bias or (want_input and batch_stats):
+        sums, grad_weight, grad_bias = normalize_grad_sums(
+            grad_out, x, mean, var, weight, bias, residual, activation_mask, eps, activation,
+            negative_slope, [want_weight, want_bias],
+        )
+    grad_input, grad_residual = normalize_grad_input(
+        grad_out, x, mean, var, weight, bias, residual, activation_mask, sums, reduced_count(x),
+        eps, batch_stats, activation, negative_slope, [want_input, want_residual],
+    )
+    return grad_input, grad_weight, grad_bias, grad_residual
 
+
+@dataclass(frozen=True)
+class BackwardCall:
+    """What both backward launchers pass their kernels: the tensors as the kernels read
+    them, the view they share, and the constexpr flags."""
+
+    grad_out: Tensor
+    x: Tensor
+    residual: Tensor  # x when the kernels do not read a residual
+    mean: Tensor
+    var: Tensor
+    weight: Tensor  # x when there is none
+    bias: Tensor  # x when there is none
+    activation_mask: Tensor  # x when there is none
+    view: View
+    strides: tuple[int, ...]  # grad_out's, x's and the residual's (stride_n, stride_c, stride_s)
+    flags: dict
+
+
+def _backward_call(
+    grad_out: Tensor, x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None,
+    bias: Tensor | None, residual: Tensor | None, activation_mask: Tensor | None,
+    activation: str, outputs: list[Tensor],
+) -> BackwardCall:
+    """The kernels' view of a backward call whose gradients are written to ``outputs``."""
     # The residual matters to the gradients only through the activation's derivative, and
     # not at all when the mask records that derivative.
     use_mask = activation_mask is not None
     residual_read = readable(residual) if activation != "none" and not use_mask else None
     x, grad_out = readable(x), readable(grad_out)
-    gi = writable(grad_input) if want_input else x
-    gr = writable(grad_residual) if want_residual else x
-    tensors = [x, grad_out] + [t for t, used in ((residual_read, residual_read is not None),
-                                                  (gi, want_input), (gr, want_residual)) if used]
+    tensors = [x, grad_out, *([] if residual_read is None else [residual_read]), *outputs]
     view = plan_view(tensors, activation_mask=use_mask)
-    x_strides, g_strides = view.strides(x), view.strides(grad_out)
+    x_strides = view.strides(x)
     r_strides = x_strides if residual_read is None else view.strides(residual_read)
-    mean, var = per_channel(mean), per_channel(var)
-    weight_v, bias_v = _or(per_channel(weight), x), _or(per_channel(bias), x)
-    mask_v = activation_mask if use_mask else x
-    flags = dict(
-        COMPUTE_DTYPE=kernel_compute_dtype(x.dtype),
-        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-        HAS_RESIDUAL=residual_read is not None, ACTIVATION=ACTIVATION_CODES[activation],
-        USE_MASK=use_mask, USE_INT64=needs_int64(tensors),
+    return BackwardCall(
+        grad_out=grad_out, x=x, residual=_or(residual_read, x),
+        mean=per_channel(mean), var=per_channel(var),
+        weight=_or(per_channel(weight), x), bias=_or(per_channel(bias), x),
+        activation_mask=activation_mask if use_mask else x,
+        view=view, strides=(*view.strides(grad_out), *x_strides, *r_strides),
+        flags=dict(
+            COMPUTE_DTYPE=kernel_compute_dtype(x.dtype),
+            HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+            HAS_RESIDUAL=residual_read is not None, ACTIVATION=ACTIVATION_CODES[activation],
+            USE_MASK=use_mask, USE_INT64=needs_int64(tensors),
+        ),
     )
-    count = reduced_count(x)
+
+
+def normalize_grad_sums(
+    grad_out: Tensor,
+    x: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    residual: Tensor | None,
+    activation_mask: Tensor | None,
+    eps: float,
+    activation: str,
+    negative_slope: float,
+    output_mask: list[bool],
+) -> tuple[Tensor, Tensor, Tensor]:
+    """[sum(g), sum(g * x_hat)] per channel ([2, C], compute dtype), and d weight / d bias,
+    written by the same launch that writes the sums, where ``output_mask`` (weight, bias)
+    asks for them (else empty)."""
+    acc = compute_dtype(x.dtype)
+    channels = x.shape[1]
+    want_weight = output_mask[0] and weight is not None
+    want_bias = output_mask[1] and bias is not None
+    # Custom-op outputs must not alias each other: a fresh empty tensor for each.
+    grad_weight = torch.zeros_like(weight) if want_weight else x.new_empty(0)
+    grad_bias = torch.zeros_like(bias) if want_bias else x.new_empty(0)
     sums = torch.empty((2, channels), dtype=acc, device=x.device)
-    if want_weight or want_bias or (want_input and batch_stats):
-        tiles = reduction_tiling(view, x_strides[2], x.dtype)
-        per_chunk = tiles_per_chunk(tiles, sm_count(x.device))
-        chunks = triton.cdiv(tiles.num_tiles, per_chunk)
-        partial = sums if chunks == 1 else torch.empty((2, chunks, channels), dtype=acc,
-                                                       device=x.device)
-        parameter_grads = dict(WRITE_GRAD_WEIGHT=want_weight, WRITE_GRAD_BIAS=want_bias)
-        backward_kernels.partial_grad_sums_kernel[(chunks, tiles.channel_blocks)](
-            grad_out, x, _or(residual_read, x), mean, var, weight_v, bias_v, mask_v,
+    if x.numel() == 0:
+        return sums.zero_(), grad_weight, grad_bias
+    call = _backward_call(grad_out, x, mean, var, weight, bias, residual, activation_mask,
+                          activation, [])
+    tiles = reduction_tiling(call.view, call.strides[5], x.dtype)
+    per_chunk = tiles_per_chunk(tiles, sm_count(x.device))
+    chunks = triton.cdiv(tiles.num_tiles, per_chunk)
+    partial = sums if chunks == 1 else torch.empty((2, chunks, channels), dtype=acc,
+                                                   device=x.device)
+    parameter_grads = dict(WRITE_GRAD_WEIGHT=want_weight, WRITE_GRAD_BIAS=want_bias)
+    backward_kernels.partial_grad_sums_kernel[(chunks, tiles.channel_blocks)](
+        call.grad_out, call.x, call.residual, call.mean, call.var, call.weight, call.bias,
+        call.activation_mask, partial, sums, _or_empty(grad_weight, x), _or_empty(grad_bias, x),
+        channels, call.view.positions, *call.strides, *mask_strides(call.view),
+        tiles.tiles_per_n, tiles.num_tiles, per_chunk, eps, negative_slope,
+        BLOCK_S=tiles.block_s, BLOCK_C=tiles.block_c, FINALIZE=chunks == 1,
+        num_warps=tiles.num_warps, **call.flags, **parameter_grads,
+    )
+    if chunks > 1:
+        finalize_block_c = _power_of_two_at_most(channels, FINALIZE_BLOCK_C)
+        backward_kernels.finalize_grad_sums_kernel[(triton.cdiv(channels, finalize_block_c),)](
             partial, sums, _or_empty(grad_weight, x), _or_empty(grad_bias, x),
-            channels, view.positions, *g_strides, *x_strides, *r_strides, *mask_strides(view),
-            tiles.tiles_per_n, tiles.num_tiles, per_chunk, eps, negative_slope,
-            BLOCK_S=tiles.block_s, BLOCK_C=tiles.block_c, FINALIZE=chunks == 1,
-            num_warps=tiles.num_warps, **flags, **parameter_grads,
+            channels, chunks, BLOCK_C=finalize_block_c, COMPUTE_DTYPE=call.flags["COMPUTE_DTYPE"],
+            USE_INT64=call.flags["USE_INT64"], num_warps=FINALIZE_NUM_WARPS, **parameter_grads,
         )
-        if chunks > 1:
-            finalize_block_c = _power_of_two_at_most(channels, FINALIZE_BLOCK_C)
-            backward_kernels.finalize_grad_sums_kernel[
-                (triton.cdiv(channels, finalize_block_c),)
-            ](
-                partial, sums, _or_empty(grad_weight, x), _or_empty(grad_bias, x),
-                channels, chunks, BLOCK_C=finalize_block_c, COMPUTE_DTYPE=flags["COMPUTE_DTYPE"],
-                USE_INT64=flags["USE_INT64"], num_warps=FINALIZE_NUM_WARPS, **parameter_grads,
-            )
-    if want_input or want_residual:
-        tiles = elementwise_tiling(view, x_strides[2], x.dtype)
-        backward_kernels.grad_input_kernel[(tiles.num_tiles, tiles.channel_blocks)](
-            grad_out, x, _or(residual_read, x), gi, gr,
-            mean, var, weight_v, bias_v, mask_v, sums,
-            channels, view.positions, *g_strides, *x_strides, *r_strides,
-            *(view.strides(gi) if want_input else x_strides),
-            *(view.strides(gr) if want_residual else x_strides),
-            *mask_strides(view),
-            tiles.tiles_per_n, eps, negative_slope, 1.0 / count,
-            BLOCK_S=tiles.block_s, BLOCK_C=tiles.block_c, BATCH_STATS=batch_stats,
-            WRITE_GRAD_INPUT=want_input, WRITE_GRAD_RESIDUAL=want_residual,
-            num_warps=tiles.num_warps, **flags,
-        )
-        if want_input:
-            copy_back(gi, grad_input)
-        if want_residual:
-            copy_back(gr, grad_residual)
-    return grad_input, grad_weight, grad_bias, grad_residual
+    return sums, grad_weight, grad_bias
+
+
+def normalize_grad_input(
+    grad_out: Tensor,
+    x: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    residual: Tensor | None,
+    activation_mask: Tensor | None,
+    sums: Tensor | None,
+    count: float,
+    eps: float,
+    batch_stats: bool,
+    activation: str,
+    negative_slope: float,
+    output_mask: list[bool],
+) -> tuple[Tensor, Tensor]:
+    """d input and d residual in one launch, from ``normalize_grad_sums``'s sums over
+    ``count`` values per channel (read for d input with ``batch_stats``). ``output_mask`` is
+    (input, residual); what it does not ask for comes back empty."""
+    want_input, want_residual = output_mask
+    grad_input = torch.empty_like(x) if want_input else x.new_empty(0)
+    grad_residual = (torch.empty_like(x if residual is None else residual) if want_residual
+                     else x.new_empty(0))
+    if x.numel() == 0 or not (want_input or want_residual):
+        return grad_input, grad_residual
+    gi = writable(grad_input) if want_input else None
+    gr = writable(grad_residual) if want_residual else None
+    call = _backward_call(grad_out, x, mean, var, weight, bias, residual, activation_mask,
+                          activation, [t for t in (gi, gr) if t is not None])
+    x_strides = call.strides[3:6]
+    read_sums = want_input and batch_stats
+    tiles = elementwise_tiling(call.view, x_strides[2], x.dtype)
+    backward_kernels.grad_input_kernel[(tiles.num_tiles, tiles.channel_blocks)](
+        call.grad_out, call.x, call.residual, _or(gi, x), _or(gr, x),
+        call.mean, call.var, call.weight, call.bias, call.activation_mask,
+        per_channel(sums) if read_sums else x,
+        x.shape[1], call.view.positions, *call.strides,
+        *(x_strides if gi is None else call.view.strides(gi)),
+        *(x_strides if gr is None else call.view.strides(gr)),
+        *mask_strides(call.view),
+        tiles.tiles_per_n, eps, negative_slope, 1.0 / count,
+        BLOCK_S=tiles.block_s, BLOCK_C=tiles.block_c, BATCH_STATS=batch_stats,
+        WRITE_GRAD_INPUT=want_input, WRITE_GRAD_RESIDUAL=want_residual,
+        num_warps=tiles.num_warps, **call.flags,
+    )
+    if gi is not None:
+        copy_back(gi, grad_input)
+    if gr is not None:
+        copy_back(gr, grad_residual)
+    return grad_input, grad_residual
 
 
 def _or_empty(t: Tensor, placeholder: Tensor) -> Tensor:

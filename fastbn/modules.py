@@ -8,10 +8,13 @@ layer, and ``forward(input, residual=None)`` adding a residual before the activa
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from fastbn.distributed import sync_batch_norm, sync_world_size
 from fastbn.functional import batch_norm
 from fastbn.reference import ACTIVATIONS
 
@@ -104,3 +107,67 @@ class BatchNorm(_FastBatchNorm):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, num_dims={self.num_dims}"
+
+
+class SyncBatchNorm(_FastBatchNorm):
+    """torch.nn.SyncBatchNorm on fastbn: training statistics over every rank of
+    ``process_group`` (the default group when None); input of any rank from 2 to 5.
+
+    Outside an initialised process group, with a group of one rank, and in eval it is a
+    fastbn BatchNorm of its input's rank and communicates nothing (eval without running
+    statistics normalizes with the local batch's, as torch's does). Training across ranks
+    is ``fastbn.distributed.sync_batch_norm``: one all_gather forward, one all_reduce
+    backward, and parameter gradients that are this rank's sums, like torch's (see there).
+
+    torch.nn.SyncBatchNorm's constructor, state_dict and errors, but not its class: torch's
+    DistributedDataParallel refuses CPU modules holding a torch.nn.SyncBatchNorm, and this
+    one also trains on CPU tensors over gloo.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        process_group: Any = None,
+        device=None,
+        dtype=None,
+        *,
+        bias: bool = True,
+        activation: str | None = None,
+        negative_slope: float = 0.01,
+    ) -> None:
+        super().__init__(
+            num_features, eps, momentum, affine, track_running_stats, device, dtype,
+            bias=bias, activation=activation, negative_slope=negative_slope,
+        )
+        self.process_group = process_group
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+
+    def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
+        """activation(SyncBatchNorm(input) + residual)."""
+        self._check_input_dim(input)
+        if input.size(1) == 0:
+            raise ValueError("SyncBatchNorm number of input channels should be non-zero")
+        if not self.training or sync_world_size(self.process_group) == 1:
+            return super().forward(input, residual)
+        tracking = self.track_running_stats
+        return sync_batch_norm(
+            input,
+            self.running_mean if tracking else None,
+            self.running_var if tracking else None,
+            self.weight,
+            self.bias,
+            self.momentum,
+            self.eps,
+            self.process_group,
+            residual=residual,
+            activation=self.activation,
+            negative_slope=self.negative_slope,
+            num_batches_tracked=self.num_batches_tracked if tracking else None,
+        )

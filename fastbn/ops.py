@@ -1,6 +1,6 @@
 """fastbn's torch custom ops: the single boundary that autograd and torch.compile see.
 
-Three ops, each dispatching on its ``backend`` argument ("torch" -> ``fastbn.reference``,
+Five ops, each dispatching on its ``backend`` argument ("torch" -> ``fastbn.reference``,
 "triton" -> ``fastbn.launch``; both modules share these signatures):
 
 ``fastbn::batch_stats_(x, running_mean?, running_var?, num_batches_tracked?, momentum?)``
@@ -18,6 +18,16 @@ Three ops, each dispatching on its ``backend`` argument ("torch" -> ``fastbn.ref
     -> (d input, d weight, d bias, d residual), each empty when the mask does not ask for it.
     Differentiable again (double backward), by differentiating the PyTorch formulas of
     ``fastbn.reference.normalize_backward`` with torch.func.vjp.
+
+``normalize_backward`` is the composition of two pieces, exposed as ops of their own for
+SyncBatchNorm (``fastbn.distributed``), which sums across ranks in between. Neither has an
+autograd formula (SyncBatchNorm has no double backward):
+
+``fastbn::normalize_grad_sums(grad_out, x, mean, var, ..., output_mask)``
+    -> ([sum(g), sum(g * x_hat)] per channel, d weight, d bias).
+
+``fastbn::normalize_grad_input(grad_out, x, mean, var, ..., sums?, count, ..., output_mask)``
+    -> (d input, d residual) from the sums over ``count`` values per channel.
 """
 
 from types import ModuleType
@@ -241,3 +251,76 @@ def _normalize_backward_grads(ctx, grad_grad_input, grad_grad_weight, grad_grad_
 normalize_backward.register_autograd(
     _normalize_backward_grads, setup_context=_normalize_backward_setup_context
 )
+
+
+# ---------------------------------------------------------------------------------------------
+# normalize_grad_sums and normalize_grad_input: normalize_backward in two pieces
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("fastbn::normalize_grad_sums", mutates_args=())
+def normalize_grad_sums(
+    grad_out: Tensor,
+    x: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    residual: Optional[Tensor],
+    activation_mask: Optional[Tensor],
+    eps: float,
+    activation: str,
+    negative_slope: float,
+    output_mask: list[bool],
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    return implementation(backend).normalize_grad_sums(
+        grad_out, x, mean, var, weight, bias, residual, activation_mask, eps, activation,
+        negative_slope, output_mask,
+    )
+
+
+@normalize_grad_sums.register_fake
+def _normalize_grad_sums_fake(grad_out, x, mean, var, weight, bias, residual, activation_mask,
+                              eps, activation, negative_slope, output_mask, backend):
+    return (
+        x.new_empty((2, x.shape[1]), dtype=reference.compute_dtype(x.dtype)),
+        torch.empty_like(weight) if output_mask[0] and weight is not None else x.new_empty(0),
+        torch.empty_like(bias) if output_mask[1] and bias is not None else x.new_empty(0),
+    )
+
+
+@torch.library.custom_op("fastbn::normalize_grad_input", mutates_args=())
+def normalize_grad_input(
+    grad_out: Tensor,
+    x: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    residual: Optional[Tensor],
+    activation_mask: Optional[Tensor],
+    sums: Optional[Tensor],
+    count: float,
+    eps: float,
+    batch_stats: bool,
+    activation: str,
+    negative_slope: float,
+    output_mask: list[bool],
+    backend: str,
+) -> tuple[Tensor, Tensor]:
+    return implementation(backend).normalize_grad_input(
+        grad_out, x, mean, var, weight, bias, residual, activation_mask, sums, count, eps,
+        batch_stats, activation, negative_slope, output_mask,
+    )
+
+
+@normalize_grad_input.register_fake
+def _normalize_grad_input_fake(grad_out, x, mean, var, weight, bias, residual, activation_mask,
+                               sums, count, eps, batch_stats, activation, negative_slope,
+                               output_mask, backend):
+    return (
+        torch.empty_like(x) if output_mask[0] else x.new_empty(0),
+        torch.empty_like(x if residual is None else residual) if output_mask[1]
+        else x.new_empty(0),
+    )

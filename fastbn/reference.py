@@ -1,12 +1,15 @@
 """Pure-PyTorch BatchNorm: the CPU fallback and the oracle the kernels are tested against.
 
-The three functions here have the same signatures as their twins in ``fastbn.launch``
+The five functions here have the same signatures as their twins in ``fastbn.launch``
 (the Triton launchers), so the backend choice is one switch in ``fastbn.ops``:
 
-- ``batch_stats_``        per-channel batch mean and biased variance, and the in-place
-                          running-statistics update;
-- ``normalize``           y = act((x - mean) * invstd * weight + bias + residual);
-- ``normalize_backward``  the gradients of ``normalize`` (explicit formulas, not autograd).
+- ``batch_stats_``          per-channel batch mean and biased variance, and the in-place
+                            running-statistics update;
+- ``normalize``             y = act((x - mean) * invstd * weight + bias + residual);
+- ``normalize_backward``    the gradients of ``normalize`` (explicit formulas, not
+                            autograd), in two pieces that SyncBatchNorm also calls:
+- ``normalize_grad_sums``   the per-channel sums, which are d weight and d bias;
+- ``normalize_grad_input``  d input and d residual from given sums.
 
 An input (N, C, *S) of any rank >= 2 and any strides is reduced over every dimension but 1.
 Elementwise math and sums run in float32 (float64 for float64 input); the batch statistics
@@ -100,16 +103,17 @@ def update_running_stats_(
     num_batches_tracked: Tensor | None,
     mean: Tensor,
     var: Tensor,
-    count: int,
+    count: int | Tensor,
     momentum: float | None,
 ) -> None:
     """running = (1 - factor) * running + factor * batch, with the unbiased batch variance.
 
     factor is ``momentum``, or 1 / num_batches_tracked (read on the device, after the caller
     incremented it) when momentum is None: the cumulative average. Nothing changes when the
-    batch is empty.
+    batch is empty. ``count`` may be a tensor on the device (SyncBatchNorm's count over all
+    ranks, which the host does not know): then an empty batch sets the factor to 0 there.
     """
-    if count == 0:
+    if isinstance(count, int) and count == 0:
         return
     factor: float | Tensor
     if momentum is None:
@@ -118,7 +122,11 @@ def update_running_stats_(
         factor = 1.0 / num_batches_tracked.to(STATS_DTYPE)
     else:
         factor = momentum
-    unbiased_var = var * unbiasing_factor(count)
+    if isinstance(count, Tensor):
+        factor = (count > 0).to(STATS_DTYPE) * factor
+        unbiased_var = var * (count / (count - 1).clamp_min(1))
+    else:
+        unbiased_var = var * unbiasing_factor(count)
     running_mean.copy_(factor * mean + (1 - factor) * running_mean.to(STATS_DTYPE))
     running_var.copy_(factor * unbiased_var + (1 - factor) * running_var.to(STATS_DTYPE))
 
@@ -202,7 +210,7 @@ def mask_positions(t: Tensor) -> Tensor:
     flattened spatial dimensions, or (1, C, N) for 2-D input."""
     if t.dim() == 2:
         return t.t().unsqueeze(0)
-    return t.reshape(t.shape[0], t.shape[1], -1)
+    return t.flatten(2)
 
 
 def mask_shape(x: Tensor) -> tuple[int, int, int]:
@@ -215,7 +223,7 @@ def pack_bits(bits: Tensor) -> Tensor:
     """A boolean tensor shaped like x, packed into its uint8 activation mask."""
     view = mask_positions(bits).to(torch.uint8)
     padded = torch.nn.functional.pad(view, (0, -view.shape[-1] % 8))
-    groups = padded.reshape(*padded.shape[:2], -1, 8)
+    groups = padded.reshape(*padded.shape[:2], padded.shape[-1] // 8, 8)
     weights = torch.tensor([1 << j for j in range(8)], dtype=torch.uint8, device=bits.device)
     return (groups * weights).sum(-1, dtype=torch.uint8)
 
@@ -282,6 +290,131 @@ def normalize(
     return y, x.new_empty(0, dtype=torch.uint8)
 
 
+def normalize_grad_sums(
+    grad_out: Tensor,
+    x: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    residual: Tensor | None,
+    activation_mask: Tensor | None,
+    eps: float,
+    activation: str,
+    negative_slope: float,
+    output_mask: list[bool],
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The per-channel sums of the backward, and the parameter gradients they are.
+
+    Returns sums = [sum(g), sum(g * x_hat)] as one [2, C] tensor in the compute dtype, then
+    d weight = sum(g * x_hat) and d bias = sum(g) where ``output_mask`` (weight, bias) asks
+    for them (else empty tensors); g and x_hat as in ``normalize_backward``.
+    """
+    g, x_hat, _ = output_grad(grad_out, x, mean, var, weight, bias, residual, activation_mask,
+                              eps, activation, negative_slope)
+    return grad_sums(g, x_hat, x, weight, bias, output_mask)
+
+
+def normalize_grad_input(
+    grad_out: Tensor,
+    x: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    residual: Tensor | None,
+    activation_mask: Tensor | None,
+    sums: Tensor | None,
+    count: float,
+    eps: float,
+    batch_stats: bool,
+    activation: str,
+    negative_slope: float,
+    output_mask: list[bool],
+) -> tuple[Tensor, Tensor]:
+    """The elementwise gradients (d input, d residual) of ``normalize``, given the sums.
+
+    ``sums`` is ``normalize_grad_sums``'s [sum(g), sum(g * x_hat)], taken over ``count``
+    values per channel; only d input with ``batch_stats`` reads it (SyncBatchNorm passes the
+    sums over every rank already divided by the global count, and count 1). ``output_mask``
+    is (input, residual); a gradient it does not ask for comes back as an empty tensor.
+    """
+    g, x_hat, scale = output_grad(grad_out, x, mean, var, weight, bias, residual,
+                                  activation_mask, eps, activation, negative_slope)
+    return grad_input_residual(g, x_hat, scale, grad_out, x, residual, sums, count, batch_stats,
+                               output_mask)
+
+
+def output_grad(
+    grad_out: Tensor,
+    x: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    residual: Tensor | None,
+    activation_mask: Tensor | None,
+    eps: float,
+    activation: str,
+    negative_slope: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(g, x_hat, scale) in the compute dtype: g = grad_out * act'(u), x_hat = (x - mean) *
+    invstd, and scale = weight * invstd per channel.
+
+    act'(u) comes from ``activation_mask`` when given (the forward's packed bits; the
+    residual is then not needed), else from u recomputed from x (and the residual).
+    """
+    hi, lo, invstd, scale, shift = channel_constants(x, mean, var, weight, bias, eps)
+    x_hat = (x.to(invstd.dtype) - channel_view(hi, x)) * channel_view(invstd, x) - channel_view(
+        lo * invstd, x
+    )
+    g = grad_out.to(invstd.dtype)
+    if activation_mask is not None:
+        bits = unpack_bits(activation_mask, x)
+        g = g * derivative_from_bits(bits, activation, negative_slope, g.dtype)
+    elif activation != "none":
+        u = pre_activation(x, hi, scale, shift, residual)
+        g = g * activation_derivative(u, activation, negative_slope)
+    return g, x_hat, scale
+
+
+def grad_sums(
+    g: Tensor, x_hat: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | None,
+    output_mask: list[bool],
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``normalize_grad_sums`` from g and x_hat."""
+    dims = reduced_dims(x)
+    sums = torch.stack([g.sum(dims), (g * x_hat).sum(dims)])
+    # Custom-op outputs must not alias each other: a fresh tensor for each.
+    grad_weight, grad_bias = x.new_empty(0), x.new_empty(0)
+    if output_mask[0] and weight is not None:
+        grad_weight = sums[1].to(weight.dtype, copy=True)
+    if output_mask[1] and bias is not None:
+        grad_bias = sums[0].to(bias.dtype, copy=True)
+    return sums, grad_weight, grad_bias
+
+
+def grad_input_residual(
+    g: Tensor, x_hat: Tensor, scale: Tensor, grad_out: Tensor, x: Tensor,
+    residual: Tensor | None, sums: Tensor | None, count: float, batch_stats: bool,
+    output_mask: list[bool],
+) -> tuple[Tensor, Tensor]:
+    """``normalize_grad_input`` from g, x_hat and scale."""
+    grad_input, grad_residual = x.new_empty(0), x.new_empty(0)
+    if output_mask[0]:
+        if batch_stats and count > 0:
+            mean_g, mean_g_xhat = sums.to(g.dtype) / count
+            g_centered = g - channel_view(mean_g, x) - x_hat * channel_view(mean_g_xhat, x)
+        else:
+            g_centered = g
+        grad_input = like_input(g_centered * channel_view(scale, x), x)
+    if output_mask[1]:  # in the residual's format, or x's when the mask stood in for it
+        grad_residual = like_input(g, x if residual is None else residual)
+        if grad_residual is grad_out:  # nor alias an input
+            grad_residual = grad_out.clone()
+    return grad_input, grad_residual
+
+
 def normalize_backward(
     grad_out: Tensor,
     x: Tensor,
@@ -297,10 +430,9 @@ def normalize_backward(
     negative_slope: float,
     output_mask: list[bool],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Gradients (d input, d weight, d bias, d residual) of ``normalize``.
+    """Gradients (d input, d weight, d bias, d residual) of ``normalize``: the sums of
+    ``normalize_grad_sums``, then the elementwise gradients of ``normalize_grad_input``.
 
-    act'(u) comes from ``activation_mask`` when given (the forward's packed bits; the
-    residual is then not needed), else from u recomputed from x (and the residual).
     With g = grad_out * act'(u), x_hat = (x - mean) * invstd and sums over the M values of
     each channel:
         d weight   = sum(g * x_hat)          d bias = sum(g)          d residual = g
@@ -309,39 +441,15 @@ def normalize_backward(
                                                     (batch stats: mean and var depend on x)
     A gradient that ``output_mask`` does not ask for comes back as an empty tensor.
     """
-    dims = reduced_dims(x)
-    hi, lo, invstd, scale, shift = channel_constants(x, mean, var, weight, bias, eps)
-    x_hat = (x.to(invstd.dtype) - channel_view(hi, x)) * channel_view(invstd, x) - channel_view(
-        lo * invstd, x
+    want_input, want_weight, want_bias, want_residual = output_mask
+    g, x_hat, scale = output_grad(grad_out, x, mean, var, weight, bias, residual,
+                                  activation_mask, eps, activation, negative_slope)
+    sums, grad_weight, grad_bias = None, x.new_empty(0), x.new_empty(0)
+    if want_weight or want_bias or (want_input and batch_stats):
+        sums, grad_weight, grad_bias = grad_sums(g, x_hat, x, weight, bias,
+                                                 [want_weight, want_bias])
+    grad_input, grad_residual = grad_input_residual(
+        g, x_hat, scale, grad_out, x, residual, sums, reduced_count(x), batch_stats,
+        [want_input, want_residual],
     )
-    g = grad_out.to(invstd.dtype)
-    if activation_mask is not None:
-        bits = unpack_bits(activation_mask, x)
-        g = g * derivative_from_bits(bits, activation, negative_slope, g.dtype)
-    elif activation != "none":
-        u = pre_activation(x, hi, scale, shift, residual)
-        g = g * activation_derivative(u, activation, negative_slope)
-    sum_g = g.sum(dims)
-    sum_g_xhat = (g * x_hat).sum(dims)
-    # Custom-op outputs must not alias each other: a fresh empty tensor for each.
-    grad_input, grad_weight, grad_bias, grad_residual = (x.new_empty(0) for _ in range(4))
-    if output_mask[0]:
-        count = reduced_count(x)
-        if batch_stats and count > 0:
-            g_centered = (
-                g
-                - channel_view(sum_g / count, x)
-                - x_hat * channel_view(sum_g_xhat / count, x)
-            )
-        else:
-            g_centered = g
-        grad_input = like_input(g_centered * channel_view(scale, x), x)
-    if output_mask[1] and weight is not None:
-        grad_weight = sum_g_xhat.to(weight.dtype)
-    if output_mask[2] and bias is not None:
-        grad_bias = sum_g.to(bias.dtype)
-    if output_mask[3]:  # in the residual's format, or x's when the mask stood in for it
-        grad_residual = like_input(g, x if residual is None else residual)
-        if grad_residual is grad_out:  # nor alias an input
-            grad_residual = grad_out.clone()
     return grad_input, grad_weight, grad_bias, grad_residual

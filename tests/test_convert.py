@@ -588,11 +588,6 @@ def test_subclass_with_its_own_forward_is_left_alone():
     assert type(converted[1]) is fastbn.BatchNorm2d
 
 
-def test_sync_is_not_available_yet():
-    with pytest.raises(NotImplementedError, match="fastbn.SyncBatchNorm is not available yet"):
-        fastbn.convert(resnet(), sync=True)
-
-
 def test_process_group_without_sync_is_rejected():
     with pytest.raises(ValueError, match="process_group is only used with sync=True"):
         fastbn.convert(resnet(), process_group=object())

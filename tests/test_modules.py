@@ -322,6 +322,17 @@ def test_zero_size_batch_in_eval_gives_empty_output(backend, device):
     assert module(x).shape == (0, 3, 2, 2)
 
 
+@pytest.mark.parametrize("shape", [(0, 3, 5), (0, 3, 4, 4)], ids=["1d", "2d"])
+def test_zero_size_batch_with_residual_and_relu_packs_an_empty_mask(backend, device, shape):
+    module = fastbn.BatchNorm(3, len(shape), device=device, activation="relu")
+    x = make_input(shape, device=device).requires_grad_(True)
+    z = make_input(shape, device=device).requires_grad_(True)
+    y = module(x, z)
+    grads = torch.autograd.grad(y, [x, z, module.weight], torch.empty_like(y))
+    assert y.shape == grads[0].shape == grads[1].shape == shape
+    assert torch.equal(grads[2], torch.zeros(3, device=device))
+
+
 @pytest.mark.parametrize("mode", ["train", "eval"])
 @pytest.mark.parametrize("activation", ACTIVATIONS, ids=str)
 def test_residual_and_activation_match_truth(backend, device, activation, mode):

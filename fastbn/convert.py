@@ -173,9 +173,10 @@ def _fastbn_class(module: nn.Module, classes: dict) -> type[_FastBatchNorm] | No
     """The class to swap module for, or None where a swap would lose behaviour or state."""
     for torch_class, fastbn_class in classes.items():
         if isinstance(module, torch_class) and not isinstance(module, fastbn_class):
-            keeps_torch_forward = all(
-                getattr(type(module), name) is getattr(torch_class, name)
-                for name in ("forward", "_check_input_dim")
+            # torch's forward, or a fastbn layer's (fastbn.BatchNorm2d -> SyncBatchNorm).
+            keeps_torch_forward = (
+                type(module).forward in (torch_class.forward, _FastBatchNorm.forward)
+                and type(module)._check_input_dim is torch_class._check_input_dim
             )
             plain = (
                 list(module._parameters) == _PARAMETERS
@@ -198,6 +199,8 @@ def _swapped(layer: _BatchNorm, cls: type[_FastBatchNorm], extra: dict[str, Any]
         new._buffers[name] = layer._buffers[name]
     new._non_persistent_buffers_set = set(layer._non_persistent_buffers_set)
     new.training = layer.training
+    if isinstance(layer, _FastBatchNorm):
+        new.activation, new.negative_slope = layer.activation, layer.negative_slope
     _share_hooks(layer, new)
     if hasattr(layer, "qconfig"):
         new.qconfig = layer.qconfig

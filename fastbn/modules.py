@@ -149,6 +149,16 @@ class SyncBatchNorm(_FastBatchNorm):
         if input.dim() < 2:
             raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
 
+    @classmethod
+    def convert_sync_batchnorm(cls, module: torch.nn.Module,
+                               process_group: Any = None) -> torch.nn.Module:
+        """torch.nn.SyncBatchNorm.convert_sync_batchnorm's contract: every BatchNorm layer of
+        module (torch's or fastbn's) becomes a fastbn.SyncBatchNorm holding the same
+        tensors; the same as ``fastbn.convert(module, fuse=False, sync=True, ...)``."""
+        from fastbn.convert import convert
+
+        return convert(module, fuse=False, sync=True, process_group=process_group)
+
     def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
         """activation(SyncBatchNorm(input) + residual)."""
         self._check_input_dim(input)

@@ -267,3 +267,22 @@ def test_model_converted_with_sync_computes_the_same_outside_a_process_group(dev
             assert_matches(name, mine, theirs)
         else:
             assert torch.equal(mine, theirs), name
+
+
+def test_convert_with_sync_also_swaps_fastbn_layers_keeping_their_activation():
+    model = torch.nn.Sequential(fastbn.BatchNorm2d(4, activation="leaky_relu", negative_slope=0.2),
+                                fastbn.BatchNorm1d(4, bias=False))
+    weight = model[0].weight
+    converted = fastbn.convert(model, sync=True)
+    assert [type(layer) for layer in converted] == [fastbn.SyncBatchNorm] * 2
+    assert (converted[0].activation, converted[0].negative_slope) == ("leaky_relu", 0.2)
+    assert converted[0].weight is weight and converted[1].bias is None
+
+
+def test_convert_sync_batchnorm_classmethod_is_torchs_contract():
+    model = sync_convert_model()
+    group = object()
+    converted = fastbn.SyncBatchNorm.convert_sync_batchnorm(model, process_group=group)
+    assert [type(converted[i]) for i in (1, 3, 5)] == [fastbn.SyncBatchNorm] * 3
+    assert converted[1].process_group is group
+    assert converted[1].activation is None and type(converted[2]) is torch.nn.ReLU

@@ -98,7 +98,7 @@ class _SyncBatchNorm(torch.autograd.Function):
             input, running_mean, running_var, num_batches_tracked, momentum, process_group,
             backend,
         )
-        output, activation_mask = ops.normalize(
+        output, activation_mask = ops.call_normalize(
             input, mean, var, weight, bias, residual, eps, True, activation, negative_slope,
             save_mask, backend,
         )
@@ -125,7 +125,7 @@ class _SyncBatchNorm(torch.autograd.Function):
         sums = None
         grad_weight = grad_bias = x.new_empty(0)
         if want_input or want_weight or want_bias:
-            sums, grad_weight, grad_bias = ops.normalize_grad_sums(
+            sums, grad_weight, grad_bias = ops.call_normalize_grad_sums(
                 *common, ctx.eps, ctx.activation, ctx.negative_slope, [want_weight, want_bias],
                 ctx.backend,
             )
@@ -134,7 +134,7 @@ class _SyncBatchNorm(torch.autograd.Function):
             # the device only, so the sums are divided by it here and count 1 passed on.
             dist.all_reduce(sums, dist.ReduceOp.SUM, group=ctx.process_group)
             sums = (sums / count).to(sums.dtype)
-        grad_input, grad_residual = ops.normalize_grad_input(
+        grad_input, grad_residual = ops.call_normalize_grad_input(
             *common, sums, 1.0, ctx.eps, True, ctx.activation, ctx.negative_slope,
             [want_input, want_residual], ctx.backend,
         )
@@ -157,7 +157,8 @@ def global_batch_stats_(
     """Mean and biased variance (STATS_DTYPE) over the shares of every rank, and their count
     (a float64 [C] tensor, the same in every channel); running statistics updated in place
     and num_batches_tracked incremented, as ``ops.batch_stats_`` does for one process."""
-    mean, var = ops.batch_stats_(x.detach(), None, None, num_batches_tracked, momentum, backend)
+    mean, var = ops.call_batch_stats_(x.detach(), None, None, num_batches_tracked, momentum,
+                                      backend)
     count = reduced_count(x)
     summary = torch.stack([torch.full_like(mean, count), mean, var * count])
     world = dist.get_world_size(process_group)

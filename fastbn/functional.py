@@ -57,12 +57,12 @@ def batch_norm(
     )
     backend = resolve_backend(input)
     if training:
-        mean, var = ops.batch_stats_(
+        mean, var = ops.call_batch_stats_(
             input.detach(), running_mean, running_var, num_batches_tracked, momentum, backend
         )
     else:
         mean, var = running_mean, running_var
-    output, _ = ops.normalize(
+    output, _ = ops.call_normalize(
         input, mean, var, weight, bias, residual, eps, training, activation_name,
         negative_slope, saves_mask(activation_name, input, weight, bias, residual), backend,
     )

@@ -16,10 +16,10 @@ that are not.
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 import torch
-import triton
 import triton.language as tl
 from torch import Tensor
 from triton.runtime.interpreter import InterpretedFunction
@@ -65,6 +65,12 @@ FINALIZE_NUM_WARPS = 4
 INTERPRETER_SM_COUNT = 2
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for positive b. (triton.cdiv does the same through a JIT-callable
+    wrapper that costs microseconds per call on the launch path.)"""
+    return -(-a // b)
+
+
 def kernel_compute_dtype(dtype: torch.dtype) -> tl.dtype:
     """COMPUTE_DTYPE of the kernels for an input dtype (see reference.compute_dtype)."""
     return tl.float64 if compute_dtype(dtype) == torch.float64 else tl.float32
@@ -92,17 +98,46 @@ def sm_count(device: torch.device) -> int:
 # ---------------------------------------------------------------------------------------------
 _ANY = -1  # spatial stride of a tensor whose spatial size is 1: any stride will do
 
+# A tensor's shape and strides: everything the view planning depends on. Planning runs on
+# every call, so its results are cached per geometry.
+Geometry = tuple[tuple[int, ...], tuple[int, ...]]
 
-def _spatial_stride(t: Tensor) -> int | None:
-    """The one stride of t's flattened spatial dimensions; None when they do not flatten."""
-    spatial = zip(t.shape[2:], t.stride()[2:], strict=True)
-    dims = [(size, stride) for size, stride in spatial if size != 1]
+
+def geometry(t: Tensor) -> Geometry:
+    return tuple(t.shape), t.stride()
+
+
+@functools.lru_cache(maxsize=4096)
+def _spatial_stride(g: Geometry) -> int | None:
+    """The one stride of the flattened spatial dimensions; None when they do not flatten."""
+    shape, strides = g
+    dims = [(size, stride) for size, stride in zip(shape[2:], strides[2:], strict=True)
+            if size != 1]
     if not dims:
         return _ANY
     for (_, outer_stride), (inner_size, inner_stride) in zip(dims, dims[1:], strict=False):
         if outer_stride != inner_stride * inner_size:
             return None
     return dims[-1][1]
+
+
+@functools.lru_cache(maxsize=4096)
+def _view_strides(g: Geometry, folded: bool) -> tuple[int, int, int] | None:
+    """(stride_n, stride_c, stride_s) in the [N, C, S] view, or with folded in [1, C, N * S];
+    None when the tensor does not fit that view."""
+    stride_s = _spatial_stride(g)
+    if stride_s is None:
+        return None
+    shape, strides = g
+    n = shape[0]
+    positions = math.prod(shape[2:])
+    if not folded:
+        return strides[0], strides[1], 1 if stride_s == _ANY else stride_s
+    if stride_s == _ANY:
+        stride_s = strides[0] if n > 1 else 1
+    elif n > 1 and strides[0] != positions * stride_s:
+        return None
+    return 0, strides[1], stride_s
 
 
 @dataclass(frozen=True)
@@ -120,30 +155,15 @@ class View:
 
     def strides(self, t: Tensor) -> tuple[int, int, int]:
         """(stride_n, stride_c, stride_s) of t under this view."""
-        strides = _view_strides(t, self.folded)
+        strides = _view_strides(geometry(t), self.folded)
         if strides is None:
             raise AssertionError("tensor does not fit the view; plan_view should have copied it")
         return strides
 
 
-def _view_strides(t: Tensor, folded: bool) -> tuple[int, int, int] | None:
-    stride_s = _spatial_stride(t)
-    if stride_s is None:
-        return None
-    n = t.shape[0]
-    positions = reduced_count(t) // n if n else 0
-    if not folded:
-        return t.stride(0), t.stride(1), 1 if stride_s == _ANY else stride_s
-    if stride_s == _ANY:
-        stride_s = t.stride(0) if n > 1 else 1
-    elif n > 1 and t.stride(0) != positions * stride_s:
-        return None
-    return 0, t.stride(1), stride_s
-
-
 def fits_view(t: Tensor) -> bool:
     """Whether the kernels can read t through its strides (no copy needed)."""
-    return _spatial_stride(t) is not None
+    return _spatial_stride(geometry(t)) is not None
 
 
 def plan_view(tensors: list[Tensor], activation_mask: bool = False) -> View:
@@ -152,21 +172,25 @@ def plan_view(tensors: list[Tensor], activation_mask: bool = False) -> View:
     With an activation mask the view must match the mask's packing (reference.mask_shape):
     unfolded [N, C, S], except 2-D input, which is always folded into [1, C, N].
     """
-    x = tensors[0]
-    n = x.shape[0]
-    positions = reduced_count(x) // n if n else 0
+    return _plan_view(tuple(geometry(t) for t in tensors), activation_mask)
+
+
+@functools.lru_cache(maxsize=4096)
+def _plan_view(geometries: tuple[Geometry, ...], activation_mask: bool) -> View:
+    shape = geometries[0][0]
+    n, channels, positions = shape[0], shape[1], math.prod(shape[2:])
     if activation_mask:
-        folded = x.dim() == 2
+        folded = len(shape) == 2
     else:
-        folded = n == 1 or all(_view_strides(t, True) is not None for t in tensors)
+        folded = n == 1 or all(_view_strides(g, True) is not None for g in geometries)
     if folded:
-        return View(1, x.shape[1], n * positions, True)
-    return View(n, x.shape[1], positions, False)
+        return View(1, channels, n * positions, True)
+    return View(n, channels, positions, False)
 
 
 def mask_strides(view: View) -> tuple[int, int]:
     """(stride_n, stride_c) of the contiguous [rows, C, cdiv(S, 8)] uint8 activation mask."""
-    bytes_per_row = triton.cdiv(view.positions, 8)
+    bytes_per_row = cdiv(view.positions, 8)
     return view.channels * bytes_per_row, bytes_per_row
 
 
@@ -190,12 +214,15 @@ def per_channel(t: Tensor | None) -> Tensor | None:
 
 def needs_int64(tensors: list[Tensor]) -> bool:
     """Whether some element offset of these tensors reaches 2**31 (then offsets are int64)."""
-    for t in tensors:
-        span = sum((size - 1) * abs(stride)
-                   for size, stride in zip(t.shape, t.stride(), strict=True))
-        if t.numel() and max(span, t.numel()) >= 2**31:
-            return True
-    return False
+    return any(_needs_int64(geometry(t)) for t in tensors)
+
+
+@functools.lru_cache(maxsize=4096)
+def _needs_int64(g: Geometry) -> bool:
+    shape, strides = g
+    numel = math.prod(shape)
+    span = sum((size - 1) * abs(stride) for size, stride in zip(shape, strides, strict=True))
+    return numel > 0 and max(span, numel) >= 2**31
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,9 +241,11 @@ class Tiling:
 
 
 def _power_of_two_at_most(value: int, limit: int) -> int:
-    return min(triton.next_power_of_2(max(value, 1)), limit)
+    """The smallest power of two >= value (at least 1), capped at limit."""
+    return min(1 << (max(value, 1) - 1).bit_length(), limit)
 
 
+@functools.lru_cache(maxsize=4096)
 def tiling(view: View, stride_s: int, elements: int, per_thread: int,
            min_block_s: int = 1) -> Tiling:
     """Tiles of at most ``elements`` values, the long side on x's contiguous axis, with
@@ -228,14 +257,14 @@ def tiling(view: View, stride_s: int, elements: int, per_thread: int,
         block_c = _power_of_two_at_most(view.channels, min(MAX_BLOCK_C, elements))
         block_s = _power_of_two_at_most(view.positions, max(elements // block_c, 1))
     block_s = max(block_s, min_block_s)
-    tiles_per_n = triton.cdiv(view.positions, block_s)
+    tiles_per_n = cdiv(view.positions, block_s)
     return Tiling(
         block_s=block_s,
         block_c=block_c,
         num_warps=_power_of_two_at_most(block_s * block_c // (32 * per_thread), 8),
         tiles_per_n=tiles_per_n,
         num_tiles=view.batch * tiles_per_n,
-        channel_blocks=triton.cdiv(view.channels, block_c),
+        channel_blocks=cdiv(view.channels, block_c),
     )
 
 
@@ -258,10 +287,10 @@ def _register_budget(elements: int, dtype: torch.dtype) -> tuple[int, int]:
 
 def tiles_per_chunk(tiles: Tiling, sms: int) -> int:
     """Tiles each reduction program sums; one chunk when this equals tiles.num_tiles."""
-    wanted_chunks = triton.cdiv(WAVES * sms, tiles.channel_blocks)
-    most_chunks = triton.cdiv(tiles.num_tiles, MIN_TILES_PER_CHUNK)
+    wanted_chunks = cdiv(WAVES * sms, tiles.channel_blocks)
+    most_chunks = cdiv(tiles.num_tiles, MIN_TILES_PER_CHUNK)
     chunks = max(1, min(wanted_chunks, most_chunks))
-    return triton.cdiv(tiles.num_tiles, chunks)
+    return cdiv(tiles.num_tiles, chunks)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -288,7 +317,7 @@ def batch_stats_(
     stride_n, stride_c, stride_s = view.strides(x)
     tiles = reduction_tiling(view, stride_s, x.dtype)
     per_chunk = tiles_per_chunk(tiles, sm_count(x.device))
-    chunks = triton.cdiv(tiles.num_tiles, per_chunk)
+    chunks = cdiv(tiles.num_tiles, per_chunk)
     update = running_mean is not None and running_var is not None
     running = [writable_vector(running_mean), writable_vector(running_var)] if update else [x, x]
     cumulative = update and momentum is None
@@ -319,7 +348,7 @@ def batch_stats_(
             **common,
         )
         finalize_block_c = _power_of_two_at_most(channels, FINALIZE_BLOCK_C)
-        forward_kernels.finalize_stats_kernel[(triton.cdiv(channels, finalize_block_c),)](
+        forward_kernels.finalize_stats_kernel[(cdiv(channels, finalize_block_c),)](
             x, summary, counts, mean, var, running[0], running[1], nbt,
             channels, stride_c, chunks, factor, unbias,
             BLOCK_C=finalize_block_c, num_warps=FINALIZE_NUM_WARPS, **common,
@@ -508,7 +537,7 @@ def normalize_grad_sums(
                           activation, [])
     tiles = reduction_tiling(call.view, call.strides[5], x.dtype)
     per_chunk = tiles_per_chunk(tiles, sm_count(x.device))
-    chunks = triton.cdiv(tiles.num_tiles, per_chunk)
+    chunks = cdiv(tiles.num_tiles, per_chunk)
     partial = sums if chunks == 1 else torch.empty((2, chunks, channels), dtype=acc,
                                                    device=x.device)
     parameter_grads = dict(WRITE_GRAD_WEIGHT=want_weight, WRITE_GRAD_BIAS=want_bias)
@@ -522,7 +551,7 @@ def normalize_grad_sums(
     )
     if chunks > 1:
         finalize_block_c = _power_of_two_at_most(channels, FINALIZE_BLOCK_C)
-        backward_kernels.finalize_grad_sums_kernel[(triton.cdiv(channels, finalize_block_c),)](
+        backward_kernels.finalize_grad_sums_kernel[(cdiv(channels, finalize_block_c),)](
             partial, sums, _or_empty(grad_weight, x), _or_empty(grad_bias, x),
             channels, chunks, BLOCK_C=finalize_block_c, COMPUTE_DTYPE=call.flags["COMPUTE_DTYPE"],
             USE_INT64=call.flags["USE_INT64"], num_warps=FINALIZE_NUM_WARPS, **parameter_grads,

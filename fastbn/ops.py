@@ -28,6 +28,12 @@ autograd formula (SyncBatchNorm has no double backward):
 
 ``fastbn::normalize_grad_input(grad_out, x, mean, var, ..., sums?, count, ..., output_mask)``
     -> (d input, d residual) from the sums over ``count`` values per channel.
+
+Callers use the ``call_*`` functions at the end of this file. In plain eager mode they run
+the same implementation without the dispatcher, with the same autograd formulas (the
+dispatcher's Python layers cost about 100 microseconds per op, more than a small
+BatchNorm's kernels take on a GPU); under torch.compile/export tracing, and for tensor
+subclasses such as fake tensors, they call the ops.
 """
 
 from types import ModuleType
@@ -134,7 +140,7 @@ def _normalize_grads(ctx, grad_out, _grad_mask):
     x, mean, var, weight, bias, residual, activation_mask = ctx.saved_tensors
     needs = ctx.needs_input_grad
     mask = [needs[0], needs[3], needs[4], needs[5] and ctx.has_residual]
-    grads = normalize_backward(
+    grads = call_normalize_backward(
         grad_out, x, mean, var, weight, bias, residual, activation_mask, ctx.eps,
         ctx.batch_stats, ctx.activation, ctx.negative_slope, mask, ctx.backend,
     )
@@ -324,3 +330,153 @@ def _normalize_grad_input_fake(grad_out, x, mean, var, weight, bias, residual, a
         torch.empty_like(x if residual is None else residual) if output_mask[1]
         else x.new_empty(0),
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Calling the ops
+# ---------------------------------------------------------------------------------------------
+
+
+def direct(x: Tensor) -> bool:
+    """Whether a call on x may skip the dispatcher: a plain tensor, outside torch.compile.
+
+    Tracing (torch.compile, export) and tensor subclasses (fake tensors, DTensor, ...) see
+    the custom ops, which is what they understand; eager calls run the same implementation
+    with the same autograd formulas, without the dispatcher's Python layers.
+    """
+    return type(x) is Tensor and not torch.compiler.is_compiling()
+
+
+def call_batch_stats_(
+    x: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    num_batches_tracked: Optional[Tensor],
+    momentum: Optional[float],
+    backend: str,
+) -> tuple[Tensor, Tensor]:
+    """``batch_stats_``: mean and var, running statistics updated in place."""
+    if not direct(x):
+        return batch_stats_(x, running_mean, running_var, num_batches_tracked, momentum,
+                            backend)
+    result = implementation(backend).batch_stats_(
+        x, running_mean, running_var, num_batches_tracked, momentum
+    )
+    for mutated in (running_mean, running_var):  # as the op's ADInplaceOrView kernel does
+        if mutated is not None:
+            torch.autograd.graph.increment_version(mutated)
+    return result
+
+
+class _Normalize(torch.autograd.Function):
+    """``normalize`` for eager calls: the op's implementation and autograd formula. (The
+    forward takes ctx itself: with a separate setup_context, apply() binds the signature
+    through inspect on every call.)"""
+
+    @staticmethod
+    def forward(ctx, x, mean, var, weight, bias, residual, eps, batch_stats, activation,
+                negative_slope, save_mask, backend):
+        output = implementation(backend).normalize(
+            x, mean, var, weight, bias, residual, eps, activation, negative_slope, save_mask
+        )
+        _normalize_setup_context(
+            ctx, (x, mean, var, weight, bias, residual, eps, batch_stats, activation,
+                  negative_slope, save_mask, backend), output,
+        )
+        return output
+
+    backward = staticmethod(_normalize_grads)
+
+
+def call_normalize(
+    x: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    residual: Optional[Tensor],
+    eps: float,
+    batch_stats: bool,
+    activation: str,
+    negative_slope: float,
+    save_mask: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor]:
+    """``normalize``: (y, activation mask)."""
+    args = (x, mean, var, weight, bias, residual, eps, batch_stats, activation,
+            negative_slope, save_mask, backend)
+    return _Normalize.apply(*args) if direct(x) else normalize(*args)
+
+
+def call_normalize_backward(
+    grad_out: Tensor,
+    x: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    residual: Optional[Tensor],
+    activation_mask: Optional[Tensor],
+    eps: float,
+    batch_stats: bool,
+    activation: str,
+    negative_slope: float,
+    output_mask: list[bool],
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``normalize_backward``; the op itself when its result will be differentiated again
+    (grad mode on inside a backward means create_graph=True)."""
+    args = (grad_out, x, mean, var, weight, bias, residual, activation_mask, eps, batch_stats,
+            activation, negative_slope, output_mask)
+    if direct(x) and not torch.is_grad_enabled():
+        return implementation(backend).normalize_backward(*args)
+    return normalize_backward(*args, backend)
+
+
+def call_normalize_grad_sums(
+    grad_out: Tensor,
+    x: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    residual: Optional[Tensor],
+    activation_mask: Optional[Tensor],
+    eps: float,
+    activation: str,
+    negative_slope: float,
+    output_mask: list[bool],
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``normalize_grad_sums``: (sums, d weight, d bias)."""
+    args = (grad_out, x, mean, var, weight, bias, residual, activation_mask, eps, activation,
+            negative_slope, output_mask)
+    if direct(x):
+        return implementation(backend).normalize_grad_sums(*args)
+    return normalize_grad_sums(*args, backend)
+
+
+def call_normalize_grad_input(
+    grad_out: Tensor,
+    x: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    residual: Optional[Tensor],
+    activation_mask: Optional[Tensor],
+    sums: Optional[Tensor],
+    count: float,
+    eps: float,
+    batch_stats: bool,
+    activation: str,
+    negative_slope: float,
+    output_mask: list[bool],
+    backend: str,
+) -> tuple[Tensor, Tensor]:
+    """``normalize_grad_input``: (d input, d residual)."""
+    args = (grad_out, x, mean, var, weight, bias, residual, activation_mask, sums, count, eps,
+            batch_stats, activation, negative_slope, output_mask)
+    if direct(x):
+        return implementation(backend).normalize_grad_input(*args)
+    return normalize_grad_input(*args, backend)

@@ -1,0 +1,85 @@
+"""The custom ops: the boundary torch.compile, export and tensor subclasses see.
+
+Eager calls on plain tensors skip the dispatcher (``ops.direct``); everything else goes
+through the ops. Both routes must give identical results, and the ops must satisfy
+torch.library.opcheck (schema, fake implementation, autograd registration).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import make_input
+
+import fastbn
+from fastbn import ops, reference
+
+CASES = {
+    "train": dict(training=True),
+    "eval": dict(training=False),
+    "train_relu_residual": dict(training=True, activation="relu", residual=True),
+    "train_silu_residual": dict(training=True, activation="silu", residual=True),
+    "eval_leaky_relu_residual": dict(training=False, activation="leaky_relu", residual=True),
+    "train_no_affine_channels_last": dict(training=True, affine=False, channels_last=True),
+}
+
+
+def run(device, training, activation=None, residual=False, affine=True, channels_last=False):
+    """Output, gradients and running statistics of one fastbn.batch_norm call."""
+    x = make_input((3, 4, 5, 6), seed=1, channels_last=channels_last, device=device)
+    leaves = {"x": x.requires_grad_(True)}
+    if affine:
+        leaves["weight"] = torch.linspace(0.5, 1.5, 4, device=device).requires_grad_(True)
+        leaves["bias"] = torch.linspace(-0.2, 0.2, 4, device=device).requires_grad_(True)
+    if residual:
+        leaves["residual"] = make_input((3, 4, 5, 6), seed=2, channels_last=channels_last,
+                                        device=device).requires_grad_(True)
+    running_mean = torch.full((4,), 0.1, device=device)
+    running_var = torch.full((4,), 1.5, device=device)
+    y = fastbn.batch_norm(
+        leaves["x"], running_mean, running_var, leaves.get("weight"), leaves.get("bias"),
+        training, 0.1, 1e-5, residual=leaves.get("residual"), activation=activation,
+    )
+    grad_out = make_input(y.shape, seed=3, channels_last=channels_last, device=device)
+    grads = torch.autograd.grad(y, list(leaves.values()), grad_out)
+    return [y, *grads, running_mean, running_var]
+
+
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_eager_route_equals_the_custom_op_route(backend, device, case, monkeypatch):
+    eager = run(device, **case)
+    monkeypatch.setattr(ops, "direct", lambda x: False)
+    through_ops = run(device, **case)
+    for mine, theirs in zip(eager, through_ops, strict=True):
+        assert torch.equal(mine, theirs)
+
+
+def test_eager_calls_skip_the_dispatcher_and_traced_calls_do_not():
+    x = torch.ones(2, 3)
+    assert ops.direct(x)
+    assert not ops.direct(torch.nn.Parameter(x))  # a subclass: through the op
+    with torch._subclasses.FakeTensorMode():
+        assert not ops.direct(torch.ones(2, 3))
+
+
+@pytest.mark.parametrize("activation,save_mask", [("none", False), ("relu", True),
+                                                  ("hardswish", False)])
+def test_ops_pass_opcheck(backend, activation, save_mask):
+    x = make_input((3, 4, 5, 5), torch.float64, device=torch.device("cpu"))
+    residual = make_input((3, 4, 5, 5), torch.float64, seed=1, device=torch.device("cpu"))
+    weight, bias = torch.rand(4, dtype=torch.float64), torch.rand(4, dtype=torch.float64)
+    running_mean = torch.zeros(4, dtype=torch.float64)
+    running_var = torch.ones(4, dtype=torch.float64)
+    stats_args = (x, running_mean, running_var, torch.tensor(2), None, backend)
+    torch.library.opcheck(ops.batch_stats_, stats_args)
+    mean, var = reference.batch_mean_var(x)
+    leaves = [t.clone().requires_grad_(True) for t in (x, weight, bias, residual)]
+    normalize_args = (leaves[0], mean, var, leaves[1], leaves[2], leaves[3], 1e-5, True,
+                      activation, 0.01, save_mask, backend)
+    torch.library.opcheck(ops.normalize, normalize_args)
+    _, mask = ops.normalize(*normalize_args)
+    grad_out = torch.randn_like(x)
+    backward_args = (grad_out, x, mean, var, weight, bias, None if save_mask else residual,
+                     mask if save_mask else None, 1e-5, True, activation, 0.01,
+                     [True, True, True, True], backend)
+    torch.library.opcheck(ops.normalize_backward, backward_args)

@@ -37,7 +37,7 @@ subclasses such as fake tensors, they call the ops.
 """
 
 from types import ModuleType
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
@@ -408,75 +408,26 @@ def call_normalize(
     return _Normalize.apply(*args) if direct(x) else normalize(*args)
 
 
-def call_normalize_backward(
-    grad_out: Tensor,
-    x: Tensor,
-    mean: Tensor,
-    var: Tensor,
-    weight: Optional[Tensor],
-    bias: Optional[Tensor],
-    residual: Optional[Tensor],
-    activation_mask: Optional[Tensor],
-    eps: float,
-    batch_stats: bool,
-    activation: str,
-    negative_slope: float,
-    output_mask: list[bool],
-    backend: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``normalize_backward``; the op itself when its result will be differentiated again
-    (grad mode on inside a backward means create_graph=True)."""
-    args = (grad_out, x, mean, var, weight, bias, residual, activation_mask, eps, batch_stats,
-            activation, negative_slope, output_mask)
-    if direct(x) and not torch.is_grad_enabled():
-        return implementation(backend).normalize_backward(*args)
-    return normalize_backward(*args, backend)
+def call_normalize_backward(*args: Any) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``normalize_backward(*args)``; the op itself when its result will be differentiated
+    again (grad mode on inside a backward means create_graph=True)."""
+    return _call(normalize_backward, "normalize_backward", args,
+                 eager=not torch.is_grad_enabled())
 
 
-def call_normalize_grad_sums(
-    grad_out: Tensor,
-    x: Tensor,
-    mean: Tensor,
-    var: Tensor,
-    weight: Optional[Tensor],
-    bias: Optional[Tensor],
-    residual: Optional[Tensor],
-    activation_mask: Optional[Tensor],
-    eps: float,
-    activation: str,
-    negative_slope: float,
-    output_mask: list[bool],
-    backend: str,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """``normalize_grad_sums``: (sums, d weight, d bias)."""
-    args = (grad_out, x, mean, var, weight, bias, residual, activation_mask, eps, activation,
-            negative_slope, output_mask)
-    if direct(x):
-        return implementation(backend).normalize_grad_sums(*args)
-    return normalize_grad_sums(*args, backend)
+def call_normalize_grad_sums(*args: Any) -> tuple[Tensor, Tensor, Tensor]:
+    """``normalize_grad_sums(*args)``: (sums, d weight, d bias)."""
+    return _call(normalize_grad_sums, "normalize_grad_sums", args)
 
 
-def call_normalize_grad_input(
-    grad_out: Tensor,
-    x: Tensor,
-    mean: Tensor,
-    var: Tensor,
-    weight: Optional[Tensor],
-    bias: Optional[Tensor],
-    residual: Optional[Tensor],
-    activation_mask: Optional[Tensor],
-    sums: Optional[Tensor],
-    count: float,
-    eps: float,
-    batch_stats: bool,
-    activation: str,
-    negative_slope: float,
-    output_mask: list[bool],
-    backend: str,
-) -> tuple[Tensor, Tensor]:
-    """``normalize_grad_input``: (d input, d residual)."""
-    args = (grad_out, x, mean, var, weight, bias, residual, activation_mask, sums, count, eps,
-            batch_stats, activation, negative_slope, output_mask)
-    if direct(x):
-        return implementation(backend).normalize_grad_input(*args)
-    return normalize_grad_input(*args, backend)
+def call_normalize_grad_input(*args: Any) -> tuple[Tensor, Tensor]:
+    """``normalize_grad_input(*args)``: (d input, d residual)."""
+    return _call(normalize_grad_input, "normalize_grad_input", args)
+
+
+def _call(op: Any, name: str, args: tuple, eager: bool = True) -> Any:
+    """op(*args), whose last argument is the backend; for an eager call (see ``direct``) on
+    a plain first tensor, the implementation function of that name, without the backend."""
+    if eager and direct(args[0]):
+        return getattr(implementation(args[-1]), name)(*args[:-1])
+    return op(*args)

@@ -358,3 +358,33 @@ def test_backward_from_the_mask_equals_backward_from_the_residual(activation, la
     atol, rtol = tolerance(torch.float32)
     for a, b in zip(from_mask, from_residual, strict=True):
         torch.testing.assert_close(a, b, atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_expanded_grad_out_from_sum_backward(layout):
+    """y.sum().backward() hands the backward a grad_out with every stride 0."""
+    x = make_input((3, 4, 5, 6), layout=layout)
+    weight = torch.linspace(0.5, 1.5, 4, device=DEVICE)
+    grad_out = torch.ones((), device=DEVICE).expand(x.shape)
+    assert grad_out.stride() == (0, 0, 0, 0)
+    truth = batch_norm_truth(x, None, None, weight, None, True, activation="silu")
+    expected = grads_truth(truth, grad_out)
+    leaf = x.clone().requires_grad_(True)
+    with fastbn.use_backend("triton"):
+        y = fastbn.batch_norm(leaf, None, None, weight, None, True, activation="silu")
+        y.sum().backward()
+    assert_close_to_truth("grad x", leaf.grad, expected["x"])
+
+
+def test_strided_per_channel_vectors():
+    x = make_input((3, 4, 5))
+    weight = torch.linspace(0.5, 1.5, 8, device=DEVICE)[::2]
+    running_mean = torch.linspace(-1, 1, 8, device=DEVICE)[1::2]
+    running_var = torch.linspace(0.5, 2, 8, device=DEVICE)[::2]
+    assert not weight.is_contiguous()
+    truth = batch_norm_truth(x, running_mean, running_var, weight, None, True)
+    with fastbn.use_backend("triton"):
+        y = fastbn.batch_norm(x, running_mean, running_var, weight, None, True)
+    assert_close_to_truth("y", y, truth["y"])
+    assert_close_to_truth("running_mean", running_mean, truth["running_mean"])
+    assert_close_to_truth("running_var", running_var, truth["running_var"])

@@ -308,7 +308,11 @@ def batch_stats_(
     count = reduced_count(x)
     mean = torch.empty(channels, dtype=STATS_DTYPE, device=x.device)
     var = torch.empty(channels, dtype=STATS_DTYPE, device=x.device)
-    if num_batches_tracked is not None:
+    # num_batches_tracked goes up by one: in the first kernel when no kernel reads it (a
+    # float momentum), else here first, since the cumulative factor 1 / num_batches_tracked
+    # reads the incremented value.
+    increment_in_kernel = num_batches_tracked is not None and momentum is not None and count > 0
+    if num_batches_tracked is not None and not increment_in_kernel:
         num_batches_tracked.add_(1)
     if count == 0:
         return mean.zero_(), var.zero_()
@@ -325,7 +329,7 @@ def batch_stats_(
         COMPUTE_DTYPE=kernel_compute_dtype(x.dtype), UPDATE_RUNNING=update,
         CUMULATIVE=cumulative, USE_INT64=needs_int64([x]),
     )
-    nbt = num_batches_tracked if cumulative else x
+    nbt = num_batches_tracked if cumulative or increment_in_kernel else x
     factor = 0.0 if momentum is None else float(momentum)
     unbias = unbiasing_factor(count)
     if chunks == 1:
@@ -333,8 +337,8 @@ def batch_stats_(
             x, mean, mean, mean, var, running[0], running[1], nbt,
             channels, view.positions, stride_n, stride_c, stride_s,
             tiles.tiles_per_n, tiles.num_tiles, per_chunk, factor, unbias,
-            BLOCK_S=tiles.block_s, BLOCK_C=tiles.block_c, FINALIZE=True, num_warps=tiles.num_warps,
-            **common,
+            BLOCK_S=tiles.block_s, BLOCK_C=tiles.block_c, FINALIZE=True,
+            INCREMENT_STEP=increment_in_kernel, num_warps=tiles.num_warps, **common,
         )
     else:
         summary = torch.empty((2, chunks, channels), dtype=compute_dtype(x.dtype),
@@ -344,8 +348,8 @@ def batch_stats_(
             x, summary, counts, mean, var, running[0], running[1], nbt,
             channels, view.positions, stride_n, stride_c, stride_s,
             tiles.tiles_per_n, tiles.num_tiles, per_chunk, factor, unbias,
-            BLOCK_S=tiles.block_s, BLOCK_C=tiles.block_c, FINALIZE=False, num_warps=tiles.num_warps,
-            **common,
+            BLOCK_S=tiles.block_s, BLOCK_C=tiles.block_c, FINALIZE=False,
+            INCREMENT_STEP=increment_in_kernel, num_warps=tiles.num_warps, **common,
         )
         finalize_block_c = _power_of_two_at_most(channels, FINALIZE_BLOCK_C)
         forward_kernels.finalize_stats_kernel[(cdiv(channels, finalize_block_c),)](

@@ -90,7 +90,7 @@ def partial_stats_kernel(
     counts_ptr,  # [num_chunks] int64 workspace: values per channel in each chunk
     mean_ptr, var_ptr,  # [C] float64 batch mean and biased variance (written when FINALIZE)
     running_mean_ptr, running_var_ptr,  # [C] updated in place (FINALIZE and UPDATE_RUNNING)
-    num_batches_tracked_ptr,  # [1] int64, already incremented (CUMULATIVE)
+    num_batches_tracked_ptr,  # [1] int64: read (CUMULATIVE, already incremented) or incremented
     C, S,  # channels; positions per sample along the S axis
     stride_n, stride_c, stride_s,  # element strides of x's [N, C, S] view
     tiles_per_n,  # cdiv(S, BLOCK_S)
@@ -99,10 +99,14 @@ def partial_stats_kernel(
     momentum: tl.float64, unbias: tl.float64,  # update factor (unless CUMULATIVE); M/(M-1)
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
     FINALIZE: tl.constexpr,  # one chunk: write the statistics, no workspace
+    INCREMENT_STEP: tl.constexpr,  # add 1 to num_batches_tracked (nothing else reads it)
     UPDATE_RUNNING: tl.constexpr, CUMULATIVE: tl.constexpr, USE_INT64: tl.constexpr,
 ):
     """Summary (count, mean - A, M2) of one chunk of tiles for one channel block."""
     pid_chunk = tl.program_id(0)
+    if INCREMENT_STEP:
+        if (pid_chunk == 0) & (tl.program_id(1) == 0):
+            tl.store(num_batches_tracked_ptr, tl.load(num_batches_tracked_ptr) + 1)
     c = channel_block(tl.program_id(1), BLOCK_C, USE_INT64)
     c_mask = c < C
     anchor = tl.load(x_ptr + c * stride_c, mask=c_mask, other=0).to(COMPUTE_DTYPE)

@@ -21,7 +21,7 @@ import triton.language as tl
 
 from .activations import NONE, activation_derivative, derivative_from_bits
 from .forward import channel_constants, pre_activation
-from .tiling import channel_block, tile_offsets, tile_start
+from .tiling import channel_block, program_tile, tile_offsets, tile_start
 
 
 @triton.jit
@@ -178,11 +178,7 @@ def grad_input_kernel(
     USE_INT64: tl.constexpr,
 ):
     """d input and d residual on one tile."""
-    n, s0 = tile_start(tl.program_id(0), tiles_per_n, BLOCK_S, USE_INT64)
-    s = s0 + tl.arange(0, BLOCK_S)
-    c = channel_block(tl.program_id(1), BLOCK_C, USE_INT64)
-    c_mask = c < C
-    mask = c_mask[:, None] & (s < S)[None, :]
+    n, s0, s, c, c_mask, mask = program_tile(C, S, tiles_per_n, BLOCK_S, BLOCK_C, USE_INT64)
     hi, lo, invstd, scale, shift = channel_constants(
         c, c_mask, mean_ptr, var_ptr, weight_ptr, bias_ptr, eps, COMPUTE_DTYPE, HAS_WEIGHT,
         HAS_BIAS,

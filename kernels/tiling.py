@@ -37,3 +37,15 @@ def channel_block(pid, BLOCK_C: tl.constexpr, USE_INT64: tl.constexpr):
     if USE_INT64:
         c = c.to(tl.int64)
     return c
+
+
+@triton.jit
+def program_tile(C, S, tiles_per_n, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+                 USE_INT64: tl.constexpr):
+    """The tile of an elementwise program (tile on axis 0, channel block on axis 1): n, s0,
+    its positions s, channels c, the channel mask and the [BLOCK_C, BLOCK_S] element mask."""
+    n, s0 = tile_start(tl.program_id(0), tiles_per_n, BLOCK_S, USE_INT64)
+    s = s0 + tl.arange(0, BLOCK_S)
+    c = channel_block(tl.program_id(1), BLOCK_C, USE_INT64)
+    c_mask = c < C
+    return n, s0, s, c, c_mask, c_mask[:, None] & (s < S)[None, :]

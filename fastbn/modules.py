@@ -41,7 +41,7 @@ class _FastBatchNorm(_BatchNorm):
                 f"unknown activation {activation!r}; expected None or one of {ACTIVATIONS[1:]}"
             )
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
-        if affine and not bias:  # torch < 2.6 has no bias= keyword; same result either way
+        if affine and not bias:  # torch < 2.12 has no bias= keyword; same result either way
             self.register_parameter("bias", None)
         self.activation = activation
         self.negative_slope = negative_slope
@@ -68,11 +68,11 @@ class _FastBatchNorm(_BatchNorm):
         )
 
     def extra_repr(self) -> str:
-        text = (
-            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
-            f"affine={self.affine}, bias={self.bias is not None}, "
-            f"track_running_stats={self.track_running_stats}"
-        )
+        # torch's own text, which names bias= from torch 2.12 on; before, it cannot show an
+        # affine layer without bias, so that is said after it.
+        text = super().extra_repr()
+        if "bias=" not in text and self.affine and self.bias is None:
+            text += ", bias=False"
         if self.activation is not None:
             text += f", activation={self.activation}"
             if self.activation == "leaky_relu":

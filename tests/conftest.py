@@ -16,6 +16,9 @@ if not ON_GPU:
     if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError("triton was imported before tests/conftest.py set TRITON_INTERPRET=1")
     os.environ["TRITON_INTERPRET"] = "1"
+    from triton_compat import patch_interpreter_index
+
+    patch_interpreter_index()
 
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
 

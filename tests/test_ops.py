@@ -64,13 +64,14 @@ def test_eager_calls_skip_the_dispatcher_and_traced_calls_do_not():
 
 @pytest.mark.parametrize("activation,save_mask", [("none", False), ("relu", True),
                                                   ("hardswish", False)])
-def test_ops_pass_opcheck(backend, activation, save_mask):
-    x = make_input((3, 4, 5, 5), torch.float64, device=torch.device("cpu"))
-    residual = make_input((3, 4, 5, 5), torch.float64, seed=1, device=torch.device("cpu"))
-    weight, bias = torch.rand(4, dtype=torch.float64), torch.rand(4, dtype=torch.float64)
-    running_mean = torch.zeros(4, dtype=torch.float64)
-    running_var = torch.ones(4, dtype=torch.float64)
-    stats_args = (x, running_mean, running_var, torch.tensor(2), None, backend)
+def test_ops_pass_opcheck(backend, device, activation, save_mask):
+    x = make_input((3, 4, 5, 5), torch.float64, device=device)
+    residual = make_input((3, 4, 5, 5), torch.float64, seed=1, device=device)
+    weight = torch.rand(4, dtype=torch.float64, device=device)
+    bias = torch.rand(4, dtype=torch.float64, device=device)
+    running_mean = torch.zeros(4, dtype=torch.float64, device=device)
+    running_var = torch.ones(4, dtype=torch.float64, device=device)
+    stats_args = (x, running_mean, running_var, torch.tensor(2, device=device), None, backend)
     torch.library.opcheck(ops.batch_stats_, stats_args)
     mean, var = reference.batch_mean_var(x)
     leaves = [t.clone().requires_grad_(True) for t in (x, weight, bias, residual)]

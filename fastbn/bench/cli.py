@@ -298,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     copy_gbps, copy_bytes = copy_bandwidth(device)
     meta = {
         "command": shlex.join(["python", "-m", "fastbn.bench", *argv]),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "suite": suite,
         "device": {"type": device.type, "name": device_name(device)},
         "versions": {

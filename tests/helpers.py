@@ -8,6 +8,8 @@ on the same call plus atol and one ulp of its own dtype (when torch's result is 
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from conftest import DEVICE, ON_GPU
 from torch import Tensor
@@ -205,3 +207,18 @@ def kernel_sizes(small: int, large: int) -> int:
 def backend_sizes(backend: str, small: int, large: int) -> int:
     """A size for tests of either backend: small only where the kernels are interpreted."""
     return kernel_sizes(small, large) if backend == "triton" else large
+
+
+TORCH_HAS_BIAS_KEYWORD = "bias" in inspect.signature(torch.nn.BatchNorm2d.__init__).parameters
+"""torch's BatchNorm takes bias= from torch 2.12 on."""
+
+
+def torch_batch_norm(cls: type, *args, bias: bool = True, **options) -> torch.nn.Module:
+    """torch's ``cls(*args, **options)``, without a bias parameter when bias=False, also on
+    torch releases whose BatchNorm has no bias= keyword: the same module either way."""
+    if TORCH_HAS_BIAS_KEYWORD:
+        return cls(*args, bias=bias, **options)
+    layer = cls(*args, **options)
+    if not bias and layer.affine:
+        layer.register_parameter("bias", None)
+    return layer

@@ -13,7 +13,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_matches, make_input
+from helpers import assert_matches, make_input, torch_batch_norm
 from torch import nn
 
 import fastbn
@@ -290,7 +290,7 @@ def test_every_batchnorm_becomes_a_fastbn_layer():
      {"bias": False}],
 )
 def test_root_batchnorm_is_replaced_keeping_options_tensors_and_qconfig(options):
-    layer = nn.BatchNorm2d(6, **options)
+    layer = torch_batch_norm(nn.BatchNorm2d, 6, **options)
     layer.qconfig = "qconfig marker"
     layer.eval()
     swapped = fastbn.convert(layer)

@@ -23,7 +23,7 @@ import pytest
 import torch
 from conftest import ON_GPU
 from distributed_job import SKIPPED
-from helpers import assert_matches, make_input
+from helpers import assert_matches, make_input, torch_batch_norm
 from torch.nn.modules.batchnorm import _BatchNorm
 
 import fastbn
@@ -205,7 +205,7 @@ def test_backward_pieces_pass_opcheck_and_take_sums_divided_by_the_count(backend
 def test_has_torch_sync_batchnorms_constructor_and_state_dict(options):
     group = object()
     ours = fastbn.SyncBatchNorm(5, process_group=group, **options)
-    theirs = torch.nn.SyncBatchNorm(5, process_group=group, **options)
+    theirs = torch_batch_norm(torch.nn.SyncBatchNorm, 5, process_group=group, **options)
     assert isinstance(ours, _BatchNorm)
     assert ours.process_group is group
     assert list(ours.state_dict()) == list(theirs.state_dict())

@@ -15,12 +15,14 @@ from helpers import (
     ACTIVATIONS,
     DTYPES,
     LOW_PRECISION,
+    TORCH_HAS_BIAS_KEYWORD,
     activation64,
     assert_close_to_truth,
     batch_norm_truth,
     grads_truth,
     kink_distance,
     make_input,
+    torch_batch_norm,
 )
 
 import fastbn
@@ -63,7 +65,8 @@ def make_pair(
     options go to both constructors, fast_options (activation, ...) to fastbn's only.
     """
     fast = fast_class(num_features, device=device, dtype=dtype, **options, **(fast_options or {}))
-    ref = TORCH_CLASS[fast_class](num_features, device=device, dtype=dtype, **options)
+    ref = torch_batch_norm(TORCH_CLASS[fast_class], num_features, device=device, dtype=dtype,
+                           **options)
     randomize_(fast, seed)
     ref.load_state_dict(fast.state_dict())
     return fast, ref
@@ -420,7 +423,7 @@ def test_module_is_an_instance_of_torchs_class(fast_class):
 )
 def test_state_dict_has_torchs_keys(options):
     fast = fastbn.BatchNorm2d(3, **options)
-    ref = torch.nn.BatchNorm2d(3, **options)
+    ref = torch_batch_norm(torch.nn.BatchNorm2d, 3, **options)
     assert list(fast.state_dict()) == list(ref.state_dict())
 
 
@@ -474,7 +477,14 @@ def test_reset_parameters_restores_initial_parameters_and_statistics(backend, de
     ids=["default", "momentum_none", "plain", "bias_false"],
 )
 def test_repr_without_activation_equals_torchs(options):
+    if "bias" in options and not TORCH_HAS_BIAS_KEYWORD:
+        pytest.skip("this torch's BatchNorm has no bias= keyword (torch >= 2.12 has)")
     assert repr(fastbn.BatchNorm2d(4, **options)) == repr(torch.nn.BatchNorm2d(4, **options))
+
+
+def test_repr_says_when_an_affine_layer_has_no_bias():
+    text = repr(fastbn.BatchNorm2d(4, bias=False))
+    assert "affine=True" in text and text.count("bias=False") == 1
 
 
 def test_repr_shows_activation():

@@ -23,21 +23,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-ACTIVATIONS = ("none", "relu", "relu6", "leaky_relu", "silu", "hardswish")
-
-
-STATS_DTYPE = torch.float64
-"""Batch statistics (mean, var) travel between the ops as float64 vectors of length C.
-
-They are accumulated in the compute dtype, but the mean is assembled as anchor + small
-offset (see batch_mean_var), and float32 cannot hold it to that precision: with a mean
-of 1e4 its rounding alone would move every output by ~3e-4 standard deviations.
-"""
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype elementwise math and sums run in: float64 for float64 input, else float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from fastbn.conventions import (  # noqa: F401  (re-exported for callers of the oracle)
+    ACTIVATIONS,
+    SIGN_ACTIVATIONS,
+    STATS_DTYPE,
+    compute_dtype,
+    mask_positions,
+    mask_shape,
+    reduced_count,
+    unbiasing_factor,
+)
 
 
 def split_mean(mean: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -57,11 +52,6 @@ def channel_view(t: Tensor, x: Tensor) -> Tensor:
     return t.view(1, -1, *([1] * (x.dim() - 2)))
 
 
-def reduced_count(x: Tensor) -> int:
-    """M = N * prod(S): how many values each channel's statistics are taken over."""
-    return x.numel() // x.shape[1] if x.shape[1] else 0
-
-
 def like_input(t: Tensor, x: Tensor) -> Tensor:
     """t in x's dtype and memory format (the strides torch.empty_like(x) would choose)."""
     out = torch.empty_like(x)
@@ -69,11 +59,6 @@ def like_input(t: Tensor, x: Tensor) -> Tensor:
         return t
     out.copy_(t)
     return out
-
-
-def unbiasing_factor(count: int) -> float:
-    """M / (M - 1): biased to unbiased variance (1 for M = 1, which training rejects)."""
-    return count / max(count - 1, 1)
 
 
 def batch_mean_var(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -170,12 +155,6 @@ def activation_forward(u: Tensor, activation: str, negative_slope: float) -> Ten
     raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
 
 
-SIGN_ACTIVATIONS = ("relu", "relu6", "leaky_relu")
-"""Activations whose derivative takes two values: 1, or else 0 (negative_slope for
-leaky_relu). One bit per element says which, so with a residual the forward saves a bit
-mask (see pack_bits) instead of the residual."""
-
-
 def derivative_is_one(u: Tensor, activation: str) -> Tensor:
     """Where a SIGN_ACTIVATIONS activation has derivative 1 at u (torch's kink conventions:
     relu'(0) = 0, relu6'(0) = relu6'(6) = 0, leaky_relu'(0) = negative_slope)."""
@@ -203,20 +182,6 @@ def activation_derivative(u: Tensor, activation: str, negative_slope: float) -> 
         middle = u / 3.0 + 0.5
         return torch.where(u < -3.0, torch.zeros_like(u), torch.where(u <= 3.0, middle, 1.0))
     raise ValueError(f"activation {activation!r} has no derivative here")
-
-
-def mask_positions(t: Tensor) -> Tensor:
-    """The [rows, C, positions] view the activation mask is packed along: (N, C, S) with S the
-    flattened spatial dimensions, or (1, C, N) for 2-D input."""
-    if t.dim() == 2:
-        return t.t().unsqueeze(0)
-    return t.flatten(2)
-
-
-def mask_shape(x: Tensor) -> tuple[int, int, int]:
-    """Shape of the uint8 activation mask of x: 8 positions per byte, bit j = position 8k + j."""
-    rows, channels, positions = mask_positions(x).shape
-    return rows, channels, -(-positions // 8)
 
 
 def pack_bits(bits: Tensor) -> Tensor:

@@ -147,3 +147,4 @@ def test_gpu_check_fallback_layout_imports_the_kernels(tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().startswith(str(tmp_path))
+

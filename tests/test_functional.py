@@ -129,8 +129,6 @@ MISTAKES = [
             torch_call=None, error=ValueError),
     Mistake("rank_1_input", lambda c, d: {"input": torch.randn(3, device=d)}, "1D input",
             torch_call=torch_module),
-    Mistake("rank_6_input", lambda c, d: {"input": torch.randn(2, 3, 2, 2, 2, 2, device=d)},
-            "6D input", torch_call=torch_module),
 ]
 
 

@@ -464,7 +464,10 @@ def call_normalize_backward(*args: Any) -> tuple[Tensor, Tensor, Tensor, Tensor]
     """``normalize_backward(*args)``; the op itself when its result will be differentiated
     again (grad mode on inside a backward means create_graph=True). Under vmap (batched
     gradients) the reference formulas, which every transform can run, whatever the backend."""
-    if transformed():
+    grad_out = args[0]
+    if transformed() or _functorch.is_functorch_wrapped_tensor(grad_out) or (
+        _functorch.is_legacy_batchedtensor(grad_out)  # autograd.grad(is_grads_batched=True)
+    ):
         return reference.normalize_backward(*args[:-1])
     return _call(normalize_backward, "normalize_backward", args,
                  eager=not torch.is_grad_enabled())

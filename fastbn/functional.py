@@ -67,17 +67,18 @@ def batch_norm(
             input, running_mean, running_var, weight, bias, training, eps, residual,
             activation_name, negative_slope, num_batches_tracked,
         )
-    if ops.transformed() or _negative(running_mean, running_var, num_batches_tracked):
-        return ops.composite_batch_norm(
-            input, running_mean, running_var, weight, bias, training, momentum, eps, residual,
-            activation_name, negative_slope, num_batches_tracked,
-        )
-    # Negative-bit views (torch._neg_view) hold their values negated in memory; the kernels
-    # read memory, so such a tensor is resolved first: the one copy made for it.
-    if _negative(input, weight, bias, residual):
-        input, weight, bias, residual = (
-            None if t is None else t.resolve_neg() for t in (input, weight, bias, residual)
-        )
+    if not torch.compiler.is_compiling():  # (tracing sees the custom ops and plain tensors)
+        if ops.transformed() or _negative(running_mean, running_var, num_batches_tracked):
+            return ops.composite_batch_norm(
+                input, running_mean, running_var, weight, bias, training, momentum, eps,
+                residual, activation_name, negative_slope, num_batches_tracked,
+            )
+        # Negative-bit views (torch._neg_view) hold their values negated in memory, and the
+        # kernels read memory: such a tensor is resolved first, the one copy made for it.
+        if _negative(input, weight, bias, residual):
+            input, weight, bias, residual = (
+                None if t is None else t.resolve_neg() for t in (input, weight, bias, residual)
+            )
     backend = resolve_backend(input)
     if training:
         mean, var = ops.call_batch_stats_(

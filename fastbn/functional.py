@@ -243,7 +243,7 @@ def _check_call(
                     f"batch_norm is not differentiable with respect to {name}: it cannot "
                     "have requires_grad=True"
                 )
-    if momentum is None and running_mean is not None and num_batches_tracked is None:
+    if training and momentum is None and running_mean is not None and num_batches_tracked is None:
         raise ValueError(
             "batch_norm: momentum=None (a cumulative moving average) needs num_batches_tracked"
         )

@@ -333,3 +333,20 @@ def test_gradgradcheck_with_forward_over_reverse_and_batched_grads(backend, devi
         function, inputs, check_fwd_over_rev=True, check_batched_grad=True,
         fast_mode=backend == "triton" and not ON_GPU,
     )
+
+
+@pytest.mark.parametrize("transform", ["vmap", "jvp", "jacrev"])
+def test_transform_of_a_module_without_running_stats_in_training_matches_torch(
+    backend, device, transform
+):
+    """track_running_stats=False in training: batch statistics only, no state to update,
+    so vmap over inputs works for torch's module and for fastbn's."""
+    mine, theirs = module_pair(device, True, track_running_stats=False)
+    x = make_input(SHAPE, torch.float64, device=device)
+    calls = {
+        "vmap": lambda m: vmap(m)(torch.stack([x, x.square()])),
+        "jvp": lambda m: jvp(m, (x,), (x.cos(),)),
+        "jacrev": lambda m: jacrev(m)(x),
+    }
+    assert_same_outcome(transform, outcome(lambda: calls[transform](mine)),
+                        outcome(lambda: calls[transform](theirs)))

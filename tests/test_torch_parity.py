@@ -439,3 +439,23 @@ def test_fused_hardswish_at_a_nan_pre_activation_gives_nan_gradients(backend, de
     for name, mine, theirs in zip(("x", "residual"), *grads, strict=True):
         assert torch.equal(mine.isnan(), theirs.isnan()), f"grad {name}: NaN pattern differs"
         assert torch.isnan(mine[1, 0, 1]), f"grad {name} is finite at the NaN pre-activation"
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_fake_tensors_go_through_the_fake_implementations(backend, device, training):
+    """Under FakeTensorMode (what torch.compile and export trace with): the shape, dtype and
+    memory format of the real result, which is torch's eager one (torch's own meta function
+    keeps this input's strides, unlike its kernels), on every backend, without a kernel."""
+    from torch._subclasses import FakeTensorMode
+
+    def call(function):
+        x = torch.randn(4, 7, C, device=device).transpose(1, 2)
+        args = (torch.zeros(C, device=device), torch.ones(C, device=device),
+                torch.ones(C, device=device), torch.zeros(C, device=device), training)
+        return function(x, *args)
+
+    expected = call(F.batch_norm)
+    with FakeTensorMode():
+        y = call(fastbn.batch_norm)
+    assert (y.shape, y.dtype, memory_formats(y)) == (
+        expected.shape, expected.dtype, memory_formats(expected))

@@ -6,14 +6,17 @@
   triton is imported (the kernels then run in Triton's interpreter);
 - ``"torch"``:  always the PyTorch implementation (``fastbn.reference``).
 
-The default comes from the ``FASTBN_BACKEND`` environment variable; ``use_backend`` changes
-it for a block of code.
+The default comes from the ``FASTBN_BACKEND`` environment variable (unset or empty: "auto");
+``use_backend`` changes it for a block of code in the calling thread only, like
+``torch.autocast``: each thread keeps its own stack of choices, and a new thread starts from
+the default.
 """
 
 from __future__ import annotations
 
 import importlib
 import os
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -21,7 +24,19 @@ import torch
 
 BACKENDS = ("auto", "triton", "torch")
 
-_chosen: str | None = None  # set by use_backend; None means "read FASTBN_BACKEND"
+
+class _ThreadChoice(threading.local):
+    """The calling thread's innermost use_backend name; None means the default. (A
+    threading.local, not a ContextVar: torch.compile traces attribute reads of a
+    threading.local, guarding on the value, but graph-breaks on ContextVar.get.)"""
+
+    chosen: str | None = None
+
+
+_thread = _ThreadChoice()
+# FASTBN_BACKEND as last read, and the name it gives: the environment is read again only
+# in eager code, and only re-parsed when its text changed; traced code reads the cache.
+_environment: tuple[str | None, str] = (None, "auto")
 _triton_problem: str | None = None  # why the kernels cannot run, once known ("" = they can)
 
 
@@ -34,23 +49,43 @@ def _check_name(name: str, source: str) -> str:
 
 
 def current_backend() -> str:
-    """The backend name in force: the innermost ``use_backend``, else FASTBN_BACKEND, else auto."""
-    if _chosen is not None:
-        return _chosen
-    return _check_name(os.environ.get("FASTBN_BACKEND", "auto"), "FASTBN_BACKEND")
+    """The backend name in force in this thread: the innermost ``use_backend``, else
+    FASTBN_BACKEND, else auto."""
+    chosen = _thread.chosen
+    if chosen is not None:
+        return chosen
+    return environment_default()
+
+
+def environment_default() -> str:
+    """The backend FASTBN_BACKEND names ("auto" when unset or empty).
+
+    Under torch.compile tracing this is the value cached by the last eager read (or the
+    environment read once, at the first call), so tracing neither reads the environment
+    nor bakes a read of it into the graph.
+    """
+    global _environment
+    raw, name = _environment
+    if torch.compiler.is_compiling() and raw is not None:
+        return name
+    text = os.environ.get("FASTBN_BACKEND", "")
+    if text != raw:
+        name = _check_name(text, "FASTBN_BACKEND") if text else "auto"
+        _environment = (text, name)
+    return name
 
 
 @contextmanager
 def use_backend(name: str) -> Iterator[None]:
-    """Run the calls inside the ``with`` block on backend ``name`` ("auto", "triton", "torch")."""
-    global _chosen
+    """Run this thread's calls inside the ``with`` block on backend ``name`` ("auto",
+    "triton", "torch"); other threads keep their own choice."""
     _check_name(name, "use_backend()")
-    previous = _chosen
-    _chosen = name
+    previous = _thread.chosen
+    _thread.chosen = name
     try:
         yield
     finally:
-        _chosen = previous
+        _thread.chosen = previous
 
 
 def triton_problem() -> str:
@@ -82,7 +117,7 @@ def resolve_backend(x: torch.Tensor) -> str:
     problem = triton_problem()
     if problem:
         raise RuntimeError(f"fastbn backend 'triton' was requested, but {problem}")
-    if not x.is_cuda and not runs_in_interpreter():
+    if not x.is_cuda and not x.is_meta and not runs_in_interpreter():
         raise RuntimeError(
             f"fastbn backend 'triton' got a {x.device.type} tensor: the kernels run on CUDA "
             "tensors, or on CPU tensors when TRITON_INTERPRET=1 is set before triton is imported"

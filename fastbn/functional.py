@@ -7,14 +7,18 @@ for the same mistake, with a message that names it, and leaves the running stati
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 from torch import Tensor
 
 from fastbn import ops
 from fastbn.backend import resolve_backend
-from fastbn.reference import ACTIVATIONS, SIGN_ACTIVATIONS, reduced_count
+from fastbn.reference import ACTIVATIONS, SIGN_ACTIVATIONS, activation_forward
 
 _FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_NUMBERS = (float, int)
 
 
 def batch_norm(
@@ -34,9 +38,13 @@ def batch_norm(
 ) -> Tensor:
     """y = activation(BatchNorm(input) + residual), with F.batch_norm's semantics.
 
-    input: (N, C), (N, C, L), (N, C, H, W) or (N, C, D, H, W), any memory format;
+    input: (N, C, *S) of any rank >= 2 (like F.batch_norm), any memory format;
     float16/bfloat16 (parameters and buffers in float32 or the input's dtype), float32,
-    float64. The output has the input's dtype and memory format.
+    float64. The output has the input's dtype, and the memory format torch's BatchNorm
+    gives (the input's when it is contiguous in some format, else the one its strides
+    suggest). An input with no elements is served as torch serves it (its empty-input
+    shortcut: input * weight[0] + bias[0], nothing else checked or changed but
+    num_batches_tracked).
 
     training=True normalizes with the batch statistics and, when running_mean and
     running_var are given, updates them in place: running = (1 - momentum) * running +
@@ -51,10 +59,26 @@ def batch_norm(
     computed on the device.
     """
     activation_name = "none" if activation is None else activation
-    _check_call(
+    if _check_call(
         input, running_mean, running_var, weight, bias, training, momentum, eps, residual,
         activation_name, num_batches_tracked,
-    )
+    ):
+        return _empty_batch_norm(
+            input, running_mean, running_var, weight, bias, training, eps, residual,
+            activation_name, negative_slope, num_batches_tracked,
+        )
+    if not torch.compiler.is_compiling():  # (tracing sees the custom ops and plain tensors)
+        if ops.transformed() or _negative(running_mean, running_var, num_batches_tracked):
+            return ops.composite_batch_norm(
+                input, running_mean, running_var, weight, bias, training, momentum, eps,
+                residual, activation_name, negative_slope, num_batches_tracked,
+            )
+        # Negative-bit views (torch._neg_view) hold their values negated in memory, and the
+        # kernels read memory: such a tensor is resolved first, the one copy made for it.
+        if _negative(input, weight, bias, residual):
+            input, weight, bias, residual = (
+                None if t is None else t.resolve_neg() for t in (input, weight, bias, residual)
+            )
     backend = resolve_backend(input)
     if training:
         mean, var = ops.call_batch_stats_(
@@ -66,6 +90,35 @@ def batch_norm(
         input, mean, var, weight, bias, residual, eps, training, activation_name,
         negative_slope, saves_mask(activation_name, input, weight, bias, residual), backend,
     )
+    return output
+
+
+def _negative(*tensors: Tensor | None) -> bool:
+    """Whether some tensor given is a negative-bit view."""
+    for t in tensors:  # noqa: SIM110 (a loop: no generator on the hot path)
+        if t is not None and t.is_neg():
+            return True
+    return False
+
+
+def _empty_batch_norm(
+    input: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
+    weight: Tensor | None, bias: Tensor | None, training: bool, eps: float,
+    residual: Tensor | None, activation: str, negative_slope: float,
+    num_batches_tracked: Tensor | None,
+) -> Tensor:
+    """batch_norm of an input without elements: torch's own (its empty-input shortcut, which
+    reads neither the statistics nor the shapes of the per-channel tensors), then the fused
+    residual and activation; a training step still counts in num_batches_tracked, as in
+    torch's module."""
+    output = torch.nn.functional.batch_norm(
+        input, running_mean, running_var, weight, bias, training, 0.0, eps
+    )
+    if residual is not None:
+        output = output + residual
+    output = activation_forward(output, activation, negative_slope)
+    if training and num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
     return output
 
 
@@ -96,23 +149,62 @@ def _check_call(
     activation: str,
     num_batches_tracked: Tensor | None,
     whole_batch: bool = True,
-) -> None:
-    """Raise for a call batch_norm cannot serve; change nothing. ``whole_batch=False`` says
-    input is one rank's share of a synchronised batch, which may hold one value per channel
-    (or none)."""
+) -> bool:
+    """Raise for a call batch_norm cannot serve; change nothing. Returns whether input has no
+    elements: torch serves that through its empty-input shortcut, which checks no more than
+    was checked here. ``whole_batch=False`` says input is one rank's share of a synchronised
+    batch, which may hold one value per channel (or none)."""
     if not isinstance(input, Tensor):
         raise TypeError(f"batch_norm: input must be a Tensor, got {type(input).__name__}")
-    if not 2 <= input.dim() <= 5:
-        raise ValueError(f"batch_norm: expected 2D to 5D input (got {input.dim()}D input)")
-    if input.dtype not in _FLOATING:
-        raise NotImplementedError(
-            f"batch_norm: input dtype {input.dtype} is not supported; "
-            "expected float16, bfloat16, float32 or float64"
-        )
+    optional = {
+        "running_mean": running_mean, "running_var": running_var, "weight": weight,
+        "bias": bias, "residual": residual, "num_batches_tracked": num_batches_tracked,
+    }
+    for name, value in optional.items():
+        if value is not None and not isinstance(value, Tensor):
+            raise TypeError(
+                f"batch_norm: {name} must be a Tensor or None, got {type(value).__name__}"
+            )
+    _check_number("momentum", momentum, none_allowed=True)
+    _check_number("eps", eps)
     if activation not in ACTIVATIONS:
         raise ValueError(
             f"batch_norm: unknown activation {activation!r}; expected None or one of "
             f"{ACTIVATIONS[1:]}"
+        )
+    if training and whole_batch and input.dim() >= 1 and (
+        input.shape[0] * math.prod(input.shape[2:]) == 1
+    ):  # torch's test (on the shape, so also for a 1 x 0 input)
+        raise ValueError(
+            "Expected more than 1 value per channel when training, got input size "
+            f"{input.size()}"
+        )
+    if training and not eps > 0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    if not eps >= 0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+    if residual is not None:
+        _check_same_device("residual", residual, input)
+        if residual.shape != input.shape or residual.dtype != input.dtype:
+            raise RuntimeError(
+                f"batch_norm: residual must match the input's shape {tuple(input.shape)} and "
+                f"dtype {input.dtype}, got {tuple(residual.shape)} and {residual.dtype}"
+            )
+    if num_batches_tracked is not None:
+        _check_same_device("num_batches_tracked", num_batches_tracked, input)
+        if num_batches_tracked.numel() != 1 or num_batches_tracked.is_floating_point():
+            raise ValueError(
+                "batch_norm: num_batches_tracked must be a one-element integer tensor, got "
+                f"shape {tuple(num_batches_tracked.shape)} and dtype {num_batches_tracked.dtype}"
+            )
+    if input.numel() == 0:
+        return True
+    if input.dim() < 2:
+        raise ValueError(f"batch_norm: expected 2D or higher input (got {input.dim()}D input)")
+    if input.dtype not in _FLOATING:
+        raise NotImplementedError(
+            f"batch_norm: input dtype {input.dtype} is not supported; "
+            "expected float16, bfloat16, float32 or float64"
         )
     channels = input.shape[1]
     per_channel = {
@@ -133,42 +225,38 @@ def _check_call(
                 f"batch_norm: {name} has dtype {tensor.dtype}, but a {input.dtype} input needs "
                 f"it in {' or '.join(sorted(str(d) for d in allowed))}"
             )
-    if (running_mean is None) != (running_var is None):
+    if not training:  # torch names the missing one, a RuntimeError
+        for name in ("running_mean", "running_var"):
+            if per_channel[name] is None:
+                raise RuntimeError(
+                    f"batch_norm: {name} must be defined in evaluation mode (pass "
+                    "training=True to normalize with batch statistics)"
+                )
+    elif (running_mean is None) != (running_var is None):
         raise ValueError(
             "batch_norm: running_mean and running_var must be given together or both be None"
         )
-    if residual is not None:
-        _check_same_device("residual", residual, input)
-        if residual.shape != input.shape or residual.dtype != input.dtype:
-            raise RuntimeError(
-                f"batch_norm: residual must match the input's shape {tuple(input.shape)} and "
-                f"dtype {input.dtype}, got {tuple(residual.shape)} and {residual.dtype}"
-            )
-    if num_batches_tracked is not None:
-        _check_same_device("num_batches_tracked", num_batches_tracked, input)
-        if num_batches_tracked.numel() != 1 or num_batches_tracked.is_floating_point():
-            raise ValueError(
-                "batch_norm: num_batches_tracked must be a one-element integer tensor, got "
-                f"shape {tuple(num_batches_tracked.shape)} and dtype {num_batches_tracked.dtype}"
-            )
-    if not training:
-        if running_mean is None:
-            raise RuntimeError(
-                "batch_norm: running_mean must be defined in evaluation mode "
-                "(pass training=True to normalize with batch statistics)"
-            )
-        return
-    if whole_batch and reduced_count(input) == 1:
-        raise ValueError(
-            "Expected more than 1 value per channel when training, got input size "
-            f"{input.size()}"
-        )
-    if not eps > 0:
-        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
-    if momentum is None and running_mean is not None and num_batches_tracked is None:
+    if torch.is_grad_enabled():  # torch's autograd refuses them (no derivative is defined)
+        for name in ("running_mean", "running_var"):
+            if per_channel[name] is not None and per_channel[name].requires_grad:
+                raise RuntimeError(
+                    f"batch_norm is not differentiable with respect to {name}: it cannot "
+                    "have requires_grad=True"
+                )
+    if training and momentum is None and running_mean is not None and num_batches_tracked is None:
         raise ValueError(
             "batch_norm: momentum=None (a cumulative moving average) needs num_batches_tracked"
         )
+    return False
+
+
+def _check_number(name: str, value: object, none_allowed: bool = False) -> None:
+    """A TypeError naming the argument unless value is a real number (or an allowed None)."""
+    if type(value) in _NUMBERS or (value is None and none_allowed):
+        return
+    if value is None or not isinstance(value, numbers.Real):
+        expected = "a float or None" if none_allowed else "a float"
+        raise TypeError(f"batch_norm: {name} must be {expected}, got {type(value).__name__}")
 
 
 def _check_same_device(name: str, tensor: Tensor, input: Tensor) -> None:

@@ -32,15 +32,28 @@ autograd formula (SyncBatchNorm has no double backward):
 Callers use the ``call_*`` functions at the end of this file. In plain eager mode they run
 the same implementation without the dispatcher, with the same autograd formulas (the
 dispatcher's Python layers cost about 100 microseconds per op, more than a small
-BatchNorm's kernels take on a GPU); under torch.compile/export tracing, and for tensor
-subclasses such as fake tensors, they call the ops.
+BatchNorm's kernels take on a GPU); under torch.compile/export tracing, and when any tensor
+argument is not a plain tensor (tensor subclasses such as fake tensors or
+``TwoTensor``, meta tensors), they call the ops, so the kernels only ever see plain tensors.
+
+Under a torch.func transform (vmap, grad, jvp, jacrev, jacfwd, ...) or inside a forward-AD
+``dual_level`` the tensors may be functorch wrappers or carry tangents, which neither the
+kernels nor an ``autograd.Function`` can serve: ``fastbn.functional`` then calls
+``composite_batch_norm``, the same formulas written in differentiable torch operations
+(``fastbn.reference``), so every transform works by construction. A backward that runs
+under vmap (batched gradients: ``is_grads_batched=True``, ``jacobian(vectorize=True)``,
+gradcheck's ``check_batched_grad``) gets a batched grad_out: it runs the reference
+formulas too.
 """
 
+import contextlib
 from types import ModuleType
 from typing import Any, Optional
 
 import torch
+import torch._prims_common
 from torch import Tensor
+from torch._C import _functorch
 
 from fastbn import reference
 
@@ -104,16 +117,29 @@ def normalize(
     save_mask: bool,
     backend: str,
 ) -> tuple[Tensor, Tensor]:
-    return implementation(backend).normalize(
+    y, activation_mask = implementation(backend).normalize(
         x, mean, var, weight, bias, residual, eps, activation, negative_slope, save_mask
     )
+    return in_output_format(y, x), activation_mask
 
 
 @normalize.register_fake
 def _normalize_fake(x, mean, var, weight, bias, residual, eps, batch_stats, activation,
                     negative_slope, save_mask, backend):
     shape = reference.mask_shape(x) if save_mask else (0,)
-    return torch.empty_like(x), x.new_empty(shape, dtype=torch.uint8)
+    return in_output_format(torch.empty_like(x), x), x.new_empty(shape, dtype=torch.uint8)
+
+
+def in_output_format(y: Tensor, x: Tensor) -> Tensor:
+    """y (computed in x's layout) in the memory format torch's BatchNorm gives its output:
+    x's own when x is contiguous in the standard, channels_last or channels_last_3d format,
+    else the one x's strides suggest (``suggest_memory_format``: channels_last-like strides
+    of a 4-D / 5-D tensor, otherwise contiguous). Only that last, odd case copies y."""
+    if x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last) or (
+        x.is_contiguous(memory_format=torch.channels_last_3d)
+    ):
+        return y
+    return y.contiguous(memory_format=torch._prims_common.suggest_memory_format(x))
 
 
 def _normalize_setup_context(ctx, inputs, output):
@@ -338,13 +364,36 @@ def _normalize_grad_input_fake(grad_out, x, mean, var, weight, bias, residual, a
 
 
 def direct(x: Tensor) -> bool:
-    """Whether a call on x may skip the dispatcher: a plain tensor, outside torch.compile.
+    """Whether a call on x may skip the dispatcher: a plain tensor with data, outside
+    torch.compile.
 
-    Tracing (torch.compile, export) and tensor subclasses (fake tensors, DTensor, ...) see
-    the custom ops, which is what they understand; eager calls run the same implementation
-    with the same autograd formulas, without the dispatcher's Python layers.
+    Tracing (torch.compile, export), tensor subclasses (fake tensors, DTensor, ...) and meta
+    tensors see the custom ops, which is what they understand (the ops' fake
+    implementations serve meta tensors on every backend); eager calls run the same
+    implementation with the same autograd formulas, without the dispatcher's Python layers.
     """
-    return type(x) is Tensor and not torch.compiler.is_compiling()
+    return type(x) is Tensor and not x.is_meta and not torch.compiler.is_compiling()
+
+
+_PLAIN = (Tensor, torch.nn.Parameter)
+
+
+def plain(*tensors: Optional[Tensor]) -> bool:
+    """Whether every tensor given (None aside) is a plain tensor or Parameter with data: what
+    may go to the kernels beside a ``direct`` x."""
+    for t in tensors:  # noqa: SIM110 (a loop: no generator on the hot path)
+        if t is not None and (type(t) not in _PLAIN or t.is_meta):
+            return False
+    return True
+
+
+def transformed() -> bool:
+    """Whether a torch.func transform or a forward-AD dual level is active (see the module
+    docstring): two cheap reads of interpreter state; never true while compiling."""
+    if torch.compiler.is_compiling():
+        return False
+    return (torch.autograd.forward_ad._current_level >= 0
+            or _functorch.peek_interpreter_stack() is not None)
 
 
 def call_batch_stats_(
@@ -356,7 +405,7 @@ def call_batch_stats_(
     backend: str,
 ) -> tuple[Tensor, Tensor]:
     """``batch_stats_``: mean and var, running statistics updated in place."""
-    if not direct(x):
+    if not (direct(x) and plain(running_mean, running_var, num_batches_tracked)):
         return batch_stats_(x, running_mean, running_var, num_batches_tracked, momentum,
                             backend)
     result = implementation(backend).batch_stats_(
@@ -376,9 +425,10 @@ class _Normalize(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, mean, var, weight, bias, residual, eps, batch_stats, activation,
                 negative_slope, save_mask, backend):
-        output = implementation(backend).normalize(
+        y, activation_mask = implementation(backend).normalize(
             x, mean, var, weight, bias, residual, eps, activation, negative_slope, save_mask
         )
+        output = in_output_format(y, x), activation_mask
         _normalize_setup_context(
             ctx, (x, mean, var, weight, bias, residual, eps, batch_stats, activation,
                   negative_slope, save_mask, backend), output,
@@ -405,12 +455,20 @@ def call_normalize(
     """``normalize``: (y, activation mask)."""
     args = (x, mean, var, weight, bias, residual, eps, batch_stats, activation,
             negative_slope, save_mask, backend)
-    return _Normalize.apply(*args) if direct(x) else normalize(*args)
+    if direct(x) and plain(mean, var, weight, bias, residual):
+        return _Normalize.apply(*args)
+    return normalize(*args)
 
 
 def call_normalize_backward(*args: Any) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``normalize_backward(*args)``; the op itself when its result will be differentiated
-    again (grad mode on inside a backward means create_graph=True)."""
+    again (grad mode on inside a backward means create_graph=True). Under vmap (batched
+    gradients) the reference formulas, which every transform can run, whatever the backend."""
+    grad_out = args[0]
+    if transformed() or _functorch.is_functorch_wrapped_tensor(grad_out) or (
+        _functorch.is_legacy_batchedtensor(grad_out)  # autograd.grad(is_grads_batched=True)
+    ):
+        return reference.normalize_backward(*args[:-1])
     return _call(normalize_backward, "normalize_backward", args,
                  eager=not torch.is_grad_enabled())
 
@@ -427,7 +485,90 @@ def call_normalize_grad_input(*args: Any) -> tuple[Tensor, Tensor]:
 
 def _call(op: Any, name: str, args: tuple, eager: bool = True) -> Any:
     """op(*args), whose last argument is the backend; for an eager call (see ``direct``) on
-    a plain first tensor, the implementation function of that name, without the backend."""
-    if eager and direct(args[0]):
+    plain tensors, the implementation function of that name, without the backend."""
+    if eager and direct(args[0]) and plain(*(a for a in args[1:] if isinstance(a, Tensor))):
         return getattr(implementation(args[-1]), name)(*args[:-1])
     return op(*args)
+
+
+# ---------------------------------------------------------------------------------------------
+# The composite route: torch.func transforms and forward-mode AD
+# ---------------------------------------------------------------------------------------------
+
+
+def composite_batch_norm(
+    x: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    training: bool,
+    momentum: Optional[float],
+    eps: float,
+    residual: Optional[Tensor],
+    activation: str,
+    negative_slope: float,
+    num_batches_tracked: Optional[Tensor],
+) -> Tensor:
+    """fastbn.batch_norm (arguments already checked) in differentiable torch operations: the
+    reference's formulas, which vmap, grad, jvp, jacrev, jacfwd and forward-mode AD all
+    transform. In training the running statistics are updated from the detached batch
+    statistics, as torch's kernel does under these transforms (see ``_update_state_``)."""
+    if training:
+        mean, var = reference.batch_mean_var(x)
+        _update_state_(running_mean, running_var, num_batches_tracked, mean, var,
+                       reference.reduced_count(x), momentum)
+    else:
+        mean, var = running_mean, running_var
+    hi, _, _, scale, shift = reference.channel_constants(x, mean, var, weight, bias, eps)
+    u = reference.pre_activation(x, hi, scale, shift, residual)
+    y = reference.activation_forward(u, activation, negative_slope).to(x.dtype)
+    if _functorch.is_functorch_wrapped_tensor(x):  # strides are the transform's business
+        return y
+    return in_output_format(y, x)
+
+
+def _update_state_(
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    num_batches_tracked: Optional[Tensor],
+    mean: Tensor,
+    var: Tensor,
+    count: int,
+    momentum: Optional[float],
+) -> None:
+    """reference.batch_stats_'s state update from detached statistics, under a transform.
+
+    The statistics are brought down to the level of the state they update: grad / jvp
+    wrappers peeled off (the update is not differentiated), while a vmap batch cannot be, so
+    batched statistics need batched state (``torch.func.stack_module_state``), as torch's
+    batch rule demands. That check raises before anything changes. State that no transform
+    wrapped (a module's buffers captured by ``grad``) is updated with functorch set aside,
+    like torch's own kernel writes its running statistics.
+    """
+    state = running_mean if running_mean is not None else num_batches_tracked
+    if state is None:
+        return
+    mean, var = _at_level_of(mean.detach(), state), _at_level_of(var.detach(), state)
+    guard = (contextlib.nullcontext() if _functorch.is_functorch_wrapped_tensor(state)
+             else torch._C._DisableFuncTorch())
+    with guard:
+        if num_batches_tracked is not None:
+            num_batches_tracked.add_(1)
+        if running_mean is not None and running_var is not None:
+            reference.update_running_stats_(running_mean, running_var, num_batches_tracked,
+                                            mean, var, count, momentum)
+
+
+def _at_level_of(value: Tensor, target: Tensor) -> Tensor:
+    """value without the functorch wrappers above target's level (see _update_state_)."""
+    level = _functorch.maybe_get_level(target)
+    while _functorch.maybe_get_level(value) > level:
+        if _functorch.is_batchedtensor(value):
+            raise RuntimeError(
+                "batch_norm: under vmap the input is batched but the running statistics it "
+                "updates in place are not; batch them too (torch.func.stack_module_state), "
+                "or use track_running_stats=False, or eval mode"
+            )
+        value = _functorch.get_unwrapped(value)
+    return value

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
 import fastbn
+import fastbn.functional
 from fastbn.backend import current_backend, resolve_backend
 
 
@@ -77,3 +80,116 @@ def test_cpu_tensors_resolve_to_torch(name):
 def test_auto_resolves_cuda_tensors_to_triton():
     with fastbn.use_backend("auto"):
         assert resolve_backend(torch.randn(2, 3, device="cuda")) == "triton"
+
+
+def test_empty_environment_variable_means_unset(monkeypatch):
+    monkeypatch.setenv("FASTBN_BACKEND", "")
+    assert current_backend() == "auto"
+
+
+def in_thread(function):
+    """function() run in a new thread: its result, or the exception it raised, re-raised."""
+    outcome = {}
+
+    def target():
+        try:
+            outcome["value"] = function()
+        except BaseException as error:  # noqa: BLE001 (handed back to the caller)
+            outcome["error"] = error
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
+def test_use_backend_does_not_reach_another_thread():
+    with fastbn.use_backend("triton"):
+        assert in_thread(current_backend) == "auto"
+        assert current_backend() == "triton"
+
+
+def test_use_backend_in_another_thread_does_not_reach_this_one():
+    def choose_and_report():
+        with fastbn.use_backend("torch"):
+            return current_backend()
+
+    with fastbn.use_backend("triton"):
+        assert in_thread(choose_and_report) == "torch"
+        assert current_backend() == "triton"
+
+
+def test_interleaved_use_backend_in_two_threads_restores_each():
+    """Thread A enters "triton", B enters "torch", A exits, then B exits: each thread sees
+    its own choice throughout, and both end on the default."""
+    steps = [threading.Event() for _ in range(4)]
+    seen = {}
+
+    def thread_a():
+        with fastbn.use_backend("triton"):
+            steps[0].set()
+            steps[1].wait()
+            seen["a inside"] = current_backend()
+        steps[2].set()
+        steps[3].wait()
+        seen["a after"] = current_backend()
+
+    def thread_b():
+        steps[0].wait()
+        with fastbn.use_backend("torch"):
+            steps[1].set()
+            steps[2].wait()
+            seen["b inside"] = current_backend()
+        steps[3].set()
+        seen["b after"] = current_backend()
+
+    threads = [threading.Thread(target=thread_a), threading.Thread(target=thread_b)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert seen == {"a inside": "triton", "b inside": "torch", "a after": "auto",
+                    "b after": "auto"}
+    assert current_backend() == "auto"
+
+
+def test_calls_in_a_thread_run_on_that_threads_backend(monkeypatch):
+    """The backend a call resolves to follows its own thread's use_backend."""
+    resolved = []
+    monkeypatch.setattr(
+        fastbn.functional, "resolve_backend",
+        lambda x: resolved.append(current_backend()) or resolve_backend(x),
+    )
+
+    def call():
+        with fastbn.use_backend("torch"):
+            fastbn.batch_norm(torch.randn(4, 3), None, None, training=True)
+
+    with fastbn.use_backend("auto"):
+        in_thread(call)
+        fastbn.batch_norm(torch.randn(4, 3), None, None, training=True)
+    assert resolved == ["torch", "auto"]
+
+
+def test_backend_choice_compiles_without_graph_breaks_and_guards_on_it():
+    """torch.compile(fullgraph=True) traces the thread's choice (no graph break) and
+    recompiles when it changes, instead of baking in the first one."""
+    seen = []
+
+    def spy(x):
+        seen.append(current_backend())
+        return x
+
+    def function(x):
+        return fastbn.batch_norm(spy(x), None, None, training=True)
+
+    compiled = torch.compile(function, fullgraph=True, backend="eager")
+    x = torch.randn(4, 3)
+    with fastbn.use_backend("torch"):
+        expected = fastbn.batch_norm(x, None, None, training=True)
+        torch.testing.assert_close(compiled(x), expected)
+    with fastbn.use_backend("auto"):
+        torch.testing.assert_close(compiled(x), expected)
+    assert seen == ["torch", "auto"]

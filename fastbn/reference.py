@@ -180,7 +180,9 @@ def activation_derivative(u: Tensor, activation: str, negative_slope: float) -> 
         return sig * (1.0 + u * (1.0 - sig))
     if activation == "hardswish":
         middle = u / 3.0 + 0.5
-        return torch.where(u < -3.0, torch.zeros_like(u), torch.where(u <= 3.0, middle, 1.0))
+        # Written so that NaN falls through to the middle branch: a NaN derivative, as the
+        # definition u * relu6(u + 3) / 6 gives.
+        return torch.where(u < -3.0, torch.zeros_like(u), torch.where(u > 3.0, 1.0, middle))
     raise ValueError(f"activation {activation!r} has no derivative here")
 
 

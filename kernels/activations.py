@@ -63,5 +63,6 @@ def activation_derivative(u, ACTIVATION: tl.constexpr, negative_slope):
         sig = tl.sigmoid(u)
         out = sig * (1.0 + u * (1.0 - sig))
     if ACTIVATION == HARDSWISH:
-        out = tl.where(u < -3.0, 0.0, tl.where(u <= 3.0, u / 3.0 + 0.5, 1.0))
+        # NaN falls through to the middle branch, as in the definition u * relu6(u + 3) / 6.
+        out = tl.where(u < -3.0, 0.0, tl.where(u > 3.0, 1.0, u / 3.0 + 0.5))
     return out.to(u.dtype)

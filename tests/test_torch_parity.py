@@ -412,12 +412,6 @@ def unfused_hardswish(u):
     return u * F.relu6(u + 3) / 6
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the hardswish derivative gives 1 at NaN (u <= 3 and u < -3 both false): "
-    "reference.activation_derivative and kernels/activations.py need `u > 3 -> 1, else "
-    "middle` (see the report of issue 16)",
-)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_fused_hardswish_at_a_nan_pre_activation_gives_nan_gradients(backend, device,
                                                                       training):

@@ -44,8 +44,9 @@ from torch.autograd.function import once_differentiable
 
 from fastbn import ops
 from fastbn.backend import resolve_backend
+from fastbn.conventions import STATS_DTYPE, reduced_count
 from fastbn.functional import _check_call, saves_mask
-from fastbn.reference import STATS_DTYPE, reduced_count, update_running_stats_
+from fastbn.reference import update_running_stats_
 
 
 def sync_world_size(process_group: Any) -> int:

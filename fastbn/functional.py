@@ -15,7 +15,8 @@ from torch import Tensor
 
 from fastbn import ops
 from fastbn.backend import resolve_backend
-from fastbn.reference import ACTIVATIONS, SIGN_ACTIVATIONS, activation_forward
+from fastbn.conventions import ACTIVATIONS, SIGN_ACTIVATIONS
+from fastbn.reference import activation_forward
 
 _FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _NUMBERS = (float, int)

@@ -55,7 +55,7 @@ import torch._prims_common
 from torch import Tensor
 from torch._C import _functorch
 
-from fastbn import reference
+from fastbn import conventions, reference
 
 
 def implementation(backend: str) -> ModuleType:
@@ -93,8 +93,8 @@ def batch_stats_(
 @batch_stats_.register_fake
 def _batch_stats_fake(x, running_mean, running_var, num_batches_tracked, momentum, backend):
     channels = x.shape[1]
-    return (x.new_empty(channels, dtype=reference.STATS_DTYPE),
-            x.new_empty(channels, dtype=reference.STATS_DTYPE))
+    return (x.new_empty(channels, dtype=conventions.STATS_DTYPE),
+            x.new_empty(channels, dtype=conventions.STATS_DTYPE))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -126,7 +126,7 @@ def normalize(
 @normalize.register_fake
 def _normalize_fake(x, mean, var, weight, bias, residual, eps, batch_stats, activation,
                     negative_slope, save_mask, backend):
-    shape = reference.mask_shape(x) if save_mask else (0,)
+    shape = conventions.mask_shape(x) if save_mask else (0,)
     return in_output_format(torch.empty_like(x), x), x.new_empty(shape, dtype=torch.uint8)
 
 
@@ -316,7 +316,7 @@ def normalize_grad_sums(
 def _normalize_grad_sums_fake(grad_out, x, mean, var, weight, bias, residual, activation_mask,
                               eps, activation, negative_slope, output_mask, backend):
     return (
-        x.new_empty((2, x.shape[1]), dtype=reference.compute_dtype(x.dtype)),
+        x.new_empty((2, x.shape[1]), dtype=conventions.compute_dtype(x.dtype)),
         torch.empty_like(weight) if output_mask[0] and weight is not None else x.new_empty(0),
         torch.empty_like(bias) if output_mask[1] and bias is not None else x.new_empty(0),
     )
@@ -517,7 +517,7 @@ def composite_batch_norm(
     if training:
         mean, var = reference.batch_mean_var(x)
         _update_state_(running_mean, running_var, num_batches_tracked, mean, var,
-                       reference.reduced_count(x), momentum)
+                       conventions.reduced_count(x), momentum)
     else:
         mean, var = running_mean, running_var
     hi, _, _, scale, shift = reference.channel_constants(x, mean, var, weight, bias, eps)

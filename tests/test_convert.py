@@ -255,7 +255,7 @@ def test_double_model_stays_double_and_matches(device):
 def test_argument_keeps_computing_the_same_after_its_root_is_replaced(device):
     model = resnet().to(device).eval()
     reference = copy.deepcopy(model)
-    converted = fastbn.convert(model)
+    converted = fastbn.convert(model, fuse="graph")
     assert converted is not model
     assert_same_outputs(model, reference, make_input((2, 3, 16, 16), device=device))
 
@@ -325,7 +325,7 @@ def test_deep_copy_of_converted_model_keeps_keys_and_results():
 
 
 def test_resnet_activations_and_residual_adds_are_fused():
-    converted = fastbn.convert(resnet(BasicBlock, layers=(2, 1)))
+    converted = fastbn.convert(resnet(BasicBlock, layers=(2, 1)), fuse="graph")
     assert isinstance(converted, torch.fx.GraphModule)
     blocks = ["layer1.0", "layer1.1", "layer2.0"]
     expected = {"bn1": "relu"} | {f"{b}.{bn}": "relu" for b in blocks for bn in ("bn1", "bn2")}
@@ -335,7 +335,7 @@ def test_resnet_activations_and_residual_adds_are_fused():
 
 
 def test_bottleneck_fuses_module_functional_and_torch_relu():
-    converted = fastbn.convert(resnet(Bottleneck, layers=(1, 1)))
+    converted = fastbn.convert(resnet(Bottleneck, layers=(1, 1)), fuse="graph")
     blocks = ["layer1.0", "layer2.0"]
     expected = {"bn1": "relu"} | {f"{b}.bn{i}": "relu" for b in blocks for i in (1, 2, 3)}
     assert fused_layers(converted) == expected
@@ -343,7 +343,7 @@ def test_bottleneck_fuses_module_functional_and_torch_relu():
 
 
 def test_residual_fusion_is_shown_in_the_graph_module_code():
-    converted = fastbn.convert(resnet())
+    converted = fastbn.convert(resnet(), fuse="graph")
     assert 'getattr(self.layer1, "0").bn2(layer1_0_conv2, residual = maxpool)' in converted.code
     assert "activation=relu" in repr(converted.layer1[0].bn2)
 
@@ -356,7 +356,7 @@ def test_residual_fusion_is_shown_in_the_graph_module_code():
 )
 def test_sequential_activation_is_folded_into_the_layer(device, activation, name, slope):
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), activation)
-    converted, reference = converted_pair(model, device)
+    converted, reference = converted_pair(model, device, fuse="safe")
     assert converted is model
     assert (converted[1].activation, converted[1].negative_slope) == (name, slope)
     assert type(converted[2]) is nn.Identity
@@ -366,7 +366,7 @@ def test_sequential_activation_is_folded_into_the_layer(device, activation, name
 
 def test_mlp_batchnorm1d_takes_the_following_relu(device):
     model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
-    converted, reference = converted_pair(model, device)
+    converted, reference = converted_pair(model, device, fuse="safe")
     assert type(converted[1]) is fastbn.BatchNorm1d
     assert converted[1].activation == "relu"
     assert type(converted[2]) is nn.Identity
@@ -389,7 +389,7 @@ def test_functional_activation_is_fused_with_its_arguments(device, write, expect
         def forward(self, x):
             return write(self.bn(x))
 
-    converted, reference = converted_pair(Model(), device)
+    converted, reference = converted_pair(Model(), device, fuse="graph")
     bn = converted.get_submodule("bn")
     assert (bn.activation, bn.negative_slope) == expected
     assert_same_outputs(converted, reference, make_input((5, 4), device=device))
@@ -400,7 +400,7 @@ def test_shared_relu_module_is_fused_per_call_site(device):
         def forward(self, x):
             return super().forward(self.relu(x - 0.5))
 
-    converted, reference = converted_pair(Block(4, 4), device)
+    converted, reference = converted_pair(Block(4, 4), device, fuse="graph")
     assert fused_layers(converted) == {"bn1": "relu", "bn2": "relu"}
     relu_calls = [n for n in converted.graph.nodes if n.op == "call_module" and n.target == "relu"]
     assert len(relu_calls) == 1  # the call on the block's input stays
@@ -419,7 +419,7 @@ def test_add_without_activation_fuses_the_residual(device):
         def forward(self, x):
             return x + self.conv(x)
 
-    converted, reference = converted_pair(InvertedResidual(), device)
+    converted, reference = converted_pair(InvertedResidual(), device, fuse="graph")
     assert residual_calls(converted) == ["conv.4"]
     assert fused_layers(converted) == {"conv.1": "relu6"}
     assert_same_outputs(converted, reference, make_input((2, 4, 5, 5), device=device))
@@ -435,7 +435,7 @@ def test_add_of_a_parameter_is_not_taken_for_a_residual(device):
         def forward(self, x):
             return F.relu(self.bn(x) + self.offset)
 
-    converted, reference = converted_pair(Model(), device)
+    converted, reference = converted_pair(Model(), device, fuse="graph")
     assert residual_calls(converted) == []
     assert_same_outputs(converted, reference, make_input((2, 4, 5, 5), device=device))
 
@@ -450,7 +450,7 @@ def test_batchnorm_output_with_another_use_is_not_fused(device):
             y = self.bn(x)
             return F.relu(y) + y
 
-    converted, reference = converted_pair(Model(), device)
+    converted, reference = converted_pair(Model(), device, fuse="graph")
     assert fused_layers(converted) == {}
     assert type(converted.bn) is fastbn.BatchNorm2d
     assert_same_outputs(converted, reference, make_input((2, 4, 5, 5), device=device))
@@ -467,7 +467,7 @@ def test_add_written_into_the_other_operand_is_not_fused(device):
             skip.add_(self.bn(x))
             return torch.relu(skip), skip
 
-    converted, reference = converted_pair(Model(), device)
+    converted, reference = converted_pair(Model(), device, fuse="graph")
     assert residual_calls(converted) == []
     x = make_input((2, 4, 5, 5), device=device)
     for output, expected in zip(converted(x), reference(x), strict=True):
@@ -479,7 +479,7 @@ def test_batchnorm_with_hooks_keeps_them_and_is_not_fused(device):
     seen = []
     model[1].register_forward_pre_hook(lambda module, args: seen.append("pre"))
     handle = model[1].register_forward_hook(lambda module, args, output: seen.append("post"))
-    converted, reference = converted_pair(model, device)
+    converted, reference = converted_pair(model, device, fuse="safe")
     assert type(converted[1]) is fastbn.BatchNorm2d
     assert converted[1].activation is None
     assert type(converted[2]) is nn.ReLU
@@ -495,7 +495,7 @@ def test_container_with_hooks_is_kept_whole_and_fused_inside(device):
     model = resnet()
     calls = []
     model.layer1.register_forward_hook(lambda module, args, output: calls.append(module))
-    converted, reference = converted_pair(model, device)
+    converted, reference = converted_pair(model, device, fuse="graph")
     assert type(converted.layer1) is nn.Sequential
     assert all(isinstance(block, torch.fx.GraphModule) for block in converted.layer1)
     assert residual_calls(converted) == ["layer2.0.bn2", "bn2", "bn2"]
@@ -505,7 +505,7 @@ def test_container_with_hooks_is_kept_whole_and_fused_inside(device):
 
 
 def test_inlined_containers_stay_indexable_but_refuse_to_run_alone():
-    converted = fastbn.convert(resnet())
+    converted = fastbn.convert(resnet(), fuse="graph")
     assert isinstance(converted.layer1[0], BasicBlock)
     assert converted.layer1[0].bn2.activation == "relu"
     with pytest.raises(RuntimeError, match="inlined this BasicBlock's forward"):
@@ -513,7 +513,7 @@ def test_inlined_containers_stay_indexable_but_refuse_to_run_alone():
 
 
 def test_root_with_patterns_only_in_submodules_keeps_its_class(device):
-    converted, reference = converted_pair(Wrapper(), device)
+    converted, reference = converted_pair(Wrapper(), device, fuse="graph")
     assert type(converted) is Wrapper
     assert converted.describe() == "wrapper"
     assert isinstance(converted.block, torch.fx.GraphModule)
@@ -522,11 +522,11 @@ def test_root_with_patterns_only_in_submodules_keeps_its_class(device):
 
 
 def test_converting_twice_changes_nothing():
-    converted = fastbn.convert(resnet())
+    converted = fastbn.convert(resnet(), fuse="graph")
     code, keys, fused = converted.code, list(converted.state_dict()), fused_layers(converted)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        again = fastbn.convert(converted)
+        again = fastbn.convert(converted, fuse="graph")
     assert again is converted
     assert (again.code, list(again.state_dict()), fused_layers(again)) == (code, keys, fused)
 
@@ -546,7 +546,7 @@ def test_fuse_false_only_swaps():
 def test_untraceable_model_is_swapped_and_warns_once(device):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        converted, reference = converted_pair(DataDependent(), device)
+        converted, reference = converted_pair(DataDependent(), device, fuse="graph")
     assert len(caught) == 1
     message = str(caught[0].message)
     assert "DataDependent" in message
@@ -560,7 +560,7 @@ def test_untraceable_model_is_swapped_and_warns_once(device):
 
 def test_forward_that_depends_on_training_is_not_frozen(device):
     with pytest.warns(UserWarning, match="depends on self.training"):
-        converted, reference = converted_pair(TrainingBranch(), device)
+        converted, reference = converted_pair(TrainingBranch(), device, fuse="graph")
     assert type(converted.bn) is fastbn.BatchNorm2d
     assert fused_layers(converted) == {}
     converted.eval()

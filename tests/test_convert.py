@@ -13,198 +13,22 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from convert_models import (
+    BasicBlock,
+    Bottleneck,
+    DataDependent,
+    TrainingBranch,
+    Wrapper,
+    assert_same_outputs,
+    converted_pair,
+    fused_layers,
+    residual_calls,
+    resnet,
+)
 from helpers import assert_matches, make_input
 from torch import nn
 
 import fastbn
-from fastbn.modules import _FastBatchNorm
-
-# ---------------------------------------------------------------------------------------------
-# Models
-
-
-def conv3x3(inplanes: int, planes: int, stride: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
-
-
-class BasicBlock(nn.Module):
-    """torchvision's BasicBlock: one ReLU module used after bn1 and after the add (`+=`)."""
-
-    expansion = 1
-
-    def __init__(self, inplanes, planes, stride=1, downsample=None):
-        super().__init__()
-        self.conv1 = conv3x3(inplanes, planes, stride)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.relu = nn.ReLU(inplace=True)
-        self.conv2 = conv3x3(planes, planes)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.downsample = downsample
-
-    def forward(self, x):
-        identity = x
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        if self.downsample is not None:
-            identity = self.downsample(x)
-        out += identity
-        return self.relu(out)
-
-
-class Bottleneck(nn.Module):
-    """torchvision's Bottleneck, with the activations written three ways."""
-
-    expansion = 4
-
-    def __init__(self, inplanes, planes, stride=1, downsample=None):
-        super().__init__()
-        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = conv3x3(planes, planes, stride)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.conv3 = nn.Conv2d(planes, planes * self.expansion, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(planes * self.expansion)
-        self.relu = nn.ReLU(inplace=True)
-        self.downsample = downsample
-
-    def forward(self, x):
-        identity = x
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = F.relu(self.bn2(self.conv2(out)), inplace=True)
-        out = self.bn3(self.conv3(out))
-        if self.downsample is not None:
-            identity = self.downsample(x)
-        out = torch.add(out, identity)
-        return torch.relu(out)
-
-
-class ResNet(nn.Module):
-    """torchvision's ResNet, small: stem conv-bn-relu-maxpool, two stages, avgpool, fc."""
-
-    def __init__(self, block, layers=(2, 1), width=8, num_classes=5):
-        super().__init__()
-        self.num_classes = num_classes
-        self.inplanes = width
-        self.conv1 = nn.Conv2d(3, width, 3, 2, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
-        self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.MaxPool2d(3, 2, 1)
-        self.layer1 = self._make_layer(block, width, layers[0])
-        self.layer2 = self._make_layer(block, 2 * width, layers[1], stride=2)
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(2 * width * block.expansion, num_classes)
-
-    def _make_layer(self, block, planes, blocks, stride=1):
-        downsample = None
-        if stride != 1 or self.inplanes != planes * block.expansion:
-            downsample = nn.Sequential(
-                nn.Conv2d(self.inplanes, planes * block.expansion, 1, stride, bias=False),
-                nn.BatchNorm2d(planes * block.expansion),
-            )
-        layers = [block(self.inplanes, planes, stride, downsample)]
-        self.inplanes = planes * block.expansion
-        layers += [block(self.inplanes, planes) for _ in range(1, blocks)]
-        return nn.Sequential(*layers)
-
-    def forward(self, x):
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        x = self.layer2(self.layer1(x))
-        return self.fc(torch.flatten(self.avgpool(x), 1))
-
-
-class DataDependent(nn.Module):
-    """Branches on a tensor's value, which torch.fx cannot trace."""
-
-    def __init__(self):
-        super().__init__()
-        self.features = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
-        self.block = BasicBlock(4, 4)
-
-    def forward(self, x):
-        x = self.features(x)
-        if x.sum() > 0:
-            x = x * 2
-        return self.block(x)
-
-
-class TrainingBranch(nn.Module):
-    """Runs a different path in training, which a trace would freeze."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3, padding=1)
-        self.bn = nn.BatchNorm2d(4)
-
-    def forward(self, x):
-        x = self.bn(self.conv(x))
-        return F.relu(x) if self.training else F.silu(x)
-
-
-class Wrapper(nn.Module):
-    """Holds the patterns only in its submodules and has a method of its own."""
-
-    def __init__(self):
-        super().__init__()
-        self.stem = nn.Conv2d(3, 4, 3, padding=1)
-        self.block = BasicBlock(4, 4)
-
-    def forward(self, x):
-        return self.block(self.stem(x))
-
-    def describe(self):
-        return "wrapper"
-
-
-def resnet(block=BasicBlock, seed=0, **options) -> ResNet:
-    torch.manual_seed(seed)
-    model = ResNet(block, **options)
-    randomize_batchnorms_(model, seed)
-    return model
-
-
-def randomize_batchnorms_(model: nn.Module, seed: int = 0) -> None:
-    """Non-trivial affine parameters and running statistics in every BatchNorm layer."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in model.modules():
-            if isinstance(layer, nn.modules.batchnorm._BatchNorm):
-                c = layer.num_features
-                layer.weight.copy_(1 + 0.3 * torch.randn(c, generator=generator))
-                layer.bias.copy_(0.3 * torch.randn(c, generator=generator))
-                layer.running_mean.copy_(0.2 * torch.randn(c, generator=generator))
-                layer.running_var.copy_(0.5 + torch.rand(c, generator=generator))
-
-
-def converted_pair(model: nn.Module, device, **options) -> tuple[nn.Module, nn.Module]:
-    """(fastbn.convert(model), an untouched copy of model), both on device."""
-    model = model.to(device)
-    reference = copy.deepcopy(model)
-    return fastbn.convert(model, **options), reference
-
-
-def fused_layers(model: nn.Module) -> dict[str, str]:
-    """{path: activation} of the fastbn layers that carry an activation."""
-    return {
-        name: layer.activation
-        for name, layer in model.named_modules()
-        if isinstance(layer, _FastBatchNorm) and layer.activation is not None
-    }
-
-
-def residual_calls(model: nn.Module) -> list[str]:
-    """The layers a GraphModule calls with residual=."""
-    return [
-        node.target
-        for module in model.modules()
-        if isinstance(module, torch.fx.GraphModule)
-        for node in module.graph.nodes
-        if node.op == "call_module" and "residual" in node.kwargs
-    ]
-
-
-def assert_same_outputs(converted, reference, x) -> None:
-    assert_matches("output", converted(x), reference(x))
-
 
 # ---------------------------------------------------------------------------------------------
 # Numerics: the converted model computes what the original did

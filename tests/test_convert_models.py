@@ -25,6 +25,7 @@ from convert_models import (
     ConvNormAct,
     Dla,
     DlaTree,
+    InputResidual,
     ResNet,
     ShortcutBlock,
     VideoResNet,
@@ -344,18 +345,6 @@ def test_fuse_conv_bn_eval_folds_a_swapped_layer_like_the_original():
 
 # ---------------------------------------------------------------------------------------------
 # Autocast: a wider residual is promoted as torch's + promotes it
-
-
-class InputResidual(nn.Module):
-    """A block whose residual is the model's own float32 input."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(4, 4, 3, padding=1, bias=False)
-        self.bn = nn.BatchNorm2d(4)
-
-    def forward(self, x):
-        return F.relu(self.bn(self.conv(x)) + x)
 
 
 @pytest.mark.parametrize("training", [True, False])

@@ -343,13 +343,8 @@ def _fold_sequentials(root: nn.Module, edits: _Edits) -> None:
         layers = list(sequential._modules.items())
         for (_, layer), (name, follower) in zip(layers, layers[1:], strict=False):
             activation = _module_activation(follower)
-            # A layer or activation reachable another way would change there too.
-            if (
-                activation is not None
-                and _fusible(layer)
-                and paths[id(layer)] == 1
-                and paths[id(follower)] == 1
-            ):
+            # A layer reachable another way would take the activation there too.
+            if activation is not None and _fusible(layer) and paths[id(layer)] == 1:
                 edits.set(layer.__dict__, "activation", activation[0])
                 edits.set(layer.__dict__, "negative_slope", activation[1])
                 edits.set(layer.__dict__, "_folded_module", follower)

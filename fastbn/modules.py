@@ -304,10 +304,10 @@ class SyncBatchNorm(_FastBatchNorm):
                                process_group: Any = None) -> torch.nn.Module:
         """torch.nn.SyncBatchNorm.convert_sync_batchnorm's contract: every BatchNorm layer of
         module (torch's or fastbn's) becomes a fastbn.SyncBatchNorm holding the same
-        tensors; the same as ``fastbn.convert(module, fuse=False, sync=True, ...)``."""
+        tensors; the same as ``fastbn.convert(module, fuse="none", sync=True, ...)``."""
         from fastbn.convert import convert
 
-        return convert(module, fuse=False, sync=True, process_group=process_group)
+        return convert(module, fuse="none", sync=True, process_group=process_group)
 
     def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
         """activation(SyncBatchNorm(input) + residual)."""

@@ -375,3 +375,30 @@ def test_module_adds_a_wider_residual_in_the_promoted_dtype():
     atol, rtol = tolerance(torch.float32)  # the normalization ran in float32
     torch.testing.assert_close(output, F.relu(normalized + residual), atol=atol, rtol=rtol)
 
+
+
+# ---------------------------------------------------------------------------------------------
+# What revert leaves, and what it refuses
+
+
+def test_revert_leaves_fastbn_layers_it_did_not_make():
+    model = nn.Sequential(nn.BatchNorm1d(4), fastbn.BatchNorm1d(4, activation="silu"))
+    reverted = fastbn.revert(fastbn.convert(model))
+    assert type(reverted[0]) is nn.BatchNorm1d
+    assert type(reverted[1]) is fastbn.BatchNorm1d and reverted[1].activation == "silu"
+
+
+def test_revert_refuses_a_layer_given_an_activation_after_convert_and_changes_nothing():
+    model, _ = zoo_model("mobilenet")
+    converted = fastbn.convert(model, fuse="safe")
+    converted.features[1].conv[7].activation = "relu"
+    modules = list(converted.named_modules())
+    with pytest.raises(ValueError, match="computes activation='relu'"):
+        fastbn.revert(converted)
+    assert list(converted.named_modules()) == modules
+    assert converted.features[0][1].activation == "silu"
+
+
+def test_revert_rejects_what_is_not_a_module():
+    with pytest.raises(TypeError, match="expected an nn.Module, got str"):
+        fastbn.revert("model")

@@ -176,17 +176,27 @@ class _FastBatchNorm(_BatchNorm):
     def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
         """activation(BatchNorm(input) + residual).
 
-        A residual of a wider dtype than input (a float32 block input under autocast) is
-        added after the normalization, in the promoted dtype, as torch's ``+`` does. ONNX
-        export sees torch's batch_norm, the add and the activation: standard operators.
-        Under torch.fx the call is one node, without the rank check.
+        A residual of another dtype or shape than input (a float32 block input under
+        autocast, a broadcast term) is added after the normalization by torch's ``+``, with
+        its type promotion and broadcasting. ONNX export sees torch's batch_norm, the add and
+        the activation: standard operators. Under torch.fx the call is one node, without the
+        rank check.
         """
         if is_fx_symbolic_tracing():
             return self._normalize(input, residual, self.activation)
         self._check_input_dim(input)
         if torch.onnx.is_in_onnx_export():
             return self._add_and_activate(_BatchNorm.forward(self, input), residual)
-        if residual is not None and torch.promote_types(input.dtype, residual.dtype) != input.dtype:
+        if residual is not None and (
+            residual.dtype != input.dtype or residual.shape != input.shape
+        ):
+            try:  # before anything changes
+                torch.broadcast_shapes(input.shape, residual.shape)
+            except RuntimeError as error:
+                raise RuntimeError(
+                    f"{type(self).__name__}: a residual of shape {tuple(residual.shape)} cannot "
+                    f"be added to an output of shape {tuple(input.shape)} ({error})"
+                ) from None
             return self._add_and_activate(self._normalize(input, None, None), residual)
         return self._normalize(input, residual, self.activation)
 

@@ -415,3 +415,18 @@ def test_subclass_with_its_own_forward_is_left_alone():
 def test_process_group_without_sync_is_rejected():
     with pytest.raises(ValueError, match="process_group is only used with sync=True"):
         fastbn.convert(resnet(), process_group=object())
+
+
+def test_broadcasting_add_fused_as_a_residual_computes_what_torch_does(device):
+    class SqueezeAdd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            squeezed = x.mean((2, 3), keepdim=True)
+            return F.relu(self.bn(x) + squeezed)
+
+    converted, reference = converted_pair(SqueezeAdd(), device, fuse="graph")
+    assert residual_calls(converted) == ["bn"]
+    assert_same_outputs(converted, reference, make_input((2, 4, 5, 5), device=device))

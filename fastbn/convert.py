@@ -554,12 +554,14 @@ def _trace(module: nn.Module) -> tuple[fx.Graph, set[int], dict[str, Any]]:
             except Exception as error:  # tracing runs arbitrary user code
                 reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
                 raise _Untraceable(f"{type(error).__name__}: {reason}") from error
-            traces.append((graph, tracer.traced_through | {id(module)}))
+            finally:
+                made_up = set(vars(module)) - attributes
+                constants = {name: vars(module).pop(name) for name in made_up}
+            traces.append((graph, tracer.traced_through | {id(module)}, constants))
     finally:
         for m, training in flags:
             m.training = training
-        constants = {name: vars(module).pop(name) for name in set(vars(module)) - attributes}
-    (graph, traced_through), (flipped, _) = traces
+    (graph, traced_through, constants), (flipped, _, _) = traces
     if graph.python_code("self").src != flipped.python_code("self").src:
         raise _Untraceable("its forward depends on self.training, which a trace would freeze")
     for node in graph.nodes:

@@ -430,3 +430,22 @@ def test_broadcasting_add_fused_as_a_residual_computes_what_torch_does(device):
     converted, reference = converted_pair(SqueezeAdd(), device, fuse="graph")
     assert residual_calls(converted) == ["bn"]
     assert_same_outputs(converted, reference, make_input((2, 4, 5, 5), device=device))
+
+
+def test_tensor_made_in_forward_stays_off_the_model_and_in_the_graph_module(device):
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            scaled = torch.tensor([1.0, 2.0, 3.0, 4.0]).to(x.device).view(4, 1, 1) * x
+            return F.relu(self.bn(x) + scaled)
+
+    model = Scaled()
+    attributes = set(vars(model))
+    converted, reference = converted_pair(model, device, fuse="graph")
+    assert set(vars(model)) == attributes
+    assert residual_calls(converted) == ["bn"]
+    assert_same_outputs(converted, reference, make_input((2, 4, 5, 5), device=device))
+    assert set(vars(fastbn.revert(converted))) == attributes

@@ -1,8 +1,9 @@
 """fastbn.convert: swap torch BatchNorm layers for fastbn's and fuse activations and adds.
 
-The models are small torchvision-style ResNets defined here. Each converted model is run
-side by side with an untouched deep copy of the original: outputs, gradients and running
-statistics must agree within tests/helpers.py's tolerance for the dtype.
+The models are small torchvision-style ResNets from tests/convert_models.py. Each
+converted model is run side by side with an untouched deep copy of the original: outputs,
+gradients and running statistics must agree within tests/helpers.py's tolerance for the
+dtype. Fusion is asked for explicitly (``fuse="safe"`` or ``"graph"``) where it is tested.
 """
 
 from __future__ import annotations

@@ -120,8 +120,8 @@ def convert(
 
     sync=True swaps every layer, torch.nn.SyncBatchNorm included, for a fastbn.SyncBatchNorm
     over ``process_group``. Layers that cannot be swapped without changing what they
-    compute are left, and so are modules graph fusion cannot prove; one warning each
-    time names them and says why.
+    compute are left, and so are modules graph fusion cannot prove: one warning for the
+    layers and one for the modules name each and say why.
 
     Returns the converted module: ``module`` itself, unless it is a BatchNorm layer or
     became a GraphModule (it then still computes the same, unfused). When convert raises,

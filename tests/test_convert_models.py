@@ -113,12 +113,14 @@ def test_deep_copy_and_pickle_of_a_converted_model_still_revert(level):
 
 def test_revert_follows_the_converted_model_to_another_dtype():
     model, shape = zoo_model("resnet", torch.float32)
+    reference = copy.deepcopy(model).double().eval()
     converted = fastbn.convert(model, fuse="graph").double()
-    reverted = fastbn.revert(converted)
+    reverted = fastbn.revert(converted).eval()
     assert {t.dtype for t in [*reverted.parameters(), *reverted.buffers()]} == {
         torch.float64, torch.int64,
     }
-    reverted(make_input(shape, torch.float64))
+    x = make_input(shape, torch.float64)
+    assert torch.equal(reverted(x), reference(x))
 
 
 def test_revert_keeps_training_flags_set_on_the_converted_model():

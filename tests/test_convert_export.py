@@ -143,6 +143,23 @@ def test_torch_export_and_jit_trace_compute_what_the_original_does(level):
     assert_matches("torch.jit.trace", traced(x), model(x))
 
 
+def test_compiled_graph_fused_model_trains_like_the_original():
+    torch.manual_seed(0)
+    model = InputResidual()
+    randomize_batchnorms_(model)
+    reference = copy.deepcopy(model)
+    converted = fastbn.convert(model, fuse="graph")
+    compiled = torch.compile(converted, fullgraph=True)
+    x = make_input((2, 4, 6, 6))
+    assert_matches("compiled output", compiled(x), reference(x))
+    for name, buffer in converted.named_buffers():
+        expected = reference.get_buffer(name)
+        if buffer.is_floating_point():
+            assert_matches(name, buffer, expected)
+        else:
+            assert torch.equal(buffer, expected), name
+
+
 def test_jit_script_is_refused_with_the_way_out_and_works_after_revert():
     model, shape = zoo_model("resnet", torch.float32)
     model.eval()

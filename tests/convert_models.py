@@ -478,7 +478,19 @@ def assert_same_record(actual: dict, expected: dict, *, bitwise: bool = False) -
     tolerance (bit for bit with bitwise), integers (step counters) equal."""
     assert actual.keys() == expected.keys()
     for name, value in expected.items():
-        if value.is_floating_point() and not bitwise:
-            assert_matches(name, actual[name], value)
-        else:
-            assert torch.equal(actual[name], value), name
+        assert_same_value(name, actual[name], value, bitwise=bitwise)
+
+
+def assert_same_buffers(model: nn.Module, reference: nn.Module) -> None:
+    """Each buffer of model (a traced one may hold fewer) is reference's of the same name."""
+    for name, buffer in model.named_buffers():
+        assert_same_value(name, buffer, reference.get_buffer(name))
+
+
+def assert_same_value(name: str, actual: torch.Tensor, expected: torch.Tensor, *,
+                      bitwise: bool = False) -> None:
+    """Floating values within their dtype's tolerance (or bit for bit), integers equal."""
+    if expected.is_floating_point() and not bitwise:
+        assert_matches(name, actual, expected)
+    else:
+        assert torch.equal(actual, expected), name

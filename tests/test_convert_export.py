@@ -14,7 +14,12 @@ import warnings
 
 import pytest
 import torch
-from convert_models import InputResidual, randomize_batchnorms_, zoo_model
+from convert_models import (
+    InputResidual,
+    assert_same_buffers,
+    randomize_batchnorms_,
+    zoo_model,
+)
 from helpers import assert_matches, make_input
 from torch import nn
 
@@ -65,13 +70,7 @@ def test_symbolic_trace_records_each_layer_as_one_batch_norm_call(level, trainin
     assert len(calls) == 7
     x = make_input(shape, torch.float64)
     assert_matches("output", traced(x), reference(x))
-    expected_buffers = dict(reference.named_buffers())
-    for name, buffer in traced.named_buffers():  # those the graph reads
-        expected = expected_buffers[name]
-        if buffer.is_floating_point():
-            assert_matches(name, buffer, expected)
-        else:
-            assert torch.equal(buffer, expected), name
+    assert_same_buffers(traced, reference)
 
 
 def test_fx_tools_run_on_a_converted_model():
@@ -152,12 +151,7 @@ def test_compiled_graph_fused_model_trains_like_the_original():
     compiled = torch.compile(converted, fullgraph=True)
     x = make_input((2, 4, 6, 6))
     assert_matches("compiled output", compiled(x), reference(x))
-    for name, buffer in converted.named_buffers():
-        expected = reference.get_buffer(name)
-        if buffer.is_floating_point():
-            assert_matches(name, buffer, expected)
-        else:
-            assert torch.equal(buffer, expected), name
+    assert_same_buffers(converted, reference)
 
 
 def test_jit_script_is_refused_with_the_way_out_and_works_after_revert():

@@ -404,3 +404,37 @@ def test_revert_refuses_a_layer_given_an_activation_after_convert_and_changes_no
 def test_revert_rejects_what_is_not_a_module():
     with pytest.raises(TypeError, match="expected an nn.Module, got str"):
         fastbn.revert("model")
+
+
+# ---------------------------------------------------------------------------------------------
+# State: state_dict both ways, functional_call
+
+
+@pytest.mark.parametrize("level", FUSE_LEVELS)
+@pytest.mark.parametrize("name", ["resnet", "timm_norm_act"])
+def test_state_dict_loads_both_ways_between_converted_and_original(name, level):
+    model, shape = zoo_model(name)
+    original = copy.deepcopy(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        converted = fastbn.convert(model, fuse=level)
+    training_record(converted, shape)  # two steps: new weights and statistics
+    original.load_state_dict(converted.state_dict(), strict=True)
+    x = make_input(shape, torch.float64)
+    assert_matches("original with the converted state", original.eval()(x), converted.eval()(x))
+    fresh, _ = zoo_model(name)
+    converted.load_state_dict(fresh.state_dict(), strict=True)
+    assert_matches("converted with the fresh state", converted(x), fresh.eval()(x))
+
+
+def test_functional_call_of_a_converted_model_uses_the_given_tensors():
+    model, shape = zoo_model("resnet")
+    reference = copy.deepcopy(model).eval()
+    converted = fastbn.convert(model).eval()
+    with torch.no_grad():
+        for parameter in reference.parameters():
+            parameter.mul_(1.5)
+    tensors = {**dict(reference.named_parameters()), **dict(reference.named_buffers())}
+    x = make_input(shape, torch.float64)
+    output = torch.func.functional_call(converted, tensors, (x,))
+    assert_matches("output", output, reference(x))

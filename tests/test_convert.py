@@ -393,14 +393,15 @@ def test_forward_that_depends_on_training_is_not_frozen(device):
     assert_same_outputs(converted, reference, make_input((2, 3, 5, 5), device=device))
 
 
-def test_sync_batchnorm_is_left_alone():
+def test_sync_batchnorm_is_left_alone_with_a_warning():
     model = nn.Sequential(nn.SyncBatchNorm(4), nn.BatchNorm2d(4))
-    converted = fastbn.convert(model)
+    with pytest.warns(UserWarning, match=r"0 \(SyncBatchNorm\): .* with sync=True only"):
+        converted = fastbn.convert(model)
     assert type(converted[0]) is nn.SyncBatchNorm
     assert type(converted[1]) is fastbn.BatchNorm2d
 
 
-def test_subclass_with_its_own_forward_is_left_alone():
+def test_subclass_with_its_own_forward_is_left_alone_with_a_warning():
     class Scaled(nn.BatchNorm2d):
         def forward(self, input):
             return 2 * super().forward(input)
@@ -408,7 +409,8 @@ def test_subclass_with_its_own_forward_is_left_alone():
     class Tagged(nn.BatchNorm2d):
         pass
 
-    converted = fastbn.convert(nn.Sequential(Scaled(4), Tagged(4)))
+    with pytest.warns(UserWarning, match=r"0 \(Scaled\): its class has its own forward"):
+        converted = fastbn.convert(nn.Sequential(Scaled(4), Tagged(4)))
     assert type(converted[0]) is Scaled
     assert type(converted[1]) is fastbn.BatchNorm2d
 

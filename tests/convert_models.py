@@ -13,6 +13,7 @@ import copy
 
 import torch
 import torch.nn.functional as F
+from conftest import DEVICE
 from helpers import assert_matches, make_input
 from torch import nn
 
@@ -440,12 +441,13 @@ ZOO = {
 
 
 def zoo_model(name: str, dtype: torch.dtype = torch.float64) -> tuple[nn.Module, tuple[int, ...]]:
-    """ZOO's model (random weights and BatchNorm state from a fixed seed) and input shape."""
+    """ZOO's model (random weights and BatchNorm state from a fixed seed) on the test
+    device, and its input shape."""
     (cls, *arguments), shape = ZOO[name]
     torch.manual_seed(0)
     model = cls(*arguments)
     randomize_batchnorms_(model)
-    return model.to(dtype), shape
+    return model.to(DEVICE, dtype), shape
 
 
 def training_record(model: nn.Module, shape: tuple[int, ...], steps: int = 2) -> dict:

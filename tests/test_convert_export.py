@@ -14,6 +14,7 @@ import warnings
 
 import pytest
 import torch
+from conftest import DEVICE
 from convert_models import (
     InputResidual,
     assert_same_buffers,
@@ -46,7 +47,7 @@ class NormFirst(nn.Module):
 
 def norm_first() -> NormFirst:
     torch.manual_seed(0)
-    model = NormFirst()
+    model = NormFirst().to(DEVICE)
     randomize_batchnorms_(model)
     return model.eval()
 
@@ -118,7 +119,7 @@ def test_onnx_export_writes_the_operators_torch_writes(level, dynamo):
     operators = [node.op_type for node in graph.graph.node]
     assert operators == [node.op_type for node in expected.graph.node]
     assert "BatchNormalization" in operators
-    (output,) = ReferenceEvaluator(graph).run(None, {graph.graph.input[0].name: x.numpy()})
+    (output,) = ReferenceEvaluator(graph).run(None, {graph.graph.input[0].name: x.cpu().numpy()})
     assert_matches("onnx output", torch.from_numpy(output), model(x))
 
 
@@ -144,7 +145,7 @@ def test_torch_export_and_jit_trace_compute_what_the_original_does(level):
 
 def test_compiled_graph_fused_model_trains_like_the_original():
     torch.manual_seed(0)
-    model = InputResidual()
+    model = InputResidual().to(DEVICE)
     randomize_batchnorms_(model)
     reference = copy.deepcopy(model)
     converted = fastbn.convert(model, fuse="graph")

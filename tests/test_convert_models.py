@@ -19,6 +19,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import DEVICE
 from convert_models import (
     ZOO,
     BatchNormAct2d,
@@ -184,7 +185,7 @@ def test_default_convert_keeps_activation_modules_in_sequential():
 
 def test_block_with_an_optional_shortcut_is_not_traced_alone_and_warns_once():
     torch.manual_seed(0)
-    block = ShortcutBlock(4).double()
+    block = ShortcutBlock(4).to(DEVICE, torch.float64)
     randomize_batchnorms_(block)
     reference = copy.deepcopy(block)
     with warnings.catch_warnings(record=True) as caught:
@@ -352,7 +353,7 @@ def test_fuse_conv_bn_eval_folds_a_swapped_layer_like_the_original():
 @pytest.mark.parametrize("training", [True, False])
 def test_float32_residual_under_autocast_is_promoted_like_torch(training):
     torch.manual_seed(0)
-    model = InputResidual()
+    model = InputResidual().to(DEVICE)
     randomize_batchnorms_(model)
     reference = copy.deepcopy(model).train(training)
     converted = fastbn.convert(model, fuse="graph").train(training)
@@ -360,7 +361,7 @@ def test_float32_residual_under_autocast_is_promoted_like_torch(training):
         {"residual": next(n for n in converted.graph.nodes if n.op == "placeholder")}
     ]
     x = make_input((2, 4, 6, 6))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
         output, expected = converted(x), reference(x)
     assert output.dtype == expected.dtype == torch.float32
     atol, rtol = tolerance(torch.bfloat16)
@@ -368,7 +369,7 @@ def test_float32_residual_under_autocast_is_promoted_like_torch(training):
 
 
 def test_module_adds_a_wider_residual_in_the_promoted_dtype():
-    bn = fastbn.BatchNorm2d(4, activation="relu").eval()
+    bn = fastbn.BatchNorm2d(4, activation="relu", device=DEVICE).eval()
     randomize_batchnorms_(bn)
     x, residual = make_input((2, 4, 3, 3), torch.float32), make_input((2, 4, 3, 3), torch.float64)
     output = bn(x, residual)

@@ -15,8 +15,8 @@ parameters, buffers and state_dict keys:
   fastbn layer computing that activation: its activation was inside the layer before too.
 - ``"safe"``: also, in each plain nn.Sequential, a fastbn layer takes the activation module
   right after it, whose slot becomes nn.Identity (indices and keys stay). The Sequential
-  runs the same for every input; conv-BN folding would now miss the activation, so
-  ``revert`` before folding.
+  runs the same for every input, but the layer called alone (or a slice ending at it) now
+  applies the activation, and conv-BN folding would miss it: ``revert`` before folding.
 - ``"graph"``: also torch.fx traces modules whose forward holds BatchNorm layers and fuses
   BN -> activation, BN -> add and BN -> add -> activation into one call
   ``bn(x, residual=other)`` of a copy of the layer; the smallest module whose forward holds

@@ -1,38 +1,63 @@
-"""fastbn.convert: swap a model's torch BatchNorm layers for fastbn's and fuse around them.
+"""fastbn.convert and fastbn.revert: swap a model's torch BatchNorm layers for fastbn's (and
+back), fusing activations and residual adds into them only where asked.
 
-Three steps, none of which changes a parameter, a buffer or a state_dict key:
+``fuse`` chooses how far convert goes; every level keeps what the model computes, its
+parameters, buffers and state_dict keys:
 
-1. Swap. Each torch.nn.BatchNorm1d/2d/3d (or a subclass that keeps torch's ``forward``)
-   becomes the fastbn class of the same rank (with sync=True, it and torch.nn.SyncBatchNorm
-   become fastbn.SyncBatchNorm), holding the same Parameter and buffer
-   objects, hooks, training flag and qconfig. ``_fastbn_classes`` is the one map from a
-   torch class to the fastbn class that replaces it.
-2. Fold in nn.Sequential. A fastbn layer directly followed by an activation module takes the
-   activation, and the activation's slot becomes nn.Identity, so indices stay.
-3. Fuse in traced graphs. torch.fx traces a module with its BatchNorm layers kept as calls
-   and finds BN -> activation, BN -> add and BN -> add -> activation; each becomes one call
-   ``bn(x, residual=other)`` of a copy of the layer that carries the activation (the copy
-   shares every tensor with the layer, which is left as it was, so the module passed in
-   keeps computing the same thing). The smallest module whose own forward holds such a
-   pattern is replaced by a torch.fx.GraphModule that keeps its submodule tree; a module
-   that does not trace is left as it is, and its children are tried in turn.
+- ``"none"`` (the default): swap only. Each torch.nn.BatchNorm1d/2d/3d (or a subclass that
+  keeps torch's ``forward``) becomes the fastbn class of the same rank in the same slot,
+  holding the same Parameter and buffer objects, hooks, training flag and qconfig
+  (``_FastBatchNorm.from_torch``); with sync=True, it and torch.nn.SyncBatchNorm become
+  fastbn.SyncBatchNorm. Every other module keeps its class, forward, methods and
+  children, so conv-BN folding for deployment sees exactly the pairs it saw before. A
+  timm-style BatchNormAct layer (a BatchNorm subclass whose only children are ``drop``, an
+  nn.Identity, and ``act``, an activation fastbn computes or nn.Identity) becomes a
+  fastbn layer computing that activation: its activation was inside the layer before too.
+- ``"safe"``: also, in each plain nn.Sequential, a fastbn layer takes the activation module
+  right after it, whose slot becomes nn.Identity (indices and keys stay). The Sequential
+  runs the same for every input, but the layer called alone (or a slice ending at it) now
+  applies the activation, and conv-BN folding would miss it: ``revert`` before folding.
+- ``"graph"``: also torch.fx traces modules whose forward holds BatchNorm layers and fuses
+  BN -> activation, BN -> add and BN -> add -> activation into one call
+  ``bn(x, residual=other)`` of a copy of the layer; the smallest module whose forward holds
+  such a pattern becomes a torch.fx.GraphModule (a different class). A module is rewritten
+  only where the trace holds for every call: not when its forward takes more than its one
+  input (a trace would freeze ``if shortcut is None``), branches on a tensor's value or on
+  ``self.training``, or reads something the trace cannot place. Modules without a
+  BatchNorm layer are traced as leaves, never inlined.
+
+``revert`` undoes all three: the GraphModules give back the modules they replaced, the
+folded activation modules return to their slots, and each layer convert swapped becomes
+the torch layer it was (its class and attributes, the same tensors). convert and revert
+change nothing when they raise.
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
 import operator
 import warnings
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import fx, nn
+from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
 from torch.nn import functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from fastbn.modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, SyncBatchNorm, _FastBatchNorm
+from fastbn.modules import (
+    HOOK_STATE,
+    BatchNorm1d,
+    BatchNorm2d,
+    BatchNorm3d,
+    SyncBatchNorm,
+    _FastBatchNorm,
+)
+
+FUSE_LEVELS = ("none", "safe", "graph")
 
 # An activation as fastbn layers take it: (activation, negative_slope).
 _Activation = tuple[str, float]
@@ -63,13 +88,6 @@ _ADD_METHODS = ("add", "add_")
 _IN_PLACE_ADDS = (operator.iadd, "add_")
 
 _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
-_HOOK_STATE = (
-    *_HOOKS,
-    "_forward_hooks_with_kwargs",
-    "_forward_hooks_always_called",
-    "_forward_pre_hooks_with_kwargs",
-    "_is_full_backward_hook",
-)
 _STATE_DICT_HOOKS = (
     "_state_dict_hooks",
     "_state_dict_pre_hooks",
@@ -81,63 +99,140 @@ _STATE_DICT_METHODS = (
 )
 _PARAMETERS = ["weight", "bias"]
 _BUFFERS = ["running_mean", "running_var", "num_batches_tracked"]
+# Where a GraphModule keeps the module it replaced (for revert), under GraphModule's own
+# mechanism for attributes that survive deepcopy and pickling.
+_ORIGINAL = "_fastbn_replaced"
 
 
 def convert(
-    module: nn.Module, *, fuse: bool = True, sync: bool = False, process_group: Any = None
+    module: nn.Module, *, fuse: str | bool = "none", sync: bool = False,
+    process_group: Any = None,
 ) -> nn.Module:
-    """Swap every torch BatchNorm layer of ``module`` for fastbn's and, with fuse, fuse around it.
+    """Swap every torch BatchNorm layer of ``module`` for fastbn's, in place; fuse as asked.
 
-    The fastbn layers hold the original Parameter and buffer objects (so the device, dtype
-    and state_dict keys stay), the training flag, eps, momentum, hooks and qconfig. Layers
-    whose class overrides torch's ``forward``, and torch.nn.SyncBatchNorm, are left alone;
-    with sync=True every layer, torch.nn.SyncBatchNorm included, becomes a
-    fastbn.SyncBatchNorm over ``process_group``.
+    fuse: ``"none"`` (default) swaps only and keeps every other module as it is;
+    ``"safe"`` also folds the activation module after a layer in an nn.Sequential into it
+    (the slot becomes nn.Identity); ``"graph"`` also fuses activations and residual adds
+    found by torch.fx, replacing the smallest module that holds them by a
+    torch.fx.GraphModule (see the module docstring for when it refuses). ``fuse=False`` and
+    ``fuse=True`` are accepted as ``"none"`` and ``"graph"`` (True was the old default).
+    The fused levels hide activations from conv-BN folding: ``fastbn.revert`` first.
 
-    fuse=True folds into a fastbn layer that has no hooks (they would see the fused output):
-    - the activation module (ReLU, ReLU6, LeakyReLU, SiLU, Hardswish) that follows it in an
-      nn.Sequential; that slot becomes nn.Identity;
-    - where torch.fx traces the model: an activation (one of those modules, F.relu and the
-      like, torch.relu, Tensor.relu) of the layer's output, and an add (``+``, ``+=``,
-      torch.add, Tensor.add_) of the layer's output and another computed tensor with the
-      activation that may follow, where the layer has one call site and each intermediate
-      result no other use. fx records no shapes: the other tensor is taken to have the
-      output's shape and dtype, as in residual blocks (a broadcasting add would make the
-      layer raise; convert with fuse=False then). The smallest module whose forward holds
-      such a pattern is replaced by a torch.fx.GraphModule with the same submodule tree,
-      parameters, buffers and state_dict keys, calling ``bn(x, residual=other)``; the
-      containers it inlines keep their class and attributes but raise if called alone.
-      Modules with hooks or their own state_dict logic are not inlined but rewritten on
-      their own; a module that does not trace, or whose forward depends on
-      ``self.training`` (a trace would freeze it), keeps its forward, its children are
-      tried instead, and one warning per call says which module did not trace and why.
+    sync=True swaps every layer, torch.nn.SyncBatchNorm included, for a fastbn.SyncBatchNorm
+    over ``process_group``. Layers that cannot be swapped without changing what they
+    compute are left, and so are modules graph fusion cannot prove: one warning for the
+    layers and one for the modules name each and say why.
 
-    Converts in place where it can and returns the result, which is a new object when
-    ``module`` is itself a BatchNorm layer or was replaced by a GraphModule, so use the
-    returned module (``module`` itself then still computes the same, unfused).
+    Returns the converted module: ``module`` itself, unless it is a BatchNorm layer or
+    became a GraphModule (it then still computes the same, unfused). When convert raises,
+    the model is as it was.
     """
+    level = _fuse_level(fuse)
     if not isinstance(module, nn.Module):
         raise TypeError(f"fastbn.convert: expected an nn.Module, got {type(module).__name__}")
     if process_group is not None and not sync:
         raise ValueError("fastbn.convert: process_group is only used with sync=True")
-    classes = _fastbn_classes(sync)
     extra = {"process_group": process_group} if sync else {}
-    module = _swap(module, classes, extra, {})
-    if not fuse:
-        return module
-    _fold_sequentials(module)
-    failures: list[str] = []
-    for rewrite in _plan(module, "", failures):
-        module = _apply(module, rewrite)
-    if failures:
-        others = f"; {len(failures) - 1} more module(s) did not trace" if len(failures) > 1 else ""
-        warnings.warn(
-            f"fastbn.convert: torch.fx cannot trace {failures[0]}{others}. Its BatchNorm "
-            "layers were swapped and activations in nn.Sequential folded, but activations "
-            "and residual adds in its forward were not fused.",
-            stacklevel=2,
-        )
+    edits = _Edits()
+    refused: list[str] = []
+    try:
+        module, left = _swap(module, _fastbn_classes(sync), extra, edits)
+        if level != "none":
+            _fold_sequentials(module, edits)
+        if level == "graph":
+            rewrites = _plan(module, "", refused)
+            built = [(rewrite.path, _graph_module(rewrite)) for rewrite in rewrites]
+            for path, graph_module in built:
+                module = _replace(module, path, graph_module, edits)
+    except BaseException:
+        edits.undo()
+        raise
+    _warn("left these BatchNorm layers as they were", left)
+    _warn(
+        "did not fuse inside these modules (their BatchNorm layers are swapped, and "
+        "activations in nn.Sequential folded)", refused,
+    )
     return module
+
+
+def revert(module: nn.Module) -> nn.Module:
+    """Undo ``fastbn.convert``: torch BatchNorm layers and explicit activations again.
+
+    Every GraphModule convert made becomes the module it replaced, every activation module
+    folded out of an nn.Sequential goes back to its slot, and every layer convert swapped
+    becomes the torch layer it was (its class and attributes, children such as a
+    BatchNormAct's ``act`` included), holding the layer's current Parameter and buffer
+    objects, hooks, training flag, eps and momentum. The result computes bit for bit what
+    the model computed before convert, and folds for deployment the same way. fastbn layers
+    that convert did not make stay as they are.
+
+    Reverts in place and returns the result (a new object when ``module`` itself was
+    swapped or replaced). Raises ValueError, changing nothing, where a swapped layer was
+    given an activation after convert that its torch layer would not compute.
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"fastbn.revert: expected an nn.Module, got {type(module).__name__}")
+    edits = _Edits()
+    try:
+        return _revert(module, edits, {})
+    except BaseException:
+        edits.undo()
+        raise
+
+
+def _fuse_level(fuse: str | bool) -> str:
+    if fuse is True or fuse is False:
+        return "graph" if fuse else "none"
+    if not isinstance(fuse, str):
+        raise TypeError(
+            f"fastbn.convert: fuse must be one of {FUSE_LEVELS} (or a bool), "
+            f"got {type(fuse).__name__}"
+        )
+    if fuse not in FUSE_LEVELS:
+        raise ValueError(f"fastbn.convert: fuse must be one of {FUSE_LEVELS}, got {fuse!r}")
+    return fuse
+
+
+def _warn(what: str, items: list[str]) -> None:
+    """One warning for a convert call, naming each item."""
+    if items:
+        listed = "; ".join(items)
+        warnings.warn(f"fastbn.convert {what}: {listed}", stacklevel=3)
+
+
+class _Edits:
+    """The assignments into dictionaries (a module's _modules or __dict__) that convert and
+    revert make, so that a failure can undo them in reverse order."""
+
+    _MISSING = object()
+
+    def __init__(self) -> None:
+        self._log: list[tuple[dict, str, Any]] = []
+
+    def set(self, mapping: dict, key: str, value: Any) -> None:
+        self._log.append((mapping, key, mapping.get(key, self._MISSING)))
+        mapping[key] = value
+
+    def undo(self) -> None:
+        for mapping, key, old in reversed(self._log):
+            if old is self._MISSING:
+                del mapping[key]
+            else:
+                mapping[key] = old
+        self._log.clear()
+
+
+def _join(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
+
+
+def _replace(root: nn.Module, path: str, new: nn.Module, edits: _Edits) -> nn.Module:
+    """root with the module at path replaced by new (new itself when path is the root's)."""
+    if not path:
+        return new
+    parent, _, name = path.rpartition(".")
+    edits.set(root.get_submodule(parent)._modules, name, new)
+    return root
 
 
 # ---------------------------------------------------------------------------------------------
@@ -153,94 +248,73 @@ def _fastbn_classes(sync: bool) -> dict[type[_BatchNorm], type[_FastBatchNorm]]:
 
 
 def _swap(
-    module: nn.Module, classes: dict, extra: dict[str, Any], done: dict[int, nn.Module]
-) -> nn.Module:
-    """module with its torch BatchNorm layers (itself included) swapped; shared stays shared."""
-    if id(module) in done:
-        return done[id(module)]
-    target = _fastbn_class(module, classes)
-    result = module if target is None else _swapped(module, target, extra)
-    done[id(module)] = result
-    for name, child in list(module._modules.items()):
-        if child is not None:
-            swapped = _swap(child, classes, extra, done)
-            if swapped is not child:
-                module._modules[name] = swapped
-    return result
+    root: nn.Module, classes: dict, extra: dict[str, Any], edits: _Edits
+) -> tuple[nn.Module, list[str]]:
+    """root with its swappable layers (itself included) swapped, a layer reachable by two
+    paths for one fastbn layer; and, for each layer left, its path, class and why."""
+    swapped: dict[int, nn.Module] = {}
+    left = []
+    for path, layer in root.named_modules():
+        if isinstance(layer, _BatchNorm):
+            replacement, reason = _replacement(layer, classes, extra)
+            if replacement is not None:
+                swapped[id(layer)] = replacement
+            elif reason:
+                left.append(f"{path or '<root>'} ({type(layer).__name__}): {reason}")
+    for parent in list(root.modules()):
+        for name, child in list(parent._modules.items()):
+            if child is not None and id(child) in swapped:
+                edits.set(parent._modules, name, swapped[id(child)])
+    return swapped.get(id(root), root), left
 
 
-def _fastbn_class(module: nn.Module, classes: dict) -> type[_FastBatchNorm] | None:
-    """The class to swap module for, or None where a swap would lose behaviour or state."""
+def _replacement(
+    layer: _BatchNorm, classes: dict, extra: dict[str, Any]
+) -> tuple[nn.Module | None, str]:
+    """The fastbn layer that computes what layer does, or None and why not ("" when there
+    is nothing to say: a fastbn layer already)."""
     for torch_class, fastbn_class in classes.items():
-        if isinstance(module, torch_class) and not isinstance(module, fastbn_class):
-            # torch's forward, or a fastbn layer's (fastbn.BatchNorm2d -> SyncBatchNorm).
-            keeps_torch_forward = (
-                type(module).forward in (torch_class.forward, _FastBatchNorm.forward)
-                and type(module)._check_input_dim is torch_class._check_input_dim
-            )
-            plain = (
-                list(module._parameters) == _PARAMETERS
-                and list(module._buffers) == _BUFFERS
-                and not module._modules
-            )
-            return fastbn_class if keeps_torch_forward and plain else None
-    return None
-
-
-def _swapped(layer: _BatchNorm, cls: type[_FastBatchNorm], extra: dict[str, Any]) -> nn.Module:
-    """A cls layer with layer's tensors, hooks and flags, as convert_sync_batchnorm does."""
-    new = cls(
-        layer.num_features, layer.eps, layer.momentum, layer.affine, layer.track_running_stats,
-        device="meta", **extra,
-    )
-    for name in _PARAMETERS:
-        new._parameters[name] = layer._parameters[name]
-    for name in _BUFFERS:
-        new._buffers[name] = layer._buffers[name]
-    new._non_persistent_buffers_set = set(layer._non_persistent_buffers_set)
-    new.training = layer.training
-    if isinstance(layer, _FastBatchNorm):
-        new.activation, new.negative_slope = layer.activation, layer.negative_slope
-    _share_hooks(layer, new)
-    if hasattr(layer, "qconfig"):
-        new.qconfig = layer.qconfig
-    return new
-
-
-def _share_hooks(source: nn.Module, target: nn.Module) -> None:
-    """Give target source's hook dictionaries, so the hooks fire and their handles still work."""
-    for name in _HOOK_STATE:
-        if name in vars(source):
-            target.__dict__[name] = vars(source)[name]
-
-
-# ---------------------------------------------------------------------------------------------
-# 2. Fold in nn.Sequential
-
-
-def _fold_sequentials(root: nn.Module) -> None:
-    """Give each fusible layer the activation module that follows it in an nn.Sequential."""
-    paths = Counter(id(m) for _, m in root.named_modules(remove_duplicate=False))
-    for sequential in list(root.modules()):
-        if not isinstance(sequential, nn.Sequential):
+        if not isinstance(layer, torch_class) or isinstance(layer, fastbn_class):
             continue
-        if type(sequential).forward is not nn.Sequential.forward:
-            continue
-        layers = list(sequential._modules.items())
-        for (_, layer), (name, follower) in zip(layers, layers[1:], strict=False):
-            activation = _module_activation(follower)
-            # A layer reachable another way would take the activation there too.
-            if activation is not None and _fusible(layer) and paths[id(layer)] == 1:
-                layer.activation, layer.negative_slope = activation
-                sequential._modules[name] = nn.Identity()
+        if isinstance(layer, _FastBatchNorm):  # fastbn.BatchNorm2d -> fastbn.SyncBatchNorm
+            return fastbn_class.from_torch(
+                layer, activation=layer.activation, negative_slope=layer.negative_slope,
+                **extra,
+            ), ""
+        if list(layer._parameters) != _PARAMETERS or list(layer._buffers) != _BUFFERS:
+            return None, "it holds parameters or buffers of its own"
+        if type(layer)._check_input_dim is not torch_class._check_input_dim:
+            return None, "its class checks its input its own way"
+        if type(layer).forward is torch_class.forward:
+            if layer._modules:
+                return None, "it has submodules"
+            return fastbn_class.from_torch(layer, **extra), ""
+        activation, reason = _norm_act(layer)
+        if reason:
+            return None, reason
+        name, slope = activation
+        return fastbn_class.from_torch(layer, activation=name, negative_slope=slope, **extra), ""
+    if isinstance(layer, nn.SyncBatchNorm):
+        return None, "torch.nn.SyncBatchNorm is swapped with sync=True only"
+    return None, ""
 
 
-def _fusible(module: nn.Module | None) -> bool:
-    """A fastbn layer that can take an activation and a residual: none yet, and no hooks
-    (they would see the fused output)."""
-    return (
-        isinstance(module, _FastBatchNorm) and module.activation is None and not _has_hooks(module)
-    )
+def _norm_act(layer: _BatchNorm) -> tuple[tuple[str | None, float], str]:
+    """The activation of a timm-style BatchNormAct layer, whose forward is torch's BatchNorm
+    then its ``drop`` then its ``act`` child, and ""; or why layer is not one fastbn
+    computes."""
+    unknown = (None, _DEFAULT_SLOPE)
+    if set(layer._modules) != {"drop", "act"}:
+        return unknown, "its class has its own forward"
+    drop, act = layer._modules["drop"], layer._modules["act"]
+    if type(drop) is not nn.Identity or _has_hooks(drop):
+        return unknown, f"its drop is {type(drop).__name__}, which fastbn does not compute"
+    if type(act) is nn.Identity and not _has_hooks(act):
+        return unknown, ""
+    activation = _module_activation(act)
+    if activation is None:
+        return unknown, f"its act is {type(act).__name__}, which fastbn does not compute"
+    return activation, ""
 
 
 def _has_hooks(module: nn.Module) -> bool:
@@ -256,7 +330,95 @@ def _module_activation(module: nn.Module | None) -> _Activation | None:
 
 
 # ---------------------------------------------------------------------------------------------
-# 3. Fuse in traced graphs
+# 2. Fold in nn.Sequential ("safe")
+
+
+def _fold_sequentials(root: nn.Module, edits: _Edits) -> None:
+    """Give each fusible layer the activation module that follows it in an nn.Sequential,
+    keeping the module in the layer for revert; its slot becomes nn.Identity."""
+    paths = Counter(id(m) for _, m in root.named_modules(remove_duplicate=False))
+    for sequential in list(root.modules()):
+        if type(sequential).forward is not nn.Sequential.forward:
+            continue
+        layers = list(sequential._modules.items())
+        for (_, layer), (name, follower) in zip(layers, layers[1:], strict=False):
+            activation = _module_activation(follower)
+            # A layer reachable another way would take the activation there too.
+            if activation is not None and _fusible(layer) and paths[id(layer)] == 1:
+                edits.set(layer.__dict__, "activation", activation[0])
+                edits.set(layer.__dict__, "negative_slope", activation[1])
+                edits.set(layer.__dict__, "_folded_module", follower)
+                edits.set(sequential._modules, name, nn.Identity())
+
+
+def _fusible(module: nn.Module | None) -> bool:
+    """A fastbn layer that can take an activation and a residual: none yet, and no hooks
+    (they would see the fused output)."""
+    return (
+        isinstance(module, _FastBatchNorm) and module.activation is None and not _has_hooks(module)
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Revert
+
+
+def _revert(module: nn.Module, edits: _Edits, done: dict[int, nn.Module]) -> nn.Module:
+    """module as it was before convert; a module reachable by two paths is reverted once."""
+    if id(module) in done:
+        return done[id(module)]
+    result = module
+    replaced = getattr(module, _ORIGINAL, None)
+    if replaced is not None:
+        result = _replaced_module(module, replaced.module, edits)
+    if type(result).forward is nn.Sequential.forward:
+        _unfold(result, edits)
+    for name, child in list(result._modules.items()):
+        if child is not None:
+            reverted = _revert(child, edits, done)
+            if reverted is not child:
+                edits.set(result._modules, name, reverted)
+    if isinstance(result, _FastBatchNorm) and result._torch_origin is not None:
+        result = result.to_torch()
+    done[id(module)] = result
+    return result
+
+
+def _replaced_module(graph_module: nn.Module, original: nn.Module, edits: _Edits) -> nn.Module:
+    """The module a GraphModule replaced, holding the GraphModule's current tensors and
+    training flags (``.to()`` and ``.train()`` reached only the GraphModule's tree)."""
+    for path, mirror in graph_module.named_modules(remove_duplicate=False):
+        target = original.get_submodule(path)
+        if target is mirror:
+            continue
+        for name in ("_parameters", "_buffers"):
+            for key, tensor in getattr(mirror, name).items():
+                edits.set(getattr(target, name), key, tensor)
+        edits.set(target.__dict__, "training", mirror.training)
+    return original
+
+
+def _unfold(sequential: nn.Module, edits: _Edits) -> None:
+    """Put the activation modules that fastbn layers took over back into their slots."""
+    layers = list(sequential._modules.items())
+    for (_, layer), (name, follower) in zip(layers, layers[1:], strict=False):
+        if isinstance(layer, _FastBatchNorm) and layer._folded_module is not None:
+            if type(follower) is not nn.Identity:
+                raise ValueError(
+                    f"fastbn.revert: the slot {name!r} after a fastbn layer that took over "
+                    f"its {type(layer._folded_module).__name__} holds a "
+                    f"{type(follower).__name__}, not the nn.Identity convert left there"
+                )
+            folded = layer._folded_module
+            edits.set(folded.__dict__, "training", follower.training)
+            edits.set(sequential._modules, name, folded)
+            edits.set(layer.__dict__, "activation", None)  # as _fusible required
+            edits.set(layer.__dict__, "negative_slope", _DEFAULT_SLOPE)
+            edits.set(layer.__dict__, "_folded_module", None)
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Fuse in traced graphs ("graph")
 
 
 class _Untraceable(Exception):
@@ -280,11 +442,13 @@ class _Rewrite:
     graph: fx.Graph
     traced_through: set[int]  # ids of the modules whose forward the graph inlines
     fusions: list[_Fusion]
+    constants: dict[str, Any] = field(default_factory=dict)  # tensors the trace made up
 
 
 class _Tracer(fx.Tracer):
-    """Traces through containers, keeping as calls BatchNorm layers and the modules that
-    _kept_whole names; records the modules whose forward it inlines."""
+    """Traces through the modules that hold BatchNorm layers, keeping as calls the layers,
+    every module without one (fastbn has no business there: a conv subclass, an attention
+    block) and the modules that _kept_whole names; records the modules it inlines."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -293,6 +457,7 @@ class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if (
             isinstance(m, _BatchNorm)
+            or not any(isinstance(sub, _BatchNorm) for sub in m.modules())
             or _kept_whole(m)
             or super().is_leaf_module(m, module_qualified_name)
         ):
@@ -322,7 +487,7 @@ def _plan(module: nn.Module, path: str, failures: list[str]) -> list[_Rewrite]:
     try:
         rewrites, kept_whole = _plan_traced(module, path)
     except _Untraceable as error:
-        failures.append(f"{type(module).__name__} ({error})")
+        failures.append(f"{path or '<root>'} ({type(module).__name__}): {error}")
         return [
             rewrite
             for name, child in module.named_children()
@@ -342,7 +507,7 @@ def _plan_traced(
 
     Raises _Untraceable when module itself does not trace.
     """
-    graph, traced_through = _trace(module)
+    graph, traced_through, constants = _trace(module)
     modules = dict(module.named_modules())
     kept_whole = {
         node.target: modules[node.target]
@@ -350,7 +515,7 @@ def _plan_traced(
         if node.op == "call_module" and _kept_whole(modules[node.target])
     }
     fusions = _fuse_graph(graph, modules)
-    here = [_Rewrite(path, module, graph, traced_through, fusions)] if fusions else []
+    here = [_Rewrite(path, module, graph, traced_through, fusions, constants)] if fusions else []
     if not fusions or any(not fusion.scope for fusion in fusions):
         return here, kept_whole
     # Every pattern lies inside a submodule: rewrite those instead, keeping this module's
@@ -367,11 +532,15 @@ def _plan_traced(
     return rewrites, kept_whole
 
 
-def _trace(module: nn.Module) -> tuple[fx.Graph, set[int]]:
-    """module's forward as a graph, which must not depend on the modules' training flags."""
+def _trace(module: nn.Module) -> tuple[fx.Graph, set[int], dict[str, Any]]:
+    """module's forward as a graph that holds for every call: one whose forward takes its
+    one input only and does not depend on the modules' training flags; also the modules
+    it inlines (ids) and the tensor constants it made up, which stay off module."""
+    _check_signature(module)
     if _has_own_state_dict(module):
         raise _Untraceable("it has its own state_dict logic, which a GraphModule would lose")
     flags = [(m, m.training) for m in module.modules()]
+    attributes = set(vars(module))
     traces = []
     try:
         for flip in (False, True):
@@ -385,14 +554,53 @@ def _trace(module: nn.Module) -> tuple[fx.Graph, set[int]]:
             except Exception as error:  # tracing runs arbitrary user code
                 reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
                 raise _Untraceable(f"{type(error).__name__}: {reason}") from error
-            traces.append((graph, tracer.traced_through | {id(module)}))
+            finally:
+                made_up = set(vars(module)) - attributes
+                constants = {name: vars(module).pop(name) for name in made_up}
+            traces.append((graph, tracer.traced_through | {id(module)}, constants))
     finally:
         for m, training in flags:
             m.training = training
-    (graph, traced_through), (flipped, _) = traces
+    (graph, traced_through, constants), (flipped, _, _) = traces
     if graph.python_code("self").src != flipped.python_code("self").src:
         raise _Untraceable("its forward depends on self.training, which a trace would freeze")
-    return graph, traced_through
+    for node in graph.nodes:
+        if node.op == "get_attr" and node.target not in constants:
+            try:
+                _get_path(module, node.target)
+            except AttributeError as error:
+                raise _Untraceable(f"the trace reads {node.target}, not found: {error}") from error
+    return graph, traced_through, constants
+
+
+def _check_signature(module: nn.Module) -> None:
+    """Raise _Untraceable unless module's forward takes exactly one argument, with no
+    default: a trace turns every argument into a graph input and freezes each test on
+    one (``if shortcut is None``), so it holds only for the calls it was traced for."""
+    try:
+        parameters = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError) as error:
+        raise _Untraceable(f"its forward has no signature to check ({error})") from error
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    plain = (
+        len(parameters) == 1
+        and parameters[0].kind in positional
+        and parameters[0].default is inspect.Parameter.empty
+    )
+    if not plain:
+        signature = ", ".join(str(p) for p in parameters)
+        raise _Untraceable(
+            f"forward({signature}) takes more than one input, and a trace would freeze how "
+            "the others are used"
+        )
+
+
+def _get_path(root: Any, target: str) -> Any:
+    """root.a.b for target "a.b"."""
+    value = root
+    for name in target.split("."):
+        value = getattr(value, name)
+    return value
 
 
 def _fuse_graph(graph: fx.Graph, modules: dict[str, nn.Module]) -> list[_Fusion]:
@@ -527,16 +735,6 @@ def _scope(*nodes: fx.Node) -> tuple[str, ...]:
     return tuple(common)
 
 
-def _apply(root: nn.Module, rewrite: _Rewrite) -> nn.Module:
-    """root with the module at rewrite.path replaced by its GraphModule."""
-    replacement = _graph_module(rewrite)
-    if not rewrite.path:
-        return replacement
-    parent, _, name = rewrite.path.rpartition(".")
-    root.get_submodule(parent)._modules[name] = replacement
-    return root
-
-
 def _graph_module(rewrite: _Rewrite) -> fx.GraphModule:
     """A GraphModule running rewrite.graph over the module's own tree of submodules.
 
@@ -553,6 +751,7 @@ def _graph_module(rewrite: _Rewrite) -> fx.GraphModule:
         for fusion in rewrite.fusions
     }
     tree = _mirror(module, "", rewrite.traced_through, fused)
+    tree.__dict__.update(rewrite.constants)  # a copy: the root's forward is always inlined
     graph_module = fx.GraphModule(tree, rewrite.graph, type(module).__name__)
     for name in ("_parameters", "_buffers", "_modules"):
         getattr(graph_module, name).clear()
@@ -561,11 +760,23 @@ def _graph_module(rewrite: _Rewrite) -> fx.GraphModule:
     for name, value in vars(module).items():  # plain attributes such as num_classes
         if not name.startswith("_") and not hasattr(graph_module, name):
             graph_module.__dict__[name] = value
-    for node in rewrite.graph.nodes:  # tensors the trace stored on the module itself
-        if node.op == "get_attr" and not hasattr(graph_module, node.target):
-            setattr(graph_module, node.target, getattr(module, node.target))
-    _share_hooks(module, graph_module)
+    for name, tensor in rewrite.constants.items():
+        setattr(graph_module, name, tensor)
+    for name in HOOK_STATE:
+        if name in vars(module):
+            graph_module.__dict__[name] = vars(module)[name]
+    replaced = _Replaced(module)
+    graph_module.meta.setdefault(_USER_PRESERVED_ATTRIBUTES_KEY, {})[_ORIGINAL] = replaced
+    graph_module.__dict__[_ORIGINAL] = replaced
     return graph_module
+
+
+class _Replaced:
+    """Holds the module a GraphModule replaced, as a plain attribute (not a submodule: its
+    tensors are the GraphModule's own and must not count twice)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
 
 
 def _copy_module(module: nn.Module) -> nn.Module:
@@ -619,9 +830,6 @@ class _Inlined:
         raise RuntimeError(
             f"fastbn.convert inlined this {self.class_name}'s forward into the "
             "torch.fx.GraphModule that holds it, with its BatchNorm layers fused; call that "
-            "GraphModule (or convert with fuse=False)"
+            "GraphModule (or convert with fuse=\"none\" or \"safe\", or fastbn.revert it)"
         )
 
-
-def _join(path: str, name: str) -> str:
-    return f"{path}.{name}" if path else name

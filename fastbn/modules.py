@@ -4,19 +4,74 @@
 buffers and state_dict keys (loadable in both directions), same train/eval semantics and
 errors. What it adds is keyword-only: ``activation`` / ``negative_slope`` fused into the
 layer, and ``forward(input, residual=None)`` adding a residual before the activation.
+
+The layers also serve the tools that read a model's forward: torch.fx records each call as
+one ``fastbn.functional.batch_norm`` node; ONNX export (both exporters) sees torch's
+``batch_norm`` followed by the residual add and activation as standard operators; torch.jit.script
+is refused with the way out (``fastbn.revert``). ``from_torch`` / ``to_torch`` are the
+per-layer halves of ``fastbn.convert`` / ``fastbn.revert``.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
+from torch.fx._symbolic_trace import is_fx_symbolic_tracing
+from torch.nn import functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from fastbn.distributed import sync_batch_norm, sync_world_size
 from fastbn.functional import batch_norm
 from fastbn.reference import ACTIVATIONS
+
+# torch.fx records these calls as single nodes instead of tracing into them.
+torch.fx.wrap("batch_norm")
+torch.fx.wrap("sync_batch_norm")
+
+HOOK_STATE = (
+    "_forward_hooks",
+    "_forward_pre_hooks",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_forward_pre_hooks_with_kwargs",
+    "_is_full_backward_hook",
+)
+# What a swapped layer takes over from the layer it replaces, and gives back to it.
+_SHARED_STATE = ("training", "eps", "momentum", "qconfig", *HOOK_STATE)
+_LIVE_STATE = (*_SHARED_STATE, "_parameters", "_buffers", "_non_persistent_buffers_set")
+_TORCH_ACTIVATIONS = {
+    "relu": lambda u, slope: F.relu(u),
+    "relu6": lambda u, slope: F.relu6(u),
+    "leaky_relu": F.leaky_relu,
+    "silu": lambda u, slope: F.silu(u),
+    "hardswish": lambda u, slope: F.hardswish(u),
+}
+
+
+@dataclass
+class TorchOrigin:
+    """The torch layer a fastbn layer replaced, as ``to_torch`` rebuilds it."""
+
+    cls: type[_BatchNorm]
+    state: dict[str, Any]  # its attributes but the live ones (_LIVE_STATE), children included
+    activation: str | None  # what its own forward applies after the normalization
+    negative_slope: float
+
+
+def _take_state(source: torch.nn.Module, target: torch.nn.Module) -> None:
+    """Give target source's tensors (the same objects, in dictionaries of its own), hook
+    dictionaries (so handles keep working), training flag, eps, momentum and qconfig."""
+    for name in _SHARED_STATE:
+        if name in vars(source):
+            target.__dict__[name] = vars(source)[name]
+    target._parameters = dict(source._parameters)
+    target._buffers = dict(source._buffers)
+    target._non_persistent_buffers_set = set(source._non_persistent_buffers_set)
 
 
 class _FastBatchNorm(_BatchNorm):
@@ -45,10 +100,115 @@ class _FastBatchNorm(_BatchNorm):
             self.register_parameter("bias", None)
         self.activation = activation
         self.negative_slope = negative_slope
+        # What to_torch gives back (set by from_torch), and the activation module this layer
+        # took over from the nn.Sequential slot after it (set by fastbn.convert's "safe"
+        # fusion, given back by fastbn.revert).
+        self._torch_origin: TorchOrigin | None = None
+        self._folded_module: torch.nn.Module | None = None
+
+    @classmethod
+    def from_torch(
+        cls, layer: _BatchNorm, *, activation: str | None = None,
+        negative_slope: float = 0.01, **extra: Any,
+    ) -> _FastBatchNorm:
+        """A cls layer in place of ``layer``, computing ``activation`` after the normalization.
+
+        It holds layer's Parameter and buffer objects, hooks, training flag, eps, momentum
+        and qconfig, like torch.nn.SyncBatchNorm.convert_sync_batchnorm's layers; ``extra``
+        goes to cls's constructor (process_group). It remembers layer's class and other
+        attributes (children such as a timm BatchNormAct2d's ``act`` included) for
+        ``to_torch``; from a fastbn layer it takes over what that one remembers.
+        """
+        new = cls(
+            layer.num_features, layer.eps, layer.momentum, layer.affine,
+            layer.track_running_stats, device="meta", activation=activation,
+            negative_slope=negative_slope, **extra,
+        )
+        _take_state(layer, new)
+        if isinstance(layer, _FastBatchNorm) and layer._torch_origin is not None:
+            new._torch_origin = layer._torch_origin
+            new.__dict__["_folded_module"] = layer._folded_module
+        else:
+            state = {k: v for k, v in vars(layer).items() if k not in _LIVE_STATE}
+            state["_modules"] = dict(layer._modules)
+            new._torch_origin = TorchOrigin(type(layer), state, activation, negative_slope)
+        return new
+
+    def to_torch(self) -> _BatchNorm:
+        """The layer ``from_torch`` replaced: its class and other attributes, with this
+        layer's tensors, hooks, training flag, eps, momentum and qconfig.
+
+        Raises ValueError when this layer computes an activation the torch layer would not
+        (one set after the swap), and RuntimeError for a layer from_torch did not make.
+        """
+        origin = self._torch_origin
+        if origin is None:
+            raise RuntimeError(
+                f"{type(self).__name__}.to_torch: this layer was built as a fastbn layer, "
+                "not swapped in by from_torch, so there is no torch layer to give back"
+            )
+        if self.activation != origin.activation or (
+            self.activation == "leaky_relu" and self.negative_slope != origin.negative_slope
+        ):
+            raise ValueError(
+                f"{type(self).__name__}.to_torch: this layer computes activation="
+                f"{self.activation!r} (negative_slope={self.negative_slope}), but the "
+                f"{origin.cls.__name__} it replaced computes activation="
+                f"{origin.activation!r}; set the activation back first"
+            )
+        layer = origin.cls.__new__(origin.cls)
+        layer.__dict__.update(origin.state)
+        layer._modules = dict(origin.state["_modules"])
+        _take_state(self, layer)
+        layer.train(self.training)
+        return layer
+
+    def __prepare_scriptable__(self) -> None:
+        """torch.jit.script's hook: refuse, saying what works instead."""
+        raise RuntimeError(
+            f"torch.jit.script cannot compile fastbn.{type(self).__name__}: its forward "
+            "chooses between the Triton kernels and the PyTorch implementation in Python, "
+            "which TorchScript cannot represent. Script the torch model instead "
+            "(model = fastbn.revert(model)), or use torch.jit.trace, torch.export or "
+            "torch.compile, which run fastbn's custom ops."
+        )
 
     def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
-        """activation(BatchNorm(input) + residual)."""
+        """activation(BatchNorm(input) + residual).
+
+        A residual of another dtype or shape than input (a float32 block input under
+        autocast, a broadcast term) is added after the normalization by torch's ``+``, with
+        its type promotion and broadcasting. ONNX export sees torch's batch_norm, the add and
+        the activation: standard operators. Under torch.fx the call is one node, without the
+        rank check.
+        """
+        if is_fx_symbolic_tracing():
+            return self._normalize(input, residual, self.activation)
         self._check_input_dim(input)
+        if torch.onnx.is_in_onnx_export():
+            return self._add_and_activate(_BatchNorm.forward(self, input), residual)
+        if residual is not None and (
+            residual.dtype != input.dtype or residual.shape != input.shape
+        ):
+            try:  # before anything changes
+                torch.broadcast_shapes(input.shape, residual.shape)
+            except RuntimeError as error:
+                raise RuntimeError(
+                    f"{type(self).__name__}: a residual of shape {tuple(residual.shape)} cannot "
+                    f"be added to an output of shape {tuple(input.shape)} ({error})"
+                ) from None
+            return self._add_and_activate(self._normalize(input, None, None), residual)
+        return self._normalize(input, residual, self.activation)
+
+    def _add_and_activate(self, normalized: Tensor, residual: Tensor | None) -> Tensor:
+        """activation(normalized + residual) by torch's own operators."""
+        u = normalized if residual is None else normalized + residual
+        if self.activation is None:
+            return u
+        return _TORCH_ACTIVATIONS[self.activation](u, self.negative_slope)
+
+    def _normalize(self, input: Tensor, residual: Tensor | None, activation: str | None) -> Tensor:
+        """activation(BatchNorm(input) + residual) in one fastbn call."""
         tracking = self.training and self.track_running_stats
         # Batch statistics in training, and in eval when no running statistics are kept.
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
@@ -62,7 +222,7 @@ class _FastBatchNorm(_BatchNorm):
             self.momentum,
             self.eps,
             residual=residual,
-            activation=self.activation,
+            activation=activation,
             negative_slope=self.negative_slope,
             num_batches_tracked=self.num_batches_tracked if tracking else None,
         )
@@ -154,17 +314,22 @@ class SyncBatchNorm(_FastBatchNorm):
                                process_group: Any = None) -> torch.nn.Module:
         """torch.nn.SyncBatchNorm.convert_sync_batchnorm's contract: every BatchNorm layer of
         module (torch's or fastbn's) becomes a fastbn.SyncBatchNorm holding the same
-        tensors; the same as ``fastbn.convert(module, fuse=False, sync=True, ...)``."""
+        tensors; the same as ``fastbn.convert(module, fuse="none", sync=True, ...)``."""
         from fastbn.convert import convert
 
-        return convert(module, fuse=False, sync=True, process_group=process_group)
+        return convert(module, fuse="none", sync=True, process_group=process_group)
 
     def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
         """activation(SyncBatchNorm(input) + residual)."""
-        self._check_input_dim(input)
-        if input.size(1) == 0:
-            raise ValueError("SyncBatchNorm number of input channels should be non-zero")
-        if not self.training or sync_world_size(self.process_group) == 1:
+        if not is_fx_symbolic_tracing():
+            self._check_input_dim(input)
+            if input.size(1) == 0:
+                raise ValueError("SyncBatchNorm number of input channels should be non-zero")
+        if (
+            not self.training
+            or torch.onnx.is_in_onnx_export()
+            or sync_world_size(self.process_group) == 1
+        ):
             return super().forward(input, residual)
         tracking = self.track_running_stats
         return sync_batch_norm(

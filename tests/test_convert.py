@@ -1,8 +1,9 @@
 """fastbn.convert: swap torch BatchNorm layers for fastbn's and fuse activations and adds.
 
-The models are small torchvision-style ResNets defined here. Each converted model is run
-side by side with an untouched deep copy of the original: outputs, gradients and running
-statistics must agree within tests/helpers.py's tolerance for the dtype.
+The models are small torchvision-style ResNets from tests/convert_models.py. Each
+converted model is run side by side with an untouched deep copy of the original: outputs,
+gradients and running statistics must agree within tests/helpers.py's tolerance for the
+dtype. Fusion is asked for explicitly (``fuse="safe"`` or ``"graph"``) where it is tested.
 """
 
 from __future__ import annotations
@@ -13,198 +14,22 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from convert_models import (
+    BasicBlock,
+    Bottleneck,
+    DataDependent,
+    TrainingBranch,
+    Wrapper,
+    assert_same_outputs,
+    converted_pair,
+    fused_layers,
+    residual_calls,
+    resnet,
+)
 from helpers import assert_matches, make_input, torch_batch_norm
 from torch import nn
 
 import fastbn
-from fastbn.modules import _FastBatchNorm
-
-# ---------------------------------------------------------------------------------------------
-# Models
-
-
-def conv3x3(inplanes: int, planes: int, stride: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
-
-
-class BasicBlock(nn.Module):
-    """torchvision's BasicBlock: one ReLU module used after bn1 and after the add (`+=`)."""
-
-    expansion = 1
-
-    def __init__(self, inplanes, planes, stride=1, downsample=None):
-        super().__init__()
-        self.conv1 = conv3x3(inplanes, planes, stride)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.relu = nn.ReLU(inplace=True)
-        self.conv2 = conv3x3(planes, planes)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.downsample = downsample
-
-    def forward(self, x):
-        identity = x
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        if self.downsample is not None:
-            identity = self.downsample(x)
-        out += identity
-        return self.relu(out)
-
-
-class Bottleneck(nn.Module):
-    """torchvision's Bottleneck, with the activations written three ways."""
-
-    expansion = 4
-
-    def __init__(self, inplanes, planes, stride=1, downsample=None):
-        super().__init__()
-        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = conv3x3(planes, planes, stride)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.conv3 = nn.Conv2d(planes, planes * self.expansion, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(planes * self.expansion)
-        self.relu = nn.ReLU(inplace=True)
-        self.downsample = downsample
-
-    def forward(self, x):
-        identity = x
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = F.relu(self.bn2(self.conv2(out)), inplace=True)
-        out = self.bn3(self.conv3(out))
-        if self.downsample is not None:
-            identity = self.downsample(x)
-        out = torch.add(out, identity)
-        return torch.relu(out)
-
-
-class ResNet(nn.Module):
-    """torchvision's ResNet, small: stem conv-bn-relu-maxpool, two stages, avgpool, fc."""
-
-    def __init__(self, block, layers=(2, 1), width=8, num_classes=5):
-        super().__init__()
-        self.num_classes = num_classes
-        self.inplanes = width
-        self.conv1 = nn.Conv2d(3, width, 3, 2, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
-        self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.MaxPool2d(3, 2, 1)
-        self.layer1 = self._make_layer(block, width, layers[0])
-        self.layer2 = self._make_layer(block, 2 * width, layers[1], stride=2)
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(2 * width * block.expansion, num_classes)
-
-    def _make_layer(self, block, planes, blocks, stride=1):
-        downsample = None
-        if stride != 1 or self.inplanes != planes * block.expansion:
-            downsample = nn.Sequential(
-                nn.Conv2d(self.inplanes, planes * block.expansion, 1, stride, bias=False),
-                nn.BatchNorm2d(planes * block.expansion),
-            )
-        layers = [block(self.inplanes, planes, stride, downsample)]
-        self.inplanes = planes * block.expansion
-        layers += [block(self.inplanes, planes) for _ in range(1, blocks)]
-        return nn.Sequential(*layers)
-
-    def forward(self, x):
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        x = self.layer2(self.layer1(x))
-        return self.fc(torch.flatten(self.avgpool(x), 1))
-
-
-class DataDependent(nn.Module):
-    """Branches on a tensor's value, which torch.fx cannot trace."""
-
-    def __init__(self):
-        super().__init__()
-        self.features = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
-        self.block = BasicBlock(4, 4)
-
-    def forward(self, x):
-        x = self.features(x)
-        if x.sum() > 0:
-            x = x * 2
-        return self.block(x)
-
-
-class TrainingBranch(nn.Module):
-    """Runs a different path in training, which a trace would freeze."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3, padding=1)
-        self.bn = nn.BatchNorm2d(4)
-
-    def forward(self, x):
-        x = self.bn(self.conv(x))
-        return F.relu(x) if self.training else F.silu(x)
-
-
-class Wrapper(nn.Module):
-    """Holds the patterns only in its submodules and has a method of its own."""
-
-    def __init__(self):
-        super().__init__()
-        self.stem = nn.Conv2d(3, 4, 3, padding=1)
-        self.block = BasicBlock(4, 4)
-
-    def forward(self, x):
-        return self.block(self.stem(x))
-
-    def describe(self):
-        return "wrapper"
-
-
-def resnet(block=BasicBlock, seed=0, **options) -> ResNet:
-    torch.manual_seed(seed)
-    model = ResNet(block, **options)
-    randomize_batchnorms_(model, seed)
-    return model
-
-
-def randomize_batchnorms_(model: nn.Module, seed: int = 0) -> None:
-    """Non-trivial affine parameters and running statistics in every BatchNorm layer."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in model.modules():
-            if isinstance(layer, nn.modules.batchnorm._BatchNorm):
-                c = layer.num_features
-                layer.weight.copy_(1 + 0.3 * torch.randn(c, generator=generator))
-                layer.bias.copy_(0.3 * torch.randn(c, generator=generator))
-                layer.running_mean.copy_(0.2 * torch.randn(c, generator=generator))
-                layer.running_var.copy_(0.5 + torch.rand(c, generator=generator))
-
-
-def converted_pair(model: nn.Module, device, **options) -> tuple[nn.Module, nn.Module]:
-    """(fastbn.convert(model), an untouched copy of model), both on device."""
-    model = model.to(device)
-    reference = copy.deepcopy(model)
-    return fastbn.convert(model, **options), reference
-
-
-def fused_layers(model: nn.Module) -> dict[str, str]:
-    """{path: activation} of the fastbn layers that carry an activation."""
-    return {
-        name: layer.activation
-        for name, layer in model.named_modules()
-        if isinstance(layer, _FastBatchNorm) and layer.activation is not None
-    }
-
-
-def residual_calls(model: nn.Module) -> list[str]:
-    """The layers a GraphModule calls with residual=."""
-    return [
-        node.target
-        for module in model.modules()
-        if isinstance(module, torch.fx.GraphModule)
-        for node in module.graph.nodes
-        if node.op == "call_module" and "residual" in node.kwargs
-    ]
-
-
-def assert_same_outputs(converted, reference, x) -> None:
-    assert_matches("output", converted(x), reference(x))
-
 
 # ---------------------------------------------------------------------------------------------
 # Numerics: the converted model computes what the original did
@@ -255,7 +80,7 @@ def test_double_model_stays_double_and_matches(device):
 def test_argument_keeps_computing_the_same_after_its_root_is_replaced(device):
     model = resnet().to(device).eval()
     reference = copy.deepcopy(model)
-    converted = fastbn.convert(model)
+    converted = fastbn.convert(model, fuse="graph")
     assert converted is not model
     assert_same_outputs(model, reference, make_input((2, 3, 16, 16), device=device))
 
@@ -325,7 +150,7 @@ def test_deep_copy_of_converted_model_keeps_keys_and_results():
 
 
 def test_resnet_activations_and_residual_adds_are_fused():
-    converted = fastbn.convert(resnet(BasicBlock, layers=(2, 1)))
+    converted = fastbn.convert(resnet(BasicBlock, layers=(2, 1)), fuse="graph")
     assert isinstance(converted, torch.fx.GraphModule)
     blocks = ["layer1.0", "layer1.1", "layer2.0"]
     expected = {"bn1": "relu"} | {f"{b}.{bn}": "relu" for b in blocks for bn in ("bn1", "bn2")}
@@ -335,7 +160,7 @@ def test_resnet_activations_and_residual_adds_are_fused():
 
 
 def test_bottleneck_fuses_module_functional_and_torch_relu():
-    converted = fastbn.convert(resnet(Bottleneck, layers=(1, 1)))
+    converted = fastbn.convert(resnet(Bottleneck, layers=(1, 1)), fuse="graph")
     blocks = ["layer1.0", "layer2.0"]
     expected = {"bn1": "relu"} | {f"{b}.bn{i}": "relu" for b in blocks for i in (1, 2, 3)}
     assert fused_layers(converted) == expected
@@ -343,7 +168,7 @@ def test_bottleneck_fuses_module_functional_and_torch_relu():
 
 
 def test_residual_fusion_is_shown_in_the_graph_module_code():
-    converted = fastbn.convert(resnet())
+    converted = fastbn.convert(resnet(), fuse="graph")
     assert 'getattr(self.layer1, "0").bn2(layer1_0_conv2, residual = maxpool)' in converted.code
     assert "activation=relu" in repr(converted.layer1[0].bn2)
 
@@ -356,7 +181,7 @@ def test_residual_fusion_is_shown_in_the_graph_module_code():
 )
 def test_sequential_activation_is_folded_into_the_layer(device, activation, name, slope):
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), activation)
-    converted, reference = converted_pair(model, device)
+    converted, reference = converted_pair(model, device, fuse="safe")
     assert converted is model
     assert (converted[1].activation, converted[1].negative_slope) == (name, slope)
     assert type(converted[2]) is nn.Identity
@@ -366,7 +191,7 @@ def test_sequential_activation_is_folded_into_the_layer(device, activation, name
 
 def test_mlp_batchnorm1d_takes_the_following_relu(device):
     model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
-    converted, reference = converted_pair(model, device)
+    converted, reference = converted_pair(model, device, fuse="safe")
     assert type(converted[1]) is fastbn.BatchNorm1d
     assert converted[1].activation == "relu"
     assert type(converted[2]) is nn.Identity
@@ -389,7 +214,7 @@ def test_functional_activation_is_fused_with_its_arguments(device, write, expect
         def forward(self, x):
             return write(self.bn(x))
 
-    converted, reference = converted_pair(Model(), device)
+    converted, reference = converted_pair(Model(), device, fuse="graph")
     bn = converted.get_submodule("bn")
     assert (bn.activation, bn.negative_slope) == expected
     assert_same_outputs(converted, reference, make_input((5, 4), device=device))
@@ -400,7 +225,7 @@ def test_shared_relu_module_is_fused_per_call_site(device):
         def forward(self, x):
             return super().forward(self.relu(x - 0.5))
 
-    converted, reference = converted_pair(Block(4, 4), device)
+    converted, reference = converted_pair(Block(4, 4), device, fuse="graph")
     assert fused_layers(converted) == {"bn1": "relu", "bn2": "relu"}
     relu_calls = [n for n in converted.graph.nodes if n.op == "call_module" and n.target == "relu"]
     assert len(relu_calls) == 1  # the call on the block's input stays
@@ -419,7 +244,7 @@ def test_add_without_activation_fuses_the_residual(device):
         def forward(self, x):
             return x + self.conv(x)
 
-    converted, reference = converted_pair(InvertedResidual(), device)
+    converted, reference = converted_pair(InvertedResidual(), device, fuse="graph")
     assert residual_calls(converted) == ["conv.4"]
     assert fused_layers(converted) == {"conv.1": "relu6"}
     assert_same_outputs(converted, reference, make_input((2, 4, 5, 5), device=device))
@@ -435,7 +260,7 @@ def test_add_of_a_parameter_is_not_taken_for_a_residual(device):
         def forward(self, x):
             return F.relu(self.bn(x) + self.offset)
 
-    converted, reference = converted_pair(Model(), device)
+    converted, reference = converted_pair(Model(), device, fuse="graph")
     assert residual_calls(converted) == []
     assert_same_outputs(converted, reference, make_input((2, 4, 5, 5), device=device))
 
@@ -450,7 +275,7 @@ def test_batchnorm_output_with_another_use_is_not_fused(device):
             y = self.bn(x)
             return F.relu(y) + y
 
-    converted, reference = converted_pair(Model(), device)
+    converted, reference = converted_pair(Model(), device, fuse="graph")
     assert fused_layers(converted) == {}
     assert type(converted.bn) is fastbn.BatchNorm2d
     assert_same_outputs(converted, reference, make_input((2, 4, 5, 5), device=device))
@@ -467,7 +292,7 @@ def test_add_written_into_the_other_operand_is_not_fused(device):
             skip.add_(self.bn(x))
             return torch.relu(skip), skip
 
-    converted, reference = converted_pair(Model(), device)
+    converted, reference = converted_pair(Model(), device, fuse="graph")
     assert residual_calls(converted) == []
     x = make_input((2, 4, 5, 5), device=device)
     for output, expected in zip(converted(x), reference(x), strict=True):
@@ -479,7 +304,7 @@ def test_batchnorm_with_hooks_keeps_them_and_is_not_fused(device):
     seen = []
     model[1].register_forward_pre_hook(lambda module, args: seen.append("pre"))
     handle = model[1].register_forward_hook(lambda module, args, output: seen.append("post"))
-    converted, reference = converted_pair(model, device)
+    converted, reference = converted_pair(model, device, fuse="safe")
     assert type(converted[1]) is fastbn.BatchNorm2d
     assert converted[1].activation is None
     assert type(converted[2]) is nn.ReLU
@@ -495,7 +320,7 @@ def test_container_with_hooks_is_kept_whole_and_fused_inside(device):
     model = resnet()
     calls = []
     model.layer1.register_forward_hook(lambda module, args, output: calls.append(module))
-    converted, reference = converted_pair(model, device)
+    converted, reference = converted_pair(model, device, fuse="graph")
     assert type(converted.layer1) is nn.Sequential
     assert all(isinstance(block, torch.fx.GraphModule) for block in converted.layer1)
     assert residual_calls(converted) == ["layer2.0.bn2", "bn2", "bn2"]
@@ -505,7 +330,7 @@ def test_container_with_hooks_is_kept_whole_and_fused_inside(device):
 
 
 def test_inlined_containers_stay_indexable_but_refuse_to_run_alone():
-    converted = fastbn.convert(resnet())
+    converted = fastbn.convert(resnet(), fuse="graph")
     assert isinstance(converted.layer1[0], BasicBlock)
     assert converted.layer1[0].bn2.activation == "relu"
     with pytest.raises(RuntimeError, match="inlined this BasicBlock's forward"):
@@ -513,7 +338,7 @@ def test_inlined_containers_stay_indexable_but_refuse_to_run_alone():
 
 
 def test_root_with_patterns_only_in_submodules_keeps_its_class(device):
-    converted, reference = converted_pair(Wrapper(), device)
+    converted, reference = converted_pair(Wrapper(), device, fuse="graph")
     assert type(converted) is Wrapper
     assert converted.describe() == "wrapper"
     assert isinstance(converted.block, torch.fx.GraphModule)
@@ -522,11 +347,11 @@ def test_root_with_patterns_only_in_submodules_keeps_its_class(device):
 
 
 def test_converting_twice_changes_nothing():
-    converted = fastbn.convert(resnet())
+    converted = fastbn.convert(resnet(), fuse="graph")
     code, keys, fused = converted.code, list(converted.state_dict()), fused_layers(converted)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        again = fastbn.convert(converted)
+        again = fastbn.convert(converted, fuse="graph")
     assert again is converted
     assert (again.code, list(again.state_dict()), fused_layers(again)) == (code, keys, fused)
 
@@ -546,7 +371,7 @@ def test_fuse_false_only_swaps():
 def test_untraceable_model_is_swapped_and_warns_once(device):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        converted, reference = converted_pair(DataDependent(), device)
+        converted, reference = converted_pair(DataDependent(), device, fuse="graph")
     assert len(caught) == 1
     message = str(caught[0].message)
     assert "DataDependent" in message
@@ -560,7 +385,7 @@ def test_untraceable_model_is_swapped_and_warns_once(device):
 
 def test_forward_that_depends_on_training_is_not_frozen(device):
     with pytest.warns(UserWarning, match="depends on self.training"):
-        converted, reference = converted_pair(TrainingBranch(), device)
+        converted, reference = converted_pair(TrainingBranch(), device, fuse="graph")
     assert type(converted.bn) is fastbn.BatchNorm2d
     assert fused_layers(converted) == {}
     converted.eval()
@@ -568,14 +393,15 @@ def test_forward_that_depends_on_training_is_not_frozen(device):
     assert_same_outputs(converted, reference, make_input((2, 3, 5, 5), device=device))
 
 
-def test_sync_batchnorm_is_left_alone():
+def test_sync_batchnorm_is_left_alone_with_a_warning():
     model = nn.Sequential(nn.SyncBatchNorm(4), nn.BatchNorm2d(4))
-    converted = fastbn.convert(model)
+    with pytest.warns(UserWarning, match=r"0 \(SyncBatchNorm\): .* with sync=True only"):
+        converted = fastbn.convert(model)
     assert type(converted[0]) is nn.SyncBatchNorm
     assert type(converted[1]) is fastbn.BatchNorm2d
 
 
-def test_subclass_with_its_own_forward_is_left_alone():
+def test_subclass_with_its_own_forward_is_left_alone_with_a_warning():
     class Scaled(nn.BatchNorm2d):
         def forward(self, input):
             return 2 * super().forward(input)
@@ -583,7 +409,8 @@ def test_subclass_with_its_own_forward_is_left_alone():
     class Tagged(nn.BatchNorm2d):
         pass
 
-    converted = fastbn.convert(nn.Sequential(Scaled(4), Tagged(4)))
+    with pytest.warns(UserWarning, match=r"0 \(Scaled\): its class has its own forward"):
+        converted = fastbn.convert(nn.Sequential(Scaled(4), Tagged(4)))
     assert type(converted[0]) is Scaled
     assert type(converted[1]) is fastbn.BatchNorm2d
 
@@ -591,3 +418,37 @@ def test_subclass_with_its_own_forward_is_left_alone():
 def test_process_group_without_sync_is_rejected():
     with pytest.raises(ValueError, match="process_group is only used with sync=True"):
         fastbn.convert(resnet(), process_group=object())
+
+
+def test_broadcasting_add_fused_as_a_residual_computes_what_torch_does(device):
+    class SqueezeAdd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            squeezed = x.mean((2, 3), keepdim=True)
+            return F.relu(self.bn(x) + squeezed)
+
+    converted, reference = converted_pair(SqueezeAdd(), device, fuse="graph")
+    assert residual_calls(converted) == ["bn"]
+    assert_same_outputs(converted, reference, make_input((2, 4, 5, 5), device=device))
+
+
+def test_tensor_made_in_forward_stays_off_the_model_and_in_the_graph_module(device):
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            scaled = torch.tensor([1.0, 2.0, 3.0, 4.0]).to(x.device).view(4, 1, 1) * x
+            return F.relu(self.bn(x) + scaled)
+
+    model = Scaled()
+    attributes = set(vars(model))
+    converted, reference = converted_pair(model, device, fuse="graph")
+    assert set(vars(model)) == attributes
+    assert residual_calls(converted) == ["bn"]
+    assert_same_outputs(converted, reference, make_input((2, 4, 5, 5), device=device))
+    assert set(vars(fastbn.revert(converted))) == attributes

@@ -46,7 +46,7 @@ def test_package_ships_py_typed():
 
 def test_public_names_are_the_designed_ones():
     designed = {"BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "batch_norm",
-                "use_backend", "convert", "SyncBatchNorm"}
+                "use_backend", "convert", "revert", "SyncBatchNorm"}
     assert set(fastbn.__all__) <= designed
     assert {"BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "batch_norm",
             "use_backend"} <= set(fastbn.__all__)

@@ -1,0 +1,167 @@
+"""Tracing and export of converted models: torch.fx (and the tools built on it), ONNX in
+both exporters, torch.export, torch.jit.trace, and torch.jit.script's refusal.
+
+Each converted model must compute what the torch original computes; the ONNX graphs must be
+the ones torch's own layers give (standard BatchNormalization nodes, not a decomposition).
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import io
+import warnings
+
+import pytest
+import torch
+from conftest import DEVICE
+from convert_models import (
+    InputResidual,
+    assert_same_buffers,
+    randomize_batchnorms_,
+    zoo_model,
+)
+from helpers import assert_matches, make_input
+from torch import nn
+
+import fastbn
+from fastbn.functional import batch_norm
+
+HAS_ONNX = importlib.util.find_spec("onnx") is not None
+HAS_ONNXSCRIPT = importlib.util.find_spec("onnxscript") is not None
+
+
+class NormFirst(nn.Module):
+    """A BatchNorm layer on the input (exporters keep it as BatchNormalization: no conv to
+    fold it into), then a conv-BN-add-SiLU residual block."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn0 = nn.BatchNorm2d(4)
+        self.block = InputResidual()
+        self.act = nn.SiLU()
+
+    def forward(self, x):
+        return self.act(self.block(self.bn0(x)))
+
+
+def norm_first() -> NormFirst:
+    torch.manual_seed(0)
+    model = NormFirst().to(DEVICE)
+    randomize_batchnorms_(model)
+    return model.eval()
+
+
+def converted_copy(model: nn.Module, level: str) -> nn.Module:
+    return fastbn.convert(copy.deepcopy(model), fuse=level).eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.fx
+
+
+@pytest.mark.parametrize("level", ["none", "safe"])
+@pytest.mark.parametrize("training", [True, False])
+def test_symbolic_trace_records_each_layer_as_one_batch_norm_call(level, training):
+    model, shape = zoo_model("mobilenet")
+    model.train(training)
+    reference = copy.deepcopy(model)
+    traced = torch.fx.symbolic_trace(fastbn.convert(model, fuse=level))
+    calls = [n for n in traced.graph.nodes if n.op == "call_function" and n.target is batch_norm]
+    assert len(calls) == 7
+    x = make_input(shape, torch.float64)
+    assert_matches("output", traced(x), reference(x))
+    assert_same_buffers(traced, reference)
+
+
+def test_fx_tools_run_on_a_converted_model():
+    from torch.ao.quantization.quantize_fx import fuse_fx
+    from torch.fx.experimental.optimization import fuse
+
+    model, shape = zoo_model("resnet", torch.float32)
+    reference = copy.deepcopy(model).eval()
+    converted = fastbn.convert(model).eval()
+    x = make_input(shape)
+    for tool in (fuse, fuse_fx):
+        assert_matches(tool.__name__, tool(copy.deepcopy(converted))(x), reference(x))
+
+
+# ---------------------------------------------------------------------------------------------
+# ONNX
+
+
+def onnx_graph(model: nn.Module, x: torch.Tensor, dynamo: bool):
+    """model's ONNX graph (the ModelProto) from one of the two exporters."""
+    import onnx
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the legacy exporter's deprecation notice
+        if dynamo:
+            return torch.onnx.export(model, (x,), dynamo=True, verbose=False).model_proto
+        buffer = io.BytesIO()
+        torch.onnx.export(model, (x,), buffer, dynamo=False)
+    return onnx.load_from_string(buffer.getvalue())
+
+
+@pytest.mark.skipif(not HAS_ONNX, reason="onnx is not installed")
+@pytest.mark.parametrize("dynamo", [False, True])
+@pytest.mark.parametrize("level", ["none", "graph"])
+def test_onnx_export_writes_the_operators_torch_writes(level, dynamo):
+    if dynamo and not HAS_ONNXSCRIPT:
+        pytest.skip("onnxscript is not installed")
+    from onnx.reference import ReferenceEvaluator
+
+    model = norm_first()
+    converted = converted_copy(model, level)
+    x = make_input((2, 4, 6, 6))
+    expected = onnx_graph(model, x, dynamo)
+    graph = onnx_graph(converted, x, dynamo)
+    operators = [node.op_type for node in graph.graph.node]
+    assert operators == [node.op_type for node in expected.graph.node]
+    assert "BatchNormalization" in operators
+    (output,) = ReferenceEvaluator(graph).run(None, {graph.graph.input[0].name: x.cpu().numpy()})
+    assert_matches("onnx output", torch.from_numpy(output), model(x))
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.export, torch.jit
+
+
+@pytest.mark.parametrize("level", ["none", "graph"])
+def test_torch_export_and_jit_trace_compute_what_the_original_does(level):
+    model, shape = zoo_model("resnet", torch.float32)
+    model.eval()
+    converted = converted_copy(model, level)
+    x = make_input(shape)
+    exported = torch.export.export(converted, (x,)).module()
+    assert_matches("torch.export", exported(x), model(x))
+    # Traced for inference: with gradients on, a fused relu + residual layer records whether
+    # it keeps its mask for a backward, which the trace's check run (without) then differs in.
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # TracerWarnings from the shape checks
+        traced = torch.jit.trace(converted, (x,))
+    assert_matches("torch.jit.trace", traced(x), model(x))
+
+
+def test_compiled_graph_fused_model_trains_like_the_original():
+    torch.manual_seed(0)
+    model = InputResidual().to(DEVICE)
+    randomize_batchnorms_(model)
+    reference = copy.deepcopy(model)
+    converted = fastbn.convert(model, fuse="graph")
+    compiled = torch.compile(converted, fullgraph=True)
+    x = make_input((2, 4, 6, 6))
+    assert_matches("compiled output", compiled(x), reference(x))
+    assert_same_buffers(converted, reference)
+
+
+def test_jit_script_is_refused_with_the_way_out_and_works_after_revert():
+    model, shape = zoo_model("resnet", torch.float32)
+    model.eval()
+    converted = converted_copy(model, "none")
+    with pytest.raises(RuntimeError, match=r"torch\.jit\.script cannot compile.*fastbn\.revert"):
+        torch.jit.script(converted)
+    assert type(converted.bn1) is fastbn.BatchNorm2d  # scripting changed nothing
+    scripted = torch.jit.script(fastbn.revert(converted))
+    x = make_input(shape)
+    assert torch.equal(scripted(x), model(x))

@@ -128,11 +128,14 @@ def saves_mask(
     residual: Tensor | None,
 ) -> bool:
     """Whether the forward keeps the activation's bit mask for the backward instead of the
-    residual: relu-family activations with a residual, when a backward can follow."""
+    residual: relu-family activations with a residual, when a backward can follow. Never
+    under torch.jit.trace: the trace would record a choice that its check run, and later calls
+    of the traced module, can make differently (the residual is kept instead)."""
     return (
         activation in SIGN_ACTIVATIONS
         and residual is not None
         and torch.is_grad_enabled()
+        and not torch.jit.is_tracing()
         and any(t is not None and t.requires_grad for t in (input, weight, bias, residual))
     )
 

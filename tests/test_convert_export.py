@@ -135,12 +135,11 @@ def test_torch_export_and_jit_trace_compute_what_the_original_does(level):
     x = make_input(shape)
     exported = torch.export.export(converted, (x,)).module()
     assert_matches("torch.export", exported(x), model(x))
-    # Traced for inference: with gradients on, a fused relu + residual layer records whether
-    # it keeps its mask for a backward, which the trace's check run (without) then differs in.
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")  # TracerWarnings from the shape checks
-        traced = torch.jit.trace(converted, (x,))
-    assert_matches("torch.jit.trace", traced(x), model(x))
+    for grad_mode in (torch.no_grad(), torch.enable_grad()):
+        with warnings.catch_warnings(), grad_mode:
+            warnings.simplefilter("ignore")  # TracerWarnings from the shape checks
+            traced = torch.jit.trace(converted, (x,))
+        assert_matches("torch.jit.trace", traced(x), model(x))
 
 
 def test_compiled_graph_fused_model_trains_like_the_original():

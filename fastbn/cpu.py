@@ -1,0 +1,444 @@
+"""Fast pure-PyTorch BatchNorm for CPU tensors: the "torch" backend's implementation.
+
+The five functions here have the signatures of ``fastbn.reference`` (the explicit-formula
+oracle, float64 statistics, which the tests and the double backward use) and give the
+same results to the dtype's precision, by doing less work:
+
+- statistics in one pass: per-channel sums of x - pilot (pilot = the channel's first
+  element, so a large mean cancels exactly) and of its square, or torch's own CPU
+  statistics kernel where it is fast (channels innermost: channels_last, (N, C));
+- normalization by torch's own kernels (``torch.native_batch_norm`` in eval form: one
+  pass, ``x * scale + shift``; ``torch.addcmul`` when channels are innermost), then the
+  residual and the activation in place on the output;
+- the backward by ``aten.native_batch_norm_backward``: one pass for the two sums, one for
+  d input.
+
+The exactness rule. ``x * scale + shift`` with shift = bias - mean * scale, and torch's
+statistics kernel, which rounds the mean to float32, both move the output by about
+|mean| * invstd * eps(compute dtype) (in units of the output's spread). Per call, from the
+C-element statistics (free on a CPU: no device to wait for), the cheap form runs when
+
+    max over channels of |mean| * invstd  <=  FAST_RATIO[dtype]
+
+(FAST_RATIO = ROUNDING_BUDGET[dtype] / eps(compute dtype): the extra error stays a small
+fraction of the dtype's tolerance); otherwise the call takes the exact hi/lo path of
+``fastbn.reference`` ((x - hi) * scale - lo * scale: large-mean inputs stay exact). A NaN
+or Inf in the statistics fails the test too, so it takes the exact path, which propagates
+it as torch does. Statistics from the one-pass sums fall back to the reference's two-pass
+ones when the pilot lies far from the mean (mean(x - pilot)^2 > PILOT_CANCELLATION * var:
+the subtraction E[t^2] - E[t]^2 would lose more than a few bits).
+
+fp16/bf16 inputs are computed in float32 (statistics, scale and shift, sums), outputs in
+the input dtype. Tensors not on the CPU, and strides other than contiguous or
+channels-last, are served by ``fastbn.reference`` itself: reading the C-element
+statistics back would be a device sync there.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fastbn import reference
+from fastbn.reference import (
+    STATS_DTYPE,
+    channel_view,
+    compute_dtype,
+    derivative_is_one,
+    like_input,
+    reduced_count,
+    reduced_dims,
+    unpack_bits,
+    update_running_stats_,
+)
+
+ROUNDING_BUDGET = {
+    torch.float64: 2.0**-40,
+    torch.float32: 2.0**-19,
+    torch.float16: 2.0**-13,
+    torch.bfloat16: 2.0**-10,
+}
+"""How far (in units of the output's spread) the cheap form may move the output: about a
+fifth of the suite's tolerance for the dtype (tests/helpers.py TOLERANCES)."""
+
+FAST_RATIO = {
+    dtype: budget / torch.finfo(compute_dtype(dtype)).eps
+    for dtype, budget in ROUNDING_BUDGET.items()
+}
+"""The largest max |mean| * invstd for which the cheap form runs (see the module docstring):
+16 for float32, 1024 for float16, 8192 for bfloat16, 4096 for float64."""
+
+PILOT_CANCELLATION = 16.0
+"""One-pass sums are kept while mean(x - pilot)^2 <= this * var (at most ~4 bits lost)."""
+
+_BITS_TO_BYTE = 0x0102040810204080
+"""Multiplying 8 little-endian 0/1 bytes by this puts byte j's bit at bit 56 + j."""
+
+
+def fast_layout(x: Tensor) -> str | None:
+    """"planes" for contiguous (N, C, *S), "rows" when channels are innermost
+    (channels_last, channels_last_3d, a contiguous (N, C) matrix), else None."""
+    if x.device.type != "cpu" or x.numel() == 0:
+        return None
+    if x.dim() == 2:
+        return "rows" if x.is_contiguous() else None
+    if x.is_contiguous():
+        return "planes"
+    formats = {4: torch.channels_last, 5: torch.channels_last_3d}
+    if x.dim() in formats and x.is_contiguous(memory_format=formats[x.dim()]):
+        return "rows"
+    return None
+
+
+def cheap_form_holds(x: Tensor, mean: Tensor, invstd: Tensor) -> bool:
+    """The exactness rule: max |mean| * invstd <= FAST_RATIO[x.dtype] (False for NaN/Inf).
+
+    Reads C-element CPU tensors on the host: no device involved (fast_layout keeps every
+    other device on the reference path)."""
+    return bool((mean.abs() * invstd).le(FAST_RATIO[x.dtype]).all())
+
+
+def pilot_sums(x: Tensor) -> tuple[Tensor, Tensor] | None:
+    """Mean and biased variance (STATS_DTYPE) from one pass of sums of t = x - pilot and
+    t^2, or None when the pilot is too far from the mean for them (PILOT_CANCELLATION)."""
+    dims = reduced_dims(x)
+    count = reduced_count(x)
+    pilot = x[(0, slice(None)) + (0,) * (x.dim() - 2)].to(compute_dtype(x.dtype))
+    shifted = x - channel_view(pilot, x)
+    first = shifted.sum(dims)
+    second = shifted.square_().sum(dims)
+    shifted_mean = first.to(STATS_DTYPE) / count
+    var = (second.to(STATS_DTYPE) / count - shifted_mean.square()).clamp_min(0.0)
+    if bool((shifted_mean.square() > PILOT_CANCELLATION * var).any()):
+        return None
+    return pilot.to(STATS_DTYPE) + shifted_mean, var
+
+
+def batch_mean_var(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and biased variance (STATS_DTYPE), as exact as
+    ``reference.batch_mean_var``: torch's statistics kernel for float32 with channels
+    innermost when the exactness rule holds for its result, else one-pass pilot sums, else
+    the reference's two passes."""
+    layout = fast_layout(x)
+    if layout is None or reduced_count(x) == 0:
+        return reference.batch_mean_var(x)
+    if layout == "rows" and x.dtype == torch.float32:
+        mean, var = torch.batch_norm_update_stats(x, None, None, 0.0)
+        if cheap_form_holds(x, mean, var.rsqrt()):
+            return mean.to(STATS_DTYPE), var.to(STATS_DTYPE)
+        return reference.batch_mean_var(x)
+    stats = pilot_sums(x)
+    return reference.batch_mean_var(x) if stats is None else stats
+
+
+def batch_stats_(
+    x: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    num_batches_tracked: Tensor | None,
+    momentum: float | None,
+) -> tuple[Tensor, Tensor]:
+    """``reference.batch_stats_`` with the one-pass statistics of ``batch_mean_var``."""
+    mean, var = batch_mean_var(x)
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+    if running_mean is not None and running_var is not None:
+        update_running_stats_(
+            running_mean, running_var, num_batches_tracked, mean, var, reduced_count(x), momentum
+        )
+    return mean, var
+
+
+def param_dtype(x: Tensor) -> torch.dtype:
+    """The dtype torch's kernels take statistics and parameters in for input x."""
+    return compute_dtype(x.dtype)
+
+
+def native_constants(
+    x: Tensor, mean: Tensor, var: Tensor, eps: float
+) -> tuple[Tensor, Tensor, Tensor] | None:
+    """(mean, var, invstd) in param_dtype(x) for torch's kernels, or None when the call
+    must take the exact path (another layout or device, or the exactness rule fails)."""
+    if fast_layout(x) is None:
+        return None
+    dtype = param_dtype(x)
+    invstd = torch.rsqrt(var.to(STATS_DTYPE) + eps)
+    if not cheap_form_holds(x, mean, invstd):
+        return None
+    return mean.to(dtype), var.to(dtype), invstd.to(dtype)
+
+
+def cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    return None if t is None else t.to(dtype)
+
+
+def affine_output(
+    x: Tensor, mean: Tensor, var: Tensor, invstd: Tensor, weight: Tensor | None,
+    bias: Tensor | None, eps: float,
+) -> Tensor:
+    """x * scale + shift (scale = weight * invstd, shift = bias - mean * scale) in x's dtype
+    and memory format, by the faster of torch's kernels for the layout."""
+    dtype = param_dtype(x)
+    if fast_layout(x) == "rows" and x.dtype == dtype:
+        scale = invstd if weight is None else invstd * weight.to(dtype)
+        shift = -mean * scale if bias is None else bias.to(dtype) - mean * scale
+        return torch.addcmul(channel_view(shift, x), x, channel_view(scale, x))
+    output, _, _ = torch.native_batch_norm(
+        x, cast(weight, dtype), cast(bias, dtype), mean, var, False, 0.0, eps
+    )
+    return output
+
+
+def activation_(y: Tensor, activation: str, negative_slope: float) -> Tensor:
+    """act(y) in place."""
+    functional = torch.nn.functional
+    if activation == "relu":
+        return y.relu_()
+    if activation == "relu6":
+        return y.clamp_(0.0, 6.0)
+    if activation == "leaky_relu":
+        return functional.leaky_relu_(y, negative_slope)
+    if activation == "silu":
+        return functional.silu(y, inplace=True)
+    if activation == "hardswish":
+        return functional.hardswish(y, inplace=True)
+    return y
+
+
+ROUNDING_COMMUTES = ("none", "relu", "relu6")
+"""Activations for which act(round(u)) == round(act(u)): a low-precision output may be
+rounded before them (and before nothing else) without a second rounding."""
+
+
+def pack_bits(bits: Tensor) -> Tensor:
+    """``reference.pack_bits``, bit for bit, by one multiply per 8 positions."""
+    view = reference.mask_positions(bits)
+    padding = -view.shape[-1] % 8
+    if padding:
+        view = torch.nn.functional.pad(view.to(torch.uint8), (0, padding))
+    words = view.contiguous().view(torch.uint8).view(torch.int64)
+    return (((words * _BITS_TO_BYTE) >> 56) & 0xFF).to(torch.uint8)
+
+
+def normalize(
+    x: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    residual: Tensor | None,
+    eps: float,
+    activation: str,
+    negative_slope: float,
+    save_mask: bool,
+) -> tuple[Tensor, Tensor]:
+    """``reference.normalize``: the cheap form by torch's kernels, the residual and the
+    activation in place on the output, when the exactness rule holds."""
+    constants = native_constants(x, mean, var, eps)
+    low_precision = x.dtype != param_dtype(x)
+    if constants is None or (
+        low_precision and (residual is not None or activation not in ROUNDING_COMMUTES)
+    ):
+        return reference.normalize(x, mean, var, weight, bias, residual, eps, activation,
+                                   negative_slope, save_mask)
+    y = affine_output(x, *constants, weight, bias, eps)
+    if residual is not None:
+        y.add_(residual)
+    mask = pack_bits(derivative_is_one(y, activation)) if save_mask else None
+    y = like_input(activation_(y, activation, negative_slope), x)
+    return y, x.new_empty(0, dtype=torch.uint8) if mask is None else mask
+
+
+def output_grad(
+    grad_out: Tensor,
+    x: Tensor,
+    constants: tuple[Tensor, Tensor, Tensor],
+    weight: Tensor | None,
+    bias: Tensor | None,
+    residual: Tensor | None,
+    activation_mask: Tensor | None,
+    eps: float,
+    activation: str,
+    negative_slope: float,
+) -> Tensor | None:
+    """g = grad_out * act'(u) in x's dtype (grad_out itself without an activation), or None
+    when it cannot be formed exactly there (silu/hardswish on low-precision input)."""
+    if activation_mask is not None:
+        bits = unpack_bits(activation_mask, x)
+    elif activation == "none":
+        return grad_out
+    elif activation in reference.SIGN_ACTIVATIONS:
+        u = affine_output(x, *constants, weight, bias, eps)
+        if residual is not None:
+            u.add_(residual)
+        bits = derivative_is_one(u, activation)
+    elif x.dtype != param_dtype(x):
+        return None  # act'(u) in float32 would round to x's dtype here
+    else:
+        u = affine_output(x, *constants, weight, bias, eps)
+        if residual is not None:
+            u.add_(residual)
+        return grad_out * reference.activation_derivative(u, activation, negative_slope)
+    if activation != "leaky_relu":
+        return grad_out * bits  # grad_out first: the product takes its memory format
+    if x.dtype != param_dtype(x):
+        return None  # negative_slope * dy would round to x's dtype here
+    return grad_out * torch.where(bits, 1.0, negative_slope).to(x.dtype)
+
+
+def native_backward(
+    g: Tensor, x: Tensor, constants: tuple[Tensor, Tensor, Tensor], weight: Tensor | None,
+    batch_stats: bool, eps: float, mask: list[bool],
+) -> tuple[Tensor, Tensor, Tensor]:
+    """torch's CPU BatchNorm backward of g: (d input, sum(g * x_hat), sum(g)) where ``mask``
+    asks for them. With ``batch_stats`` d input includes the statistics' dependence on x."""
+    mean, var, invstd = constants
+    weight = cast(weight, param_dtype(x))
+    # g in x's memory format: given mixed formats, torch's kernel takes a generic path
+    # that is slower and, for bfloat16, sums in bfloat16.
+    g = like_input(g, x)
+    if batch_stats:
+        return torch.ops.aten.native_batch_norm_backward.default(
+            g, x, weight, None, None, mean, invstd, True, eps, mask
+        )
+    return torch.ops.aten.native_batch_norm_backward.default(
+        g, x, weight, mean, var, None, None, False, eps, mask
+    )
+
+
+def grad_residual_from(g: Tensor, grad_out: Tensor, x: Tensor, residual: Tensor | None) -> Tensor:
+    """d residual = g, in the residual's format (x's when the mask stood in for it), never
+    aliasing grad_out."""
+    grad_residual = like_input(g, x if residual is None else residual)
+    return grad_out.clone() if grad_residual is grad_out else grad_residual
+
+
+def normalize_backward(
+    grad_out: Tensor,
+    x: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    residual: Tensor | None,
+    activation_mask: Tensor | None,
+    eps: float,
+    batch_stats: bool,
+    activation: str,
+    negative_slope: float,
+    output_mask: list[bool],
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``reference.normalize_backward`` by torch's CPU backward kernel on g = dy * act'(u)
+    when the exactness rule holds: one pass for the sums, one for d input."""
+    want_input, want_weight, want_bias, want_residual = output_mask
+    constants = native_constants(x, mean, var, eps)
+    g = None if constants is None else output_grad(
+        grad_out, x, constants, weight, bias, residual, activation_mask, eps, activation,
+        negative_slope,
+    )
+    if g is None:
+        return reference.normalize_backward(
+            grad_out, x, mean, var, weight, bias, residual, activation_mask, eps, batch_stats,
+            activation, negative_slope, output_mask,
+        )
+    want_weight = want_weight and weight is not None
+    want_bias = want_bias and bias is not None
+    empty = x.new_empty(0)
+    grad_input, grad_weight, grad_bias = empty, empty, empty
+    if want_input or want_weight or want_bias:
+        grads = native_backward(g, x, constants, weight, batch_stats, eps,
+                                [want_input, want_weight, want_bias])
+        if want_input:
+            grad_input = like_input(grads[0], x)
+        if want_weight:
+            grad_weight = grads[1].to(weight.dtype)
+        if want_bias:
+            grad_bias = grads[2].to(bias.dtype)
+    grad_residual = grad_residual_from(g, grad_out, x, residual) if want_residual else empty
+    return grad_input, grad_weight, grad_bias, grad_residual
+
+
+def normalize_grad_sums(
+    grad_out: Tensor,
+    x: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    residual: Tensor | None,
+    activation_mask: Tensor | None,
+    eps: float,
+    activation: str,
+    negative_slope: float,
+    output_mask: list[bool],
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``reference.normalize_grad_sums``: [sum(g), sum(g * x_hat)] (compute dtype) by one
+    pass of torch's backward kernel, and d weight, d bias from them."""
+    constants = native_constants(x, mean, var, eps)
+    g = None if constants is None else output_grad(
+        grad_out, x, constants, weight, bias, residual, activation_mask, eps, activation,
+        negative_slope,
+    )
+    if g is None:
+        return reference.normalize_grad_sums(
+            grad_out, x, mean, var, weight, bias, residual, activation_mask, eps, activation,
+            negative_slope, output_mask,
+        )
+    _, sum_g_xhat, sum_g = native_backward(g, x, constants, None, True, eps,
+                                           [False, True, True])
+    sums = torch.stack([sum_g, sum_g_xhat]).to(compute_dtype(x.dtype))
+    grad_weight, grad_bias = x.new_empty(0), x.new_empty(0)
+    if output_mask[0] and weight is not None:
+        grad_weight = sums[1].to(weight.dtype, copy=True)
+    if output_mask[1] and bias is not None:
+        grad_bias = sums[0].to(bias.dtype, copy=True)
+    return sums, grad_weight, grad_bias
+
+
+def normalize_grad_input(
+    grad_out: Tensor,
+    x: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    residual: Tensor | None,
+    activation_mask: Tensor | None,
+    sums: Tensor | None,
+    count: float,
+    eps: float,
+    batch_stats: bool,
+    activation: str,
+    negative_slope: float,
+    output_mask: list[bool],
+) -> tuple[Tensor, Tensor]:
+    """``reference.normalize_grad_input``: d input = a * g + b * x + c per channel (the
+    cheap form of weight * invstd * (g - mean(g) - x_hat * mean(g * x_hat))), two passes."""
+    constants = native_constants(x, mean, var, eps)
+    g = None if constants is None else output_grad(
+        grad_out, x, constants, weight, bias, residual, activation_mask, eps, activation,
+        negative_slope,
+    )
+    if g is None or x.dtype != param_dtype(x):
+        return reference.normalize_grad_input(
+            grad_out, x, mean, var, weight, bias, residual, activation_mask, sums, count, eps,
+            batch_stats, activation, negative_slope, output_mask,
+        )
+    grad_input, grad_residual = x.new_empty(0), x.new_empty(0)
+    if output_mask[0]:
+        invstd = torch.rsqrt(var.to(STATS_DTYPE) + eps)
+        scale = invstd if weight is None else invstd * weight.to(STATS_DTYPE)
+        if batch_stats and count > 0:
+            mean_g, mean_g_xhat = sums.to(STATS_DTYPE) / count
+            slope = -scale * invstd * mean_g_xhat
+            offset = scale * (invstd * mean.to(STATS_DTYPE) * mean_g_xhat - mean_g)
+            dtype = x.dtype
+            grad_input = torch.addcmul(channel_view(offset.to(dtype), x), x,
+                                       channel_view(slope.to(dtype), x))
+            grad_input.addcmul_(g, channel_view(scale.to(dtype), x))
+        else:
+            grad_input = g * channel_view(scale.to(x.dtype), x)
+        grad_input = like_input(grad_input, x)
+    if output_mask[1]:
+        grad_residual = grad_residual_from(g, grad_out, x, residual)
+    return grad_input, grad_residual

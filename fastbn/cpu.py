@@ -49,8 +49,8 @@ from fastbn.reference import (
     reduced_count,
     reduced_dims,
     unpack_bits,
-    update_running_stats_,
 )
+from fastbn.reference import update_running_stats_ as update_running_stats_reference
 
 ROUNDING_BUDGET = {
     torch.float64: 2.0**-40,
@@ -90,45 +90,124 @@ def fast_layout(x: Tensor) -> str | None:
     return None
 
 
-def cheap_form_holds(x: Tensor, mean: Tensor, invstd: Tensor) -> bool:
-    """The exactness rule: max |mean| * invstd <= FAST_RATIO[x.dtype] (False for NaN/Inf).
+def within_ratio(mean: Tensor, var: Tensor, eps: float, ratio: float) -> bool:
+    """max |mean| / sqrt(var + eps) <= ratio over the channels, as mean^2 <= ratio^2 *
+    (var + eps) in three C-element ops; False for NaN or Inf.
 
     Reads C-element CPU tensors on the host: no device involved (fast_layout keeps every
     other device on the reference path)."""
-    return bool((mean.abs() * invstd).le(FAST_RATIO[x.dtype]).all())
+    return bool(torch.addcmul(var, mean, mean, value=-1.0 / ratio**2).ge_(-eps).all())
+
+
+STATS_RATIO = FAST_RATIO[torch.float32]
+"""Statistics whose float32 mean m satisfies |m| / std <= STATS_RATIO need no more than
+float32: torch's statistics kernel (float32 sums, mean rounded to float32) is accepted
+there, and the cheap form then holds for every eps and every dtype (FAST_RATIO >= this)."""
+
+FLOAT32_HINT = "_fastbn_float32"
+"""Attribute of a float64 mean from batch_mean_var: (mean's version, var, var's version,
+float32 mean, float32 var), set when |mean| / std <= STATS_RATIO. normalize and its
+backward then skip the rule and the casts; any in-place change of mean or var voids it."""
+
+
+def hinted(mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:
+    """Float64 statistics carrying their float32 copies and the rule's verdict."""
+    setattr(mean, FLOAT32_HINT, (mean._version, var, var._version, mean.float(), var.float()))
+    return mean, var
+
+
+def float32_hint(mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor] | None:
+    """The float32 (mean, var) that ``hinted`` attached, if it still holds for these tensors."""
+    hint = getattr(mean, FLOAT32_HINT, None)
+    if hint is None or hint[0] != mean._version or hint[1] is not var or hint[2] != var._version:
+        return None
+    return hint[3], hint[4]
 
 
 def pilot_sums(x: Tensor) -> tuple[Tensor, Tensor] | None:
     """Mean and biased variance (STATS_DTYPE) from one pass of sums of t = x - pilot and
-    t^2, or None when the pilot is too far from the mean for them (PILOT_CANCELLATION)."""
+    t^2 in the compute dtype, or None when the pilot is too far from the mean for them
+    (mean(t)^2 > PILOT_CANCELLATION * var(t))."""
     dims = reduced_dims(x)
     count = reduced_count(x)
-    pilot = x[(0, slice(None)) + (0,) * (x.dim() - 2)].to(compute_dtype(x.dtype))
-    shifted = x - channel_view(pilot, x)
+    dtype = compute_dtype(x.dtype)
+    pilot = x[(0, slice(None)) + (0,) * (x.dim() - 2)]
+    if x.dtype == dtype:
+        shifted = x - channel_view(pilot, x)
+    else:  # one conversion pass, then in place: faster than a mixed-dtype subtraction
+        shifted = x.to(dtype).sub_(channel_view(pilot.to(dtype), x))
     first = shifted.sum(dims)
     second = shifted.square_().sum(dims)
-    shifted_mean = first.to(STATS_DTYPE) / count
-    var = (second.to(STATS_DTYPE) / count - shifted_mean.square()).clamp_min(0.0)
-    if bool((shifted_mean.square() > PILOT_CANCELLATION * var).any()):
+    # mean(t)^2 <= K var(t) = K (mean(t^2) - mean(t)^2)  <=>  sum(t^2) >= (K + 1) / K sum(t)^2 / M
+    ratio = (1 + PILOT_CANCELLATION) / PILOT_CANCELLATION
+    if not bool(torch.addcmul(second, first, first, value=-ratio / count).ge_(0).all()):
         return None
-    return pilot.to(STATS_DTYPE) + shifted_mean, var
+    shifted_mean = first.div_(count)
+    var = torch.addcmul(second.div_(count), shifted_mean, shifted_mean, value=-1).clamp_min_(0)
+    return shifted_mean.to(STATS_DTYPE) + pilot, var.to(STATS_DTYPE)  # never in place: pilot is x
+
+
+def native_mean_var(x: Tensor) -> tuple[Tensor, Tensor]:
+    """torch's CPU statistics kernel: float32 mean and biased variance (float32 sums). Given
+    float32 running buffers (scratch here, left unchanged with momentum 0), it returns
+    float32 statistics for float16/bfloat16 input too."""
+    scratch = x.new_zeros(x.shape[1], dtype=torch.float32)
+    return torch.batch_norm_update_stats(x, scratch, scratch, 0.0)
 
 
 def batch_mean_var(x: Tensor) -> tuple[Tensor, Tensor]:
     """Per-channel mean and biased variance (STATS_DTYPE), as exact as
-    ``reference.batch_mean_var``: torch's statistics kernel for float32 with channels
-    innermost when the exactness rule holds for its result, else one-pass pilot sums, else
-    the reference's two passes."""
+    ``reference.batch_mean_var``:
+
+    - float32 with channels innermost, float16, bfloat16: torch's statistics kernel, kept
+      when |mean| / std <= STATS_RATIO (float32 is exact enough there);
+    - otherwise, and float32 NCHW (where torch's kernel is a slow scalar loop), float64:
+      one-pass pilot sums;
+    - when neither holds (far pilot, large mean in float32 sums): the reference's two
+      passes."""
     layout = fast_layout(x)
     if layout is None or reduced_count(x) == 0:
         return reference.batch_mean_var(x)
-    if layout == "rows" and x.dtype == torch.float32:
-        mean, var = torch.batch_norm_update_stats(x, None, None, 0.0)
-        if cheap_form_holds(x, mean, var.rsqrt()):
-            return mean.to(STATS_DTYPE), var.to(STATS_DTYPE)
-        return reference.batch_mean_var(x)
+    if x.dtype != torch.float64 and (layout == "rows" or x.dtype != torch.float32):
+        mean, var = native_mean_var(x)
+        if within_ratio(mean, var, 0.0, STATS_RATIO):
+            return hinted(mean.to(STATS_DTYPE), var.to(STATS_DTYPE))
     stats = pilot_sums(x)
-    return reference.batch_mean_var(x) if stats is None else stats
+    if stats is None:
+        return reference.batch_mean_var(x)
+    mean, var = stats
+    if within_ratio(mean, var, 0.0, STATS_RATIO):
+        return hinted(mean, var)
+    return mean, var
+
+
+def update_running_stats_(
+    running_mean: Tensor,
+    running_var: Tensor,
+    num_batches_tracked: Tensor | None,
+    mean: Tensor,
+    var: Tensor,
+    count: int,
+    momentum: float | None,
+) -> None:
+    """``reference.update_running_stats_`` (same factor, momentum or 1 / num_batches_tracked
+    on the device) as two float32 lerps; float16/bfloat16 buffers go to the reference,
+    which rounds once from float64."""
+    if running_mean.dtype != torch.float32 or running_var.dtype != torch.float32:
+        update_running_stats_reference(
+            running_mean, running_var, num_batches_tracked, mean, var, count, momentum
+        )
+        return
+    if momentum is None:
+        if num_batches_tracked is None:
+            raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
+        factor: float | Tensor = num_batches_tracked.reciprocal().to(torch.float32)
+    else:
+        factor = momentum
+    hint = float32_hint(mean, var)
+    mean32, var32 = hint if hint is not None else (mean.float(), var.float())
+    running_mean.lerp_(mean32, factor)
+    running_var.lerp_(var32 * reference.unbiasing_factor(count), factor)
 
 
 def batch_stats_(
@@ -138,11 +217,11 @@ def batch_stats_(
     num_batches_tracked: Tensor | None,
     momentum: float | None,
 ) -> tuple[Tensor, Tensor]:
-    """``reference.batch_stats_`` with the one-pass statistics of ``batch_mean_var``."""
+    """``reference.batch_stats_`` with the statistics of ``batch_mean_var``."""
     mean, var = batch_mean_var(x)
     if num_batches_tracked is not None:
         num_batches_tracked.add_(1)
-    if running_mean is not None and running_var is not None:
+    if running_mean is not None and running_var is not None and reduced_count(x) > 0:
         update_running_stats_(
             running_mean, running_var, num_batches_tracked, mean, var, reduced_count(x), momentum
         )
@@ -156,16 +235,17 @@ def param_dtype(x: Tensor) -> torch.dtype:
 
 def native_constants(
     x: Tensor, mean: Tensor, var: Tensor, eps: float
-) -> tuple[Tensor, Tensor, Tensor] | None:
-    """(mean, var, invstd) in param_dtype(x) for torch's kernels, or None when the call
-    must take the exact path (another layout or device, or the exactness rule fails)."""
+) -> tuple[Tensor, Tensor] | None:
+    """(mean, var) in param_dtype(x) for torch's kernels, or None when the call must take
+    the exact path (another layout or device, or the exactness rule fails)."""
     if fast_layout(x) is None:
         return None
+    hint = float32_hint(mean, var)
+    if hint is not None and x.dtype != torch.float64:
+        return hint
     dtype = param_dtype(x)
-    invstd = torch.rsqrt(var.to(STATS_DTYPE) + eps)
-    if not cheap_form_holds(x, mean, invstd):
-        return None
-    return mean.to(dtype), var.to(dtype), invstd.to(dtype)
+    mean, var = mean.to(dtype), var.to(dtype)
+    return (mean, var) if within_ratio(mean, var, eps, FAST_RATIO[x.dtype]) else None
 
 
 def cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
@@ -173,15 +253,20 @@ def cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
 
 
 def affine_output(
-    x: Tensor, mean: Tensor, var: Tensor, invstd: Tensor, weight: Tensor | None,
-    bias: Tensor | None, eps: float,
+    x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None,
+    eps: float,
 ) -> Tensor:
-    """x * scale + shift (scale = weight * invstd, shift = bias - mean * scale) in x's dtype
-    and memory format, by the faster of torch's kernels for the layout."""
+    """x * scale + shift (scale = weight / sqrt(var + eps), shift = bias - mean * scale) in
+    x's dtype and memory format, by the faster of torch's kernels for the layout: addcmul
+    when channels are innermost (float32/float64), else torch's eval-mode BatchNorm kernel
+    (which takes float16/bfloat16 input with float32 statistics)."""
     dtype = param_dtype(x)
     if fast_layout(x) == "rows" and x.dtype == dtype:
-        scale = invstd if weight is None else invstd * weight.to(dtype)
-        shift = -mean * scale if bias is None else bias.to(dtype) - mean * scale
+        scale = torch.rsqrt(var + eps)
+        if weight is not None:
+            scale.mul_(weight)
+        shift = torch.mul(mean, scale).neg_() if bias is None else torch.addcmul(
+            bias.to(dtype), mean, scale, value=-1)
         return torch.addcmul(channel_view(shift, x), x, channel_view(scale, x))
     output, _, _ = torch.native_batch_norm(
         x, cast(weight, dtype), cast(bias, dtype), mean, var, False, 0.0, eps
@@ -252,7 +337,7 @@ def normalize(
 def output_grad(
     grad_out: Tensor,
     x: Tensor,
-    constants: tuple[Tensor, Tensor, Tensor],
+    constants: tuple[Tensor, Tensor],
     weight: Tensor | None,
     bias: Tensor | None,
     residual: Tensor | None,
@@ -287,19 +372,19 @@ def output_grad(
 
 
 def native_backward(
-    g: Tensor, x: Tensor, constants: tuple[Tensor, Tensor, Tensor], weight: Tensor | None,
+    g: Tensor, x: Tensor, constants: tuple[Tensor, Tensor], weight: Tensor | None,
     batch_stats: bool, eps: float, mask: list[bool],
 ) -> tuple[Tensor, Tensor, Tensor]:
     """torch's CPU BatchNorm backward of g: (d input, sum(g * x_hat), sum(g)) where ``mask``
     asks for them. With ``batch_stats`` d input includes the statistics' dependence on x."""
-    mean, var, invstd = constants
+    mean, var = constants
     weight = cast(weight, param_dtype(x))
     # g in x's memory format: given mixed formats, torch's kernel takes a generic path
     # that is slower and, for bfloat16, sums in bfloat16.
     g = like_input(g, x)
     if batch_stats:
         return torch.ops.aten.native_batch_norm_backward.default(
-            g, x, weight, None, None, mean, invstd, True, eps, mask
+            g, x, weight, None, None, mean, torch.rsqrt(var + eps), True, eps, mask
         )
     return torch.ops.aten.native_batch_norm_backward.default(
         g, x, weight, mean, var, None, None, False, eps, mask
@@ -343,8 +428,8 @@ def normalize_backward(
         )
     want_weight = want_weight and weight is not None
     want_bias = want_bias and bias is not None
-    empty = x.new_empty(0)
-    grad_input, grad_weight, grad_bias = empty, empty, empty
+    # Custom-op outputs must not alias each other: a fresh empty tensor for each.
+    grad_input, grad_weight, grad_bias = x.new_empty(0), x.new_empty(0), x.new_empty(0)
     if want_input or want_weight or want_bias:
         grads = native_backward(g, x, constants, weight, batch_stats, eps,
                                 [want_input, want_weight, want_bias])
@@ -354,7 +439,8 @@ def normalize_backward(
             grad_weight = grads[1].to(weight.dtype)
         if want_bias:
             grad_bias = grads[2].to(bias.dtype)
-    grad_residual = grad_residual_from(g, grad_out, x, residual) if want_residual else empty
+    grad_residual = (grad_residual_from(g, grad_out, x, residual) if want_residual
+                     else x.new_empty(0))
     return grad_input, grad_weight, grad_bias, grad_residual
 
 

@@ -48,7 +48,6 @@ from fastbn.reference import (
     like_input,
     reduced_count,
     reduced_dims,
-    unpack_bits,
 )
 from fastbn.reference import update_running_stats_ as update_running_stats_reference
 
@@ -305,6 +304,12 @@ def pack_bits(bits: Tensor) -> Tensor:
     return (((words * _BITS_TO_BYTE) >> 56) & 0xFF).to(torch.uint8)
 
 
+def same_format(t: Tensor, x: Tensor) -> Tensor:
+    """``like_input`` for a t of x's dtype from torch's kernels, which keep a fast layout's
+    strides: a stride comparison, without like_input's allocation, on the fast path."""
+    return t if t.stride() == x.stride() else like_input(t, x)
+
+
 def normalize(
     x: Tensor,
     mean: Tensor,
@@ -330,8 +335,31 @@ def normalize(
     if residual is not None:
         y.add_(residual)
     mask = pack_bits(derivative_is_one(y, activation)) if save_mask else None
-    y = like_input(activation_(y, activation, negative_slope), x)
+    y = same_format(activation_(y, activation, negative_slope), x)
     return y, x.new_empty(0, dtype=torch.uint8) if mask is None else mask
+
+
+def unpack_bits(mask: Tensor, x: Tensor) -> Tensor:
+    """``reference.unpack_bits`` in x's memory format: one AND against the 8 bit weights and
+    one in-place compare (then a 1-byte-per-element copy for channels-last x)."""
+    weights = torch.tensor([1 << j for j in range(8)], dtype=torch.uint8)
+    flags = torch.bitwise_and(mask.unsqueeze(-1), weights).ne_(0).view(torch.bool)
+    positions = reference.mask_positions(x).shape[-1]
+    bits = flags.flatten(-2)[..., :positions]
+    bits = bits[0].t() if x.dim() == 2 else bits.reshape(x.shape)
+    if bits.stride() == x.stride():
+        return bits
+    return torch.empty_like(x, dtype=torch.bool).copy_(bits)
+
+
+ACTIVATION_BACKWARD = {
+    "relu": lambda grad, u, slope: torch.ops.aten.threshold_backward.default(grad, u, 0.0),
+    "relu6": lambda grad, u, slope: torch.ops.aten.hardtanh_backward.default(grad, u, 0.0, 6.0),
+    "leaky_relu": lambda grad, u, slope: torch.ops.aten.leaky_relu_backward.default(
+        grad, u, slope, False),
+}
+"""torch's own backward of the SIGN_ACTIVATIONS at u: grad where derivative_is_one(u), else
+0 (negative_slope * grad for leaky_relu), in one pass."""
 
 
 def output_grad(
@@ -347,28 +375,24 @@ def output_grad(
     negative_slope: float,
 ) -> Tensor | None:
     """g = grad_out * act'(u) in x's dtype (grad_out itself without an activation), or None
-    when it cannot be formed exactly there (silu/hardswish on low-precision input)."""
+    when it cannot be formed exactly there (silu/hardswish/leaky_relu on low-precision
+    input: act'(u) * dy would round to x's dtype)."""
+    if activation == "none":
+        return grad_out
+    low_precision = x.dtype != param_dtype(x)
+    if low_precision and activation not in ("relu", "relu6"):
+        return None
     if activation_mask is not None:
         bits = unpack_bits(activation_mask, x)
-    elif activation == "none":
-        return grad_out
-    elif activation in reference.SIGN_ACTIVATIONS:
-        u = affine_output(x, *constants, weight, bias, eps)
-        if residual is not None:
-            u.add_(residual)
-        bits = derivative_is_one(u, activation)
-    elif x.dtype != param_dtype(x):
-        return None  # act'(u) in float32 would round to x's dtype here
-    else:
-        u = affine_output(x, *constants, weight, bias, eps)
-        if residual is not None:
-            u.add_(residual)
-        return grad_out * reference.activation_derivative(u, activation, negative_slope)
-    if activation != "leaky_relu":
-        return grad_out * bits  # grad_out first: the product takes its memory format
-    if x.dtype != param_dtype(x):
-        return None  # negative_slope * dy would round to x's dtype here
-    return grad_out * torch.where(bits, 1.0, negative_slope).to(x.dtype)
+        if activation == "leaky_relu":
+            return torch.where(bits, grad_out, grad_out * negative_slope)
+        return torch.where(bits, grad_out, 0.0)
+    u = affine_output(x, *constants, weight, bias, eps)
+    if residual is not None:
+        u.add_(residual)
+    if activation in ACTIVATION_BACKWARD:
+        return ACTIVATION_BACKWARD[activation](grad_out, u, negative_slope)
+    return grad_out * reference.activation_derivative(u, activation, negative_slope)
 
 
 def native_backward(
@@ -381,7 +405,7 @@ def native_backward(
     weight = cast(weight, param_dtype(x))
     # g in x's memory format: given mixed formats, torch's kernel takes a generic path
     # that is slower and, for bfloat16, sums in bfloat16.
-    g = like_input(g, x)
+    g = g if g.stride() == x.stride() and g.dtype == x.dtype else like_input(g, x)
     if batch_stats:
         return torch.ops.aten.native_batch_norm_backward.default(
             g, x, weight, None, None, mean, torch.rsqrt(var + eps), True, eps, mask
@@ -434,7 +458,7 @@ def normalize_backward(
         grads = native_backward(g, x, constants, weight, batch_stats, eps,
                                 [want_input, want_weight, want_bias])
         if want_input:
-            grad_input = like_input(grads[0], x)
+            grad_input = same_format(grads[0], x)
         if want_weight:
             grad_weight = grads[1].to(weight.dtype)
         if want_bias:

@@ -290,8 +290,10 @@ def activation_(y: Tensor, activation: str, negative_slope: float) -> Tensor:
 
 
 ROUNDING_COMMUTES = ("none", "relu", "relu6")
-"""Activations for which act(round(u)) == round(act(u)): a low-precision output may be
-rounded before them (and before nothing else) without a second rounding."""
+"""Activations for which act(round(u)) == round(act(u)): on a low-precision output they run
+in place after the normalization's one rounding without adding another. A residual is
+added there too, as torch's eager add does (one more rounding of the input dtype, within
+the dtype's tolerance); other activations on low-precision input take the exact path."""
 
 
 def pack_bits(bits: Tensor) -> Tensor:
@@ -326,9 +328,7 @@ def normalize(
     activation in place on the output, when the exactness rule holds."""
     constants = native_constants(x, mean, var, eps)
     low_precision = x.dtype != param_dtype(x)
-    if constants is None or (
-        low_precision and (residual is not None or activation not in ROUNDING_COMMUTES)
-    ):
+    if constants is None or (low_precision and activation not in ROUNDING_COMMUTES):
         return reference.normalize(x, mean, var, weight, bias, residual, eps, activation,
                                    negative_slope, save_mask)
     y = affine_output(x, *constants, weight, bias, eps)
@@ -339,17 +339,16 @@ def normalize(
     return y, x.new_empty(0, dtype=torch.uint8) if mask is None else mask
 
 
-def unpack_bits(mask: Tensor, x: Tensor) -> Tensor:
-    """``reference.unpack_bits`` in x's memory format: one AND against the 8 bit weights and
-    one in-place compare (then a 1-byte-per-element copy for channels-last x)."""
-    weights = torch.tensor([1 << j for j in range(8)], dtype=torch.uint8)
-    flags = torch.bitwise_and(mask.unsqueeze(-1), weights).ne_(0).view(torch.bool)
-    positions = reference.mask_positions(x).shape[-1]
-    bits = flags.flatten(-2)[..., :positions]
-    bits = bits[0].t() if x.dim() == 2 else bits.reshape(x.shape)
-    if bits.stride() == x.stride():
-        return bits
-    return torch.empty_like(x, dtype=torch.bool).copy_(bits)
+_BIT_WEIGHTS = torch.tensor([1 << j for j in range(8)], dtype=torch.uint8)
+
+
+def mask_indicator(mask: Tensor, x: Tensor) -> Tensor:
+    """The packed activation mask unpacked to x's dtype and memory format: positive where the
+    bit is set (derivative_is_one), 0 elsewhere; one AND and one converting copy."""
+    flags = torch.bitwise_and(mask.unsqueeze(-1), _BIT_WEIGHTS).flatten(-2)
+    flags = flags[..., :reference.mask_positions(x).shape[-1]]
+    flags = flags[0].t() if x.dim() == 2 else flags.reshape(x.shape)
+    return torch.empty_like(x).copy_(flags)
 
 
 ACTIVATION_BACKWARD = {
@@ -382,11 +381,11 @@ def output_grad(
     low_precision = x.dtype != param_dtype(x)
     if low_precision and activation not in ("relu", "relu6"):
         return None
-    if activation_mask is not None:
-        bits = unpack_bits(activation_mask, x)
+    if activation_mask is not None:  # the indicator is > 0 exactly where u was
+        indicator = mask_indicator(activation_mask, x)
         if activation == "leaky_relu":
-            return torch.where(bits, grad_out, grad_out * negative_slope)
-        return torch.where(bits, grad_out, 0.0)
+            return ACTIVATION_BACKWARD["leaky_relu"](grad_out, indicator, negative_slope)
+        return ACTIVATION_BACKWARD["relu"](grad_out, indicator, negative_slope)
     u = affine_output(x, *constants, weight, bias, eps)
     if residual is not None:
         u.add_(residual)

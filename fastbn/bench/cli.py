@@ -161,8 +161,8 @@ check: before timing, each provider's outputs (y, running stats, dx, dweight, db
 timing: CUDA events around each call with the L2 cache flushed before it; on CPU
   time.perf_counter, the providers' calls interleaved (one call of each in turn, so load
   from other processes hits all alike). Median (and 20%/80% quantiles in the JSON) over
-  --reps calls after --warmup calls. The copy bandwidth is dst.copy_(src) of {COPY_BYTES["cuda"] >> 30} GiB
-  ({COPY_BYTES["cpu"] >> 20} MiB on CPU): GB/s = 2 x bytes / time.
+  --reps calls after --warmup calls. The copy bandwidth is dst.copy_(src) of
+  {COPY_BYTES["cuda"] >> 30} GiB ({COPY_BYTES["cpu"] >> 20} MiB on CPU): GB/s = 2 x bytes / time.
 
 bytes model: compulsory traffic per element of x, of s bytes each, per fusion:
 {passes}

@@ -109,10 +109,27 @@ float32 mean, float32 var), set when |mean| / std <= STATS_RATIO. normalize and 
 backward then skip the rule and the casts; any in-place change of mean or var voids it."""
 
 
+SCRATCH = "_fastbn_scratch"
+"""Attribute of a float64 mean from batch_mean_var: the input-sized temporary of its pilot
+sums, which ``normalize`` on the same x then takes as its output buffer (one allocation per
+training forward, as torch's own; a fresh one would fault in its pages again)."""
+
+
 def hinted(mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:
     """Float64 statistics carrying their float32 copies and the rule's verdict."""
     setattr(mean, FLOAT32_HINT, (mean._version, var, var._version, mean.float(), var.float()))
     return mean, var
+
+
+def take_scratch(mean: Tensor, x: Tensor) -> Tensor | None:
+    """The temporary ``batch_mean_var`` left on mean, once, if it can hold an output like x."""
+    scratch = getattr(mean, SCRATCH, None)
+    if scratch is None:
+        return None
+    delattr(mean, SCRATCH)  # mean lives on into the backward; the output must not
+    fits = scratch.dtype == x.dtype and scratch.shape == x.shape and \
+        scratch.stride() == x.stride()
+    return scratch if fits else None
 
 
 def float32_hint(mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor] | None:
@@ -123,10 +140,10 @@ def float32_hint(mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor] | None:
     return hint[3], hint[4]
 
 
-def pilot_sums(x: Tensor) -> tuple[Tensor, Tensor] | None:
+def pilot_sums(x: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
     """Mean and biased variance (STATS_DTYPE) from one pass of sums of t = x - pilot and
-    t^2 in the compute dtype, or None when the pilot is too far from the mean for them
-    (mean(t)^2 > PILOT_CANCELLATION * var(t))."""
+    t^2 in the compute dtype, and the temporary that held t; or None when the pilot is too
+    far from the mean for them (mean(t)^2 > PILOT_CANCELLATION * var(t))."""
     dims = reduced_dims(x)
     count = reduced_count(x)
     dtype = compute_dtype(x.dtype)
@@ -143,7 +160,8 @@ def pilot_sums(x: Tensor) -> tuple[Tensor, Tensor] | None:
         return None
     shifted_mean = first.div_(count)
     var = torch.addcmul(second.div_(count), shifted_mean, shifted_mean, value=-1).clamp_min_(0)
-    return shifted_mean.to(STATS_DTYPE) + pilot, var.to(STATS_DTYPE)  # never in place: pilot is x
+    # never in place on pilot: it is a view of x
+    return shifted_mean.to(STATS_DTYPE) + pilot, var.to(STATS_DTYPE), shifted
 
 
 def native_mean_var(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -174,7 +192,8 @@ def batch_mean_var(x: Tensor) -> tuple[Tensor, Tensor]:
     stats = pilot_sums(x)
     if stats is None:
         return reference.batch_mean_var(x)
-    mean, var = stats
+    mean, var, scratch = stats
+    setattr(mean, SCRATCH, scratch)
     if within_ratio(mean, var, 0.0, STATS_RATIO):
         return hinted(mean, var)
     return mean, var
@@ -253,7 +272,7 @@ def cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
 
 def affine_output(
     x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None,
-    eps: float,
+    eps: float, out: Tensor | None = None,
 ) -> Tensor:
     """x * scale + shift (scale = weight / sqrt(var + eps), shift = bias - mean * scale) in
     x's dtype and memory format, by the faster of torch's kernels for the layout: addcmul
@@ -266,11 +285,11 @@ def affine_output(
             scale.mul_(weight)
         shift = torch.mul(mean, scale).neg_() if bias is None else torch.addcmul(
             bias.to(dtype), mean, scale, value=-1)
-        return torch.addcmul(channel_view(shift, x), x, channel_view(scale, x))
-    output, _, _ = torch.native_batch_norm(
-        x, cast(weight, dtype), cast(bias, dtype), mean, var, False, 0.0, eps
-    )
-    return output
+        return torch.addcmul(channel_view(shift, x), x, channel_view(scale, x), out=out)
+    args = (x, cast(weight, dtype), cast(bias, dtype), mean, var, False, 0.0, eps)
+    if out is None:
+        return torch.native_batch_norm(*args)[0]
+    return torch.native_batch_norm(*args, out=(out, x.new_empty(0), x.new_empty(0)))[0]
 
 
 def activation_(y: Tensor, activation: str, negative_slope: float) -> Tensor:
@@ -297,13 +316,15 @@ the dtype's tolerance); other activations on low-precision input take the exact 
 
 
 def pack_bits(bits: Tensor) -> Tensor:
-    """``reference.pack_bits``, bit for bit, by one multiply per 8 positions."""
+    """``reference.pack_bits``, bit for bit, by one multiply per 8 positions, in place on
+    ``bits`` (a temporary of the caller's, which this consumes)."""
     view = reference.mask_positions(bits)
     padding = -view.shape[-1] % 8
     if padding:
         view = torch.nn.functional.pad(view.to(torch.uint8), (0, padding))
     words = view.contiguous().view(torch.uint8).view(torch.int64)
-    return (((words * _BITS_TO_BYTE) >> 56) & 0xFF).to(torch.uint8)
+    words.mul_(_BITS_TO_BYTE).bitwise_right_shift_(56).bitwise_and_(0xFF)
+    return words.to(torch.uint8)
 
 
 def same_format(t: Tensor, x: Tensor) -> Tensor:
@@ -326,12 +347,13 @@ def normalize(
 ) -> tuple[Tensor, Tensor]:
     """``reference.normalize``: the cheap form by torch's kernels, the residual and the
     activation in place on the output, when the exactness rule holds."""
+    scratch = take_scratch(mean, x)
     constants = native_constants(x, mean, var, eps)
     low_precision = x.dtype != param_dtype(x)
     if constants is None or (low_precision and activation not in ROUNDING_COMMUTES):
         return reference.normalize(x, mean, var, weight, bias, residual, eps, activation,
                                    negative_slope, save_mask)
-    y = affine_output(x, *constants, weight, bias, eps)
+    y = affine_output(x, *constants, weight, bias, eps, out=scratch)
     if residual is not None:
         y.add_(residual)
     mask = pack_bits(derivative_is_one(y, activation)) if save_mask else None
@@ -352,13 +374,16 @@ def mask_indicator(mask: Tensor, x: Tensor) -> Tensor:
 
 
 ACTIVATION_BACKWARD = {
-    "relu": lambda grad, u, slope: torch.ops.aten.threshold_backward.default(grad, u, 0.0),
-    "relu6": lambda grad, u, slope: torch.ops.aten.hardtanh_backward.default(grad, u, 0.0, 6.0),
-    "leaky_relu": lambda grad, u, slope: torch.ops.aten.leaky_relu_backward.default(
-        grad, u, slope, False),
+    "relu": lambda grad, u, slope: torch.ops.aten.threshold_backward.grad_input(
+        grad, u, 0.0, grad_input=u),
+    "relu6": lambda grad, u, slope: torch.ops.aten.hardtanh_backward.grad_input(
+        grad, u, 0.0, 6.0, grad_input=u),
+    "leaky_relu": lambda grad, u, slope: torch.ops.aten.leaky_relu_backward.grad_input(
+        grad, u, slope, False, grad_input=u),
 }
 """torch's own backward of the SIGN_ACTIVATIONS at u: grad where derivative_is_one(u), else
-0 (negative_slope * grad for leaky_relu), in one pass."""
+0 (negative_slope * grad for leaky_relu), in one pass, written over u (a temporary): one
+full-size allocation fewer, which on a CPU means fewer fresh pages to fault in."""
 
 
 def output_grad(

@@ -327,6 +327,21 @@ def pack_bits(bits: Tensor) -> Tensor:
     return words.to(torch.uint8)
 
 
+_SAME_WIDTH_INT = {torch.float64: torch.int64, torch.float32: torch.int32,
+                   torch.float16: torch.int16, torch.bfloat16: torch.int16}
+
+
+def positive(u: Tensor, activation: str) -> Tensor:
+    """``derivative_is_one(u)``; for relu and leaky_relu (u > 0) as a compare of u's bits
+    read as a signed integer of its width, which torch vectorizes for every dtype (for
+    bfloat16 the float compare is a scalar loop). Same result except a NaN with the sign
+    bit clear, which counts as positive, as in torch's threshold_backward (NaN <= 0 is
+    false: the gradient passes)."""
+    if activation == "relu6":
+        return derivative_is_one(u, activation)
+    return u.view(_SAME_WIDTH_INT[u.dtype]) > 0
+
+
 def same_format(t: Tensor, x: Tensor) -> Tensor:
     """``like_input`` for a t of x's dtype from torch's kernels, which keep a fast layout's
     strides: a stride comparison, without like_input's allocation, on the fast path."""
@@ -356,19 +371,24 @@ def normalize(
     y = affine_output(x, *constants, weight, bias, eps, out=scratch)
     if residual is not None:
         y.add_(residual)
-    mask = pack_bits(derivative_is_one(y, activation)) if save_mask else None
+    mask = pack_bits(positive(y, activation)) if save_mask else None
     y = same_format(activation_(y, activation, negative_slope), x)
     return y, x.new_empty(0, dtype=torch.uint8) if mask is None else mask
 
 
-_BIT_WEIGHTS = torch.tensor([1 << j for j in range(8)], dtype=torch.uint8)
+_BYTE_TO_WORD = 0x0101010101010101
+"""Multiplying a byte (< 256, so without carries) by this copies it into all 8 bytes."""
+_BIT_J_OF_BYTE_J = 0x8040201008040201 - (1 << 64)
+"""Keeps bit j of byte j (as a signed int64): with little-endian bytes, the 8 positions
+of a mask byte, each 0 or 2^j."""
 
 
 def mask_indicator(mask: Tensor, x: Tensor) -> Tensor:
     """The packed activation mask unpacked to x's dtype and memory format: positive where the
-    bit is set (derivative_is_one), 0 elsewhere; one AND and one converting copy."""
-    flags = torch.bitwise_and(mask.unsqueeze(-1), _BIT_WEIGHTS).flatten(-2)
-    flags = flags[..., :reference.mask_positions(x).shape[-1]]
+    bit is set (derivative_is_one), 0 elsewhere. Each mask byte becomes an int64 holding its
+    8 positions as bytes (two in-place integer ops), then one converting copy."""
+    words = mask.to(torch.int64).mul_(_BYTE_TO_WORD).bitwise_and_(_BIT_J_OF_BYTE_J)
+    flags = words.view(torch.uint8)[..., :reference.mask_positions(x).shape[-1]]
     flags = flags[0].t() if x.dim() == 2 else flags.reshape(x.shape)
     return torch.empty_like(x).copy_(flags)
 

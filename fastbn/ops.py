@@ -1,7 +1,8 @@
 """fastbn's torch custom ops: the single boundary that autograd and torch.compile see.
 
-Five ops, each dispatching on its ``backend`` argument ("torch" -> ``fastbn.reference``,
-"triton" -> ``fastbn.launch``; both modules share these signatures):
+Five ops, each dispatching on its ``backend`` argument ("torch" -> ``fastbn.cpu``, the fast
+PyTorch implementation, which falls back to the explicit-formula oracle ``fastbn.reference``
+where it must; "triton" -> ``fastbn.launch``; the three modules share these signatures):
 
 ``fastbn::batch_stats_(x, running_mean?, running_var?, num_batches_tracked?, momentum?)``
     -> (mean, var). Mutating, not differentiable: the batch mean and biased variance, plus
@@ -55,13 +56,13 @@ import torch._prims_common
 from torch import Tensor
 from torch._C import _functorch
 
-from fastbn import conventions, reference
+from fastbn import conventions, cpu, reference
 
 
 def implementation(backend: str) -> ModuleType:
     """The module that implements a resolved backend name."""
     if backend == "torch":
-        return reference
+        return cpu
     if backend == "triton":
         from fastbn import launch
 

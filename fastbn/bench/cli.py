@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import importlib.metadata
 import platform
@@ -11,17 +12,21 @@ import shlex
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 import fastbn
 from fastbn.backend import resolve_backend, triton_problem
+from fastbn.bench.model import model_json, model_steps, model_table
 from fastbn.bench.modes import MODES
 from fastbn.bench.problem import TOLERANCE
 from fastbn.bench.providers import PROVIDERS, make_providers
 from fastbn.bench.report import (
     Progress,
+    breakdown_table,
+    geomean_breakdown,
     geomean_speedups,
     problems,
     summary,
@@ -34,10 +39,13 @@ from fastbn.bench.shapes import DTYPES, FUSIONS, LAYOUTS, SUITES, grid, parse_sh
 from fastbn.bench.timing import COPY_BYTES, copy_bandwidth, timer
 from fastbn.bench.traffic import PASSES_PER_ELEMENT
 
-DEFAULTS = {  # per device type: suite, providers, warmup calls, timed calls
-    "cuda": {"suite": "quick", "providers": PROVIDERS, "warmup": 10, "reps": 100},
-    "cpu": {"suite": "cpu", "providers": ("fastbn", "torch"), "warmup": 3, "reps": 15},
+DEFAULTS = {  # per device type: suite, providers, warmup calls, timed calls, suite threads
+    "cuda": {"suite": "quick", "providers": PROVIDERS, "warmup": 10, "reps": 100,
+             "threads": ("default",)},
+    "cpu": {"suite": "cpu", "providers": ("fastbn", "torch"), "warmup": 3, "reps": 15,
+            "threads": ("1", "default")},
 }
+MODEL_REPS = 7  # timed training steps of the small ResNet-style model, per provider
 
 CPU_BANNER = (
     "NO CUDA GPU: fastbn's Triton kernels need one, so these are CPU numbers - fastbn's "
@@ -59,6 +67,22 @@ def listed(choices: tuple[str, ...], what: str):
         return names
 
     return parse
+
+
+def thread_list(text: str) -> tuple[str, ...]:
+    """An argparse type for --threads: positive integers or 'default', comma-separated."""
+    names = tuple(dict.fromkeys(name.strip() for name in text.split(",") if name.strip()))
+    if not names or any(n != "default" and not (n.isdigit() and int(n) > 0) for n in names):
+        raise argparse.ArgumentTypeError(
+            f"bad --threads {text!r}: expected positive integers or 'default', e.g. 1,default"
+        )
+    return names
+
+
+def thread_counts(names: tuple[str, ...]) -> list[int]:
+    """--threads as numbers ('default' = torch.get_num_threads() at start), no repeats."""
+    default = torch.get_num_threads()
+    return list(dict.fromkeys(default if n == "default" else int(n) for n in names))
 
 
 def shape_argument(text: str) -> tuple[int, ...]:
@@ -135,9 +159,10 @@ check: before timing, each provider's outputs (y, running stats, dx, dweight, db
   A row outside it is marked WRONG (ERROR if it raised) and is not timed.
 
 timing: CUDA events around each call with the L2 cache flushed before it; on CPU
-  time.perf_counter. Median (and 20%/80% quantiles in the JSON) over --reps calls after
-  --warmup calls. The copy bandwidth is dst.copy_(src) of {COPY_BYTES["cuda"] >> 30} GiB
-  ({COPY_BYTES["cpu"] >> 20} MiB on CPU): GB/s = 2 x bytes / time.
+  time.perf_counter, the providers' calls interleaved (one call of each in turn, so load
+  from other processes hits all alike). Median (and 20%/80% quantiles in the JSON) over
+  --reps calls after --warmup calls. The copy bandwidth is dst.copy_(src) of
+  {COPY_BYTES["cuda"] >> 30} GiB ({COPY_BYTES["cpu"] >> 20} MiB on CPU): GB/s = 2 x bytes / time.
 
 bytes model: compulsory traffic per element of x, of s bytes each, per fusion:
 {passes}
@@ -146,6 +171,18 @@ bytes model: compulsory traffic per element of x, of s bytes each, per fusion:
   Speedup "vs NAME" = NAME's median / fastbn's median (> 1: fastbn is faster); the summary
   is its geometric mean over the suite's points, per fusion (and over all fusions when
   there are several), per mode and over all modes.
+
+threads (--threads): on CPU the whole run repeats at each torch thread count
+  (torch.set_num_threads); the cpu suite's default is 1,default (one thread, then torch's
+  own count), --shape runs use torch's own. Each row records its count; speedups pair rows
+  of the same count. The breakdown table gives the geometric mean (and the worst row) per
+  thread count, dtype, layout, fusion and mode.
+
+model (--model/--no-model, default on for the cpu suite): a small ResNet-style CIFAR model
+  (fastbn.bench.model: 3 stages of 2 BasicBlocks, 13 BatchNorm2d, batch 32 at 32x32), one
+  SGD training step (forward, cross-entropy, backward, update) with torch's BatchNorm and
+  converted by fastbn.convert, both layouts, at each thread count, interleaved; checked
+  first against a float64 copy of the model. In the JSON under "model_step".
 
 output: the table on stdout, progress on stderr. --out DIR writes
   SUITE-DEVICE-DATE.json (device, versions, command, date, copy bandwidth, geometric means,
@@ -191,6 +228,16 @@ exit status: 0, or 1 when some fastbn row was wrong or failed, 2 for a bad argum
     )
     parser.add_argument(
         "--reps", type=int, metavar="N", help="timed calls (default: 100 on CUDA, 15 on CPU)"
+    )
+    parser.add_argument(
+        "--threads", type=thread_list, metavar="LIST",
+        help="torch thread counts to run everything at, comma-separated, 'default' for "
+        "torch's own (default: 1,default for the cpu suite, default otherwise)",
+    )
+    parser.add_argument(
+        "--model", action=argparse.BooleanOptionalAction, default=None,
+        help="also time a small ResNet-style model's training step, torch's BatchNorm "
+        "against fastbn.convert, at each thread count (default: on for the cpu suite)",
     )
     parser.add_argument(
         "--out", type=Path, metavar="DIR", help="write the JSON file (and the PNG plot) here"
@@ -281,6 +328,16 @@ def save(out: Path, meta: dict, rows: list[Row], geomeans: dict) -> list[Path]:
     return written
 
 
+@contextlib.contextmanager
+def torch_threads() -> Iterator[None]:
+    """Restore torch's thread count on the way out."""
+    previous = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark the arguments describe; the exit status (see --help)."""
     argv = sys.argv[1:] if argv is None else argv
@@ -294,6 +351,8 @@ def main(argv: list[str] | None = None) -> int:
     if warmup < 0 or reps < 1:
         parser.error("--warmup must be at least 0 and --reps at least 1")
     providers, notes = make_providers(args.providers or defaults["providers"], device)
+    wants_model = args.model if args.model is not None else (
+        suite == "cpu" and device.type == "cpu")
     backend = fastbn_backend(device, notes)
     copy_gbps, copy_bytes = copy_bandwidth(device)
     meta = {
@@ -313,21 +372,34 @@ def main(argv: list[str] | None = None) -> int:
         "timing": {"warmup": warmup, "reps": reps},
         "modes": list(args.modes),
         "providers": [p.name for p in providers],
+        "threads": thread_counts(args.threads or (
+            defaults["threads"] if not args.shape else ("default",))),
+        "model_step": [] if wants_model else None,
         "notes": notes,
     }
     print(header(meta, len(points), len(args.modes)) + "\n", flush=True)
 
     settings = Settings(device, timer(device), warmup, reps, copy_gbps)
     start = time.perf_counter()
-    with fastbn.use_backend("auto"):
-        rows = run(points, args.modes, providers, settings, Progress())
+    rows = []
+    with fastbn.use_backend("auto"), torch_threads():
+        for threads in meta["threads"]:
+            torch.set_num_threads(threads)
+            rows += run(points, args.modes, providers, settings, Progress())
+        if meta["model_step"] is not None:
+            steps = model_steps(meta["threads"], warmup, MODEL_REPS)
+            meta["model_step"] = model_json(steps)
     meta["elapsed_s"] = round(time.perf_counter() - start, 1)
     geomeans = geomean_speedups(rows)
-    print(table(rows, meta["providers"]))
+    print(table(rows, meta["providers"], by_threads=len(meta["threads"]) > 1))
     if problems(rows):
         print("\nnot timed:\n" + "\n".join(f"  {line}" for line in problems(rows)))
     if geomeans:
         print("\n" + summary(geomeans))
+        if len(meta["threads"]) > 1 or device.type == "cpu":
+            print("\n" + breakdown_table(geomean_breakdown(rows)))
+    if meta["model_step"] is not None:
+        print("\n" + model_table(steps))
     print(f"\nchecked and timed in {meta['elapsed_s']} s")
     if args.out is not None:
         written = save(args.out, meta, rows, geomeans)

@@ -69,24 +69,27 @@ def times(speedup: float) -> str:
     return f"{speedup:.2f}x" if speedup >= 0.1 else f"{speedup:.2g}x"
 
 
-def table(rows: list[Row], providers: list[str]) -> str:
-    """One line per (point, mode): each provider's median ms ('-' where it has no row, as apex
-    on fused points); fastbn's GB/s on compulsory bytes and % of copy bandwidth; fastbn's
-    speedup over each baseline (baseline time / fastbn time, > 1 when fastbn is faster)."""
+def table(rows: list[Row], providers: list[str], by_threads: bool = False) -> str:
+    """One line per (point, mode) (and thread count, with ``by_threads``): each provider's
+    median ms ('-' where it has no row, as apex on fused points); fastbn's GB/s on compulsory
+    bytes and % of copy bandwidth; fastbn's speedup over each baseline (baseline time /
+    fastbn time, > 1 when fastbn is faster)."""
     by_key: dict[tuple, dict[str, Row]] = {}
     for row in rows:
         key = (row.shape, row.dtype, row.layout, row.fusion, row.mode)
+        if by_threads:
+            key += (row.threads,)
         by_key.setdefault(key, {})[row.provider] = row
     baselines = [name for name in providers if name != "fastbn"]
-    header = ["shape", "dtype", "layout", "fusion", "mode"]
+    header = ["shape", "dtype", "layout", "fusion", "mode"] + (["threads"] if by_threads else [])
     for name in providers:
         header.append(f"{name} ms")
         if name == "fastbn":
             header += ["GB/s", "%copy"]
     header += [f"vs {name}" for name in baselines if "fastbn" in providers]
     lines = []
-    for (shape, dtype, layout, fusion, mode), cells in by_key.items():
-        line = [shape_label(shape), dtype, layout, fusion, mode]
+    for (shape, dtype, layout, fusion, mode, *threads), cells in by_key.items():
+        line = [shape_label(shape), dtype, layout, fusion, mode, *map(str, threads)]
         for name in providers:
             line.append(time_cell(cells.get(name)))
             fastbn_row = cells.get(name) if name == "fastbn" else None
@@ -99,7 +102,7 @@ def table(rows: list[Row], providers: list[str]) -> str:
                 speedup = cells[name].fastbn_speedup if name in cells else None
                 line.append("-" if speedup is None else times(speedup))
         lines.append(line)
-    return format_columns(header, lines, left=5)
+    return format_columns(header, lines, left=6 if by_threads else 5)
 
 
 def problems(rows: list[Row]) -> list[str]:
@@ -167,14 +170,59 @@ def summary(geomeans: Geomeans) -> str:
     return format_columns(["geometric mean", "fusion", *keys], lines, left=2)
 
 
+BREAKDOWN_KEYS = ("threads", "dtype", "layout", "fusion")
+
+
+def geomean_breakdown(rows: list[Row]) -> list[dict]:
+    """Per baseline, thread count, dtype, layout and fusion, and per mode: the geometric
+    mean of fastbn's speedup, the number of rows, and the worst row's speedup."""
+    groups: dict[tuple, list[float]] = {}
+    for row in rows:
+        if row.fastbn_speedup is None:
+            continue
+        key = (row.provider, *(getattr(row, name) for name in BREAKDOWN_KEYS), row.mode)
+        groups.setdefault(key, []).append(row.fastbn_speedup)
+    return [
+        {
+            "baseline": key[0], **dict(zip(BREAKDOWN_KEYS, key[1:-1], strict=True)),
+            "mode": key[-1],
+            "speedup": math.exp(sum(map(math.log, values)) / len(values)),
+            "n": len(values),
+            "worst": min(values),
+        }
+        for key, values in groups.items()
+    ]
+
+
+def breakdown_table(entries: list[dict]) -> str:
+    """``geomean_breakdown`` as a table: a line per baseline, threads, dtype, layout and
+    fusion; per mode the geometric mean and, in brackets, the worst row."""
+    modes = [mode for mode in MODES if any(e["mode"] == mode for e in entries)]
+    lines: dict[tuple, dict[str, str]] = {}
+    for entry in entries:
+        key = (f"fastbn vs {entry['baseline']}",
+               *(str(entry[name]) for name in BREAKDOWN_KEYS))
+        lines.setdefault(key, {})[entry["mode"]] = (
+            f"{times(entry['speedup'])} [{times(entry['worst'])}]"
+        )
+    return format_columns(
+        ["geometric mean [worst]", *BREAKDOWN_KEYS, *modes],
+        [[*key, *(cells.get(mode, "-") for mode in modes)] for key, cells in lines.items()],
+        left=1 + len(BREAKDOWN_KEYS),
+    )
+
+
 def write_json(path: Path, meta: dict, rows: list[Row], geomeans: Geomeans) -> None:
     """The run as JSON: ``meta`` (device, versions, command, date, copy bandwidth, notes),
-    ``geomean_speedup`` ([baseline][fusion or "all"][mode or "all"]), and ``rows`` in long
-    format (one object per point, mode, provider; a point is shape, dtype, layout, fusion)."""
+    ``geomean_speedup`` ([baseline][fusion or "all"][mode or "all"]), ``geomean_breakdown``
+    (per baseline, threads, dtype, layout, fusion and mode), and ``rows`` in long format (one
+    object per point, mode, provider and thread count; a point is shape, dtype, layout,
+    fusion). ``meta`` may hold ``model_step`` (see fastbn.bench.model)."""
     document = {
         "schema": SCHEMA,
         **meta,
         "geomean_speedup": geomeans,
+        "geomean_breakdown": geomean_breakdown(rows),
         "rows": [dataclasses.asdict(row) for row in rows],
     }
     path.write_text(json.dumps(document, indent=1) + "\n")

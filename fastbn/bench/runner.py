@@ -20,7 +20,7 @@ from fastbn.bench.problem import (
 )
 from fastbn.bench.providers import Provider
 from fastbn.bench.shapes import Point
-from fastbn.bench.timing import Timing
+from fastbn.bench.timing import Timing, time_interleaved
 from fastbn.bench.traffic import compulsory_bytes
 
 Timer = Callable[[Callable[[], object], int, int], Timing]
@@ -45,8 +45,9 @@ class Row:
     ``fusion`` is what follows the BatchNorm (shapes.FUSIONS). status: "ok" (checked, then
     timed), "wrong" (outside the tolerance of the float64 truth: not timed) or "error"
     (raised: not timed; ``message`` says what). ``error`` is the relative error against the
-    truth; ``fastbn_speedup`` is this row's time over fastbn's on the same point and mode (on
-    baseline rows where both are "ok").
+    truth; ``fastbn_speedup`` is this row's time over fastbn's on the same point, mode and
+    thread count (on baseline rows where both are "ok"); ``threads`` is
+    torch.get_num_threads() while the row ran.
     """
 
     shape: tuple[int, ...]
@@ -66,6 +67,7 @@ class Row:
     gbps: float | None = None
     pct_copy: float | None = None
     fastbn_speedup: float | None = None
+    threads: int | None = None
 
 
 def describe(exc: Exception) -> str:
@@ -80,32 +82,37 @@ def failed(point: Point, mode: str, provider: str, message: str) -> Row:
     return Row(
         point.shape, point.dtype, point.layout, point.fusion, mode, provider, "error",
         compulsory_bytes(mode, point.fusion, numel, element_size), message=message,
+        threads=torch.get_num_threads(),
     )
 
 
-def measure(
+def check(
     provider: Provider, mode: str, point: Point, inputs: Inputs, expected: Truth,
-    settings: Settings,
-) -> Row:
-    """Run ``mode`` once through ``provider`` and check it; time it only if it is right."""
+) -> tuple[Row, Callable[[], object] | None]:
+    """Run ``mode`` once through ``provider`` and check it: the row so far, and the step to
+    time when it is right (None when it is wrong or raised; the row says why)."""
     row = failed(point, mode, provider.name, "")
     try:
         step = make_step(mode, provider.bind, inputs)
         outputs = step()
         error = relative_error(outputs, expected.values_for(outputs))
         del outputs
-        row.error = error if math.isfinite(error) else None
-        if not error <= TOLERANCE[point.dtype]:
-            row.status = "wrong"
-            row.message = (
-                f"relative error {error:.3g} against the float64 truth exceeds "
-                f"{TOLERANCE[point.dtype]:g}"
-            )
-            return row
-        timing = settings.time_step(step, settings.warmup, settings.reps)
     except Exception as exc:  # a provider that fails is reported, and the run goes on
         row.message = describe(exc)
-        return row
+        return row, None
+    row.error = error if math.isfinite(error) else None
+    if not error <= TOLERANCE[point.dtype]:
+        row.status = "wrong"
+        row.message = (
+            f"relative error {error:.3g} against the float64 truth exceeds "
+            f"{TOLERANCE[point.dtype]:g}"
+        )
+        return row, None
+    return row, step
+
+
+def record(row: Row, timing: Timing, settings: Settings) -> Row:
+    """A checked row with its timing."""
     row.status = "ok"
     row.median_ms, row.q20_ms, row.q80_ms = timing.median_ms, timing.q20_ms, timing.q80_ms
     row.reps = timing.reps
@@ -114,15 +121,56 @@ def measure(
     return row
 
 
+def measure(
+    provider: Provider, mode: str, point: Point, inputs: Inputs, expected: Truth,
+    settings: Settings,
+) -> Row:
+    """Run ``mode`` once through ``provider`` and check it; time it only if it is right."""
+    row, step = check(provider, mode, point, inputs, expected)
+    if step is None:
+        return row
+    try:
+        timing = settings.time_step(step, settings.warmup, settings.reps)
+    except Exception as exc:
+        row.message = describe(exc)
+        return row
+    return record(row, timing, settings)
+
+
+def measure_interleaved(
+    providers: list[Provider], mode: str, point: Point, inputs: Inputs, expected: Truth,
+    settings: Settings,
+) -> dict[str, Row]:
+    """``measure`` for every provider on one mode, the timed calls interleaved (one call of
+    each provider in turn, ``settings.reps`` rounds): on a CPU shared with other work, load
+    that comes and goes then slows every provider alike, and the speedups stay fair."""
+    rows, steps = {}, {}
+    for provider in providers:
+        rows[provider.name], step = check(provider, mode, point, inputs, expected)
+        if step is not None:
+            steps[provider.name] = step
+    try:
+        timings = time_interleaved(steps, settings.warmup, settings.reps)
+    except Exception as exc:
+        for name in steps:
+            rows[name].message = describe(exc)
+        return rows
+    for name, timing in timings.items():
+        record(rows[name], timing, settings)
+    return rows
+
+
 def add_speedups(rows: list[Row]) -> None:
     """Set ``fastbn_speedup`` = time / fastbn's time on each checked baseline row."""
     fastbn_ms = {
-        (r.shape, r.dtype, r.layout, r.fusion, r.mode): r.median_ms
+        (r.shape, r.dtype, r.layout, r.fusion, r.mode, r.threads): r.median_ms
         for r in rows
         if r.provider == "fastbn" and r.status == "ok"
     }
     for row in rows:
-        reference_ms = fastbn_ms.get((row.shape, row.dtype, row.layout, row.fusion, row.mode))
+        reference_ms = fastbn_ms.get(
+            (row.shape, row.dtype, row.layout, row.fusion, row.mode, row.threads)
+        )
         if row.provider != "fastbn" and row.status == "ok" and reference_ms:
             row.fastbn_speedup = row.median_ms / reference_ms
 
@@ -147,6 +195,9 @@ def run_point(
     except Exception as exc:
         message = f"preparing the inputs failed: {describe(exc)}"
         return [failed(point, mode, p.name, message) for p in providers for mode in modes]
+    if settings.device.type == "cpu":
+        return run_point_interleaved(point, modes, providers, settings, progress, inputs,
+                                     expected)
     rows = []
     for provider in providers:
         failure = ""
@@ -164,6 +215,33 @@ def run_point(
                 else measure(provider, mode, point, inputs, expected, settings)
             )
     return rows
+
+
+def run_point_interleaved(
+    point: Point, modes: tuple[str, ...], providers: list[Provider], settings: Settings,
+    progress: Callable[[str], None], inputs: Inputs, expected: Truth,
+) -> list[Row]:
+    """``run_point`` on a CPU: per mode, every provider checked, then timed interleaved
+    (``measure_interleaved``). The rows come in the same order (provider, then mode)."""
+    ready, rows = [], {}
+    for provider in providers:
+        try:
+            provider.start_point()
+            ready.append(provider)
+        except Exception as exc:
+            for mode in modes:
+                rows[provider.name, mode] = failed(
+                    point, mode, provider.name, f"setting up {provider.name} failed: "
+                    f"{describe(exc)}"
+                )
+    for mode in modes:
+        for provider in providers:
+            progress(
+                f"{point.label} {point.dtype} {point.layout} {point.fusion} {mode} {provider.name}"
+            )
+        measured = measure_interleaved(ready, mode, point, inputs, expected, settings)
+        rows.update({(name, mode): row for name, row in measured.items()})
+    return [rows[provider.name, mode] for provider in providers for mode in modes]
 
 
 def run(

@@ -30,6 +30,8 @@ RESNET50_FUSED_DTYPES = ("fp16", "bf16")
 RESNET50_FUSED_LAYOUTS = LAYOUTS
 # torchvision r3d_18: the width of layer1..layer4, two BasicBlocks each.
 R3D18_WIDTHS = (64, 128, 256, 512)
+# The cpu suite's dtypes: float32, and bfloat16 (the low-precision type CPUs compute in).
+CPU_DTYPES = ("fp32", "bf16")
 
 
 @dataclass(frozen=True)
@@ -259,8 +261,9 @@ SUITES = {
         ),
         Suite(
             "cpu",
-            "7 small shapes of rank 2 to 5 in fp32, both layouts; the default without CUDA",
-            tuple(grid(_CPU, dtypes=("fp32",))),
+            "7 small shapes of rank 2 to 5 in fp32 and bf16, both layouts, each plain, with "
+            "a ReLU and with an add and a ReLU; the default without CUDA",
+            tuple(restyle(grid(_CPU, dtypes=CPU_DTYPES), fusions=FUSIONS)),
             for_gpu=False,
         ),
     )

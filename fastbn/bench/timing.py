@@ -63,6 +63,23 @@ def time_cpu(step: Callable[[], object], warmup: int, reps: int) -> Timing:
     return summarize(times)
 
 
+def time_interleaved(
+    steps: dict[str, Callable[[], object]], warmup: int, reps: int
+) -> dict[str, Timing]:
+    """``time_cpu`` of several steps at once, their calls interleaved: ``warmup`` untimed
+    calls of each, then ``reps`` rounds of one timed call of each in turn."""
+    for _ in range(warmup):
+        for step in steps.values():
+            step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(reps):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: summarize(values) for name, values in times.items()}
+
+
 def timer(device: torch.device) -> Callable[[Callable[[], object], int, int], Timing]:
     """The timer for ``device``: CUDA events on a GPU, the CPU clock elsewhere."""
     return time_cuda if device.type == "cuda" else time_cpu

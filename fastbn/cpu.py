@@ -1,0 +1,591 @@
+"""Fast pure-PyTorch BatchNorm for CPU tensors: the "torch" backend's implementation.
+
+The five functions here have the signatures of ``fastbn.reference`` (the explicit-formula
+oracle, float64 statistics, which the tests and the double backward use) and give the
+same results to the dtype's precision, by doing less work:
+
+- statistics in one pass: per-channel sums of x - pilot (pilot = the channel's first
+  element, so a large mean cancels exactly) and of its square, or torch's own CPU
+  statistics kernel where it is fast (channels innermost: channels_last, (N, C));
+- normalization by torch's own kernels (``torch.native_batch_norm`` in eval form: one
+  pass, ``x * scale + shift``; ``torch.addcmul`` when channels are innermost), then the
+  residual and the activation in place on the output;
+- the backward by ``aten.native_batch_norm_backward``: one pass for the two sums, one for
+  d input.
+
+The exactness rule. ``x * scale + shift`` with shift = bias - mean * scale, and torch's
+statistics kernel, which rounds the mean to float32, both move the output by about
+|mean| * invstd * eps(compute dtype) (in units of the output's spread). Per call, from the
+C-element statistics (free on a CPU: no device to wait for), the cheap form runs when
+
+    max over channels of |mean| * invstd  <=  FAST_RATIO[dtype]
+
+(FAST_RATIO = ROUNDING_BUDGET[dtype] / eps(compute dtype): the extra error stays a small
+fraction of the dtype's tolerance); otherwise the call takes the exact hi/lo path of
+``fastbn.reference`` ((x - hi) * scale - lo * scale: large-mean inputs stay exact). A NaN
+or Inf in the statistics fails the test too, so it takes the exact path, which propagates
+it as torch does. Statistics from the one-pass sums fall back to the reference's two-pass
+ones when the pilot lies far from the mean (mean(x - pilot)^2 > PILOT_CANCELLATION * var:
+the subtraction E[t^2] - E[t]^2 would lose more than a few bits).
+
+fp16/bf16 inputs are computed in float32 (statistics, scale and shift, sums), outputs in
+the input dtype. Tensors not on the CPU, and strides other than contiguous or
+channels-last, are served by ``fastbn.reference`` itself: reading the C-element
+statistics back would be a device sync there.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fastbn import reference
+from fastbn.conventions import STATS_DTYPE, compute_dtype, reduced_count
+from fastbn.reference import channel_view, derivative_is_one, like_input, reduced_dims
+from fastbn.reference import update_running_stats_ as update_running_stats_reference
+
+ROUNDING_BUDGET = {
+    torch.float64: 2.0**-40,
+    torch.float32: 2.0**-19,
+    torch.float16: 2.0**-13,
+    torch.bfloat16: 2.0**-10,
+}
+"""How far (in units of the output's spread) the cheap form may move the output: about a
+fifth of the suite's tolerance for the dtype (tests/helpers.py TOLERANCES)."""
+
+FAST_RATIO = {
+    dtype: budget / torch.finfo(compute_dtype(dtype)).eps
+    for dtype, budget in ROUNDING_BUDGET.items()
+}
+"""The largest max |mean| * invstd for which the cheap form runs (see the module docstring):
+16 for float32, 1024 for float16, 8192 for bfloat16, 4096 for float64."""
+
+PILOT_CANCELLATION = 16.0
+"""One-pass sums are kept while mean(x - pilot)^2 <= this * var (at most ~4 bits lost)."""
+
+_BITS_TO_BYTE = 0x0102040810204080
+"""Multiplying 8 little-endian 0/1 bytes by this puts byte j's bit at bit 56 + j."""
+
+
+def fast_layout(x: Tensor) -> str | None:
+    """"planes" for contiguous (N, C, *S), "rows" when channels are innermost
+    (channels_last, channels_last_3d, a contiguous (N, C) matrix), else None."""
+    if x.device.type != "cpu" or x.numel() == 0:
+        return None
+    if x.dim() == 2:
+        return "rows" if x.is_contiguous() else None
+    if x.is_contiguous():
+        return "planes"
+    formats = {4: torch.channels_last, 5: torch.channels_last_3d}
+    if x.dim() in formats and x.is_contiguous(memory_format=formats[x.dim()]):
+        return "rows"
+    return None
+
+
+def within_ratio(mean: Tensor, var: Tensor, eps: float, ratio: float) -> bool:
+    """max |mean| / sqrt(var + eps) <= ratio over the channels, as mean^2 <= ratio^2 *
+    (var + eps) in three C-element ops; False for NaN or Inf.
+
+    Reads C-element CPU tensors on the host: no device involved (fast_layout keeps every
+    other device on the reference path)."""
+    return bool(torch.addcmul(var, mean, mean, value=-1.0 / ratio**2).ge_(-eps).all())
+
+
+STATS_RATIO = FAST_RATIO[torch.float32]
+"""Statistics whose float32 mean m satisfies |m| / std <= STATS_RATIO need no more than
+float32: torch's statistics kernel (float32 sums, mean rounded to float32) is accepted
+there, and the cheap form then holds for every eps and every dtype (FAST_RATIO >= this)."""
+
+FLOAT32_HINT = "_fastbn_float32"
+"""Attribute of a float64 mean from batch_mean_var: (mean's version, var, var's version,
+float32 mean, float32 var), set when |mean| / std <= STATS_RATIO. normalize and its
+backward then skip the rule and the casts; any in-place change of mean or var voids it."""
+
+
+SCRATCH = "_fastbn_scratch"
+"""Attribute of a float64 mean from batch_mean_var: the input-sized temporary of its pilot
+sums, which ``normalize`` on the same x then takes as its output buffer (one allocation per
+training forward, as torch's own; a fresh one would fault in its pages again)."""
+
+
+def hinted(mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:
+    """Float64 statistics carrying their float32 copies and the rule's verdict."""
+    setattr(mean, FLOAT32_HINT, (mean._version, var, var._version, mean.float(), var.float()))
+    return mean, var
+
+
+def take_scratch(mean: Tensor, x: Tensor) -> Tensor | None:
+    """The temporary ``batch_mean_var`` left on mean, once, if it can hold an output like x."""
+    scratch = getattr(mean, SCRATCH, None)
+    if scratch is None:
+        return None
+    delattr(mean, SCRATCH)  # mean lives on into the backward; the output must not
+    fits = scratch.dtype == x.dtype and scratch.shape == x.shape and \
+        scratch.stride() == x.stride()
+    return scratch if fits else None
+
+
+def float32_hint(mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor] | None:
+    """The float32 (mean, var) that ``hinted`` attached, if it still holds for these tensors."""
+    hint = getattr(mean, FLOAT32_HINT, None)
+    if hint is None or hint[0] != mean._version or hint[1] is not var or hint[2] != var._version:
+        return None
+    return hint[3], hint[4]
+
+
+def pilot_sums(x: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
+    """Mean and biased variance (STATS_DTYPE) from one pass of sums of t = x - pilot and
+    t^2 in the compute dtype, and the temporary that held t; or None when the pilot is too
+    far from the mean for them (mean(t)^2 > PILOT_CANCELLATION * var(t))."""
+    dims = reduced_dims(x)
+    count = reduced_count(x)
+    dtype = compute_dtype(x.dtype)
+    pilot = x[(0, slice(None)) + (0,) * (x.dim() - 2)]
+    if x.dtype == dtype:
+        shifted = x - channel_view(pilot, x)
+    else:  # one conversion pass, then in place: faster than a mixed-dtype subtraction
+        shifted = x.to(dtype).sub_(channel_view(pilot.to(dtype), x))
+    first = shifted.sum(dims)
+    second = shifted.square_().sum(dims)
+    # mean(t)^2 <= K var(t) = K (mean(t^2) - mean(t)^2)  <=>  sum(t^2) >= (K + 1) / K sum(t)^2 / M
+    ratio = (1 + PILOT_CANCELLATION) / PILOT_CANCELLATION
+    if not bool(torch.addcmul(second, first, first, value=-ratio / count).ge_(0).all()):
+        return None
+    shifted_mean = first.div_(count)
+    var = torch.addcmul(second.div_(count), shifted_mean, shifted_mean, value=-1).clamp_min_(0)
+    # never in place on pilot: it is a view of x
+    return shifted_mean.to(STATS_DTYPE) + pilot, var.to(STATS_DTYPE), shifted
+
+
+def native_mean_var(x: Tensor) -> tuple[Tensor, Tensor]:
+    """torch's CPU statistics kernel: float32 mean and biased variance (float32 sums). Given
+    float32 running buffers (scratch here, left unchanged with momentum 0), it returns
+    float32 statistics for float16/bfloat16 input too."""
+    scratch = x.new_zeros(x.shape[1], dtype=torch.float32)
+    return torch.batch_norm_update_stats(x, scratch, scratch, 0.0)
+
+
+def batch_mean_var(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and biased variance (STATS_DTYPE), as exact as
+    ``reference.batch_mean_var``:
+
+    - float32 with channels innermost, float16, bfloat16: torch's statistics kernel, kept
+      when |mean| / std <= STATS_RATIO (float32 is exact enough there);
+    - otherwise, and float32 NCHW (where torch's kernel is a slow scalar loop), float64:
+      one-pass pilot sums;
+    - when neither holds (far pilot, large mean in float32 sums): the reference's two
+      passes."""
+    layout = fast_layout(x)
+    if layout is None or reduced_count(x) == 0:
+        return reference.batch_mean_var(x)
+    if x.dtype != torch.float64 and (layout == "rows" or x.dtype != torch.float32):
+        mean, var = native_mean_var(x)
+        if within_ratio(mean, var, 0.0, STATS_RATIO):
+            return hinted(mean.to(STATS_DTYPE), var.to(STATS_DTYPE))
+    stats = pilot_sums(x)
+    if stats is None:
+        return reference.batch_mean_var(x)
+    mean, var, scratch = stats
+    setattr(mean, SCRATCH, scratch)
+    if within_ratio(mean, var, 0.0, STATS_RATIO):
+        return hinted(mean, var)
+    return mean, var
+
+
+def update_running_stats_(
+    running_mean: Tensor,
+    running_var: Tensor,
+    num_batches_tracked: Tensor | None,
+    mean: Tensor,
+    var: Tensor,
+    count: int,
+    momentum: float | None,
+) -> None:
+    """``reference.update_running_stats_`` (same factor, momentum or 1 / num_batches_tracked
+    on the device) as two float32 lerps; float16/bfloat16 buffers go to the reference,
+    which rounds once from float64."""
+    if running_mean.dtype != torch.float32 or running_var.dtype != torch.float32:
+        update_running_stats_reference(
+            running_mean, running_var, num_batches_tracked, mean, var, count, momentum
+        )
+        return
+    if momentum is None:
+        if num_batches_tracked is None:
+            raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
+        factor: float | Tensor = num_batches_tracked.reciprocal().to(torch.float32)
+    else:
+        factor = momentum
+    hint = float32_hint(mean, var)
+    mean32, var32 = hint if hint is not None else (mean.float(), var.float())
+    running_mean.lerp_(mean32, factor)
+    running_var.lerp_(var32 * reference.unbiasing_factor(count), factor)
+
+
+def batch_stats_(
+    x: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    num_batches_tracked: Tensor | None,
+    momentum: float | None,
+) -> tuple[Tensor, Tensor]:
+    """``reference.batch_stats_`` with the statistics of ``batch_mean_var``."""
+    mean, var = batch_mean_var(x)
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+    if running_mean is not None and running_var is not None and reduced_count(x) > 0:
+        update_running_stats_(
+            running_mean, running_var, num_batches_tracked, mean, var, reduced_count(x), momentum
+        )
+    return mean, var
+
+
+def param_dtype(x: Tensor) -> torch.dtype:
+    """The dtype torch's kernels take statistics and parameters in for input x."""
+    return compute_dtype(x.dtype)
+
+
+def native_constants(
+    x: Tensor, mean: Tensor, var: Tensor, eps: float
+) -> tuple[Tensor, Tensor] | None:
+    """(mean, var) in param_dtype(x) for torch's kernels, or None when the call must take
+    the exact path (another layout or device, or the exactness rule fails)."""
+    if fast_layout(x) is None:
+        return None
+    hint = float32_hint(mean, var)
+    if hint is not None and x.dtype != torch.float64:
+        return hint
+    dtype = param_dtype(x)
+    mean, var = mean.to(dtype), var.to(dtype)
+    return (mean, var) if within_ratio(mean, var, eps, FAST_RATIO[x.dtype]) else None
+
+
+def cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    return None if t is None else t.to(dtype)
+
+
+def affine_output(
+    x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None,
+    eps: float, out: Tensor | None = None,
+) -> Tensor:
+    """x * scale + shift (scale = weight / sqrt(var + eps), shift = bias - mean * scale) in
+    x's dtype and memory format, by the faster of torch's kernels for the layout: addcmul
+    when channels are innermost (float32/float64), else torch's eval-mode BatchNorm kernel
+    (which takes float16/bfloat16 input with float32 statistics)."""
+    dtype = param_dtype(x)
+    if fast_layout(x) == "rows" and x.dtype == dtype:
+        scale = torch.rsqrt(var + eps)
+        if weight is not None:
+            scale.mul_(weight)
+        shift = torch.mul(mean, scale).neg_() if bias is None else torch.addcmul(
+            bias.to(dtype), mean, scale, value=-1)
+        return torch.addcmul(channel_view(shift, x), x, channel_view(scale, x), out=out)
+    args = (x, cast(weight, dtype), cast(bias, dtype), mean, var, False, 0.0, eps)
+    if out is None:
+        return torch.native_batch_norm(*args)[0]
+    return torch.native_batch_norm(*args, out=(out, x.new_empty(0), x.new_empty(0)))[0]
+
+
+def activation_(y: Tensor, activation: str, negative_slope: float) -> Tensor:
+    """act(y) in place."""
+    functional = torch.nn.functional
+    if activation == "relu":
+        return y.relu_()
+    if activation == "relu6":
+        return y.clamp_(0.0, 6.0)
+    if activation == "leaky_relu":
+        return functional.leaky_relu_(y, negative_slope)
+    if activation == "silu":
+        return functional.silu(y, inplace=True)
+    if activation == "hardswish":
+        return functional.hardswish(y, inplace=True)
+    return y
+
+
+ROUNDING_COMMUTES = ("none", "relu", "relu6")
+"""Activations for which act(round(u)) == round(act(u)): on a low-precision output they run
+in place after the normalization's one rounding without adding another. A residual is
+added there too, as torch's eager add does (one more rounding of the input dtype, within
+the dtype's tolerance); other activations on low-precision input take the exact path."""
+
+
+def pack_bits(bits: Tensor) -> Tensor:
+    """``reference.pack_bits``, bit for bit, by one multiply per 8 positions, in place on
+    ``bits`` (a temporary of the caller's, which this consumes)."""
+    view = reference.mask_positions(bits)
+    padding = -view.shape[-1] % 8
+    if padding:
+        view = torch.nn.functional.pad(view.to(torch.uint8), (0, padding))
+    words = view.contiguous().view(torch.uint8).view(torch.int64)
+    words.mul_(_BITS_TO_BYTE).bitwise_right_shift_(56).bitwise_and_(0xFF)
+    return words.to(torch.uint8)
+
+
+_SAME_WIDTH_INT = {torch.float64: torch.int64, torch.float32: torch.int32,
+                   torch.float16: torch.int16, torch.bfloat16: torch.int16}
+
+
+def positive(u: Tensor, activation: str) -> Tensor:
+    """``derivative_is_one(u)``; for relu and leaky_relu (u > 0) as a compare of u's bits
+    read as a signed integer of its width, which torch vectorizes for every dtype (for
+    bfloat16 the float compare is a scalar loop). Same result except a NaN with the sign
+    bit clear, which counts as positive, as in torch's threshold_backward (NaN <= 0 is
+    false: the gradient passes)."""
+    if activation == "relu6":
+        return derivative_is_one(u, activation)
+    return u.view(_SAME_WIDTH_INT[u.dtype]) > 0
+
+
+def same_format(t: Tensor, x: Tensor) -> Tensor:
+    """``like_input`` for a t of x's dtype from torch's kernels, which keep a fast layout's
+    strides: a stride comparison, without like_input's allocation, on the fast path."""
+    return t if t.stride() == x.stride() else like_input(t, x)
+
+
+def normalize(
+    x: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    residual: Tensor | None,
+    eps: float,
+    activation: str,
+    negative_slope: float,
+    save_mask: bool,
+) -> tuple[Tensor, Tensor]:
+    """``reference.normalize``: the cheap form by torch's kernels, the residual and the
+    activation in place on the output, when the exactness rule holds."""
+    scratch = take_scratch(mean, x)
+    constants = native_constants(x, mean, var, eps)
+    low_precision = x.dtype != param_dtype(x)
+    if constants is None or (low_precision and activation not in ROUNDING_COMMUTES):
+        return reference.normalize(x, mean, var, weight, bias, residual, eps, activation,
+                                   negative_slope, save_mask)
+    y = affine_output(x, *constants, weight, bias, eps, out=scratch)
+    if residual is not None:
+        y.add_(residual)
+    mask = pack_bits(positive(y, activation)) if save_mask else None
+    y = same_format(activation_(y, activation, negative_slope), x)
+    return y, x.new_empty(0, dtype=torch.uint8) if mask is None else mask
+
+
+_BYTE_TO_WORD = 0x0101010101010101
+"""Multiplying a byte (< 256, so without carries) by this copies it into all 8 bytes."""
+_BIT_J_OF_BYTE_J = 0x8040201008040201 - (1 << 64)
+"""Keeps bit j of byte j (as a signed int64): with little-endian bytes, the 8 positions
+of a mask byte, each 0 or 2^j."""
+
+
+def mask_indicator(mask: Tensor, x: Tensor) -> Tensor:
+    """The packed activation mask unpacked to x's dtype and memory format: positive where the
+    bit is set (derivative_is_one), 0 elsewhere. Each mask byte becomes an int64 holding its
+    8 positions as bytes (two in-place integer ops), then one converting copy."""
+    words = mask.to(torch.int64).mul_(_BYTE_TO_WORD).bitwise_and_(_BIT_J_OF_BYTE_J)
+    flags = words.view(torch.uint8)[..., :reference.mask_positions(x).shape[-1]]
+    flags = flags[0].t() if x.dim() == 2 else flags.reshape(x.shape)
+    return torch.empty_like(x).copy_(flags)
+
+
+ACTIVATION_BACKWARD = {
+    "relu": lambda grad, u, slope: torch.ops.aten.threshold_backward.grad_input(
+        grad, u, 0.0, grad_input=u),
+    "relu6": lambda grad, u, slope: torch.ops.aten.hardtanh_backward.grad_input(
+        grad, u, 0.0, 6.0, grad_input=u),
+    "leaky_relu": lambda grad, u, slope: torch.ops.aten.leaky_relu_backward.grad_input(
+        grad, u, slope, False, grad_input=u),
+}
+"""torch's own backward of the SIGN_ACTIVATIONS at u: grad where derivative_is_one(u), else
+0 (negative_slope * grad for leaky_relu), in one pass, written over u (a temporary): one
+full-size allocation fewer, which on a CPU means fewer fresh pages to fault in."""
+
+
+def output_grad(
+    grad_out: Tensor,
+    x: Tensor,
+    constants: tuple[Tensor, Tensor],
+    weight: Tensor | None,
+    bias: Tensor | None,
+    residual: Tensor | None,
+    activation_mask: Tensor | None,
+    eps: float,
+    activation: str,
+    negative_slope: float,
+) -> Tensor | None:
+    """g = grad_out * act'(u) in x's dtype (grad_out itself without an activation), or None
+    when it cannot be formed exactly there (silu/hardswish/leaky_relu on low-precision
+    input: act'(u) * dy would round to x's dtype)."""
+    if activation == "none":
+        return grad_out
+    low_precision = x.dtype != param_dtype(x)
+    if low_precision and activation not in ("relu", "relu6"):
+        return None
+    if activation_mask is not None:  # the indicator is > 0 exactly where u was
+        indicator = mask_indicator(activation_mask, x)
+        if activation == "leaky_relu":
+            return ACTIVATION_BACKWARD["leaky_relu"](grad_out, indicator, negative_slope)
+        return ACTIVATION_BACKWARD["relu"](grad_out, indicator, negative_slope)
+    u = affine_output(x, *constants, weight, bias, eps)
+    if residual is not None:
+        u.add_(residual)
+    if activation in ACTIVATION_BACKWARD:
+        return ACTIVATION_BACKWARD[activation](grad_out, u, negative_slope)
+    return grad_out * reference.activation_derivative(u, activation, negative_slope)
+
+
+def native_backward(
+    g: Tensor, x: Tensor, constants: tuple[Tensor, Tensor], weight: Tensor | None,
+    batch_stats: bool, eps: float, mask: list[bool],
+) -> tuple[Tensor, Tensor, Tensor]:
+    """torch's CPU BatchNorm backward of g: (d input, sum(g * x_hat), sum(g)) where ``mask``
+    asks for them. With ``batch_stats`` d input includes the statistics' dependence on x."""
+    mean, var = constants
+    weight = cast(weight, param_dtype(x))
+    # g in x's memory format: given mixed formats, torch's kernel takes a generic path
+    # that is slower and, for bfloat16, sums in bfloat16.
+    g = g if g.stride() == x.stride() and g.dtype == x.dtype else like_input(g, x)
+    if batch_stats:
+        return torch.ops.aten.native_batch_norm_backward.default(
+            g, x, weight, None, None, mean, torch.rsqrt(var + eps), True, eps, mask
+        )
+    return torch.ops.aten.native_batch_norm_backward.default(
+        g, x, weight, mean, var, None, None, False, eps, mask
+    )
+
+
+def grad_residual_from(g: Tensor, grad_out: Tensor, x: Tensor, residual: Tensor | None) -> Tensor:
+    """d residual = g, in the residual's format (x's when the mask stood in for it), never
+    aliasing grad_out."""
+    grad_residual = like_input(g, x if residual is None else residual)
+    return grad_out.clone() if grad_residual is grad_out else grad_residual
+
+
+def normalize_backward(
+    grad_out: Tensor,
+    x: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    residual: Tensor | None,
+    activation_mask: Tensor | None,
+    eps: float,
+    batch_stats: bool,
+    activation: str,
+    negative_slope: float,
+    output_mask: list[bool],
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``reference.normalize_backward`` by torch's CPU backward kernel on g = dy * act'(u)
+    when the exactness rule holds: one pass for the sums, one for d input."""
+    want_input, want_weight, want_bias, want_residual = output_mask
+    constants = native_constants(x, mean, var, eps)
+    g = None if constants is None else output_grad(
+        grad_out, x, constants, weight, bias, residual, activation_mask, eps, activation,
+        negative_slope,
+    )
+    if g is None:
+        return reference.normalize_backward(
+            grad_out, x, mean, var, weight, bias, residual, activation_mask, eps, batch_stats,
+            activation, negative_slope, output_mask,
+        )
+    want_weight = want_weight and weight is not None
+    want_bias = want_bias and bias is not None
+    # Custom-op outputs must not alias each other: a fresh empty tensor for each.
+    grad_input, grad_weight, grad_bias = x.new_empty(0), x.new_empty(0), x.new_empty(0)
+    if want_input or want_weight or want_bias:
+        grads = native_backward(g, x, constants, weight, batch_stats, eps,
+                                [want_input, want_weight, want_bias])
+        if want_input:
+            grad_input = same_format(grads[0], x)
+        if want_weight:
+            grad_weight = grads[1].to(weight.dtype)
+        if want_bias:
+            grad_bias = grads[2].to(bias.dtype)
+    grad_residual = (grad_residual_from(g, grad_out, x, residual) if want_residual
+                     else x.new_empty(0))
+    return grad_input, grad_weight, grad_bias, grad_residual
+
+
+def normalize_grad_sums(
+    grad_out: Tensor,
+    x: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    residual: Tensor | None,
+    activation_mask: Tensor | None,
+    eps: float,
+    activation: str,
+    negative_slope: float,
+    output_mask: list[bool],
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``reference.normalize_grad_sums``: [sum(g), sum(g * x_hat)] (compute dtype) by one
+    pass of torch's backward kernel, and d weight, d bias from them."""
+    constants = native_constants(x, mean, var, eps)
+    g = None if constants is None else output_grad(
+        grad_out, x, constants, weight, bias, residual, activation_mask, eps, activation,
+        negative_slope,
+    )
+    if g is None:
+        return reference.normalize_grad_sums(
+            grad_out, x, mean, var, weight, bias, residual, activation_mask, eps, activation,
+            negative_slope, output_mask,
+        )
+    _, sum_g_xhat, sum_g = native_backward(g, x, constants, None, True, eps,
+                                           [False, True, True])
+    sums = torch.stack([sum_g, sum_g_xhat]).to(compute_dtype(x.dtype))
+    grad_weight, grad_bias = x.new_empty(0), x.new_empty(0)
+    if output_mask[0] and weight is not None:
+        grad_weight = sums[1].to(weight.dtype, copy=True)
+    if output_mask[1] and bias is not None:
+        grad_bias = sums[0].to(bias.dtype, copy=True)
+    return sums, grad_weight, grad_bias
+
+
+def normalize_grad_input(
+    grad_out: Tensor,
+    x: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    residual: Tensor | None,
+    activation_mask: Tensor | None,
+    sums: Tensor | None,
+    count: float,
+    eps: float,
+    batch_stats: bool,
+    activation: str,
+    negative_slope: float,
+    output_mask: list[bool],
+) -> tuple[Tensor, Tensor]:
+    """``reference.normalize_grad_input``: d input = a * g + b * x + c per channel (the
+    cheap form of weight * invstd * (g - mean(g) - x_hat * mean(g * x_hat))), two passes."""
+    constants = native_constants(x, mean, var, eps)
+    g = None if constants is None else output_grad(
+        grad_out, x, constants, weight, bias, residual, activation_mask, eps, activation,
+        negative_slope,
+    )
+    if g is None or x.dtype != param_dtype(x):
+        return reference.normalize_grad_input(
+            grad_out, x, mean, var, weight, bias, residual, activation_mask, sums, count, eps,
+            batch_stats, activation, negative_slope, output_mask,
+        )
+    grad_input, grad_residual = x.new_empty(0), x.new_empty(0)
+    if output_mask[0]:
+        invstd = torch.rsqrt(var.to(STATS_DTYPE) + eps)
+        scale = invstd if weight is None else invstd * weight.to(STATS_DTYPE)
+        if batch_stats and count > 0:
+            mean_g, mean_g_xhat = sums.to(STATS_DTYPE) / count
+            slope = -scale * invstd * mean_g_xhat
+            offset = scale * (invstd * mean.to(STATS_DTYPE) * mean_g_xhat - mean_g)
+            dtype = x.dtype
+            grad_input = torch.addcmul(channel_view(offset.to(dtype), x), x,
+                                       channel_view(slope.to(dtype), x))
+            grad_input.addcmul_(g, channel_view(scale.to(dtype), x))
+        else:
+            grad_input = g * channel_view(scale.to(x.dtype), x)
+        grad_input = like_input(grad_input, x)
+    if output_mask[1]:
+        grad_residual = grad_residual_from(g, grad_out, x, residual)
+    return grad_input, grad_residual

@@ -1,0 +1,296 @@
+"""The fast CPU implementation (fastbn.cpu) behind the "torch" backend, against the float64
+truth and the explicit-formula oracle (fastbn.reference): its exactness rule on both sides,
+the large-mean cases where fastbn beats torch's CPU BatchNorm, NaN/Inf propagation, the
+activation mask's format, every dtype and layout on odd shapes, and no float64 tensors of
+the input's size."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import (
+    DTYPES,
+    LOW_PRECISION,
+    assert_close_to_truth,
+    batch_norm_truth,
+    grads_truth,
+    make_input,
+    tolerance,
+)
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import fastbn
+from fastbn import cpu, ops, reference
+
+CPU = torch.device("cpu")
+# Odd shapes: C = 1 and 3, N = 2, primes, spatial size 1, every rank.
+ODD_SHAPES = [(2, 1, 7, 5), (3, 3, 1, 1), (2, 5, 3, 7), (13, 3), (2, 3, 5), (2, 3, 2, 3, 5)]
+
+
+@pytest.fixture(autouse=True)
+def torch_backend():
+    with fastbn.use_backend("torch"):
+        yield
+
+
+def strided(x: torch.Tensor) -> torch.Tensor:
+    """x's values in a non-dense layout (every other element of a wider buffer)."""
+    wide = torch.empty(*x.shape[:-1], 2 * x.shape[-1], dtype=x.dtype)
+    view = wide[..., ::2]
+    view.copy_(x)
+    return view
+
+
+def layout(x: torch.Tensor, name: str) -> torch.Tensor:
+    if name == "channels_last" and x.dim() in (4, 5):
+        fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+        return x.contiguous(memory_format=fmt)
+    return strided(x) if name == "strided" else x
+
+
+class Float64Sizes(TorchDispatchMode):
+    """Records the size of every float64 tensor an op returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes: list[int] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and t.dtype == torch.float64:
+                self.sizes.append(t.numel())
+        return out
+
+
+def test_torch_backend_runs_fastbn_cpu_and_the_oracle_stays_importable():
+    assert ops.implementation("torch") is cpu
+    for name in ("batch_stats_", "normalize", "normalize_backward", "normalize_grad_sums",
+                 "normalize_grad_input"):
+        assert callable(getattr(cpu, name)) and callable(getattr(reference, name))
+
+
+def test_exactness_rule_thresholds_follow_the_rounding_budget():
+    assert cpu.FAST_RATIO[torch.float32] == 16
+    assert cpu.FAST_RATIO[torch.float16] == 1024
+    assert cpu.FAST_RATIO[torch.bfloat16] == 8192
+    assert cpu.FAST_RATIO[torch.float64] == 4096
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_cheap_side_of_the_rule_uses_torchs_kernels_and_matches_truth(monkeypatch,
+                                                                      channels_last):
+    """|mean| / std ~ 3: the cheap form x * scale + shift runs (no call reaches the
+    oracle), within float32 tolerance of the truth."""
+    x = make_input((4, 3, 6, 5), offset=3.0, channels_last=channels_last).requires_grad_(True)
+    weight = torch.tensor([1.5, 0.5, -1.0], requires_grad=True)
+    bias = torch.tensor([0.1, -0.2, 0.3], requires_grad=True)
+    running_mean, running_var = torch.zeros(3), torch.ones(3)
+    truth = batch_norm_truth(x, running_mean, running_var, weight, bias, True)
+
+    def oracle_called(*args, **kwargs):
+        raise AssertionError("the cheap side must not fall back to fastbn.reference")
+
+    for name in ("batch_mean_var", "normalize", "normalize_backward"):
+        monkeypatch.setattr(reference, name, oracle_called)
+    y = fastbn.batch_norm(x, running_mean, running_var, weight, bias, True)
+    grad_out = make_input(x.shape, seed=5, channels_last=channels_last)
+    grads = torch.autograd.grad(y, [x, weight, bias], grad_out)
+    expected = grads_truth(truth, grad_out)
+    assert_close_to_truth("output", y, truth["y"])
+    assert_close_to_truth("running_var", running_var, truth["running_var"])
+    for name, grad in zip(("x", "weight", "bias"), grads, strict=True):
+        assert_close_to_truth(f"grad {name}", grad, expected[name])
+
+
+def test_exact_side_of_the_rule_takes_the_hi_lo_path_and_matches_truth(monkeypatch):
+    """|mean| / std = 1e4 > 16: the statistics and the normalization go to the oracle's
+    hi/lo form, and the output keeps float32 precision."""
+    x = make_input((4, 2, 5, 5), offset=1e4)
+    calls = []
+    original = reference.normalize
+    monkeypatch.setattr(reference, "normalize",
+                        lambda *args: calls.append("normalize") or original(*args))
+    mean, var = cpu.batch_mean_var(x)
+    assert not cpu.within_ratio(mean, var, 1e-5, cpu.FAST_RATIO[torch.float32])
+    y = fastbn.batch_norm(x, None, None, None, None, True)
+    assert calls == ["normalize"]
+    assert_close_to_truth("output", y, batch_norm_truth(x, None, None, None, None, True)["y"])
+
+
+def test_pilot_far_from_the_mean_falls_back_to_two_passes():
+    """The channel's first element 1e3 standard deviations out: one-pass sums would cancel;
+    the variance still matches the truth."""
+    x = make_input((8, 2, 4, 4))
+    x[0, :, 0, 0] = 1e3
+    assert cpu.pilot_sums(x) is None
+    _, var = cpu.batch_mean_var(x)
+    assert_close_to_truth("var", var.float(), x.double().var((0, 2, 3), unbiased=False))
+
+
+def errors_against_truth(x, running_mean, running_var, training, dtype=None):
+    """Max |output - truth| for fastbn and for torch's CPU BatchNorm."""
+    truth = batch_norm_truth(x, running_mean, running_var, None, None, training)["y"]
+    errors = []
+    for function in (fastbn.batch_norm, F.batch_norm):
+        rm = None if running_mean is None else running_mean.clone()
+        rv = None if running_var is None else running_var.clone()
+        y = function(x, rm, rv, None, None, training)
+        errors.append((y.double() - truth).abs().max().item())
+    return errors
+
+
+def test_fp32_mean_1e6_std_1_stays_at_fp32_precision():
+    x = make_input((16, 3, 8, 8), offset=1e6)
+    ours, theirs = errors_against_truth(x, None, None, True)
+    assert ours <= tolerance(torch.float32)[0]
+    assert ours < theirs  # torch's CPU kernel rounds the mean to float32: ~2e-2 here
+
+
+def test_constant_channel_at_1e6_normalizes_to_exactly_zero():
+    x = make_input((8, 3, 4, 4))
+    x[:, 1] = 1e6
+    y = fastbn.batch_norm(x, None, None, None, None, True)
+    assert torch.equal(y[:, 1], torch.zeros_like(y[:, 1]))
+
+
+def test_eval_with_running_mean_1e6_plus_0_3_stays_at_fp32_precision():
+    x = make_input((8, 3, 6, 6), offset=1e6 + 0.3)
+    running_mean = torch.full((3,), 1e6 + 0.3, dtype=torch.float64).float()
+    ours, theirs = errors_against_truth(x, running_mean, torch.ones(3), False)
+    assert ours <= tolerance(torch.float32)[0]
+    assert ours < theirs
+
+
+def test_fp16_input_2x1_at_mean_5_std_0_01_is_fp16_accurate():
+    x = (5 + 0.01 * torch.tensor([[1.0], [-1.0]])).half()
+    truth = batch_norm_truth(x, None, None, None, None, True)["y"]
+    y = fastbn.batch_norm(x, None, None, None, None, True)
+    assert_close_to_truth("output", y, truth)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("where", ["element", "channel"])
+def test_nan_propagates_to_stats_and_outputs_as_in_torch(channels_last, where):
+    x = make_input((4, 3, 5, 5), channels_last=channels_last)
+    if where == "element":
+        x[1, 2, 3, 4] = float("nan")
+    else:
+        x[:, 2] = float("nan")
+    results = []
+    for function in (fastbn.batch_norm, F.batch_norm):
+        rm, rv = torch.zeros(3), torch.ones(3)
+        y = function(x, rm, rv, None, None, True)
+        results.append((y, rm, rv))
+    (y, rm, rv), (y_torch, rm_torch, rv_torch) = results
+    assert torch.equal(torch.isnan(y), torch.isnan(y_torch))
+    assert torch.isnan(y[:, 2]).all() and not torch.isnan(y[:, :2]).any()
+    assert torch.equal(torch.isnan(rm), torch.isnan(rm_torch))
+    assert torch.equal(torch.isnan(rv), torch.isnan(rv_torch))
+    assert torch.isnan(rv[2])
+
+
+def test_inf_gives_non_finite_results_where_torch_does():
+    x = make_input((4, 3, 5, 5))
+    x[0, 1, 0, 1] = float("inf")
+    y = fastbn.batch_norm(x, None, None, None, None, True)
+    y_torch = F.batch_norm(x, None, None, None, None, True)
+    assert torch.equal(torch.isfinite(y), torch.isfinite(y_torch))
+    assert torch.isfinite(y[:, [0, 2]]).all()
+
+
+def test_nan_running_variance_in_eval_propagates():
+    x = make_input((4, 3, 5, 5))
+    y = fastbn.batch_norm(x, torch.zeros(3), torch.tensor([1.0, float("nan"), 1.0]), None,
+                          None, False)
+    assert torch.isnan(y[:, 1]).all() and torch.isfinite(y[:, [0, 2]]).all()
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 5, 7), (3, 2, 4, 4), (13, 3), (2, 3, 9),
+                                   (2, 2, 3, 3, 3)], ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_packed_mask_matches_the_oracles_bit_for_bit(shape, channels_last):
+    bits = make_input(shape, seed=3, channels_last=channels_last) > 0
+    assert torch.equal(cpu.pack_bits(bits.clone()), reference.pack_bits(bits))
+    mask = reference.pack_bits(bits)
+    indicator = cpu.mask_indicator(mask, bits.float() if not channels_last else
+                                   layout(bits.float(), "channels_last"))
+    assert torch.equal(indicator > 0, bits)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("memory", ["contiguous", "channels_last", "strided"])
+@pytest.mark.parametrize("shape", ODD_SHAPES, ids=str)
+def test_training_step_matches_truth_on_odd_shapes(shape, memory, dtype):
+    """Output, running statistics and every gradient, each dtype and layout (weight, bias,
+    and for the low-precision dtypes float32 parameters)."""
+    x = layout(make_input(shape, dtype, offset=0.5), memory).requires_grad_(True)
+    channels = shape[1]
+    params = torch.float64 if dtype == torch.float64 else torch.float32
+    weight = torch.linspace(0.5, 1.5, channels, dtype=params).requires_grad_(True)
+    bias = torch.linspace(-0.2, 0.2, channels, dtype=params).requires_grad_(True)
+    running_mean = torch.zeros(channels, dtype=params)
+    running_var = torch.ones(channels, dtype=params)
+    truth = batch_norm_truth(x, running_mean, running_var, weight, bias, True)
+    torch_stats = running_mean.clone(), running_var.clone()
+    y_torch = F.batch_norm(x, *torch_stats, weight, bias, True)
+    y = fastbn.batch_norm(x, running_mean, running_var, weight, bias, True)
+    assert y.dtype == dtype and y.stride() == torch.empty_like(x).stride()
+    assert_close_to_truth("output", y, truth["y"], y_torch)
+    assert_close_to_truth("running_mean", running_mean, truth["running_mean"], torch_stats[0])
+    assert_close_to_truth("running_var", running_var, truth["running_var"], torch_stats[1])
+    grad_out = layout(make_input(shape, dtype, seed=7), memory)
+    grads = torch.autograd.grad(y, [x, weight, bias], grad_out)
+    torch_grads = torch.autograd.grad(y_torch, [x, weight, bias], grad_out)
+    expected = grads_truth(truth, grad_out)
+    for name, grad, torch_grad in zip(("x", "weight", "bias"), grads, torch_grads, strict=True):
+        assert_close_to_truth(f"grad {name}", grad, expected[name], torch_grad, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+def test_low_precision_relu_and_residual_run_in_float32_statistics(dtype, residual):
+    x = make_input((4, 3, 6, 6), dtype, offset=50.0, spread=2.0)
+    z = make_input((4, 3, 6, 6), dtype, seed=2) if residual else None
+    weight, bias = torch.ones(3), torch.zeros(3)
+    truth = batch_norm_truth(x, None, None, weight, bias, True, residual=z, activation="relu")
+    y = fastbn.batch_norm(x, None, None, weight, bias, True, residual=z, activation="relu")
+    y_torch = F.relu(F.batch_norm(x, None, None, weight, bias, True) + (0 if z is None else z))
+    assert y.dtype == dtype
+    assert_close_to_truth("output", y, truth["y"], y_torch)
+
+
+def test_momentum_none_is_the_cumulative_average_on_the_fast_path():
+    layer = fastbn.BatchNorm2d(3, momentum=None)
+    batches = [make_input((4, 3, 5, 5), seed=seed, offset=seed) for seed in range(3)]
+    for x in batches:
+        layer(x)
+    means = torch.stack([x.double().mean((0, 2, 3)) for x in batches]).mean(0)
+    assert int(layer.num_batches_tracked) == 3
+    assert_close_to_truth("running_mean", layer.running_mean, means)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_no_float64_tensor_of_the_inputs_size(channels_last):
+    """Float64 appears only in the C-element statistics, never as a full-size temporary."""
+    x = make_input((4, 8, 6, 6), channels_last=channels_last).requires_grad_(True)
+    z = make_input((4, 8, 6, 6), seed=1, channels_last=channels_last).requires_grad_(True)
+    weight = torch.ones(8, requires_grad=True)
+    with Float64Sizes() as recorder:
+        y = fastbn.batch_norm(x, torch.zeros(8), torch.ones(8), weight, None, True,
+                              residual=z, activation="relu")
+        torch.autograd.grad(y, [x, weight, z], torch.ones_like(y))
+    assert recorder.sizes and max(recorder.sizes) <= 8
+
+
+def test_results_are_bitwise_reproducible():
+    x = make_input((6, 4, 7, 7), offset=2.0).requires_grad_(True)
+    z = make_input((6, 4, 7, 7), seed=4).requires_grad_(True)
+    runs = []
+    for _ in range(2):
+        rm, rv = torch.zeros(4), torch.ones(4)
+        y = fastbn.batch_norm(x, rm, rv, None, None, True, residual=z, activation="relu")
+        runs.append([y, rm, rv, *torch.autograd.grad(y, [x, z], torch.ones_like(y))])
+    for first, second in zip(*runs, strict=True):
+        assert torch.equal(first, second)

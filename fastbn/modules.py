@@ -74,6 +74,17 @@ def _take_state(source: torch.nn.Module, target: torch.nn.Module) -> None:
     target._non_persistent_buffers_set = set(source._non_persistent_buffers_set)
 
 
+def _module_call_node(layer: torch.nn.Module, input: torch.fx.Proxy,
+                      residual: torch.fx.Proxy | Tensor | None) -> torch.fx.Proxy:
+    """Under torch.fx: one ``call_module`` node for a layer inside the traced module, as
+    torch's own BatchNorm layers get (torch.fx keeps modules of torch.nn as calls, not
+    fastbn's). The graph then calls the layer when it runs, so its training flag, momentum
+    and buffers are read then, not frozen at trace time."""
+    tracer = input.tracer
+    args = (input,) if residual is None else (input, residual)
+    return tracer.create_proxy("call_module", tracer.path_of_module(layer), args, {})
+
+
 class _FastBatchNorm(_BatchNorm):
     """Shared constructor and forward of the fastbn modules."""
 
@@ -182,6 +193,8 @@ class _FastBatchNorm(_BatchNorm):
         the activation: standard operators. Under torch.fx the call is one node, without the
         rank check.
         """
+        if isinstance(input, torch.fx.Proxy) and input.tracer.root is not self:
+            return _module_call_node(self, input, residual)
         if is_fx_symbolic_tracing():
             return self._normalize(input, residual, self.activation)
         self._check_input_dim(input)
@@ -321,6 +334,8 @@ class SyncBatchNorm(_FastBatchNorm):
 
     def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
         """activation(SyncBatchNorm(input) + residual)."""
+        if isinstance(input, torch.fx.Proxy) and input.tracer.root is not self:
+            return _module_call_node(self, input, residual)
         if not is_fx_symbolic_tracing():
             self._check_input_dim(input)
             if input.size(1) == 0:

@@ -62,16 +62,41 @@ def converted_copy(model: nn.Module, level: str) -> nn.Module:
 
 @pytest.mark.parametrize("level", ["none", "safe"])
 @pytest.mark.parametrize("training", [True, False])
-def test_symbolic_trace_records_each_layer_as_one_batch_norm_call(level, training):
+def test_symbolic_trace_records_each_layer_as_one_module_call(level, training):
     model, shape = zoo_model("mobilenet")
     model.train(training)
     reference = copy.deepcopy(model)
     traced = torch.fx.symbolic_trace(fastbn.convert(model, fuse=level))
-    calls = [n for n in traced.graph.nodes if n.op == "call_function" and n.target is batch_norm]
+    layers = dict(traced.named_modules())
+    calls = [n for n in traced.graph.nodes if n.op == "call_module"
+             and isinstance(layers[n.target], fastbn.BatchNorm2d)]
     assert len(calls) == 7
     x = make_input(shape, torch.float64)
     assert_matches("output", traced(x), reference(x))
     assert_same_buffers(traced, reference)
+
+
+@pytest.mark.parametrize("traced_training", [True, False], ids=["traced_train", "traced_eval"])
+def test_symbolic_trace_reads_the_training_flag_when_the_graph_runs(traced_training):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()).double()
+    model.train(traced_training)
+    reference = copy.deepcopy(model)
+    traced = torch.fx.symbolic_trace(fastbn.convert(model, fuse="safe"))
+    for training in (not traced_training, traced_training):
+        traced.train(training)
+        reference.train(training)
+        x = make_input((4, 3, 6, 6), torch.float64)
+        assert_matches(f"output, training={training}", traced(x), reference(x))
+        assert_same_buffers(traced, reference)
+
+
+def test_symbolic_trace_of_a_lone_layer_is_one_batch_norm_call():
+    traced = torch.fx.symbolic_trace(fastbn.BatchNorm2d(4).double())
+    calls = [n for n in traced.graph.nodes if n.op == "call_function" and n.target is batch_norm]
+    assert len(calls) == 1
+    x = make_input((2, 4, 3, 3), torch.float64)
+    assert_matches("output", traced(x), torch.nn.BatchNorm2d(4).double()(x))
 
 
 def test_fx_tools_run_on_a_converted_model():

@@ -49,6 +49,7 @@ from torch.nn import functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from fastbn.modules import (
+    _TORCH_ACTIVATIONS,
     HOOK_STATE,
     BatchNorm1d,
     BatchNorm2d,
@@ -293,6 +294,8 @@ def _replacement(
         if reason:
             return None, reason
         name, slope = activation
+        if not _computes_norm_then_act(layer, name, slope):
+            return None, "its forward does not compute BatchNorm, then its drop, then its act"
         return fastbn_class.from_torch(layer, activation=name, negative_slope=slope, **extra), ""
     if isinstance(layer, nn.SyncBatchNorm):
         return None, "torch.nn.SyncBatchNorm is swapped with sync=True only"
@@ -315,6 +318,49 @@ def _norm_act(layer: _BatchNorm) -> tuple[tuple[str | None, float], str]:
     if activation is None:
         return unknown, f"its act is {type(act).__name__}, which fastbn does not compute"
     return activation, ""
+
+
+_PROBE_RANKS = (4, 5, 3, 2)
+
+
+def _computes_norm_then_act(layer: _BatchNorm, activation: str | None, slope: float) -> bool:
+    """Whether layer's own forward computes torch's BatchNorm, then the activation: its
+    children's names and types say what it holds, not what its forward does with them, so
+    both are run on a probe input, in eval and in training, on copies (layer is untouched).
+    A layer on the meta device (no values) is taken at its children's word."""
+    anchor = next(t for t in (layer.weight, layer.running_mean, torch.empty(0))
+                  if t is not None)
+    if anchor.device.type == "meta":
+        return True
+    rank = next((r for r in _PROBE_RANKS if _accepts_rank(layer, r)), None)
+    if rank is None:
+        return False
+    shape = (3, layer.num_features, *[3] * (rank - 2))
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    x = x.to(device=anchor.device, dtype=anchor.dtype if anchor.is_floating_point() else None)
+    for training in (False, True):
+        own, plain = copy.deepcopy(layer).train(training), copy.deepcopy(layer).train(training)
+        with torch.no_grad():
+            got = own(x)
+            want = _BatchNorm.forward(plain, x)
+            if activation is not None:
+                want = _TORCH_ACTIVATIONS[activation](want, slope)
+        same_buffers = all(
+            a is None or torch.allclose(a.float(), b.float(), equal_nan=True)
+            for a, b in zip(own.buffers(), plain.buffers(), strict=True)
+        )
+        if not (isinstance(got, torch.Tensor) and got.shape == want.shape and same_buffers
+                and torch.allclose(got, want, rtol=1e-4, atol=1e-5, equal_nan=True)):
+            return False
+    return True
+
+
+def _accepts_rank(layer: _BatchNorm, rank: int) -> bool:
+    try:
+        layer._check_input_dim(torch.empty((1,) * rank, device="meta"))
+    except ValueError:
+        return False
+    return True
 
 
 def _has_hooks(module: nn.Module) -> bool:

@@ -290,6 +290,34 @@ def test_batchnorm_act_that_fastbn_cannot_compute_is_left_with_one_warning():
     assert [type(converted[i].bn) for i in (0, 1)] == [BatchNormAct2d, BatchNormAct2d]
 
 
+class ActThenNorm(BatchNormAct2d):
+    """The children of a BatchNormAct, but a forward that activates before normalizing."""
+
+    def forward(self, x):
+        return nn.BatchNorm2d.forward(self, self.act(self.drop(x)))
+
+
+class ScaledNormAct(BatchNormAct2d):
+    """A BatchNormAct whose forward also scales: not what fastbn would compute."""
+
+    def forward(self, x):
+        return super().forward(x) * 2
+
+
+@pytest.mark.parametrize("cls", [ActThenNorm, ScaledNormAct])
+def test_batchnorm_act_children_with_another_forward_are_left_with_one_warning(cls):
+    model = nn.Sequential(cls(4)).double()
+    original = copy.deepcopy(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        converted = fastbn.convert(model)
+    assert len(caught) == 1
+    assert f"0 ({cls.__name__}): its forward does not compute" in str(caught[0].message)
+    assert type(converted[0]) is cls
+    x = make_input((3, 4, 5, 5), torch.float64)
+    assert_matches("output", converted(x), original(x))
+
+
 # ---------------------------------------------------------------------------------------------
 # Deployment: folding conv-BN pairs
 

@@ -34,11 +34,13 @@ change nothing when they raise.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import operator
 import warnings
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -588,14 +590,15 @@ def _trace(module: nn.Module) -> tuple[fx.Graph, set[int], dict[str, Any]]:
     flags = [(m, m.training) for m in module.modules()]
     attributes = set(vars(module))
     traces = []
+    reads: dict[str, Any] = {}
     try:
         for flip in (False, True):
             for m, training in flags:
                 m.training = training != flip
             tracer = _Tracer()
             try:
-                with warnings.catch_warnings():  # the call's one warning is convert's
-                    warnings.simplefilter("ignore")
+                with warnings.catch_warnings(), _recording_attribute_reads(module, reads):
+                    warnings.simplefilter("ignore")  # the call's one warning is convert's
                     graph = tracer.trace(module)
             except Exception as error:  # tracing runs arbitrary user code
                 reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
@@ -610,6 +613,9 @@ def _trace(module: nn.Module) -> tuple[fx.Graph, set[int], dict[str, Any]]:
     (graph, traced_through, constants), (flipped, _, _) = traces
     if graph.python_code("self").src != flipped.python_code("self").src:
         raise _Untraceable("its forward depends on self.training, which a trace would freeze")
+    if reads:
+        names = ", ".join(f"{name} = {value!r}" for name, value in sorted(reads.items()))
+        raise _Untraceable(f"its forward reads {names}, which a trace would freeze")
     for node in graph.nodes:
         if node.op == "get_attr" and node.target not in constants:
             try:
@@ -617,6 +623,40 @@ def _trace(module: nn.Module) -> tuple[fx.Graph, set[int], dict[str, Any]]:
             except AttributeError as error:
                 raise _Untraceable(f"the trace reads {node.target}, not found: {error}") from error
     return graph, traced_through, constants
+
+
+_FREEZABLE = (bool, int, float, str)
+
+
+@contextlib.contextmanager
+def _recording_attribute_reads(root: nn.Module, reads: dict[str, Any]) -> Iterator[None]:
+    """Record in reads ({path: value}) every public plain attribute of a bool, int, float or
+    str value (``self.use_res``, ``self.scale``) that the modules under root read while the
+    block runs: a trace bakes such values into its code, and the module computes something
+    else once the attribute changes. (Leaves of the trace are called when the graph runs,
+    so their reads are not recorded: they are not run while tracing.)"""
+    originals = {}
+    for path, m in root.named_modules():
+        if isinstance(m, _BatchNorm) or type(m) in originals.values():
+            continue
+        cls = type(m)
+
+        def __getattribute__(self, name, _cls=cls, _path=path):
+            value = _cls.__getattribute__(self, name)
+            if (not name.startswith("_") and name != "training"
+                    and isinstance(value, _FREEZABLE)
+                    and name in object.__getattribute__(self, "__dict__")):
+                reads[f"{_path}.{name}" if _path else f"self.{name}"] = value
+            return value
+
+        originals[m] = cls
+        m.__class__ = type(cls.__name__, (cls,), {"__getattribute__": __getattribute__,
+                                                  "__module__": cls.__module__})
+    try:
+        yield
+    finally:
+        for m, cls in originals.items():
+            m.__class__ = cls
 
 
 def _check_signature(module: nn.Module) -> None:

@@ -467,3 +467,37 @@ def test_functional_call_of_a_converted_model_uses_the_given_tensors():
     x = make_input(shape, torch.float64)
     output = torch.func.functional_call(converted, tensors, (x,))
     assert_matches("output", output, reference(x))
+
+
+class FlaggedResidual(nn.Module):
+    """A block whose forward reads plain attributes (a flag, a scale) that may change."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.use_residual = True
+        self.scale = 1.0
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        if self.use_residual:
+            y = y + x * self.scale
+        return F.relu(y)
+
+
+@pytest.mark.parametrize("change", [dict(use_residual=False), dict(scale=0.5)])
+def test_graph_fusion_refuses_a_forward_reading_python_attributes_a_trace_would_freeze(change):
+    torch.manual_seed(0)
+    model = FlaggedResidual().double()
+    original = copy.deepcopy(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        converted = fastbn.convert(model, fuse="graph")
+    assert type(converted) is FlaggedResidual
+    assert "its forward reads self.scale = 1.0, self.use_residual = True" in str(caught[0].message)
+    for name, value in change.items():
+        setattr(converted, name, value)
+        setattr(original, name, value)
+    x = make_input((2, 4, 5, 5), torch.float64)
+    assert_matches("output after the attribute changed", converted(x), original(x))

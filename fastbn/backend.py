@@ -88,8 +88,11 @@ def use_backend(name: str) -> Iterator[None]:
         _thread.chosen = previous
 
 
+@torch.compiler.assume_constant_result
 def triton_problem() -> str:
-    """Why the Triton kernels cannot run here ("" when they can); probed once."""
+    """Why the Triton kernels cannot run here ("" when they can); probed once. (torch.compile
+    calls it while tracing and keeps the answer: a first call inside a compiled region would
+    otherwise ask dynamo to trace an import.)"""
     global _triton_problem
     if _triton_problem is None:
         try:
@@ -100,6 +103,7 @@ def triton_problem() -> str:
     return _triton_problem
 
 
+@torch.compiler.assume_constant_result
 def runs_in_interpreter() -> bool:
     """True when the kernels were built by Triton's CPU interpreter (TRITON_INTERPRET=1)."""
     from fastbn import launch

@@ -9,9 +9,13 @@ PyTorch implementation).
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
+from conftest import ON_GPU
 from helpers import assert_matches, make_input
 
 import fastbn
@@ -71,3 +75,29 @@ def test_compiled_eval_matches_eager(device):
     x = make_input(SHAPE, device=device)
     with torch.no_grad():
         assert_matches("output", compiled(x), eager(x))
+
+
+FIRST_CALL_COMPILED = """
+import os, sys
+if not {on_gpu}:
+    os.environ["TRITON_INTERPRET"] = "1"
+import torch, fastbn, fastbn.backend
+assert fastbn.backend._triton_problem is None  # nothing has probed the kernels yet
+bn = fastbn.BatchNorm2d(3).to("{device}")
+x = torch.randn(2, 3, 4, 4, device="{device}")
+with fastbn.use_backend("triton"):
+    y = torch.compile(bn, fullgraph=True, backend="aot_eager")(x)
+expected = torch.nn.BatchNorm2d(3).to("{device}")(x)
+torch.testing.assert_close(y, expected)
+print("ok")
+"""
+
+
+def test_first_fastbn_call_may_be_inside_a_compiled_region(device):
+    """The backend probe (can the kernels run?) runs when dynamo first meets a call, not
+    through a traced import, so a model compiled before any eager call still compiles."""
+    code = FIRST_CALL_COMPILED.format(on_gpu=ON_GPU, device=device)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]

@@ -34,10 +34,12 @@ change nothing when they raise.
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import copy
 import inspect
 import operator
+import textwrap
 import warnings
 from collections import Counter
 from collections.abc import Iterator
@@ -616,6 +618,9 @@ def _trace(module: nn.Module) -> tuple[fx.Graph, set[int], dict[str, Any]]:
     if reads:
         names = ", ".join(f"{name} = {value!r}" for name, value in sorted(reads.items()))
         raise _Untraceable(f"its forward reads {names}, which a trace would freeze")
+    for m in module.modules():
+        if id(m) in traced_through:
+            _check_no_augmented_assignment_to_arguments(m)
     for node in graph.nodes:
         if node.op == "get_attr" and node.target not in constants:
             try:
@@ -657,6 +662,28 @@ def _recording_attribute_reads(root: nn.Module, reads: dict[str, Any]) -> Iterat
     finally:
         for m, cls in originals.items():
             m.__class__ = cls
+
+
+def _check_no_augmented_assignment_to_arguments(module: nn.Module) -> None:
+    """Raise _Untraceable when module's forward writes ``arg += ...`` (or into an attribute or
+    an item): torch.fx records ``x += y`` on a tensor as ``x = x + y``, so a graph would not
+    change the caller's tensor as the module does. (Assignments to the forward's own
+    locals, like ResNet's ``out += identity``, change nothing the caller holds.)"""
+    forward = type(module).forward
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(forward)))
+    except (OSError, TypeError, SyntaxError) as error:
+        raise _Untraceable(f"its forward's source cannot be read ({error})") from error
+    function = tree.body[0]
+    arguments = {a.arg for a in (*function.args.posonlyargs, *function.args.args)}
+    for node in ast.walk(function):
+        if isinstance(node, ast.AugAssign) and (
+            not isinstance(node.target, ast.Name) or node.target.id in arguments
+        ):
+            raise _Untraceable(
+                f"its forward updates {ast.unparse(node.target)} in place (line "
+                f"{node.lineno} of forward), which torch.fx records as a new tensor"
+            )
 
 
 def _check_signature(module: nn.Module) -> None:

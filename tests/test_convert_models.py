@@ -501,3 +501,40 @@ def test_graph_fusion_refuses_a_forward_reading_python_attributes_a_trace_would_
         setattr(original, name, value)
     x = make_input((2, 4, 5, 5), torch.float64)
     assert_matches("output after the attribute changed", converted(x), original(x))
+
+
+class InPlaceIntoInput(nn.Module):
+    """A block adding into the tensor its caller passed: the caller sees the change."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        x += self.bn(self.conv(x))
+        return F.relu(x)
+
+
+class CallerOfInPlace(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(4, 4, 1)
+        self.block = InPlaceIntoInput()
+
+    def forward(self, x):
+        h = self.stem(x)
+        return self.block(h) + h
+
+
+def test_graph_fusion_refuses_a_forward_adding_in_place_into_its_input():
+    torch.manual_seed(0)
+    model = CallerOfInPlace().double().eval()
+    original = copy.deepcopy(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        converted = fastbn.convert(model, fuse="graph")
+    assert "block (InPlaceIntoInput): its forward updates x in place" in str(caught[0].message)
+    x = make_input((2, 4, 3, 3), torch.float64)
+    with torch.no_grad():
+        assert_matches("output", converted(x), original(x))

@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -303,10 +304,12 @@ def tiles_per_chunk(tiles: Tiling) -> int:
 
 
 def merge_chunks(tiles: Tiling, chunks: int) -> int:
-    """MERGE_CHUNKS: chunk summaries per tree step of the merge (1 without a merge)."""
+    """MERGE_CHUNKS: chunk summaries per tree step of the merge (1 without a merge). It
+    follows the tile alone, not the chunk count, so shapes share compiled kernels; a
+    masked-off part of a step costs only its predicated loads, once per channel block."""
     if chunks == 1:
         return 1
-    return _power_of_two_at_most(chunks, max(MERGE_ELEMENTS // tiles.block_c, 1))
+    return max(MERGE_ELEMENTS // tiles.block_c, 2)
 
 
 def check_grid(programs: int) -> tuple[int]:
@@ -336,14 +339,36 @@ class KernelLaunch:
     bytes_written: int = 0
 
     def __call__(self, tensors: tuple, floats: tuple) -> None:
-        # The kernel is looked up at launch time, so tests can swap kernels for recorders.
+        if _recorded is not None:
+            _recorded.append((self, tensors, floats))
+            return
         kernel = getattr(KERNEL_MODULES[self.module], self.kernel)
         kernel[self.grid](*tensors, *self.ints, *floats, **self.constexprs)
+
+    def arguments(self, tensors: tuple, floats: tuple) -> tuple[tuple, dict]:
+        """(args, kwargs) of the kernel call for these tensors and floats."""
+        return (*tensors, *self.ints, *floats), self.constexprs
 
     @property
     def tile(self) -> tuple[int, int]:
         """(BLOCK_C, BLOCK_S) of the launch (FLAT: 1 and the slice length)."""
         return self.constexprs["BLOCK_C"], self.constexprs["BLOCK_S"]
+
+
+_recorded: list | None = None
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[list]:
+    """Inside, launches are recorded instead of run, as (KernelLaunch, tensors, floats):
+    everything else of a call (planning, allocation, device choice) runs as usual. For
+    --plan, the host-cost suite, and the compile test (on meta tensors: no memory)."""
+    global _recorded
+    previous, _recorded = _recorded, []
+    try:
+        yield _recorded
+    finally:
+        _recorded = previous
 
 
 def device_guard(device: torch.device) -> contextlib.AbstractContextManager:
@@ -502,14 +527,15 @@ def copy_back(written: Tensor, target: Tensor) -> None:
 
 def _elementwise_launch(kernel: str, module: str, geometries: tuple[Geometry, ...],
                         view: View, strides: tuple[int, ...], dtype: torch.dtype,
-                        min_block_s: int, mask_bytes: int, bytes_read: int,
+                        min_block_s: int, flat_ok: bool, mask_bytes: int, bytes_read: int,
                         bytes_written: int, constexprs: dict) -> KernelLaunch:
-    """An elementwise launch over ``view``: flat slices or 2-D tiles (see the heuristics);
-    ``strides`` are the views' (stride_n, stride_c, stride_s) in kernel order."""
+    """An elementwise launch over ``view``: flat slices (where ``flat_ok`` and the
+    heuristics say so) or 2-D tiles at least ``min_block_s`` long; ``strides`` are the
+    views' (stride_n, stride_c, stride_s) in kernel order."""
     channels, positions = view.channels, view.positions
     numel = view.batch * channels * positions
     mask_strides_ = (channels * mask_bytes, mask_bytes)
-    if min_block_s == 1 and _flat(geometries, view):
+    if flat_ok and _flat(geometries, view):
         per_thread = FLAT_ELEMENTS_PER_THREAD // (2 if dtype == torch.float64 else 1)
         grid = check_grid(cdiv(numel, FLAT_ELEMENTS))
         ints = (channels, positions, numel, *strides, *mask_strides_, 1, grid[0])
@@ -541,7 +567,8 @@ def plan_normalize(x: Geometry, y: Geometry, residual: Geometry | None, dtype: t
     written = numel * size + (view.batch * view.channels * mask_bytes if save_mask else 0)
     return _elementwise_launch(
         "normalize_kernel", "forward", geometries, view, strides, dtype,
-        8 if save_mask else 1, mask_bytes, read + 32 * view.channels, written,
+        # The mask's bytes hold 8 positions of one row: a flat slice could split one.
+        8 if save_mask else 1, not save_mask, mask_bytes, read + 32 * view.channels, written,
         dict(COMPUTE_DTYPE=kernel_compute_dtype(dtype), HAS_WEIGHT=has_weight,
              HAS_BIAS=has_bias, HAS_RESIDUAL=residual is not None,
              ACTIVATION=ACTIVATION_CODES[activation], WRITE_MASK=save_mask,
@@ -659,7 +686,7 @@ def plan_backward(
         geometries = (grad_out, x, *(() if residual is None else (residual,)), *outputs)
         grad = _elementwise_launch(
             "grad_input_kernel", "backward", geometries, view, (*strides, *out_strides), dtype,
-            8 if use_mask else 1, mask_bytes,
+            8 if use_mask else 1, True, mask_bytes,
             reads + (numel // 8 if use_mask else 0) + 48 * view.channels,
             len(outputs) * numel * size,
             dict(flags, BATCH_STATS=read_sums, WRITE_GRAD_INPUT=grad_input is not None,

@@ -172,10 +172,10 @@ def partial_grad_sums_kernel(
         tl.store(partial_ptr + chunk * C + c, chunk_sum_g, mask=c_mask)
         tl.store(partial_ptr + (num_chunks + chunk) * C + c, chunk_sum_g_xhat, mask=c_mask)
         if ticket(counters_ptr + block) == num_chunks - 1:
-            chunk_sum_g, chunk_sum_g_xhat = merge_partial_sums(
+            total_g, total_g_xhat = merge_partial_sums(
                 partial_ptr, c, c_mask, C, num_chunks, BLOCK_C, MERGE_CHUNKS, COMPUTE_DTYPE)
             tl.store(counters_ptr + block, 0)
-            store_parameter_grads(c, c_mask, chunk_sum_g, chunk_sum_g_xhat, sums_ptr,
+            store_parameter_grads(c, c_mask, total_g, total_g_xhat, sums_ptr,
                                   grad_weight_ptr, grad_bias_ptr, C, WRITE_GRAD_WEIGHT,
                                   WRITE_GRAD_BIAS)
     else:
@@ -208,12 +208,12 @@ def grad_input_kernel(
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     ACTIVATION: tl.constexpr, USE_MASK: tl.constexpr, BATCH_STATS: tl.constexpr,
     WRITE_GRAD_INPUT: tl.constexpr, WRITE_GRAD_RESIDUAL: tl.constexpr,
-    FLAT: tl.constexpr,  # every tensor contiguous: walk the flat range (no USE_MASK)
+    FLAT: tl.constexpr,  # every tensor contiguous: walk the flat range
     USE_INT64: tl.constexpr,
 ):
     """d input and d residual on one tile."""
     if FLAT:
-        offsets, mask, c = flat_tile(numel, C, S, BLOCK_S, USE_INT64)
+        offsets, mask, c, row, s = flat_tile(numel, C, S, BLOCK_S, USE_INT64)
         c_mask = mask
         hi, lo, invstd, scale, shift = channel_constants(
             c, mask, mean_ptr, var_ptr, weight_ptr, bias_ptr, eps, COMPUTE_DTYPE, HAS_WEIGHT,
@@ -224,8 +224,12 @@ def grad_input_kernel(
         residual = x
         if HAS_RESIDUAL:
             residual = tl.load(residual_ptr + offsets, mask=mask, other=0).to(COMPUTE_DTYPE)
-        g, x_hat = output_grad(x, g, residual, mask, mask, hi, lo, invstd, scale, shift,
-                               negative_slope, HAS_RESIDUAL, ACTIVATION, False)
+        bits = mask
+        if USE_MASK:  # the mask is [N * C, cdiv(S, 8)]: row, then byte s // 8, bit s % 8
+            byte = tl.load(mask_ptr + row * mask_stride_c + s // 8, mask=mask, other=0)
+            bits = ((byte.to(tl.int32) >> (s % 8)) & 1) != 0
+        g, x_hat = output_grad(x, g, residual, bits, mask, hi, lo, invstd, scale, shift,
+                               negative_slope, HAS_RESIDUAL, ACTIVATION, USE_MASK)
         gi_offsets = offsets
         gr_offsets = offsets
     else:

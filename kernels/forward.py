@@ -20,9 +20,11 @@ momentum, or 1 / (num_batches_tracked + 1) (CUMULATIVE). num_batches_tracked goe
 one in the same launch: after every finishing program has read it, by the last of them
 (a second ticket) when CUMULATIVE, else by channel block 0's.
 
-NaN and Inf propagate as in torch: a NaN (or +-Inf, whose M2 is NaN) in a channel gives
-NaN statistics and running statistics; a sum of squares that overflows gives an infinite
-variance (output 0 * (x - mean) + bias). Nothing clamps with max/min, whose PTX drops NaN.
+NaN and Inf propagate as in torch: a NaN in a channel gives NaN statistics and running
+statistics; +-inf gives a mean of +-inf (or NaN, with both signs) and a NaN variance (a
+non-finite anchor or shift is replaced by 0, so it cannot turn finite values into NaN);
+a sum of squares that overflows gives an infinite variance (output 0 * (x - mean) + bias).
+Nothing clamps with max/min, whose PTX drops NaN.
 
 ``normalize_kernel`` then writes y = act((x - mean) * invstd * weight + bias + residual),
 one tile per program, or (FLAT) one flat slice of contiguous tensors per program; eval
@@ -51,11 +53,35 @@ from .tiling import (
 
 @triton.jit
 def chan_merge(mean_a, m2_a, count_a, mean_b, m2_b, count_b):
-    """Chan's merge of two (mean, M2, count) summaries of disjoint sets of values."""
+    """Chan's merge of two (mean, M2, count) summaries of disjoint sets of values.
+
+    Non-finite means merge as torch's sum / count would: equal ones to themselves (inf and
+    inf: inf), others to mean_a + mean_b (inf and a finite mean: inf; inf and -inf, or a
+    NaN: NaN)."""
     count = count_a + count_b
     fraction_b = tl.where(count > 0, count_b / tl.where(count > 0, count, 1.0), 0.0)
     delta = mean_b - mean_a
-    return mean_a + delta * fraction_b, m2_a + m2_b + delta * delta * count_a * fraction_b, count
+    finite = (tl.abs(mean_a) < float("inf")) & (tl.abs(mean_b) < float("inf"))
+    mean = tl.where(mean_a == mean_b, mean_a,
+                    tl.where(finite, mean_a + delta * fraction_b, mean_a + mean_b))
+    # delta * (delta * weight): a summary of no values (weight 0) adds exactly 0, even
+    # where delta * delta would overflow to inf and inf * 0 give NaN.
+    return mean, m2_a + m2_b + delta * (delta * (count_a * fraction_b)), count
+
+
+@triton.jit
+def finite_or_zero(value):
+    """value where it is finite, else 0 (for the shifts: a shift of inf or NaN would turn
+    every finite value into a NaN)."""
+    return tl.where(tl.abs(value) < float("inf"), value, 0.0)
+
+
+@triton.jit
+def centered_m2(sum_y2, sum_y, count):
+    """M2 = sum(y^2) - sum(y)^2 / count. When sum(y^2) overflows to inf while sum(y) is
+    finite, M2 is inf (torch's variance of such a channel), not inf - inf = NaN."""
+    m2 = sum_y2 - sum_y * (sum_y / count)
+    return tl.where((sum_y2 == float("inf")) & (tl.abs(sum_y) < float("inf")), sum_y2, m2)
 
 
 @triton.jit
@@ -188,13 +214,14 @@ def partial_stats_kernel(
     c = channel_block(block, BLOCK_C, USE_INT64)
     c_mask = c < C
     anchor = tl.load(x_ptr + c * stride_c, mask=c_mask, other=0).to(COMPUTE_DTYPE)
+    anchor = finite_or_zero(anchor)
     tile_begin = chunk * tiles_per_chunk
     tile_end = tl.minimum(tile_begin + tiles_per_chunk, num_tiles)
     first, mask, first_count = load_anchored_tile(
         x_ptr, tile_begin, c, c_mask, anchor, S, stride_n, stride_c, stride_s, tiles_per_n,
         BLOCK_S, USE_INT64,
     )
-    shift = tl.sum(first, axis=1) / first_count
+    shift = finite_or_zero(tl.sum(first, axis=1) / first_count)
     y = tl.where(mask, first - shift[:, None], 0.0)
     sum_y = y
     sum_y2 = y * y
@@ -211,18 +238,18 @@ def partial_stats_kernel(
     count_f = count.to(COMPUTE_DTYPE)
     chunk_sum_y = tl.sum(sum_y, axis=1)
     anchored_mean = shift + chunk_sum_y / count_f
-    m2 = tl.sum(sum_y2, axis=1) - chunk_sum_y * (chunk_sum_y / count_f)
+    m2 = centered_m2(tl.sum(sum_y2, axis=1), chunk_sum_y, count_f)
     if CHUNKED:
         tl.store(summary_ptr + chunk * C + c, anchored_mean, mask=c_mask)
         tl.store(summary_ptr + (num_chunks + chunk) * C + c, m2, mask=c_mask)
         if ticket(counters_ptr + block) == num_chunks - 1:
-            anchored_mean, m2, count_f = merge_summaries(
+            merged_mean, merged_m2, merged_count = merge_summaries(
                 summary_ptr, c, c_mask, C, S, num_chunks, tiles_per_n, num_tiles,
                 tiles_per_chunk, BLOCK_S, BLOCK_C, MERGE_CHUNKS, COMPUTE_DTYPE,
             )
             tl.store(counters_ptr + block, 0)
             finish_statistics(
-                block, num_blocks, c, c_mask, anchor, anchored_mean, m2, count_f,
+                block, num_blocks, c, c_mask, anchor, merged_mean, merged_m2, merged_count,
                 mean_ptr, var_ptr, running_mean_ptr, running_var_ptr,
                 num_batches_tracked_ptr, counters_ptr, momentum, unbias, COMPUTE_DTYPE,
                 UPDATE_RUNNING, CUMULATIVE, INCREMENT_STEP,
@@ -313,7 +340,7 @@ def normalize_kernel(
 ):
     """y = act((x - mean) * invstd * weight + bias + residual) on one tile."""
     if FLAT:
-        offsets, mask, c = flat_tile(numel, C, S, BLOCK_S, USE_INT64)
+        offsets, mask, c, _, _ = flat_tile(numel, C, S, BLOCK_S, USE_INT64)
         hi, lo, invstd, scale, shift = channel_constants(
             c, mask, mean_ptr, var_ptr, weight_ptr, bias_ptr, eps, COMPUTE_DTYPE, HAS_WEIGHT,
             HAS_BIAS,

@@ -70,7 +70,7 @@ def program_tile(C, S, tiles_per_n, num_tiles, BLOCK_S: tl.constexpr, BLOCK_C: t
 @triton.jit
 def flat_tile(numel, C, S, BLOCK: tl.constexpr, USE_INT64: tl.constexpr):
     """The BLOCK flat offsets of this program's slice of a contiguous [N, C, S] tensor,
-    their mask, and each element's channel.
+    their mask, and each element's channel, row (n * C + c) and position s in its row.
 
     The channel comes without a division per element: the slice starts at position r0 of
     row row0 (one scalar division), element i lies q = (r0 + i) // S rows further, which
@@ -90,4 +90,4 @@ def flat_tile(numel, C, S, BLOCK: tl.constexpr, USE_INT64: tl.constexpr):
     c = row0 % C + q
     c = tl.where(c >= C, c - C, c)
     offsets = start + tl.arange(0, BLOCK)
-    return offsets, offsets < numel, c
+    return offsets, offsets < numel, c, row0 + q, a - q * S

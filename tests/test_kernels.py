@@ -424,8 +424,8 @@ FLAT_CASES = [((2, 64, 7, 7), torch.float32), ((3, 13, 14, 14), torch.bfloat16),
 
 
 @pytest.mark.parametrize("shape,dtype", FLAT_CASES, ids=str)
-@pytest.mark.parametrize("activation,residual", [(None, False), ("silu", True)],
-                         ids=["plain", "silu+residual"])
+@pytest.mark.parametrize("activation,residual", [(None, False), ("silu", True), ("relu", True)],
+                         ids=["plain", "silu+residual", "relu+residual(mask)"])
 def test_contiguous_small_spatial_walks_the_flat_range(shape, dtype, activation, residual):
     """NCHW with S = 49 or 196: the elementwise kernels walk the flat range, every slice
     boundary inside a channel or between channels and samples."""
@@ -435,6 +435,69 @@ def test_contiguous_small_spatial_walks_the_flat_range(shape, dtype, activation,
                                     dtype if residual else None, True, True,
                                     activation or "none", False, False)
     assert launch_.constexprs["FLAT"]
+    if activation == "relu":  # the forward writes the mask by tiles, the backward reads it flat
+        _, mask = launch.normalize(x, *reference.batch_mean_var(x), None, None, x, 1e-5,
+                                   "relu", 0.0, True)
+        plan = launch.plan_backward(*[launch.geometry(x)] * 2, None, launch.geometry(x), None,
+                                    dtype, True, True, "relu", True, True, True, True, True,
+                                    False)
+        assert plan.grad_input.constexprs["FLAT"]
     check_all(*run_batch_norm(x, residual=residual, activation=activation), dtype)
     check_all(*run_batch_norm(x, training=False, residual=residual, activation=activation),
               dtype)
+
+
+def _poison(x, case):
+    """x with non-finite values placed as ``case`` says (channel 0 unless noted)."""
+    x = x.clone()
+    middle = (x.shape[0] // 2, 0, *(size // 2 for size in x.shape[2:]))
+    if case == "nan_element":
+        x[middle] = float("nan")
+    elif case == "inf_element":
+        x[middle] = float("inf")
+    elif case == "neg_inf_first_element":  # the anchor and the first tile's shift
+        x[(0, 0, *([0] * (x.dim() - 2)))] = float("-inf")
+    elif case == "nan_channel":
+        x[:, 0] = float("nan")
+    elif case == "inf_channel":
+        x[:, 0] = float("inf")
+    elif case == "sum_of_squares_overflows":  # every value finite, their squares' sum not
+        x[:, 0] = x[:, 0] * 3e19
+    return x
+
+
+NON_FINITE = ["nan_element", "inf_element", "neg_inf_first_element", "nan_channel",
+              "inf_channel", "sum_of_squares_overflows"]
+
+
+@pytest.mark.parametrize(
+    "case,shape,momentum",
+    [(case, (4, 3, 5, 5), 0.1) for case in NON_FINITE]
+    + [(case, (kernel_sizes(4, 64), 3, 33, 33), 0.1) for case in NON_FINITE]
+    + [("inf_element", (kernel_sizes(4, 64), 3, 33, 33), None)],
+    ids=str,
+)
+def test_non_finite_values_propagate_like_torch(case, shape, momentum):
+    """Statistics, running statistics and output as torch's own BatchNorm gives them (CPU):
+    NaN where torch has NaN, inf where it has inf, 0 where an overflowing variance gives 0;
+    in one chunk and merged from several."""
+    x = _poison(make_input(shape), case)
+    assert stats_plan(x).launch.constexprs["CHUNKED"] == (shape[2] == 33)
+    results = {}
+    for name in ("fastbn", "torch"):
+        rm, rv = torch.zeros(3, device=DEVICE), torch.ones(3, device=DEVICE)
+        nbt = torch.tensor(4, device=DEVICE)
+        if name == "fastbn":
+            with fastbn.use_backend("triton"):
+                y = fastbn.batch_norm(x, rm, rv, None, None, True, momentum,
+                                      num_batches_tracked=nbt)
+        else:
+            factor = 1 / 5 if momentum is None else momentum
+            rm, rv = rm.cpu(), rv.cpu()
+            y = F.batch_norm(x.cpu(), rm, rv, None, None, True, factor)
+        results[name] = (y.cpu(), rm.cpu(), rv.cpu())
+    atol, rtol = tolerance(torch.float32)
+    for what, mine, theirs in zip(("y", "running_mean", "running_var"), results["fastbn"],
+                                  results["torch"], strict=True):
+        torch.testing.assert_close(mine, theirs, atol=atol, rtol=rtol, equal_nan=True,
+                                   msg=lambda m, what=what: f"{what}: {m}")

@@ -58,18 +58,21 @@ ACTIVATION_CODES = {"none": 0, "relu": 1, "relu6": 2, "leaky_relu": 3, "silu": 4
 #   two registers, so float64 tiles and per-thread counts are halved.
 #   The reductions keep two accumulators of tile size, so their tiles are smaller.
 # - The contiguous axis gets the long side of the tile: up to 1024 positions of S (NCHW),
-#   or up to 128 channels (channels_last), so loads vectorise.
+#   or up to 128 channels (channels_last), so loads vectorise. Reductions take at most
+#   32 channels per program: more channel blocks, so fewer chunks per block to merge
+#   (a 64-byte run of bf16 channels still loads as 16-byte vectors).
 # - Elementwise calls whose tensors are all contiguous NCHW with S not a multiple of 16
 #   (14x14, 7x7: rows carry no 16-byte alignment, so tiles would load scalars) walk the
 #   flat range instead (FLAT): FLAT_ELEMENTS per program, FLAT_ELEMENTS_PER_THREAD per
 #   thread (each element also holds its channel's constants).
 # - The reductions split each channel block's tiles into chunks so that about
 #   REDUCTION_PROGRAMS programs run: the chunking depends on the shape only, not on the
-#   GPU, so results are bitwise the same on every GPU model. 1024 programs are several per
-#   SM on any current GPU (132 on an H100), so even C = 16 fills the machine. A chunk
-#   has at least MIN_TILES_PER_CHUNK tiles, which keeps the workspace and the merge small.
-#   One chunk means no workspace: the program finishes the statistics. The merge adds
-#   MERGE_ELEMENTS summaries per tree step.
+#   GPU, so results are bitwise the same on every GPU model. 512 programs are about four
+#   per SM on an H100/H200 (132 SMs), so even C = 16 fills the machine. A chunk has at
+#   least MIN_TILES_PER_CHUNK tiles, which keeps the workspace and the merge small. One
+#   chunk means no workspace: the program finishes the statistics. The merge takes
+#   MERGE_ELEMENTS summaries (at most MAX_MERGE_CHUNKS chunks) per tree step: more spilled
+#   registers with triton 3.6's ptxas in the partial_stats_kernel's merge.
 # - CUDA grids: one axis of at most MAX_PROGRAMS programs.
 # ---------------------------------------------------------------------------------------------
 REDUCTION_TILE_ELEMENTS = 2048
@@ -80,9 +83,11 @@ FLAT_ELEMENTS_PER_THREAD = 8
 FLAT_MAX_POSITIONS = 2**20  # flat_tile's float32 row arithmetic is exact below 2**24
 MAX_BLOCK_S = 1024
 MAX_BLOCK_C = 128
-REDUCTION_PROGRAMS = 1024
+MAX_REDUCTION_BLOCK_C = 32
+REDUCTION_PROGRAMS = 512
 MIN_TILES_PER_CHUNK = 4
 MERGE_ELEMENTS = 1024
+MAX_MERGE_CHUNKS = 32
 MAX_PROGRAMS = 2**31 - 1
 
 
@@ -205,15 +210,33 @@ def mask_strides(view: View) -> tuple[int, int]:
 
 def readable(t: Tensor | None) -> Tensor | None:
     """t itself when the kernels can read it through its strides, else a contiguous copy."""
-    if t is None or fits_view(t):
-        return t
-    return t.contiguous()
+    return _readable(t)[0]
+
+
+def _readable(t: Tensor | None) -> tuple[Tensor | None, Geometry | None]:
+    """readable(t) and its geometry (None for None), each computed once."""
+    if t is None:
+        return None, None
+    g = geometry(t)
+    if _spatial_stride(g) is not None:
+        return t, g
+    t = t.contiguous()
+    return t, geometry(t)
 
 
 def writable(out: Tensor) -> Tensor:
     """out when the kernels can write it through its strides, else a contiguous stand-in
     whose values the caller copies into out afterwards."""
-    return out if fits_view(out) else torch.empty(out.shape, dtype=out.dtype, device=out.device)
+    return _writable(out)[0]
+
+
+def _writable(out: Tensor) -> tuple[Tensor, Geometry]:
+    """writable(out) and its geometry."""
+    g = geometry(out)
+    if _spatial_stride(g) is not None:
+        return out, g
+    out = torch.empty(out.shape, dtype=out.dtype, device=out.device)
+    return out, geometry(out)
 
 
 def per_channel(t: Tensor | None) -> Tensor | None:
@@ -221,9 +244,10 @@ def per_channel(t: Tensor | None) -> Tensor | None:
     return None if t is None else t.contiguous()
 
 
-def needs_int64(tensors: list[Tensor]) -> bool:
-    """Whether some element offset of these tensors reaches 2**31 (then offsets are int64)."""
-    return any(_needs_int64(geometry(t)) for t in tensors)
+def needs_int64(geometries) -> bool:
+    """Whether some element offset of tensors of these geometries reaches 2**31 (then
+    offsets are int64). The plans call it, so a test that patches it clears them."""
+    return any(_needs_int64(g) for g in geometries if g is not None)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -256,14 +280,15 @@ def _power_of_two_at_most(value: int, limit: int) -> int:
 
 @functools.lru_cache(maxsize=4096)
 def tiling(view: View, stride_s: int, elements: int, per_thread: int,
-           min_block_s: int = 1) -> Tiling:
+           min_block_s: int = 1, max_block_c: int = MAX_BLOCK_C) -> Tiling:
     """Tiles of at most ``elements`` values, the long side on x's contiguous axis, with
-    warps for ``per_thread`` values per thread; at least ``min_block_s`` positions long."""
+    warps for ``per_thread`` values per thread; at least ``min_block_s`` positions long,
+    at most ``max_block_c`` channels wide."""
     if stride_s == 1 and view.positions > 1:
         block_s = _power_of_two_at_most(view.positions, min(MAX_BLOCK_S, elements))
         block_c = _power_of_two_at_most(view.channels, max(elements // block_s, 1))
     else:
-        block_c = _power_of_two_at_most(view.channels, min(MAX_BLOCK_C, elements))
+        block_c = _power_of_two_at_most(view.channels, min(max_block_c, elements))
         block_s = _power_of_two_at_most(view.positions, max(elements // block_c, 1))
     block_s = max(block_s, min_block_s)
     tiles_per_n = cdiv(view.positions, block_s)
@@ -278,7 +303,8 @@ def tiling(view: View, stride_s: int, elements: int, per_thread: int,
 
 
 def reduction_tiling(view: View, stride_s: int, dtype: torch.dtype) -> Tiling:
-    return tiling(view, stride_s, *_register_budget(REDUCTION_TILE_ELEMENTS, dtype))
+    return tiling(view, stride_s, *_register_budget(REDUCTION_TILE_ELEMENTS, dtype),
+                  max_block_c=MAX_REDUCTION_BLOCK_C)
 
 
 def elementwise_tiling(view: View, stride_s: int, dtype: torch.dtype,
@@ -309,7 +335,7 @@ def merge_chunks(tiles: Tiling, chunks: int) -> int:
     masked-off part of a step costs only its predicated loads, once per channel block."""
     if chunks == 1:
         return 1
-    return max(MERGE_ELEMENTS // tiles.block_c, 2)
+    return max(min(MERGE_ELEMENTS // tiles.block_c, MAX_MERGE_CHUNKS), 2)
 
 
 def check_grid(programs: int) -> tuple[int]:
@@ -448,8 +474,9 @@ class StatsPlan:
 
 @functools.lru_cache(maxsize=4096)
 def plan_batch_stats(x: Geometry, dtype: torch.dtype, update_running: bool,
-                     cumulative: bool, increment_step: bool, use_int64: bool) -> StatsPlan:
+                     cumulative: bool, increment_step: bool) -> StatsPlan:
     """The statistics launch for an x of this geometry (see partial_stats_kernel)."""
+    use_int64 = needs_int64((x,))
     view = _plan_view((x,), False)
     stride_n, stride_c, stride_s = _view_strides(x, view.folded)
     tiles = reduction_tiling(view, stride_s, dtype)
@@ -493,10 +520,10 @@ def batch_stats_(
         if num_batches_tracked is not None:
             num_batches_tracked.add_(1)
         return mean.zero_(), var.zero_()
-    x = readable(x)
+    x, gx = _readable(x)
     update = running_mean is not None and running_var is not None
-    plan = plan_batch_stats(geometry(x), x.dtype, update, update and momentum is None,
-                            num_batches_tracked is not None, needs_int64([x]))
+    plan = plan_batch_stats(gx, x.dtype, update, update and momentum is None,
+                            num_batches_tracked is not None)
     running = (writable_vector(running_mean), writable_vector(running_var)) if update else (
         None, None)
     workspace = (torch.empty(plan.workspace, dtype=compute_dtype(x.dtype), device=x.device)
@@ -555,9 +582,10 @@ def _elementwise_launch(kernel: str, module: str, geometries: tuple[Geometry, ..
 @functools.lru_cache(maxsize=4096)
 def plan_normalize(x: Geometry, y: Geometry, residual: Geometry | None, dtype: torch.dtype,
                    residual_dtype: torch.dtype | None, has_weight: bool, has_bias: bool,
-                   activation: str, save_mask: bool, use_int64: bool) -> KernelLaunch:
+                   activation: str, save_mask: bool) -> KernelLaunch:
     """The normalize launch for tensors of these geometries (see normalize_kernel)."""
     geometries = (x, y) if residual is None else (x, y, residual)
+    use_int64 = needs_int64(geometries)
     view = _plan_view(geometries, save_mask)
     strides = tuple(s for g in (x, y, residual or x) for s in _view_strides(g, view.folded))
     numel = math.prod(x[0])
@@ -594,13 +622,11 @@ def normalize(
     activation_mask = x.new_empty(mask_shape(x) if save_mask else (0,), dtype=torch.uint8)
     if x.numel() == 0:
         return out, activation_mask.zero_()
-    x, residual = readable(x), readable(residual)
-    y = writable(out)
-    tensors = [x, y] if residual is None else [x, y, residual]
+    (x, gx), (residual, gr) = _readable(x), _readable(residual)
+    y, gy = _writable(out)
     launch = plan_normalize(
-        geometry(x), geometry(y), None if residual is None else geometry(residual), x.dtype,
-        None if residual is None else residual.dtype, weight is not None, bias is not None,
-        activation, save_mask, needs_int64(tensors),
+        gx, gy, gr, x.dtype, None if residual is None else residual.dtype, weight is not None,
+        bias is not None, activation, save_mask,
     )
     with device_guard(x.device):
         launch(
@@ -642,11 +668,12 @@ def plan_backward(
     grad_out: Geometry, x: Geometry, residual: Geometry | None, grad_input: Geometry | None,
     grad_residual: Geometry | None, dtype: torch.dtype, has_weight: bool, has_bias: bool,
     activation: str, use_mask: bool, batch_stats: bool, want_sums: bool,
-    write_grad_weight: bool, write_grad_bias: bool, use_int64: bool,
+    write_grad_weight: bool, write_grad_bias: bool,
 ) -> BackwardPlan:
     """The backward's launches for tensors of these geometries: the sums (when
     ``want_sums``) and d input / d residual (when either geometry is given)."""
     outputs = tuple(g for g in (grad_input, grad_residual) if g is not None)
+    use_int64 = needs_int64((grad_out, x, residual, *outputs))
     numel = math.prod(x[0])
     size = _element_size(dtype)
     acc_size = _element_size(compute_dtype(dtype))
@@ -693,15 +720,6 @@ def plan_backward(
                  WRITE_GRAD_RESIDUAL=grad_residual is not None),
         )
     return BackwardPlan(sums, grad, workspace, counters_)
-
-
-def _backward_inputs(grad_out: Tensor, x: Tensor, residual: Tensor | None,
-                     activation_mask: Tensor | None, activation: str):
-    """grad_out, x and the residual as the kernels read them (the residual only where the
-    activation's derivative needs it: not at all when the mask records that derivative)."""
-    use_mask = activation_mask is not None
-    residual = readable(residual) if activation != "none" and not use_mask else None
-    return readable(grad_out), readable(x), residual, use_mask
 
 
 def normalize_backward(
@@ -753,17 +771,19 @@ def _backward(grad_out, x, mean, var, weight, bias, residual, activation_mask, s
         if want_sums:
             sums = torch.zeros((2, x.shape[1]), dtype=acc, device=x.device)
         return grad_input, grad_weight.zero_(), grad_bias.zero_(), grad_residual, sums
-    grad_out, x_read, residual_read, use_mask = _backward_inputs(
-        grad_out, x, residual, activation_mask, activation)
-    gi = writable(grad_input) if want_input else None
-    gr = writable(grad_residual) if want_residual else None
-    tensors = [t for t in (x_read, grad_out, residual_read, gi, gr) if t is not None]
+    # The residual matters only through the activation's derivative, and not at all when
+    # the mask records that derivative.
+    use_mask = activation_mask is not None
+    grad_out, g_geometry = _readable(grad_out)
+    x_read, x_geometry = _readable(x)
+    residual_read, r_geometry = _readable(
+        residual if activation != "none" and not use_mask else None)
+    gi, gi_geometry = _writable(grad_input) if want_input else (None, None)
+    gr, gr_geometry = _writable(grad_residual) if want_residual else (None, None)
     plan = plan_backward(
-        geometry(grad_out), geometry(x_read),
-        None if residual_read is None else geometry(residual_read),
-        None if gi is None else geometry(gi), None if gr is None else geometry(gr),
-        x.dtype, weight is not None, bias is not None, activation, use_mask,
-        batch_stats, want_sums, want_weight, want_bias, needs_int64(tensors),
+        g_geometry, x_geometry, r_geometry, gi_geometry, gr_geometry, x.dtype,
+        weight is not None, bias is not None, activation, use_mask, batch_stats, want_sums,
+        want_weight, want_bias,
     )
     mean, var = per_channel(mean), per_channel(var)
     weight, bias = per_channel(weight), per_channel(bias)

@@ -77,7 +77,8 @@ def run_config(dtype, layout, batch, activation, residual, affine, track, moment
     (x of ``shape``, else (batch, 64, 8, 8))."""
     launch_needs_int64 = launch.needs_int64
     if use_int64:
-        launch.needs_int64 = lambda tensors: True
+        launch.needs_int64 = lambda geometries: True
+    launch.clear_plans()  # plans made with the other needs_int64 must not be reused
     try:
         x = make(shape or (batch, 64, 8, 8), dtype, layout)
         channels = x.shape[1]
@@ -109,6 +110,7 @@ def run_config(dtype, layout, batch, activation, residual, affine, track, moment
                                   activation, 0.01, [False, affine, affine, False])
     finally:
         launch.needs_int64 = launch_needs_int64
+        launch.clear_plans()
 
 
 def quick_configs():

@@ -155,8 +155,7 @@ def test_every_dtype_in_both_layouts(dtype, layout):
 
 
 def stats_plan(x, momentum=0.1):
-    return launch.plan_batch_stats(launch.geometry(x), x.dtype, True, momentum is None, True,
-                                   False)
+    return launch.plan_batch_stats(launch.geometry(x), x.dtype, True, momentum is None, True)
 
 
 def test_statistics_split_into_chunks_with_partial_tiles():
@@ -254,10 +253,11 @@ def test_grad_out_in_another_layout_than_the_input():
     check_all(*run_batch_norm(x, grad_layout="channels_last"), torch.float32)
 
 
-def test_64_bit_offsets_give_the_same_bits(monkeypatch):
+def test_64_bit_offsets_give_the_same_bits(monkeypatch, fresh_plans):
     x = make_input((3, 5, 6, 6), layout="channels_last")
     first, _, _ = run_batch_norm(x, activation="silu", residual=True)
-    monkeypatch.setattr(launch, "needs_int64", lambda tensors: True)
+    monkeypatch.setattr(launch, "needs_int64", lambda geometries: True)
+    launch.clear_plans()
     second, _, _ = run_batch_norm(x, activation="silu", residual=True)
     assert torch.equal(first["fastbn"]["y"], second["fastbn"]["y"])
     for a, b in zip(first["fastbn"]["grads"], second["fastbn"]["grads"], strict=True):
@@ -267,8 +267,8 @@ def test_64_bit_offsets_give_the_same_bits(monkeypatch):
 def test_needs_int64_only_past_two_to_the_31():
     small = torch.empty(0, device="meta").as_strided((2, 2), (1, 2**30))
     large = torch.empty(0, device="meta").as_strided((2, 3), (1, 2**30))
-    assert not launch.needs_int64([small])
-    assert launch.needs_int64([large])
+    assert not launch.needs_int64([launch.geometry(small)])
+    assert launch.needs_int64([launch.geometry(large)])
 
 
 def test_results_are_bitwise_reproducible():
@@ -433,14 +433,13 @@ def test_contiguous_small_spatial_walks_the_flat_range(shape, dtype, activation,
     launch_ = launch.plan_normalize(launch.geometry(x), launch.geometry(x),
                                     launch.geometry(x) if residual else None, dtype,
                                     dtype if residual else None, True, True,
-                                    activation or "none", False, False)
+                                    activation or "none", False)
     assert launch_.constexprs["FLAT"]
     if activation == "relu":  # the forward writes the mask by tiles, the backward reads it flat
         _, mask = launch.normalize(x, *reference.batch_mean_var(x), None, None, x, 1e-5,
                                    "relu", 0.0, True)
         plan = launch.plan_backward(*[launch.geometry(x)] * 2, None, launch.geometry(x), None,
-                                    dtype, True, True, "relu", True, True, True, True, True,
-                                    False)
+                                    dtype, True, True, "relu", True, True, True, True, True)
         assert plan.grad_input.constexprs["FLAT"]
     check_all(*run_batch_norm(x, residual=residual, activation=activation), dtype)
     check_all(*run_batch_norm(x, training=False, residual=residual, activation=activation),

@@ -206,15 +206,31 @@ def test_grids_stay_within_cuda_limits_for_huge_shapes(shape, layout, dtype):
     if layout == "channels_last":
         x = x.to(memory_format=torch.channels_last)
     g = launch.geometry(x)
-    int64 = launch.needs_int64([x])
     plans = [
-        launch.plan_batch_stats(g, dtype, True, False, True, int64).launch,
-        launch.plan_normalize(g, g, g, dtype, dtype, True, True, "relu", False, int64),
-        launch.plan_normalize(g, g, None, dtype, None, True, True, "relu", True, int64),
+        launch.plan_batch_stats(g, dtype, True, False, True).launch,
+        launch.plan_normalize(g, g, g, dtype, dtype, True, True, "relu", False),
+        launch.plan_normalize(g, g, None, dtype, None, True, True, "relu", True),
     ]
     backward = launch.plan_backward(g, g, g, g, g, dtype, True, True, "silu", False, True,
-                                    True, True, True, int64)
+                                    True, True, True)
     plans += [backward.sums, backward.grad_input]
     for planned in plans:
         assert len(planned.grid) == 1 and 1 <= planned.grid[0] <= 2**31 - 1, planned.kernel
-    assert int64 == (x.numel() >= 2**31)
+        assert planned.constexprs["USE_INT64"] == (x.numel() >= 2**31)
+
+
+def test_merges_take_few_tree_steps_on_every_bench_shape():
+    """The last program of a channel block merges its chunks in at most 16 tree steps (the
+    serial finalize this replaced took one step per chunk, up to 523)."""
+    from fastbn.bench.plan import point_launches
+    from fastbn.bench.shapes import SUITES
+
+    worst = 0
+    for name in ("quick", "resnet50", "bn1d", "video"):
+        for point in SUITES[name].points:
+            for launches in point_launches(point).values():
+                for planned in launches:
+                    if planned.constexprs.get("CHUNKED"):
+                        chunks, per_step = planned.ints[-1], planned.constexprs["MERGE_CHUNKS"]
+                        worst = max(worst, -(-chunks // per_step))
+    assert 1 <= worst <= 16

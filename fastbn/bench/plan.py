@@ -2,7 +2,8 @@
 of a suite, planned without running anything (meta tensors: no memory, no GPU).
 
 Per point and mode, each launch's kernel, grid (programs), tile (BLOCK_C x BLOCK_S, or a
-flat slice), warps, the variant flags that matter (FLAT, CHUNKED), and the bytes it reads
+flat slice), warps, the variant flags that matter (FLAT; CHUNKED:chunks/chunks merged per
+tree step, of each channel block's last program), and the bytes it reads
 and writes by fastbn.launch's count, against the compulsory traffic of the mode
 (fastbn.bench.traffic).
 """
@@ -71,7 +72,10 @@ def plan_rows(points: list[Point]) -> list[dict]:
         for mode, launches in point_launches(point).items():
             compulsory = compulsory_bytes(mode, point.fusion, numel, element)
             for index, planned in enumerate(launches):
-                flags = [name for name in ("FLAT", "CHUNKED") if planned.constexprs.get(name)]
+                flags = ["FLAT"] if planned.constexprs.get("FLAT") else []
+                if planned.constexprs.get("CHUNKED"):  # chunks / chunks per merge step
+                    flags.append(f"CHUNKED:{planned.ints[-1]}/"
+                                 f"{planned.constexprs['MERGE_CHUNKS']}")
                 rows.append({
                     "shape": list(point.shape), "dtype": point.dtype, "layout": point.layout,
                     "fusion": point.fusion, "mode": mode, "launch": index,
@@ -86,7 +90,7 @@ def plan_rows(points: list[Point]) -> list[dict]:
 def format_plan(rows: list[dict]) -> str:
     """The rows as a table; per mode, the total traffic over the compulsory traffic."""
     lines = [f"{'point':38s} {'mode':13s} {'kernel':24s} {'grid':>8s} {'tile':>9s} "
-             f"{'warps':>5s} {'flags':12s} {'read MB':>9s} {'write MB':>9s} {'x compulsory':>12s}"]
+             f"{'warps':>5s} {'flags':16s} {'read MB':>9s} {'write MB':>9s} {'x compulsory':>12s}"]
     totals: dict[tuple, int] = {}
     for row in rows:
         key = (tuple(row["shape"]), row["dtype"], row["layout"], row["fusion"], row["mode"])
@@ -100,7 +104,7 @@ def format_plan(rows: list[dict]) -> str:
         tile = "x".join(str(v) for v in row["tile"])
         lines.append(
             f"{point:38s} {row['mode']:13s} {row['kernel']:24s} {row['grid'][0]:>8d} "
-            f"{tile:>9s} {row['num_warps']:>5d} {','.join(row['flags']):12s} "
+            f"{tile:>9s} {row['num_warps']:>5d} {','.join(row['flags']):16s} "
             f"{row['bytes_read'] / 1e6:>9.2f} {row['bytes_written'] / 1e6:>9.2f} {ratio:>12s}"
         )
     return "\n".join(lines)

@@ -225,17 +225,16 @@ def partial_stats_kernel(
     y = tl.where(mask, first - shift[:, None], 0.0)
     sum_y = y
     sum_y2 = y * y
-    count = first_count.to(tl.int64)
     for t in range(tile_begin + 1, tile_end):
-        anchored, mask, tile_count = load_anchored_tile(
+        anchored, mask, _ = load_anchored_tile(
             x_ptr, t, c, c_mask, anchor, S, stride_n, stride_c, stride_s, tiles_per_n,
             BLOCK_S, USE_INT64,
         )
         y = tl.where(mask, anchored - shift[:, None], 0.0)
         sum_y += y
         sum_y2 += y * y
-        count += tile_count
-    count_f = count.to(COMPUTE_DTYPE)
+    count_f = chunk_counts(chunk, S, tiles_per_n, num_tiles, tiles_per_chunk,
+                           BLOCK_S).to(COMPUTE_DTYPE)
     chunk_sum_y = tl.sum(sum_y, axis=1)
     anchored_mean = shift + chunk_sum_y / count_f
     m2 = centered_m2(tl.sum(sum_y2, axis=1), chunk_sum_y, count_f)

@@ -234,3 +234,63 @@ def test_merges_take_few_tree_steps_on_every_bench_shape():
                         chunks, per_step = planned.ints[-1], planned.constexprs["MERGE_CHUNKS"]
                         worst = max(worst, -(-chunks // per_step))
     assert 1 <= worst <= 16
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA graphs (GPU only): no host sync, shape-only grids and self-resetting tickets replay
+# ---------------------------------------------------------------------------------------------
+def _small_model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 16, 3, padding=1), fastbn.BatchNorm2d(16, activation="relu"),
+        torch.nn.Conv2d(16, 16, 3, padding=1), fastbn.BatchNorm2d(16, momentum=None),
+    ).cuda()
+
+
+def _step(model, x):
+    y = model(x)
+    grads = torch.autograd.grad(y.square().sum(), [x, *model.parameters()])
+    return y, grads
+
+
+def _assert_same_state(a, b):
+    for (name, ta), tb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        torch.testing.assert_close(ta, tb, atol=1e-5, rtol=1e-5, msg=name)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_training_step_replays_in_a_cuda_graph():
+    eager, graphed = _small_model(), _small_model()
+    x = torch.randn(16, 3, 24, 24, device="cuda", requires_grad=True)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the capture, as torch's guide does it
+        _step(graphed, x)
+    torch.cuda.current_stream().wait_stream(side)
+    _step(eager, x)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_y, static_grads = _step(graphed, x)
+    for _ in range(3):
+        graph.replay()
+        y, grads = _step(eager, x)
+    torch.cuda.synchronize()
+    torch.testing.assert_close(static_y, y, atol=1e-5, rtol=1e-5)
+    for a, b in zip(static_grads, grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    _assert_same_state(graphed, eager)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_training_step_under_reduce_overhead_compile():
+    eager, compiled_model = _small_model(), _small_model()
+    compiled = torch.compile(compiled_model, mode="reduce-overhead")
+    x = torch.randn(16, 3, 24, 24, device="cuda", requires_grad=True)
+    for _ in range(3):
+        y_c = compiled(x)
+        grads_c = torch.autograd.grad(y_c.square().sum(), [x, *compiled_model.parameters()])
+        y, grads = _step(eager, x)
+        torch.testing.assert_close(y_c, y, atol=1e-5, rtol=1e-5)
+        for a, b in zip(grads_c, grads, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    _assert_same_state(compiled_model, eager)

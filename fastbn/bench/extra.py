@@ -52,7 +52,7 @@ def run_extra(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: l
         meta = _meta(argv, "host", device, notes)
         print("\n".join(f"note: {note}" for note in notes) + "\nfastbn bench: host cost per "
               f"call on {meta['device']['name']} ({device.type})\n", flush=True)
-        rows = host_rows(device)
+        rows = host_rows(device, repeats=args.reps)
         print(format_host(rows))
     else:
         from fastbn.bench.plan import format_plan, plan_rows

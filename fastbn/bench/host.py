@@ -124,8 +124,16 @@ def time_per_call(call, device: torch.device, calls: int, repeats: int) -> float
     return statistics.median(samples)
 
 
-def host_rows(device: torch.device, calls: int = 200, repeats: int = 7) -> list[dict]:
-    """One row per shape and case: fastbn's and torch's microseconds per call, the ratio."""
+HOST_CALLS = 200  # back-to-back calls per sample
+HOST_REPEATS = 7  # samples; the median is reported
+
+
+def host_rows(device: torch.device, calls: int | None = None,
+              repeats: int | None = None) -> list[dict]:
+    """One row per shape and case: fastbn's and torch's microseconds per call, the ratio
+    (``calls`` and ``repeats`` default to HOST_CALLS and HOST_REPEATS)."""
+    calls = HOST_CALLS if calls is None else calls
+    repeats = HOST_REPEATS if repeats is None else repeats
     points = HOST_POINTS if device.type == "cuda" else CPU_POINTS
     if device.type != "cuda":
         # One thread: torch's CPU kernel on a tiny tensor gains nothing from more, and on

@@ -179,8 +179,8 @@ def fresh_plans():
 
 def test_merge_in_several_tree_steps(monkeypatch, fresh_plans):
     """More chunks than one tree step merges: the groups are merged in chunk order."""
-    x = make_input((kernel_sizes(16, 512), 64, 5, 5), layout="channels_last")
-    monkeypatch.setattr(launch, "MERGE_ELEMENTS", 2 * 64)
+    x = make_input((kernel_sizes(32, 512), 64, 5, 5), layout="channels_last")
+    monkeypatch.setattr(launch, "MERGE_ELEMENTS", 2 * launch.MAX_REDUCTION_BLOCK_C)
     plan = stats_plan(x)
     chunks = plan.launch.ints[-1]
     assert chunks > plan.launch.constexprs["MERGE_CHUNKS"] > 1

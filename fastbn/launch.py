@@ -255,7 +255,8 @@ def _needs_int64(g: Geometry) -> bool:
     shape, strides = g
     numel = math.prod(shape)
     span = sum((size - 1) * abs(stride) for size, stride in zip(shape, strides, strict=True))
-    return numel > 0 and max(span, numel) >= 2**31
+    # A flat slice's offsets run up to FLAT_ELEMENTS past the last element (masked).
+    return numel > 0 and max(span, numel) + FLAT_ELEMENTS >= 2**31
 
 
 # ---------------------------------------------------------------------------------------------

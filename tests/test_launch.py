@@ -216,7 +216,7 @@ def test_grids_stay_within_cuda_limits_for_huge_shapes(shape, layout, dtype):
     plans += [backward.sums, backward.grad_input]
     for planned in plans:
         assert len(planned.grid) == 1 and 1 <= planned.grid[0] <= 2**31 - 1, planned.kernel
-        assert planned.constexprs["USE_INT64"] == (x.numel() >= 2**31)
+        assert planned.constexprs["USE_INT64"] == (x.numel() + launch.FLAT_ELEMENTS >= 2**31)
 
 
 def test_merges_take_few_tree_steps_on_every_bench_shape():
@@ -294,3 +294,10 @@ def test_training_step_under_reduce_overhead_compile():
         for a, b in zip(grads_c, grads, strict=True):
             torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
     _assert_same_state(compiled_model, eager)
+
+
+def test_offsets_near_two_to_the_31_are_64_bit():
+    """A flat slice may run FLAT_ELEMENTS past the last element: int64 before 2**31."""
+    x = torch.empty(2**31 - 1000, device="meta")
+    assert launch.needs_int64([launch.geometry(x)])
+    assert not launch.needs_int64([launch.geometry(torch.empty(2**30, device="meta"))])

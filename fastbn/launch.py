@@ -11,13 +11,26 @@ strides, so x in channels_last and grad_out in NCHW still need no copy. The copi
 do happen: a tensor whose spatial dimensions cannot be flattened (for example a slice
 with a step along H) is made contiguous, and so are per-channel vectors (C elements)
 that are not.
+
+Launch plans: everything a call's launches depend on besides the tensors' addresses and
+the float arguments (views, strides, tiles, grids, constexprs, workspace sizes) is a
+``KernelLaunch`` computed once per call signature (shapes, strides, dtypes, flags) and
+cached; a launcher allocates its outputs and workspace, then launches. The ``plan_*``
+functions take shapes and strides, not tensors, so launches can be planned for any shape
+without memory or a GPU (``python -m fastbn.bench --plan``, the grid-limit tests).
+
+Launches per call: training statistics 1, normalize 1, backward 2 (sums, then d input);
+no fills. Each launch runs on its tensors' device (``device_guard``) and that device's
+current stream, which is where Triton launches.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import torch
 import triton.language as tl
@@ -45,24 +58,37 @@ ACTIVATION_CODES = {"none": 0, "relu": 1, "relu6": 2, "leaky_relu": 3, "silu": 4
 #   two registers, so float64 tiles and per-thread counts are halved.
 #   The reductions keep two accumulators of tile size, so their tiles are smaller.
 # - The contiguous axis gets the long side of the tile: up to 1024 positions of S (NCHW),
-#   or up to 128 channels (channels_last), so loads vectorise.
+#   or up to 128 channels (channels_last), so loads vectorise. Reductions take at most
+#   32 channels per program: more channel blocks, so fewer chunks per block to merge
+#   (a 64-byte run of bf16 channels still loads as 16-byte vectors).
+# - Elementwise calls whose tensors are all contiguous NCHW with S not a multiple of 16
+#   (14x14, 7x7: rows carry no 16-byte alignment, so tiles would load scalars) walk the
+#   flat range instead (FLAT): FLAT_ELEMENTS per program, FLAT_ELEMENTS_PER_THREAD per
+#   thread (each element also holds its channel's constants).
 # - The reductions split each channel block's tiles into chunks so that about
-#   WAVES * SMs programs run (small C still fills an H100's 132 SMs), but never fewer than
-#   MIN_TILES_PER_CHUNK tiles per program, which keeps the partial-sum workspace and the
-#   finalize pass small. One chunk means one launch: the program finishes the statistics.
+#   REDUCTION_PROGRAMS programs run: the chunking depends on the shape only, not on the
+#   GPU, so results are bitwise the same on every GPU model. 512 programs are about four
+#   per SM on an H100/H200 (132 SMs), so even C = 16 fills the machine. A chunk has at
+#   least MIN_TILES_PER_CHUNK tiles, which keeps the workspace and the merge small. One
+#   chunk means no workspace: the program finishes the statistics. The merge takes
+#   MERGE_ELEMENTS summaries (at most MAX_MERGE_CHUNKS chunks) per tree step: more spilled
+#   registers with triton 3.6's ptxas in the partial_stats_kernel's merge.
+# - CUDA grids: one axis of at most MAX_PROGRAMS programs.
 # ---------------------------------------------------------------------------------------------
 REDUCTION_TILE_ELEMENTS = 2048
 ELEMENTWISE_TILE_ELEMENTS = 4096
 ELEMENTS_PER_THREAD = 16
+FLAT_ELEMENTS = 2048
+FLAT_ELEMENTS_PER_THREAD = 8
+FLAT_MAX_POSITIONS = 2**20  # flat_tile's float32 row arithmetic is exact below 2**24
 MAX_BLOCK_S = 1024
 MAX_BLOCK_C = 128
-WAVES = 4
+MAX_REDUCTION_BLOCK_C = 32
+REDUCTION_PROGRAMS = 512
 MIN_TILES_PER_CHUNK = 4
-FINALIZE_BLOCK_C = 128
-FINALIZE_NUM_WARPS = 4
-# Triton's CPU interpreter has no SMs; a small count makes small test shapes take the
-# chunked path too.
-INTERPRETER_SM_COUNT = 2
+MERGE_ELEMENTS = 1024
+MAX_MERGE_CHUNKS = 32
+MAX_PROGRAMS = 2**31 - 1
 
 
 def cdiv(a: int, b: int) -> int:
@@ -79,18 +105,6 @@ def kernel_compute_dtype(dtype: torch.dtype) -> tl.dtype:
 def interpreted() -> bool:
     """True when the kernels were built by Triton's interpreter (TRITON_INTERPRET=1)."""
     return isinstance(forward_kernels.normalize_kernel, InterpretedFunction)
-
-
-@functools.cache
-def _cuda_sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def sm_count(device: torch.device) -> int:
-    """Streaming multiprocessors of the device (INTERPRETER_SM_COUNT off CUDA)."""
-    if device.type != "cuda":
-        return INTERPRETER_SM_COUNT
-    return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,15 +210,33 @@ def mask_strides(view: View) -> tuple[int, int]:
 
 def readable(t: Tensor | None) -> Tensor | None:
     """t itself when the kernels can read it through its strides, else a contiguous copy."""
-    if t is None or fits_view(t):
-        return t
-    return t.contiguous()
+    return _readable(t)[0]
+
+
+def _readable(t: Tensor | None) -> tuple[Tensor | None, Geometry | None]:
+    """readable(t) and its geometry (None for None), each computed once."""
+    if t is None:
+        return None, None
+    g = geometry(t)
+    if _spatial_stride(g) is not None:
+        return t, g
+    t = t.contiguous()
+    return t, geometry(t)
 
 
 def writable(out: Tensor) -> Tensor:
     """out when the kernels can write it through its strides, else a contiguous stand-in
     whose values the caller copies into out afterwards."""
-    return out if fits_view(out) else torch.empty(out.shape, dtype=out.dtype, device=out.device)
+    return _writable(out)[0]
+
+
+def _writable(out: Tensor) -> tuple[Tensor, Geometry]:
+    """writable(out) and its geometry."""
+    g = geometry(out)
+    if _spatial_stride(g) is not None:
+        return out, g
+    out = torch.empty(out.shape, dtype=out.dtype, device=out.device)
+    return out, geometry(out)
 
 
 def per_channel(t: Tensor | None) -> Tensor | None:
@@ -212,9 +244,10 @@ def per_channel(t: Tensor | None) -> Tensor | None:
     return None if t is None else t.contiguous()
 
 
-def needs_int64(tensors: list[Tensor]) -> bool:
-    """Whether some element offset of these tensors reaches 2**31 (then offsets are int64)."""
-    return any(_needs_int64(geometry(t)) for t in tensors)
+def needs_int64(geometries) -> bool:
+    """Whether some element offset of tensors of these geometries reaches 2**31 (then
+    offsets are int64). The plans call it, so a test that patches it clears them."""
+    return any(_needs_int64(g) for g in geometries if g is not None)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -222,7 +255,8 @@ def _needs_int64(g: Geometry) -> bool:
     shape, strides = g
     numel = math.prod(shape)
     span = sum((size - 1) * abs(stride) for size, stride in zip(shape, strides, strict=True))
-    return numel > 0 and max(span, numel) >= 2**31
+    # A flat slice's offsets run up to FLAT_ELEMENTS past the last element (masked).
+    return numel > 0 and max(span, numel) + FLAT_ELEMENTS >= 2**31
 
 
 # ---------------------------------------------------------------------------------------------
@@ -247,14 +281,15 @@ def _power_of_two_at_most(value: int, limit: int) -> int:
 
 @functools.lru_cache(maxsize=4096)
 def tiling(view: View, stride_s: int, elements: int, per_thread: int,
-           min_block_s: int = 1) -> Tiling:
+           min_block_s: int = 1, max_block_c: int = MAX_BLOCK_C) -> Tiling:
     """Tiles of at most ``elements`` values, the long side on x's contiguous axis, with
-    warps for ``per_thread`` values per thread; at least ``min_block_s`` positions long."""
+    warps for ``per_thread`` values per thread; at least ``min_block_s`` positions long,
+    at most ``max_block_c`` channels wide."""
     if stride_s == 1 and view.positions > 1:
         block_s = _power_of_two_at_most(view.positions, min(MAX_BLOCK_S, elements))
         block_c = _power_of_two_at_most(view.channels, max(elements // block_s, 1))
     else:
-        block_c = _power_of_two_at_most(view.channels, min(MAX_BLOCK_C, elements))
+        block_c = _power_of_two_at_most(view.channels, min(max_block_c, elements))
         block_s = _power_of_two_at_most(view.positions, max(elements // block_c, 1))
     block_s = max(block_s, min_block_s)
     tiles_per_n = cdiv(view.positions, block_s)
@@ -269,7 +304,8 @@ def tiling(view: View, stride_s: int, elements: int, per_thread: int,
 
 
 def reduction_tiling(view: View, stride_s: int, dtype: torch.dtype) -> Tiling:
-    return tiling(view, stride_s, *_register_budget(REDUCTION_TILE_ELEMENTS, dtype))
+    return tiling(view, stride_s, *_register_budget(REDUCTION_TILE_ELEMENTS, dtype),
+                  max_block_c=MAX_REDUCTION_BLOCK_C)
 
 
 def elementwise_tiling(view: View, stride_s: int, dtype: torch.dtype,
@@ -285,17 +321,189 @@ def _register_budget(elements: int, dtype: torch.dtype) -> tuple[int, int]:
     return elements, ELEMENTS_PER_THREAD
 
 
-def tiles_per_chunk(tiles: Tiling, sms: int) -> int:
-    """Tiles each reduction program sums; one chunk when this equals tiles.num_tiles."""
-    wanted_chunks = cdiv(WAVES * sms, tiles.channel_blocks)
+def tiles_per_chunk(tiles: Tiling) -> int:
+    """Tiles each reduction program sums; one chunk when this equals tiles.num_tiles.
+    Depends on the shapes only (see the heuristics above)."""
+    wanted_chunks = cdiv(REDUCTION_PROGRAMS, tiles.channel_blocks)
     most_chunks = cdiv(tiles.num_tiles, MIN_TILES_PER_CHUNK)
     chunks = max(1, min(wanted_chunks, most_chunks))
     return cdiv(tiles.num_tiles, chunks)
 
 
+def merge_chunks(tiles: Tiling, chunks: int) -> int:
+    """MERGE_CHUNKS: chunk summaries per tree step of the merge (1 without a merge). It
+    follows the tile alone, not the chunk count, so shapes share compiled kernels; a
+    masked-off part of a step costs only its predicated loads, once per channel block."""
+    if chunks == 1:
+        return 1
+    return max(min(MERGE_ELEMENTS // tiles.block_c, MAX_MERGE_CHUNKS), 2)
+
+
+def check_grid(programs: int) -> tuple[int]:
+    """The 1-D grid of ``programs`` programs, which CUDA must allow."""
+    if programs > MAX_PROGRAMS:
+        raise ValueError(f"{programs} programs exceed CUDA's grid limit of {MAX_PROGRAMS}")
+    return (programs,)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launches: plans, devices, tickets
+# ---------------------------------------------------------------------------------------------
+KERNEL_MODULES = {"forward": forward_kernels, "backward": backward_kernels}
+
+
+@dataclass(frozen=True)
+class KernelLaunch:
+    """One planned launch: the kernel, its grid, the integer arguments that follow its
+    tensors, and its constexprs; the call adds the tensors and the float arguments."""
+
+    module: str  # key of KERNEL_MODULES
+    kernel: str  # the @triton.jit function's name in that module
+    grid: tuple[int]
+    ints: tuple[int, ...]
+    constexprs: dict = field(hash=False)  # including num_warps
+    bytes_read: int = 0  # bytes the launch moves, for --plan (O(C) vectors included)
+    bytes_written: int = 0
+
+    def __call__(self, tensors: tuple, floats: tuple) -> None:
+        if _recorded is not None:
+            _recorded.append((self, tensors, floats))
+            return
+        kernel = getattr(KERNEL_MODULES[self.module], self.kernel)
+        kernel[self.grid](*tensors, *self.ints, *floats, **self.constexprs)
+
+    def arguments(self, tensors: tuple, floats: tuple) -> tuple[tuple, dict]:
+        """(args, kwargs) of the kernel call for these tensors and floats."""
+        return (*tensors, *self.ints, *floats), self.constexprs
+
+    @property
+    def tile(self) -> tuple[int, int]:
+        """(BLOCK_C, BLOCK_S) of the launch (FLAT: 1 and the slice length)."""
+        return self.constexprs["BLOCK_C"], self.constexprs["BLOCK_S"]
+
+
+_recorded: list | None = None
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[list]:
+    """Inside, launches are recorded instead of run, as (KernelLaunch, tensors, floats):
+    everything else of a call (planning, allocation, device choice) runs as usual. For
+    --plan, the host-cost suite, and the compile test (on meta tensors: no memory)."""
+    global _recorded
+    previous, _recorded = _recorded, []
+    try:
+        yield _recorded
+    finally:
+        _recorded = previous
+
+
+def device_guard(device: torch.device) -> contextlib.AbstractContextManager:
+    """Makes ``device`` current for the launches inside (Triton launches on the current
+    device's current stream); nothing to do when it already is, or off CUDA."""
+    if device.type != "cuda" or device.index is None or device.index == _current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(device)
+
+
+def _current_device() -> int:
+    return torch.cuda.current_device()
+
+
+# Ticket counters (int32 zeros) per (device, stream): a chunked reduction's programs
+# count themselves here, and the last one resets its counter to 0, so one zeroed buffer
+# serves every later call on that stream (calls on one stream never overlap).
+_COUNTERS: dict[tuple, Tensor] = {}
+
+
+def counters(device: torch.device, count: int) -> Tensor:
+    """``count`` ticket counters at 0 for a launch on the current stream of ``device``."""
+    if device.type != "cuda":
+        key: tuple = (device.type,)
+    else:
+        if torch.cuda.is_current_stream_capturing():
+            # A graph replays the memset it captured; a cached buffer would be filled by
+            # nothing outside the graph.
+            return torch.zeros(count, dtype=torch.int32, device=device)
+        key = (device.type, device.index, torch.cuda.current_stream(device).cuda_stream)
+    buffer = _COUNTERS.get(key)
+    if buffer is None or buffer.numel() < count:
+        buffer = torch.zeros(_power_of_two_at_most(count, 2**62), dtype=torch.int32,
+                             device=device)
+        _COUNTERS[key] = buffer
+    return buffer
+
+
+def _element_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype, device="meta").element_size()
+
+
+def _contiguous(g: Geometry) -> bool:
+    """Whether the geometry is that of a contiguous tensor."""
+    shape, strides = g
+    expected = 1
+    for size, stride in zip(reversed(shape), reversed(strides), strict=True):
+        if size != 1 and stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _flat(geometries: tuple[Geometry, ...], view: View) -> bool:
+    """Whether an elementwise call walks the flat range (see the heuristics above)."""
+    s = view.positions
+    return (not view.folded and s > 1 and s % 16 != 0 and s <= FLAT_MAX_POSITIONS
+            and view.channels * s >= FLAT_ELEMENTS + s
+            and all(_contiguous(g) for g in geometries))
+
+
+def clear_plans() -> None:
+    """Forget every cached plan (after a heuristic changed)."""
+    for plan in (plan_batch_stats, plan_normalize, plan_backward, tiling):
+        plan.cache_clear()
+
+
 # ---------------------------------------------------------------------------------------------
 # Forward
 # ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class StatsPlan:
+    launch: KernelLaunch
+    workspace: int  # elements of the [2, chunks, C] COMPUTE_DTYPE workspace (0: none)
+    counters: int  # ticket counters the launch needs (0: none)
+
+
+@functools.lru_cache(maxsize=4096)
+def plan_batch_stats(x: Geometry, dtype: torch.dtype, update_running: bool,
+                     cumulative: bool, increment_step: bool) -> StatsPlan:
+    """The statistics launch for an x of this geometry (see partial_stats_kernel)."""
+    use_int64 = needs_int64((x,))
+    view = _plan_view((x,), False)
+    stride_n, stride_c, stride_s = _view_strides(x, view.folded)
+    tiles = reduction_tiling(view, stride_s, dtype)
+    per_chunk = tiles_per_chunk(tiles)
+    chunks = cdiv(tiles.num_tiles, per_chunk)
+    channels = view.channels
+    acc_size = _element_size(compute_dtype(dtype))
+    workspace = 2 * chunks * channels if chunks > 1 else 0
+    launch = KernelLaunch(
+        "forward", "partial_stats_kernel", check_grid(chunks * tiles.channel_blocks),
+        (channels, view.positions, stride_n, stride_c, stride_s, tiles.tiles_per_n,
+         tiles.num_tiles, per_chunk, chunks),
+        dict(BLOCK_S=tiles.block_s, BLOCK_C=tiles.block_c,
+             COMPUTE_DTYPE=kernel_compute_dtype(dtype), CHUNKED=chunks > 1,
+             MERGE_CHUNKS=merge_chunks(tiles, chunks), UPDATE_RUNNING=update_running,
+             CUMULATIVE=cumulative, INCREMENT_STEP=increment_step, USE_INT64=use_int64,
+             num_warps=tiles.num_warps),
+        bytes_read=math.prod(x[0]) * _element_size(dtype) + 2 * workspace * acc_size
+        + (16 * channels if update_running else 0),
+        bytes_written=workspace * acc_size + 16 * channels
+        + (16 * channels if update_running else 0),
+    )
+    needs_counters = chunks > 1 or (cumulative and increment_step)
+    return StatsPlan(launch, workspace, tiles.channel_blocks + 1 if needs_counters else 0)
+
+
 def batch_stats_(
     x: Tensor,
     running_mean: Tensor | None,
@@ -303,59 +511,29 @@ def batch_stats_(
     num_batches_tracked: Tensor | None,
     momentum: float | None,
 ) -> tuple[Tensor, Tensor]:
-    """Batch mean and biased variance (STATS_DTYPE); running statistics updated in place."""
+    """Batch mean and biased variance (STATS_DTYPE); running statistics updated in place,
+    num_batches_tracked incremented, all by one launch."""
     channels = x.shape[1]
     count = reduced_count(x)
     mean = torch.empty(channels, dtype=STATS_DTYPE, device=x.device)
     var = torch.empty(channels, dtype=STATS_DTYPE, device=x.device)
-    # num_batches_tracked goes up by one: in the first kernel when no kernel reads it (a
-    # float momentum), else here first, since the cumulative factor 1 / num_batches_tracked
-    # reads the incremented value.
-    increment_in_kernel = num_batches_tracked is not None and momentum is not None and count > 0
-    if num_batches_tracked is not None and not increment_in_kernel:
-        num_batches_tracked.add_(1)
     if count == 0:
+        if num_batches_tracked is not None:
+            num_batches_tracked.add_(1)
         return mean.zero_(), var.zero_()
-    x = readable(x)
-    view = plan_view([x])
-    stride_n, stride_c, stride_s = view.strides(x)
-    tiles = reduction_tiling(view, stride_s, x.dtype)
-    per_chunk = tiles_per_chunk(tiles, sm_count(x.device))
-    chunks = cdiv(tiles.num_tiles, per_chunk)
+    x, gx = _readable(x)
     update = running_mean is not None and running_var is not None
-    running = [writable_vector(running_mean), writable_vector(running_var)] if update else [x, x]
-    cumulative = update and momentum is None
-    common = dict(
-        COMPUTE_DTYPE=kernel_compute_dtype(x.dtype), UPDATE_RUNNING=update,
-        CUMULATIVE=cumulative, USE_INT64=needs_int64([x]),
-    )
-    nbt = num_batches_tracked if cumulative or increment_in_kernel else x
-    factor = 0.0 if momentum is None else float(momentum)
-    unbias = unbiasing_factor(count)
-    if chunks == 1:
-        forward_kernels.partial_stats_kernel[(1, tiles.channel_blocks)](
-            x, mean, mean, mean, var, running[0], running[1], nbt,
-            channels, view.positions, stride_n, stride_c, stride_s,
-            tiles.tiles_per_n, tiles.num_tiles, per_chunk, factor, unbias,
-            BLOCK_S=tiles.block_s, BLOCK_C=tiles.block_c, FINALIZE=True,
-            INCREMENT_STEP=increment_in_kernel, num_warps=tiles.num_warps, **common,
-        )
-    else:
-        summary = torch.empty((2, chunks, channels), dtype=compute_dtype(x.dtype),
-                              device=x.device)
-        counts = torch.empty(chunks, dtype=torch.int64, device=x.device)
-        forward_kernels.partial_stats_kernel[(chunks, tiles.channel_blocks)](
-            x, summary, counts, mean, var, running[0], running[1], nbt,
-            channels, view.positions, stride_n, stride_c, stride_s,
-            tiles.tiles_per_n, tiles.num_tiles, per_chunk, factor, unbias,
-            BLOCK_S=tiles.block_s, BLOCK_C=tiles.block_c, FINALIZE=False,
-            INCREMENT_STEP=increment_in_kernel, num_warps=tiles.num_warps, **common,
-        )
-        finalize_block_c = _power_of_two_at_most(channels, FINALIZE_BLOCK_C)
-        forward_kernels.finalize_stats_kernel[(cdiv(channels, finalize_block_c),)](
-            x, summary, counts, mean, var, running[0], running[1], nbt,
-            channels, stride_c, chunks, factor, unbias,
-            BLOCK_C=finalize_block_c, num_warps=FINALIZE_NUM_WARPS, **common,
+    plan = plan_batch_stats(gx, x.dtype, update, update and momentum is None,
+                            num_batches_tracked is not None)
+    running = (writable_vector(running_mean), writable_vector(running_var)) if update else (
+        None, None)
+    workspace = (torch.empty(plan.workspace, dtype=compute_dtype(x.dtype), device=x.device)
+                 if plan.workspace else None)
+    with device_guard(x.device):
+        tickets = counters(x.device, plan.counters) if plan.counters else None
+        plan.launch(
+            (x, workspace, tickets, mean, var, *running, num_batches_tracked),
+            (0.0 if momentum is None else float(momentum), unbiasing_factor(count)),
         )
     if update:
         copy_back(running[0], running_mean)
@@ -373,6 +551,58 @@ def copy_back(written: Tensor, target: Tensor) -> None:
     """Copy a stand-in's values into the tensor it stood in for (nothing when they are one)."""
     if written is not target:
         target.copy_(written)
+
+
+def _elementwise_launch(kernel: str, module: str, geometries: tuple[Geometry, ...],
+                        view: View, strides: tuple[int, ...], dtype: torch.dtype,
+                        min_block_s: int, flat_ok: bool, mask_bytes: int, bytes_read: int,
+                        bytes_written: int, constexprs: dict) -> KernelLaunch:
+    """An elementwise launch over ``view``: flat slices (where ``flat_ok`` and the
+    heuristics say so) or 2-D tiles at least ``min_block_s`` long; ``strides`` are the
+    views' (stride_n, stride_c, stride_s) in kernel order."""
+    channels, positions = view.channels, view.positions
+    numel = view.batch * channels * positions
+    mask_strides_ = (channels * mask_bytes, mask_bytes)
+    if flat_ok and _flat(geometries, view):
+        per_thread = FLAT_ELEMENTS_PER_THREAD // (2 if dtype == torch.float64 else 1)
+        grid = check_grid(cdiv(numel, FLAT_ELEMENTS))
+        ints = (channels, positions, numel, *strides, *mask_strides_, 1, grid[0])
+        constexprs = dict(constexprs, BLOCK_S=FLAT_ELEMENTS, BLOCK_C=1, FLAT=True,
+                          num_warps=_power_of_two_at_most(FLAT_ELEMENTS // (32 * per_thread),
+                                                          8))
+    else:
+        tiles = elementwise_tiling(view, strides[2], dtype, min_block_s)
+        grid = check_grid(tiles.num_tiles * tiles.channel_blocks)
+        ints = (channels, positions, numel, *strides, *mask_strides_, tiles.tiles_per_n,
+                tiles.num_tiles)
+        constexprs = dict(constexprs, BLOCK_S=tiles.block_s, BLOCK_C=tiles.block_c,
+                          FLAT=False, num_warps=tiles.num_warps)
+    return KernelLaunch(module, kernel, grid, ints, constexprs, bytes_read, bytes_written)
+
+
+@functools.lru_cache(maxsize=4096)
+def plan_normalize(x: Geometry, y: Geometry, residual: Geometry | None, dtype: torch.dtype,
+                   residual_dtype: torch.dtype | None, has_weight: bool, has_bias: bool,
+                   activation: str, save_mask: bool) -> KernelLaunch:
+    """The normalize launch for tensors of these geometries (see normalize_kernel)."""
+    geometries = (x, y) if residual is None else (x, y, residual)
+    use_int64 = needs_int64(geometries)
+    view = _plan_view(geometries, save_mask)
+    strides = tuple(s for g in (x, y, residual or x) for s in _view_strides(g, view.folded))
+    numel = math.prod(x[0])
+    size = _element_size(dtype)
+    mask_bytes = cdiv(view.positions, 8)
+    read = numel * size + (numel * _element_size(residual_dtype) if residual else 0)
+    written = numel * size + (view.batch * view.channels * mask_bytes if save_mask else 0)
+    return _elementwise_launch(
+        "normalize_kernel", "forward", geometries, view, strides, dtype,
+        # The mask's bytes hold 8 positions of one row: a flat slice could split one.
+        8 if save_mask else 1, not save_mask, mask_bytes, read + 32 * view.channels, written,
+        dict(COMPUTE_DTYPE=kernel_compute_dtype(dtype), HAS_WEIGHT=has_weight,
+             HAS_BIAS=has_bias, HAS_RESIDUAL=residual is not None,
+             ACTIVATION=ACTIVATION_CODES[activation], WRITE_MASK=save_mask,
+             USE_INT64=use_int64),
+    )
 
 
 def normalize(
@@ -393,38 +623,106 @@ def normalize(
     activation_mask = x.new_empty(mask_shape(x) if save_mask else (0,), dtype=torch.uint8)
     if x.numel() == 0:
         return out, activation_mask.zero_()
-    x, residual = readable(x), readable(residual)
-    y = writable(out)
-    tensors = [x, y] + ([residual] if residual is not None else [])
-    view = plan_view(tensors, activation_mask=save_mask)
-    x_strides = view.strides(x)
-    # The mask packs 8 positions per byte, so tiles hold whole bytes of it.
-    tiles = elementwise_tiling(view, x_strides[2], x.dtype, min_block_s=8 if save_mask else 1)
-    forward_kernels.normalize_kernel[(tiles.num_tiles, tiles.channel_blocks)](
-        x, y, x if residual is None else residual,
-        per_channel(mean), per_channel(var), _or(per_channel(weight), x), _or(per_channel(bias), x),
-        activation_mask if save_mask else x,
-        view.channels, view.positions,
-        *x_strides, *view.strides(y), *(x_strides if residual is None else view.strides(residual)),
-        *mask_strides(view),
-        tiles.tiles_per_n, eps, negative_slope,
-        BLOCK_S=tiles.block_s, BLOCK_C=tiles.block_c, COMPUTE_DTYPE=kernel_compute_dtype(x.dtype),
-        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-        HAS_RESIDUAL=residual is not None, ACTIVATION=ACTIVATION_CODES[activation],
-        WRITE_MASK=save_mask, USE_INT64=needs_int64(tensors), num_warps=tiles.num_warps,
+    (x, gx), (residual, gr) = _readable(x), _readable(residual)
+    y, gy = _writable(out)
+    launch = plan_normalize(
+        gx, gy, gr, x.dtype, None if residual is None else residual.dtype, weight is not None,
+        bias is not None, activation, save_mask,
     )
+    with device_guard(x.device):
+        launch(
+            (x, y, residual, per_channel(mean), per_channel(var), per_channel(weight),
+             per_channel(bias), activation_mask if save_mask else None),
+            (eps, negative_slope),
+        )
     copy_back(y, out)
     return out, activation_mask
-
-
-def _or(t: Tensor | None, placeholder: Tensor) -> Tensor:
-    """t, or a placeholder pointer for a kernel argument that a constexpr flag disables."""
-    return placeholder if t is None else t
 
 
 # ---------------------------------------------------------------------------------------------
 # Backward
 # ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class BackwardPlan:
+    """The sums launch and the d input launch of one backward call, and the workspace."""
+
+    sums: KernelLaunch | None
+    grad_input: KernelLaunch | None
+    workspace: int  # elements of the [2, chunks, C] partial-sum workspace (0: none)
+    counters: int
+
+
+def _backward_geometries(grad_out: Geometry, x: Geometry, residual: Geometry | None,
+                         outputs: tuple[Geometry, ...], use_mask: bool
+                         ) -> tuple[View, tuple[int, ...]]:
+    """The view the backward's tensors share, and grad_out's, x's and the residual's
+    (stride_n, stride_c, stride_s)."""
+    geometries = (x, grad_out, *(() if residual is None else (residual,)), *outputs)
+    view = _plan_view(geometries, use_mask)
+    strides = tuple(s for g in (grad_out, x, residual or x)
+                    for s in _view_strides(g, view.folded))
+    return view, strides
+
+
+@functools.lru_cache(maxsize=4096)
+def plan_backward(
+    grad_out: Geometry, x: Geometry, residual: Geometry | None, grad_input: Geometry | None,
+    grad_residual: Geometry | None, dtype: torch.dtype, has_weight: bool, has_bias: bool,
+    activation: str, use_mask: bool, batch_stats: bool, want_sums: bool,
+    write_grad_weight: bool, write_grad_bias: bool,
+) -> BackwardPlan:
+    """The backward's launches for tensors of these geometries: the sums (when
+    ``want_sums``) and d input / d residual (when either geometry is given)."""
+    outputs = tuple(g for g in (grad_input, grad_residual) if g is not None)
+    use_int64 = needs_int64((grad_out, x, residual, *outputs))
+    numel = math.prod(x[0])
+    size = _element_size(dtype)
+    acc_size = _element_size(compute_dtype(dtype))
+    flags = dict(
+        COMPUTE_DTYPE=kernel_compute_dtype(dtype), HAS_WEIGHT=has_weight, HAS_BIAS=has_bias,
+        HAS_RESIDUAL=residual is not None, ACTIVATION=ACTIVATION_CODES[activation],
+        USE_MASK=use_mask, USE_INT64=use_int64,
+    )
+    reads = 2 * numel * size + (numel * size if residual is not None else 0)
+    sums = grad = None
+    workspace = counters_ = 0
+    if want_sums:
+        view, strides = _backward_geometries(grad_out, x, residual, (), use_mask)
+        mask_bytes = cdiv(view.positions, 8)
+        tiles = reduction_tiling(view, strides[5], dtype)
+        per_chunk = tiles_per_chunk(tiles)
+        chunks = cdiv(tiles.num_tiles, per_chunk)
+        workspace = 2 * chunks * view.channels if chunks > 1 else 0
+        counters_ = tiles.channel_blocks if chunks > 1 else 0
+        sums = KernelLaunch(
+            "backward", "partial_grad_sums_kernel", check_grid(chunks * tiles.channel_blocks),
+            (view.channels, view.positions, *strides, view.channels * mask_bytes, mask_bytes,
+             tiles.tiles_per_n, tiles.num_tiles, per_chunk, chunks),
+            dict(flags, BLOCK_S=tiles.block_s, BLOCK_C=tiles.block_c, CHUNKED=chunks > 1,
+                 MERGE_CHUNKS=merge_chunks(tiles, chunks), WRITE_GRAD_WEIGHT=write_grad_weight,
+                 WRITE_GRAD_BIAS=write_grad_bias, num_warps=tiles.num_warps),
+            bytes_read=reads + (numel // 8 if use_mask else 0) + workspace * acc_size
+            + 32 * view.channels,
+            bytes_written=workspace * acc_size + 16 * view.channels,
+        )
+    if outputs:
+        view, strides = _backward_geometries(grad_out, x, residual, outputs, use_mask)
+        mask_bytes = cdiv(view.positions, 8)
+        out_strides = tuple(s for g in (grad_input or x, grad_residual or x)
+                            for s in _view_strides(g, view.folded))
+        read_sums = grad_input is not None and batch_stats
+        geometries = (grad_out, x, *(() if residual is None else (residual,)), *outputs)
+        grad = _elementwise_launch(
+            "grad_input_kernel", "backward", geometries, view, (*strides, *out_strides), dtype,
+            8 if use_mask else 1, True, mask_bytes,
+            reads + (numel // 8 if use_mask else 0) + 48 * view.channels,
+            len(outputs) * numel * size,
+            dict(flags, BATCH_STATS=read_sums, WRITE_GRAD_INPUT=grad_input is not None,
+                 WRITE_GRAD_RESIDUAL=grad_residual is not None),
+        )
+    return BackwardPlan(sums, grad, workspace, counters_)
+
+
 def normalize_backward(
     grad_out: Tensor,
     x: Tensor,
@@ -440,74 +738,86 @@ def normalize_backward(
     negative_slope: float,
     output_mask: list[bool],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Gradients (d input, d weight, d bias, d residual) of ``normalize``: the sums of
-    ``normalize_grad_sums`` (which write d weight and d bias), then the elementwise
-    gradients of ``normalize_grad_input``; see the kernels' module docstring for the formulas.
+    """Gradients (d input, d weight, d bias, d residual) of ``normalize``: the sums (which
+    write d weight and d bias), then the elementwise gradients, two launches sharing one
+    plan and one workspace; see the kernels' module docstring for the formulas.
     Unrequested gradients come back empty; d residual comes in the residual's format, or
     x's when the activation mask stood in for it."""
     want_input, want_weight, want_bias, want_residual = output_mask
-    # grad_out copied once, if the kernels cannot read it, for both pieces; x and the
-    # residual stay as given, since the gradients take their memory formats.
-    grad_out = readable(grad_out)
-    sums, grad_weight, grad_bias = None, x.new_empty(0), x.new_empty(0)
-    if want_weight or want_bias or (want_input and batch_stats):
-        sums, grad_weight, grad_bias = normalize_grad_sums(
-            grad_out, x, mean, var, weight, bias, residual, activation_mask, eps, activation,
-            negative_slope, [want_weight, want_bias],
-        )
-    grad_input, grad_residual = normalize_grad_input(
-        grad_out, x, mean, var, weight, bias, residual, activation_mask, sums, reduced_count(x),
-        eps, batch_stats, activation, negative_slope, [want_input, want_residual],
-    )
-    return grad_input, grad_weight, grad_bias, grad_residual
+    want_weight = want_weight and weight is not None
+    want_bias = want_bias and bias is not None
+    want_sums = want_weight or want_bias or (want_input and batch_stats)
+    grads = _backward(grad_out, x, mean, var, weight, bias, residual, activation_mask, None,
+                      reduced_count(x), eps, batch_stats, activation, negative_slope,
+                      want_input, want_residual, want_sums, want_weight, want_bias)
+    return grads[:4]
 
 
-@dataclass(frozen=True)
-class BackwardCall:
-    """What both backward launchers pass their kernels: the tensors as the kernels read
-    them, the view they share, and the constexpr flags."""
-
-    grad_out: Tensor
-    x: Tensor
-    residual: Tensor  # x when the kernels do not read a residual
-    mean: Tensor
-    var: Tensor
-    weight: Tensor  # x when there is none
-    bias: Tensor  # x when there is none
-    activation_mask: Tensor  # x when there is none
-    view: View
-    strides: tuple[int, ...]  # grad_out's, x's and the residual's (stride_n, stride_c, stride_s)
-    flags: dict
-
-
-def _backward_call(
-    grad_out: Tensor, x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None,
-    bias: Tensor | None, residual: Tensor | None, activation_mask: Tensor | None,
-    activation: str, outputs: list[Tensor],
-) -> BackwardCall:
-    """The kernels' view of a backward call whose gradients are written to ``outputs``."""
-    # The residual matters to the gradients only through the activation's derivative, and
-    # not at all when the mask records that derivative.
+def _backward(grad_out, x, mean, var, weight, bias, residual, activation_mask, sums, count,
+              eps, batch_stats, activation, negative_slope, want_input, want_residual,
+              want_sums, want_weight, want_bias, standalone_sums=False):
+    """Every backward entry point: the sums (want_sums; else ``sums`` given or unneeded)
+    and d input / d residual. Returns (d input, d weight, d bias, d residual, sums); the
+    sums are a view of the workspace's allocation unless ``standalone_sums``."""
+    empty = x.new_empty(0)
+    # Custom-op outputs must not alias each other: a fresh tensor for each; ``empty``
+    # where the kernels write every element.
+    grad_weight = torch.empty_like(weight) if want_weight else empty
+    grad_bias = torch.empty_like(bias) if want_bias else x.new_empty(0)
+    grad_input = torch.empty_like(x) if want_input else x.new_empty(0)
+    grad_residual = (torch.empty_like(x if residual is None else residual) if want_residual
+                     else x.new_empty(0))
+    acc = compute_dtype(x.dtype)
+    if x.numel() == 0:
+        if want_sums:
+            sums = torch.zeros((2, x.shape[1]), dtype=acc, device=x.device)
+        return grad_input, grad_weight.zero_(), grad_bias.zero_(), grad_residual, sums
+    # The residual matters only through the activation's derivative, and not at all when
+    # the mask records that derivative.
     use_mask = activation_mask is not None
-    residual_read = readable(residual) if activation != "none" and not use_mask else None
-    x, grad_out = readable(x), readable(grad_out)
-    tensors = [x, grad_out, *([] if residual_read is None else [residual_read]), *outputs]
-    view = plan_view(tensors, activation_mask=use_mask)
-    x_strides = view.strides(x)
-    r_strides = x_strides if residual_read is None else view.strides(residual_read)
-    return BackwardCall(
-        grad_out=grad_out, x=x, residual=_or(residual_read, x),
-        mean=per_channel(mean), var=per_channel(var),
-        weight=_or(per_channel(weight), x), bias=_or(per_channel(bias), x),
-        activation_mask=activation_mask if use_mask else x,
-        view=view, strides=(*view.strides(grad_out), *x_strides, *r_strides),
-        flags=dict(
-            COMPUTE_DTYPE=kernel_compute_dtype(x.dtype),
-            HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-            HAS_RESIDUAL=residual_read is not None, ACTIVATION=ACTIVATION_CODES[activation],
-            USE_MASK=use_mask, USE_INT64=needs_int64(tensors),
-        ),
+    grad_out, g_geometry = _readable(grad_out)
+    x_read, x_geometry = _readable(x)
+    residual_read, r_geometry = _readable(
+        residual if activation != "none" and not use_mask else None)
+    gi, gi_geometry = _writable(grad_input) if want_input else (None, None)
+    gr, gr_geometry = _writable(grad_residual) if want_residual else (None, None)
+    plan = plan_backward(
+        g_geometry, x_geometry, r_geometry, gi_geometry, gr_geometry, x.dtype,
+        weight is not None, bias is not None, activation, use_mask, batch_stats, want_sums,
+        want_weight, want_bias,
     )
+    mean, var = per_channel(mean), per_channel(var)
+    weight, bias = per_channel(weight), per_channel(bias)
+    mask = activation_mask if use_mask else None
+    with device_guard(x.device):
+        if want_sums:
+            if standalone_sums:
+                sums = torch.empty((2, x.shape[1]), dtype=acc, device=x.device)
+                partial = (torch.empty(plan.workspace, dtype=acc, device=x.device)
+                           if plan.workspace else None)
+            else:  # one allocation: the [2, C] sums, then the partial-sum workspace
+                buffer = torch.empty(2 * x.shape[1] + plan.workspace, dtype=acc,
+                                     device=x.device)
+                sums = buffer[: 2 * x.shape[1]].view(2, x.shape[1])
+                partial = buffer[2 * x.shape[1]:] if plan.workspace else None
+            tickets = counters(x.device, plan.counters) if plan.counters else None
+            plan.sums(
+                (grad_out, x_read, residual_read, mean, var, weight, bias, mask, partial,
+                 tickets, sums, grad_weight if want_weight else None,
+                 grad_bias if want_bias else None),
+                (eps, negative_slope),
+            )
+        if plan.grad_input is not None:
+            plan.grad_input(
+                (grad_out, x_read, residual_read, gi, gr, mean, var, weight, bias, mask,
+                 per_channel(sums) if plan.grad_input.constexprs["BATCH_STATS"] else None),
+                (eps, negative_slope, 1.0 / count),
+            )
+    if gi is not None:
+        copy_back(gi, grad_input)
+    if gr is not None:
+        copy_back(gr, grad_residual)
+    return grad_input, grad_weight, grad_bias, grad_residual, sums
 
 
 def normalize_grad_sums(
@@ -527,39 +837,12 @@ def normalize_grad_sums(
     """[sum(g), sum(g * x_hat)] per channel ([2, C], compute dtype), and d weight / d bias,
     written by the same launch that writes the sums, where ``output_mask`` (weight, bias)
     asks for them (else empty)."""
-    acc = compute_dtype(x.dtype)
-    channels = x.shape[1]
     want_weight = output_mask[0] and weight is not None
     want_bias = output_mask[1] and bias is not None
-    # Custom-op outputs must not alias each other: a fresh empty tensor for each.
-    grad_weight = torch.zeros_like(weight) if want_weight else x.new_empty(0)
-    grad_bias = torch.zeros_like(bias) if want_bias else x.new_empty(0)
-    sums = torch.empty((2, channels), dtype=acc, device=x.device)
-    if x.numel() == 0:
-        return sums.zero_(), grad_weight, grad_bias
-    call = _backward_call(grad_out, x, mean, var, weight, bias, residual, activation_mask,
-                          activation, [])
-    tiles = reduction_tiling(call.view, call.strides[5], x.dtype)
-    per_chunk = tiles_per_chunk(tiles, sm_count(x.device))
-    chunks = cdiv(tiles.num_tiles, per_chunk)
-    partial = sums if chunks == 1 else torch.empty((2, chunks, channels), dtype=acc,
-                                                   device=x.device)
-    parameter_grads = dict(WRITE_GRAD_WEIGHT=want_weight, WRITE_GRAD_BIAS=want_bias)
-    backward_kernels.partial_grad_sums_kernel[(chunks, tiles.channel_blocks)](
-        call.grad_out, call.x, call.residual, call.mean, call.var, call.weight, call.bias,
-        call.activation_mask, partial, sums, _or_empty(grad_weight, x), _or_empty(grad_bias, x),
-        channels, call.view.positions, *call.strides, *mask_strides(call.view),
-        tiles.tiles_per_n, tiles.num_tiles, per_chunk, eps, negative_slope,
-        BLOCK_S=tiles.block_s, BLOCK_C=tiles.block_c, FINALIZE=chunks == 1,
-        num_warps=tiles.num_warps, **call.flags, **parameter_grads,
-    )
-    if chunks > 1:
-        finalize_block_c = _power_of_two_at_most(channels, FINALIZE_BLOCK_C)
-        backward_kernels.finalize_grad_sums_kernel[(cdiv(channels, finalize_block_c),)](
-            partial, sums, _or_empty(grad_weight, x), _or_empty(grad_bias, x),
-            channels, chunks, BLOCK_C=finalize_block_c, COMPUTE_DTYPE=call.flags["COMPUTE_DTYPE"],
-            USE_INT64=call.flags["USE_INT64"], num_warps=FINALIZE_NUM_WARPS, **parameter_grads,
-        )
+    _, grad_weight, grad_bias, _, sums = _backward(
+        grad_out, x, mean, var, weight, bias, residual, activation_mask, None, 1, eps, True,
+        activation, negative_slope, False, False, True, want_weight, want_bias,
+        standalone_sums=True)  # the op's output: not a view of a workspace
     return sums, grad_weight, grad_bias
 
 
@@ -584,38 +867,10 @@ def normalize_grad_input(
     ``count`` values per channel (read for d input with ``batch_stats``). ``output_mask`` is
     (input, residual); what it does not ask for comes back empty."""
     want_input, want_residual = output_mask
-    grad_input = torch.empty_like(x) if want_input else x.new_empty(0)
-    grad_residual = (torch.empty_like(x if residual is None else residual) if want_residual
-                     else x.new_empty(0))
-    if x.numel() == 0 or not (want_input or want_residual):
-        return grad_input, grad_residual
-    gi = writable(grad_input) if want_input else None
-    gr = writable(grad_residual) if want_residual else None
-    call = _backward_call(grad_out, x, mean, var, weight, bias, residual, activation_mask,
-                          activation, [t for t in (gi, gr) if t is not None])
-    x_strides = call.strides[3:6]
-    read_sums = want_input and batch_stats
-    tiles = elementwise_tiling(call.view, x_strides[2], x.dtype)
-    backward_kernels.grad_input_kernel[(tiles.num_tiles, tiles.channel_blocks)](
-        call.grad_out, call.x, call.residual, _or(gi, x), _or(gr, x),
-        call.mean, call.var, call.weight, call.bias, call.activation_mask,
-        per_channel(sums) if read_sums else x,
-        x.shape[1], call.view.positions, *call.strides,
-        *(x_strides if gi is None else call.view.strides(gi)),
-        *(x_strides if gr is None else call.view.strides(gr)),
-        *mask_strides(call.view),
-        tiles.tiles_per_n, eps, negative_slope, 1.0 / count,
-        BLOCK_S=tiles.block_s, BLOCK_C=tiles.block_c, BATCH_STATS=batch_stats,
-        WRITE_GRAD_INPUT=want_input, WRITE_GRAD_RESIDUAL=want_residual,
-        num_warps=tiles.num_warps, **call.flags,
-    )
-    if gi is not None:
-        copy_back(gi, grad_input)
-    if gr is not None:
-        copy_back(gr, grad_residual)
+    if not (want_input or want_residual):
+        return x.new_empty(0), x.new_empty(0)
+    grad_input, _, _, grad_residual, _ = _backward(
+        grad_out, x, mean, var, weight, bias, residual, activation_mask, sums, count, eps,
+        batch_stats, activation, negative_slope, want_input, want_residual, False, False,
+        False)
     return grad_input, grad_residual
-
-
-def _or_empty(t: Tensor, placeholder: Tensor) -> Tensor:
-    """t, or a placeholder pointer when t is the empty 'not asked for' gradient."""
-    return t if t.numel() else placeholder

@@ -7,11 +7,14 @@ g = grad_out * act'(u), x_hat = (x - mean) * invstd and sums over the M values o
     d input  = weight * invstd * g                                          (running stats)
     d input  = weight * invstd * (g - sum(g) / M - x_hat * sum(g * x_hat) / M)  (batch stats)
 
-1. ``partial_grad_sums_kernel``, grid (chunks, channel blocks): sum(g) and sum(g * x_hat)
-   over a chunk of tiles; with one chunk (FINALIZE) it writes the final sums itself.
-2. ``finalize_grad_sums_kernel``, grid (channel blocks,): adds the chunks in chunk order
-   (deterministic) and writes d weight and d bias.
-3. ``grad_input_kernel``, one tile per program: d input and d residual.
+1. ``partial_grad_sums_kernel``, 1-D grid of chunks x channel blocks: sum(g) and
+   sum(g * x_hat) over a chunk of tiles. With one chunk (not CHUNKED) a program writes the
+   final sums and d weight, d bias itself; otherwise it writes its partial sums to a
+   workspace and takes a ticket (an integer atomic), and the block's last program adds all
+   the chunks, MERGE_CHUNKS at a time by a tree whose shape depends only on the
+   constexprs, the groups in chunk order: deterministic whichever program finishes last.
+2. ``grad_input_kernel``, one tile (or, FLAT, one flat slice of contiguous tensors) per
+   program: d input and d residual.
 
 Math runs in COMPUTE_DTYPE; x - mean is taken as (x - hi) - lo (see forward.channel_constants).
 """
@@ -20,8 +23,28 @@ import triton
 import triton.language as tl
 
 from .activations import NONE, activation_derivative, derivative_from_bits
-from .forward import channel_constants, pre_activation
-from .tiling import channel_block, program_tile, tile_offsets, tile_start
+from .forward import channel_constants, pre_activation, ticket
+from .tiling import channel_block, flat_tile, program_item, program_tile, tile_offsets, tile_start
+
+
+@triton.jit
+def output_grad(
+    x, g, residual, bits, mask, hi, lo, invstd, scale, shift, negative_slope,
+    HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr, USE_MASK: tl.constexpr,
+):
+    """g = grad_out * act'(u) and x_hat from loaded values (0 where masked), in x's dtype;
+    hi, lo, invstd, scale and shift broadcast to x's shape.
+
+    act'(u) comes from the packed activation mask's bits (USE_MASK), or from u recomputed
+    from x (and the residual) exactly as the forward computed it.
+    """
+    if USE_MASK:
+        g = g * derivative_from_bits(bits, ACTIVATION, negative_slope, x.dtype)
+    elif ACTIVATION != NONE:
+        u = pre_activation(x, hi, scale, shift, residual, HAS_RESIDUAL)
+        g = tl.where(mask, g * activation_derivative(u, ACTIVATION, negative_slope), 0.0)
+    x_hat = tl.where(mask, (x - hi) * invstd - lo * invstd, 0.0)
+    return g, x_hat
 
 
 @triton.jit
@@ -35,31 +58,26 @@ def output_grad_tile(
     COMPUTE_DTYPE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr,
     USE_MASK: tl.constexpr,
 ):
-    """g = grad_out * act'(u) and x_hat on one tile (0 where masked), in COMPUTE_DTYPE.
-
-    act'(u) comes from the packed activation mask (USE_MASK), or from u recomputed from x
-    (and the residual) exactly as the forward computed it.
-    """
+    """g and x_hat (see output_grad) on one [BLOCK_C, BLOCK_S] tile, loaded through the
+    views' strides."""
     x = tl.load(x_ptr + tile_offsets(n, s, c, x_stride_n, x_stride_c, x_stride_s), mask=mask,
                 other=0).to(COMPUTE_DTYPE)
     g = tl.load(grad_out_ptr + tile_offsets(n, s, c, g_stride_n, g_stride_c, g_stride_s),
                 mask=mask, other=0).to(COMPUTE_DTYPE)
+    residual = x
+    if HAS_RESIDUAL:
+        residual = tl.load(
+            residual_ptr + tile_offsets(n, s, c, r_stride_n, r_stride_c, r_stride_s),
+            mask=mask, other=0,
+        ).to(COMPUTE_DTYPE)
+    bits = mask
     if USE_MASK:
         byte = tl.load(mask_ptr + n * mask_stride_n + c[:, None] * mask_stride_c
                        + (s // 8)[None, :], mask=mask, other=0)
         bits = ((byte.to(tl.int32) >> (s % 8).to(tl.int32)[None, :]) & 1) != 0
-        g = g * derivative_from_bits(bits, ACTIVATION, negative_slope, COMPUTE_DTYPE)
-    elif ACTIVATION != NONE:
-        residual = x
-        if HAS_RESIDUAL:
-            residual = tl.load(
-                residual_ptr + tile_offsets(n, s, c, r_stride_n, r_stride_c, r_stride_s),
-                mask=mask, other=0,
-            ).to(COMPUTE_DTYPE)
-        u = pre_activation(x, hi, scale, shift, residual, HAS_RESIDUAL)
-        g = tl.where(mask, g * activation_derivative(u, ACTIVATION, negative_slope), 0.0)
-    x_hat = tl.where(mask, (x - hi[:, None]) * invstd[:, None] - (lo * invstd)[:, None], 0.0)
-    return g, x_hat
+    return output_grad(x, g, residual, bits, mask, hi[:, None], lo[:, None], invstd[:, None],
+                       scale[:, None], shift[:, None], negative_slope, HAS_RESIDUAL,
+                       ACTIVATION, USE_MASK)
 
 
 @triton.jit
@@ -77,28 +95,54 @@ def store_parameter_grads(c, c_mask, sum_g, sum_g_xhat, sums_ptr, grad_weight_pt
 
 
 @triton.jit
+def merge_partial_sums(partial_ptr, c, c_mask, C, num_chunks, BLOCK_C: tl.constexpr,
+                       MERGE_CHUNKS: tl.constexpr, COMPUTE_DTYPE: tl.constexpr):
+    """All chunks' sum(g) and sum(g * x_hat) of one channel block: MERGE_CHUNKS at a time
+    by a tree reduction, the groups in chunk order."""
+    sum_g = tl.zeros([BLOCK_C], dtype=COMPUTE_DTYPE)
+    sum_g_xhat = tl.zeros([BLOCK_C], dtype=COMPUTE_DTYPE)
+    for k0 in range(0, num_chunks, MERGE_CHUNKS):
+        k = k0 + tl.arange(0, MERGE_CHUNKS)
+        mask = c_mask[:, None] & (k < num_chunks)[None, :]
+        offsets = k[None, :] * C + c[:, None]
+        # .cg: read from L2, where the other programs' stores are, not a stale L1 line.
+        sum_g += tl.sum(tl.load(partial_ptr + offsets, mask=mask, other=0,
+                                cache_modifier=".cg"), axis=1)
+        sum_g_xhat += tl.sum(tl.load(partial_ptr + num_chunks * C + offsets, mask=mask,
+                                     other=0, cache_modifier=".cg"), axis=1)
+    return sum_g, sum_g_xhat
+
+
+@triton.jit
 def partial_grad_sums_kernel(
-    grad_out_ptr, x_ptr, residual_ptr,  # [N, C, S] views
-    mean_ptr, var_ptr, weight_ptr, bias_ptr,  # [C]
-    mask_ptr,  # [N, C, cdiv(S, 8)] uint8 activation mask (read when USE_MASK)
+    grad_out_ptr, x_ptr,  # [N, C, S] views
+    residual_ptr,  # [N, C, S] view (None unless HAS_RESIDUAL)
+    mean_ptr, var_ptr,  # [C] statistics the forward normalized with
+    weight_ptr, bias_ptr,  # [C] (None unless HAS_WEIGHT / HAS_BIAS)
+    mask_ptr,  # [N, C, cdiv(S, 8)] uint8 activation mask (None unless USE_MASK)
     partial_ptr,  # [2, num_chunks, C] COMPUTE_DTYPE workspace: per chunk sum(g), sum(g x_hat)
-    sums_ptr,  # [2, C] final sum(g), sum(g * x_hat) (written when FINALIZE)
-    grad_weight_ptr, grad_bias_ptr,  # [C] (written when FINALIZE and asked for)
+    counters_ptr,  # [channel blocks] int32 tickets, 0 between calls (CHUNKED)
+    sums_ptr,  # [2, C] final sum(g), sum(g * x_hat), written
+    grad_weight_ptr, grad_bias_ptr,  # [C] written (None unless WRITE_GRAD_*)
     C, S,
-    g_stride_n, g_stride_c, g_stride_s,
+    g_stride_n, g_stride_c, g_stride_s,  # element strides of the [N, C, S] views
     x_stride_n, x_stride_c, x_stride_s,
     r_stride_n, r_stride_c, r_stride_s,
-    mask_stride_n, mask_stride_c,
-    tiles_per_n, num_tiles, tiles_per_chunk,
+    mask_stride_n, mask_stride_c,  # C * cdiv(S, 8) and cdiv(S, 8)
+    tiles_per_n, num_tiles, tiles_per_chunk,  # as in forward.partial_stats_kernel
+    num_chunks,  # programs per channel block
     eps: tl.float64, negative_slope: tl.float64,
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-    ACTIVATION: tl.constexpr, USE_MASK: tl.constexpr, FINALIZE: tl.constexpr,
+    ACTIVATION: tl.constexpr, USE_MASK: tl.constexpr,
+    CHUNKED: tl.constexpr,  # more than one chunk: workspace, tickets, merge
+    MERGE_CHUNKS: tl.constexpr,  # partial sums added by one tree step
     WRITE_GRAD_WEIGHT: tl.constexpr, WRITE_GRAD_BIAS: tl.constexpr, USE_INT64: tl.constexpr,
 ):
-    """sum(g) and sum(g * x_hat) over one chunk of tiles for one channel block."""
-    pid_chunk = tl.program_id(0)
-    c = channel_block(tl.program_id(1), BLOCK_C, USE_INT64)
+    """sum(g) and sum(g * x_hat) over one chunk of tiles for one channel block; the final
+    sums and parameter gradients from the block's last program."""
+    block, chunk = program_item(num_chunks)
+    c = channel_block(block, BLOCK_C, USE_INT64)
     c_mask = c < C
     hi, lo, invstd, scale, shift = channel_constants(
         c, c_mask, mean_ptr, var_ptr, weight_ptr, bias_ptr, eps, COMPUTE_DTYPE, HAS_WEIGHT,
@@ -106,7 +150,7 @@ def partial_grad_sums_kernel(
     )
     sum_g = tl.zeros([BLOCK_C, BLOCK_S], dtype=COMPUTE_DTYPE)
     sum_g_xhat = tl.zeros([BLOCK_C, BLOCK_S], dtype=COMPUTE_DTYPE)
-    tile_begin = pid_chunk * tiles_per_chunk
+    tile_begin = chunk * tiles_per_chunk
     tile_end = tl.minimum(tile_begin + tiles_per_chunk, num_tiles)
     for t in range(tile_begin, tile_end):
         n, s0 = tile_start(t, tiles_per_n, BLOCK_S, USE_INT64)
@@ -124,85 +168,101 @@ def partial_grad_sums_kernel(
         sum_g_xhat += g * x_hat
     chunk_sum_g = tl.sum(sum_g, axis=1)
     chunk_sum_g_xhat = tl.sum(sum_g_xhat, axis=1)
-    if FINALIZE:
+    if CHUNKED:
+        tl.store(partial_ptr + chunk * C + c, chunk_sum_g, mask=c_mask)
+        tl.store(partial_ptr + (num_chunks + chunk) * C + c, chunk_sum_g_xhat, mask=c_mask)
+        if ticket(counters_ptr + block) == num_chunks - 1:
+            total_g, total_g_xhat = merge_partial_sums(
+                partial_ptr, c, c_mask, C, num_chunks, BLOCK_C, MERGE_CHUNKS, COMPUTE_DTYPE)
+            tl.store(counters_ptr + block, 0)
+            store_parameter_grads(c, c_mask, total_g, total_g_xhat, sums_ptr,
+                                  grad_weight_ptr, grad_bias_ptr, C, WRITE_GRAD_WEIGHT,
+                                  WRITE_GRAD_BIAS)
+    else:
         store_parameter_grads(c, c_mask, chunk_sum_g, chunk_sum_g_xhat, sums_ptr,
                               grad_weight_ptr, grad_bias_ptr, C, WRITE_GRAD_WEIGHT,
                               WRITE_GRAD_BIAS)
-    else:
-        num_chunks = tl.num_programs(0)
-        tl.store(partial_ptr + pid_chunk * C + c, chunk_sum_g, mask=c_mask)
-        tl.store(partial_ptr + (num_chunks + pid_chunk) * C + c, chunk_sum_g_xhat, mask=c_mask)
-
-
-@triton.jit
-def finalize_grad_sums_kernel(
-    partial_ptr,  # [2, num_chunks, C] from partial_grad_sums_kernel
-    sums_ptr,  # [2, C] final sums, written
-    grad_weight_ptr, grad_bias_ptr,  # [C] written when asked for
-    C, num_chunks,
-    BLOCK_C: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
-    WRITE_GRAD_WEIGHT: tl.constexpr, WRITE_GRAD_BIAS: tl.constexpr, USE_INT64: tl.constexpr,
-):
-    """Add the chunks of one channel block in chunk order; write the sums and d weight/bias."""
-    c = channel_block(tl.program_id(0), BLOCK_C, USE_INT64)
-    c_mask = c < C
-    sum_g = tl.zeros([BLOCK_C], dtype=COMPUTE_DTYPE)
-    sum_g_xhat = tl.zeros([BLOCK_C], dtype=COMPUTE_DTYPE)
-    for k in range(num_chunks):
-        sum_g += tl.load(partial_ptr + k * C + c, mask=c_mask, other=0)
-        sum_g_xhat += tl.load(partial_ptr + (num_chunks + k) * C + c, mask=c_mask, other=0)
-    store_parameter_grads(c, c_mask, sum_g, sum_g_xhat, sums_ptr, grad_weight_ptr,
-                          grad_bias_ptr, C, WRITE_GRAD_WEIGHT, WRITE_GRAD_BIAS)
 
 
 @triton.jit
 def grad_input_kernel(
-    grad_out_ptr, x_ptr, residual_ptr,  # [N, C, S] views read
-    grad_input_ptr, grad_residual_ptr,  # [N, C, S] views written (when asked for)
-    mean_ptr, var_ptr, weight_ptr, bias_ptr,  # [C]
-    mask_ptr,  # [N, C, cdiv(S, 8)] uint8 activation mask (read when USE_MASK)
-    sums_ptr,  # [2, C] sum(g), sum(g * x_hat) (read when BATCH_STATS)
+    grad_out_ptr, x_ptr,  # [N, C, S] views read
+    residual_ptr,  # [N, C, S] view read (None unless HAS_RESIDUAL)
+    grad_input_ptr, grad_residual_ptr,  # [N, C, S] views written (None unless WRITE_GRAD_*)
+    mean_ptr, var_ptr,  # [C] statistics the forward normalized with
+    weight_ptr, bias_ptr,  # [C] (None unless HAS_WEIGHT / HAS_BIAS)
+    mask_ptr,  # [N, C, cdiv(S, 8)] uint8 activation mask (None unless USE_MASK)
+    sums_ptr,  # [2, C] sum(g), sum(g * x_hat) (None unless BATCH_STATS)
     C, S,
-    g_stride_n, g_stride_c, g_stride_s,
+    numel,  # N * C * S (FLAT)
+    g_stride_n, g_stride_c, g_stride_s,  # element strides of the views (not FLAT)
     x_stride_n, x_stride_c, x_stride_s,
     r_stride_n, r_stride_c, r_stride_s,
     gi_stride_n, gi_stride_c, gi_stride_s,
     gr_stride_n, gr_stride_c, gr_stride_s,
-    mask_stride_n, mask_stride_c,
-    tiles_per_n,
+    mask_stride_n, mask_stride_c,  # C * cdiv(S, 8) and cdiv(S, 8)
+    tiles_per_n, num_tiles,  # cdiv(S, BLOCK_S); tiles per channel block
     eps: tl.float64, negative_slope: tl.float64, inv_count: tl.float64,  # 1 / M
-    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,  # tile; FLAT: BLOCK_S elements, BLOCK_C 1
+    COMPUTE_DTYPE: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     ACTIVATION: tl.constexpr, USE_MASK: tl.constexpr, BATCH_STATS: tl.constexpr,
     WRITE_GRAD_INPUT: tl.constexpr, WRITE_GRAD_RESIDUAL: tl.constexpr,
+    FLAT: tl.constexpr,  # every tensor contiguous: walk the flat range
     USE_INT64: tl.constexpr,
 ):
     """d input and d residual on one tile."""
-    n, s0, s, c, c_mask, mask = program_tile(C, S, tiles_per_n, BLOCK_S, BLOCK_C, USE_INT64)
-    hi, lo, invstd, scale, shift = channel_constants(
-        c, c_mask, mean_ptr, var_ptr, weight_ptr, bias_ptr, eps, COMPUTE_DTYPE, HAS_WEIGHT,
-        HAS_BIAS,
-    )
-    g, x_hat = output_grad_tile(
-        n, s, c, mask, hi, lo, invstd, scale, shift,
-        grad_out_ptr, g_stride_n, g_stride_c, g_stride_s,
-        x_ptr, x_stride_n, x_stride_c, x_stride_s,
-        residual_ptr, r_stride_n, r_stride_c, r_stride_s,
-        mask_ptr, mask_stride_n, mask_stride_c,
-        negative_slope, COMPUTE_DTYPE, HAS_RESIDUAL, ACTIVATION, USE_MASK,
-    )
+    if FLAT:
+        offsets, mask, c, row, s = flat_tile(numel, C, S, BLOCK_S, USE_INT64)
+        c_mask = mask
+        hi, lo, invstd, scale, shift = channel_constants(
+            c, mask, mean_ptr, var_ptr, weight_ptr, bias_ptr, eps, COMPUTE_DTYPE, HAS_WEIGHT,
+            HAS_BIAS,
+        )
+        x = tl.load(x_ptr + offsets, mask=mask, other=0).to(COMPUTE_DTYPE)
+        g = tl.load(grad_out_ptr + offsets, mask=mask, other=0).to(COMPUTE_DTYPE)
+        residual = x
+        if HAS_RESIDUAL:
+            residual = tl.load(residual_ptr + offsets, mask=mask, other=0).to(COMPUTE_DTYPE)
+        bits = mask
+        if USE_MASK:  # the mask is [N * C, cdiv(S, 8)]: row, then byte s // 8, bit s % 8
+            byte = tl.load(mask_ptr + row * mask_stride_c + s // 8, mask=mask, other=0)
+            bits = ((byte.to(tl.int32) >> (s % 8)) & 1) != 0
+        g, x_hat = output_grad(x, g, residual, bits, mask, hi, lo, invstd, scale, shift,
+                               negative_slope, HAS_RESIDUAL, ACTIVATION, USE_MASK)
+        gi_offsets = offsets
+        gr_offsets = offsets
+    else:
+        n, s0, s, c, c_mask, mask = program_tile(C, S, tiles_per_n, num_tiles, BLOCK_S,
+                                                 BLOCK_C, USE_INT64)
+        hi, lo, invstd, scale, shift = channel_constants(
+            c, c_mask, mean_ptr, var_ptr, weight_ptr, bias_ptr, eps, COMPUTE_DTYPE,
+            HAS_WEIGHT, HAS_BIAS,
+        )
+        g, x_hat = output_grad_tile(
+            n, s, c, mask, hi, lo, invstd, scale, shift,
+            grad_out_ptr, g_stride_n, g_stride_c, g_stride_s,
+            x_ptr, x_stride_n, x_stride_c, x_stride_s,
+            residual_ptr, r_stride_n, r_stride_c, r_stride_s,
+            mask_ptr, mask_stride_n, mask_stride_c,
+            negative_slope, COMPUTE_DTYPE, HAS_RESIDUAL, ACTIVATION, USE_MASK,
+        )
+        scale = scale[:, None]
+        gi_offsets = tile_offsets(n, s, c, gi_stride_n, gi_stride_c, gi_stride_s)
+        gr_offsets = tile_offsets(n, s, c, gr_stride_n, gr_stride_c, gr_stride_s)
     if WRITE_GRAD_INPUT:
         centered = g
         if BATCH_STATS:
             inv_count = tl.full([], inv_count, COMPUTE_DTYPE)
             mean_g = tl.load(sums_ptr + c, mask=c_mask, other=0) * inv_count
             mean_g_xhat = tl.load(sums_ptr + C + c, mask=c_mask, other=0) * inv_count
-            centered = g - mean_g[:, None] - x_hat * mean_g_xhat[:, None]
-        grad_input = centered * scale[:, None]
-        tl.store(grad_input_ptr + tile_offsets(n, s, c, gi_stride_n, gi_stride_c, gi_stride_s),
-                 grad_input.to(grad_input_ptr.dtype.element_ty), mask=mask)
+            if not FLAT:
+                mean_g = mean_g[:, None]
+                mean_g_xhat = mean_g_xhat[:, None]
+            centered = g - mean_g - x_hat * mean_g_xhat
+        grad_input = centered * scale
+        tl.store(grad_input_ptr + gi_offsets, grad_input.to(grad_input_ptr.dtype.element_ty),
+                 mask=mask)
     if WRITE_GRAD_RESIDUAL:
-        tl.store(
-            grad_residual_ptr + tile_offsets(n, s, c, gr_stride_n, gr_stride_c, gr_stride_s),
-            g.to(grad_residual_ptr.dtype.element_ty), mask=mask,
-        )
+        tl.store(grad_residual_ptr + gr_offsets, g.to(grad_residual_ptr.dtype.element_ty),
+                 mask=mask)

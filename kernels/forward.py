@@ -1,22 +1,34 @@
 """BatchNorm forward kernels: batch statistics (with the running-stat update) and normalize.
 
-Training statistics take one or two launches:
-1. ``partial_stats_kernel``, grid (chunks, channel blocks): each program sums y = x - A - K
-   and y^2 over its chunk of tiles. The anchor A = x[0, c, 0] is shared by all programs;
-   K is the mean of x - A over the program's first tile. With both shifts the sums stay
-   small even when the mean is large against the spread (mean 1e4, std 1 in float32):
-   x - A is exact for nearby values, and y has mean near 0, so sum(y^2) - sum(y)^2 / n
-   cancels little. A program turns its sums into a summary (count, mean - A, M2); with
-   one chunk (FINALIZE) it finishes the statistics itself, otherwise it writes the summary
-   to a workspace.
-2. ``finalize_stats_kernel``, grid (channel blocks,): merges the chunk summaries in chunk
-   order with Chan's parallel formula, so the result is bitwise reproducible.
-Both end in ``store_statistics``: the batch mean and biased variance, and the running
-update running = (1 - factor) * running + factor * batch (unbiased variance), where factor
-is momentum, or 1 / num_batches_tracked read from device memory (CUMULATIVE).
+Training statistics take one launch, ``partial_stats_kernel``, 1-D grid of chunks x
+channel blocks (see tiling.program_item): each program sums y = x - A - K and y^2 over its
+chunk of tiles. The anchor A = x[0, c, 0] is shared by all programs; K is the mean of
+x - A over the program's first tile. With both shifts the sums stay small even when the
+mean is large against the spread (mean 1e4, std 1 in float32): x - A is exact for nearby
+values, and y has mean near 0, so sum(y^2) - sum(y)^2 / n cancels little. A program turns
+its sums into a summary (mean - A, M2; its count follows from the shapes). With one chunk
+(not CHUNKED) it finishes the statistics itself. Otherwise it writes the summary to a
+workspace and takes a ticket from its channel block's counter (an integer atomic); the
+program that draws the last ticket merges all the block's summaries with Chan's parallel
+formula, MERGE_CHUNKS at a time by a tree whose shape depends only on the constexprs, then
+in chunk order: the result is bitwise reproducible whichever program finishes last. It
+resets the counter to 0 for the next call.
+
+``finish_statistics`` stores the batch mean and biased variance and the running update
+running = (1 - factor) * running + factor * batch (unbiased variance), where factor is
+momentum, or 1 / (num_batches_tracked + 1) (CUMULATIVE). num_batches_tracked goes up by
+one in the same launch: after every finishing program has read it, by the last of them
+(a second ticket) when CUMULATIVE, else by channel block 0's.
+
+NaN and Inf propagate as in torch: a NaN in a channel gives NaN statistics and running
+statistics; +-inf gives a mean of +-inf (or NaN, with both signs) and a NaN variance (a
+non-finite anchor or shift is replaced by 0, so it cannot turn finite values into NaN);
+a sum of squares that overflows gives an infinite variance (output 0 * (x - mean) + bias).
+Nothing clamps with max/min, whose PTX drops NaN.
 
 ``normalize_kernel`` then writes y = act((x - mean) * invstd * weight + bias + residual),
-one tile per program; eval uses the same kernel with the running statistics.
+one tile per program, or (FLAT) one flat slice of contiguous tensors per program; eval
+uses the same kernel with the running statistics.
 
 Sums and elementwise math run in COMPUTE_DTYPE (float32, or float64 for float64 input).
 The batch mean and variance are stored as float64: the mean is assembled exactly as
@@ -29,33 +41,116 @@ import triton
 import triton.language as tl
 
 from .activations import activation_forward, derivative_is_one
-from .tiling import channel_block, program_tile, tile_offsets, tile_start
+from .tiling import (
+    channel_block,
+    flat_tile,
+    program_item,
+    program_tile,
+    tile_offsets,
+    tile_start,
+)
 
 
 @triton.jit
 def chan_merge(mean_a, m2_a, count_a, mean_b, m2_b, count_b):
-    """Chan's merge of two (mean, M2, count) summaries of disjoint sets of values."""
+    """Chan's merge of two (mean, M2, count) summaries of disjoint sets of values.
+
+    Non-finite means merge as torch's sum / count would: equal ones to themselves (inf and
+    inf: inf), others to mean_a + mean_b (inf and a finite mean: inf; inf and -inf, or a
+    NaN: NaN)."""
     count = count_a + count_b
-    fraction_b = tl.where(count > 0, count_b / tl.maximum(count, 1), 0.0)
+    fraction_b = tl.where(count > 0, count_b / tl.where(count > 0, count, 1.0), 0.0)
     delta = mean_b - mean_a
-    return mean_a + delta * fraction_b, m2_a + m2_b + delta * delta * count_a * fraction_b, count
+    finite = (tl.abs(mean_a) < float("inf")) & (tl.abs(mean_b) < float("inf"))
+    mean = tl.where(mean_a == mean_b, mean_a,
+                    tl.where(finite, mean_a + delta * fraction_b, mean_a + mean_b))
+    # delta * (delta * weight): a summary of no values (weight 0) adds exactly 0, even
+    # where delta * delta would overflow to inf and inf * 0 give NaN.
+    return mean, m2_a + m2_b + delta * (delta * (count_a * fraction_b)), count
 
 
 @triton.jit
-def store_statistics(
-    c, c_mask, anchor, anchored_mean, m2, count,
+def finite_or_zero(value):
+    """value where it is finite, else 0 (for the shifts: a shift of inf or NaN would turn
+    every finite value into a NaN)."""
+    return tl.where(tl.abs(value) < float("inf"), value, 0.0)
+
+
+@triton.jit
+def centered_m2(sum_y2, sum_y, count):
+    """M2 = sum(y^2) - sum(y)^2 / count. When sum(y^2) overflows to inf while sum(y) is
+    finite, M2 is inf (torch's variance of such a channel), not inf - inf = NaN."""
+    m2 = sum_y2 - sum_y * (sum_y / count)
+    return tl.where((sum_y2 == float("inf")) & (tl.abs(sum_y) < float("inf")), sum_y2, m2)
+
+
+@triton.jit
+def chunk_counts(k, S, tiles_per_n, num_tiles, tiles_per_chunk, BLOCK_S: tl.constexpr):
+    """Values per channel in chunks k (any shape): whole tiles of BLOCK_S positions, less
+    what the last tile of each sample in the chunk lacks."""
+    begin = k * tiles_per_chunk
+    end = tl.minimum(begin + tiles_per_chunk, num_tiles)
+    last_tiles = end // tiles_per_n - begin // tiles_per_n
+    return (end - begin) * BLOCK_S - last_tiles * (tiles_per_n * BLOCK_S - S)
+
+
+@triton.jit
+def ticket(counter_ptr):
+    """This program's place among those that share the counter (0 first); after the
+    barrier and the atomic's acquire-release, the last one sees every earlier program's
+    stores."""
+    tl.debug_barrier()
+    return tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu")
+
+
+@triton.jit
+def merge_summaries(summary_ptr, c, c_mask, C, S, num_chunks, tiles_per_n, num_tiles,
+                    tiles_per_chunk, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+                    MERGE_CHUNKS: tl.constexpr, COMPUTE_DTYPE: tl.constexpr):
+    """Chan's merge of all chunk summaries of one channel block: MERGE_CHUNKS at a time by
+    a tree reduction, the groups in chunk order."""
+    mean = tl.zeros([BLOCK_C], dtype=COMPUTE_DTYPE)
+    m2 = tl.zeros([BLOCK_C], dtype=COMPUTE_DTYPE)
+    count = tl.zeros([BLOCK_C], dtype=COMPUTE_DTYPE)
+    for k0 in range(0, num_chunks, MERGE_CHUNKS):
+        k = k0 + tl.arange(0, MERGE_CHUNKS)
+        k_mask = k < num_chunks
+        mask = c_mask[:, None] & k_mask[None, :]
+        offsets = k[None, :] * C + c[:, None]
+        # .cg: read from L2, where the other programs' stores are, not a stale L1 line.
+        group_mean = tl.load(summary_ptr + offsets, mask=mask, other=0, cache_modifier=".cg")
+        group_m2 = tl.load(summary_ptr + num_chunks * C + offsets, mask=mask, other=0,
+                           cache_modifier=".cg")
+        counts = chunk_counts(k, S, tiles_per_n, num_tiles, tiles_per_chunk, BLOCK_S)
+        group_count = tl.where(k_mask, counts, 0).to(COMPUTE_DTYPE)
+        group_count = tl.broadcast_to(group_count[None, :], [BLOCK_C, MERGE_CHUNKS])
+        group_mean, group_m2, group_count = tl.reduce(
+            (group_mean, group_m2, group_count), 1, chan_merge)
+        mean, m2, count = chan_merge(mean, m2, count, group_mean, group_m2, group_count)
+    return mean, m2, count
+
+
+@triton.jit
+def finish_statistics(
+    block, num_blocks, c, c_mask, anchor, anchored_mean, m2, count,
     mean_ptr, var_ptr, running_mean_ptr, running_var_ptr, num_batches_tracked_ptr,
-    momentum, unbias,
+    counters_ptr, momentum, unbias,
     COMPUTE_DTYPE: tl.constexpr, UPDATE_RUNNING: tl.constexpr, CUMULATIVE: tl.constexpr,
+    INCREMENT_STEP: tl.constexpr,
 ):
-    """Write the batch mean and biased variance (float64); update the running statistics."""
+    """Write the batch mean and biased variance (float64), update the running statistics,
+    and count the step (see the module docstring)."""
     mean = anchor.to(tl.float64) + anchored_mean.to(tl.float64)
-    var = tl.maximum(m2 / count, 0.0).to(tl.float64)
+    var = (m2 / count).to(tl.float64)
+    var = tl.where(var < 0, 0.0, var)  # rounding can leave M2 a hair below 0; NaN stays
     tl.store(mean_ptr + c, mean, mask=c_mask)
     tl.store(var_ptr + c, var, mask=c_mask)
+    steps = 0
+    if INCREMENT_STEP:
+        steps = tl.load(num_batches_tracked_ptr, cache_modifier=".cg")
     if UPDATE_RUNNING:
         if CUMULATIVE:
-            factor = 1.0 / tl.load(num_batches_tracked_ptr).to(tl.float64)
+            factor = 1.0 / (steps + 1).to(tl.float64)
         else:
             factor = tl.full([], momentum, tl.float64)
         unbiased_var = var * tl.full([], unbias, tl.float64)
@@ -69,6 +164,14 @@ def store_statistics(
         running_var = running_var.to(COMPUTE_DTYPE).to(running_var_ptr.dtype.element_ty)
         tl.store(running_mean_ptr + c, running_mean, mask=c_mask)
         tl.store(running_var_ptr + c, running_var, mask=c_mask)
+    if INCREMENT_STEP:
+        if CUMULATIVE:
+            # Every block's finisher read the count; the last one to get here writes it.
+            if ticket(counters_ptr + num_blocks) == num_blocks - 1:
+                tl.store(num_batches_tracked_ptr, steps + 1)
+                tl.store(counters_ptr + num_blocks, 0)
+        elif block == 0:
+            tl.store(num_batches_tracked_ptr, steps + 1)
 
 
 @triton.jit
@@ -87,102 +190,84 @@ def load_anchored_tile(x_ptr, t, c, c_mask, anchor, S, stride_n, stride_c, strid
 def partial_stats_kernel(
     x_ptr,  # input, read as [N, C, S]
     summary_ptr,  # [2, num_chunks, C] COMPUTE_DTYPE workspace: per chunk mean - A, and M2
-    counts_ptr,  # [num_chunks] int64 workspace: values per channel in each chunk
-    mean_ptr, var_ptr,  # [C] float64 batch mean and biased variance (written when FINALIZE)
-    running_mean_ptr, running_var_ptr,  # [C] updated in place (FINALIZE and UPDATE_RUNNING)
-    num_batches_tracked_ptr,  # [1] int64: read (CUMULATIVE, already incremented) or incremented
+    counters_ptr,  # [channel blocks + 1] int32 tickets, 0 between calls (CHUNKED, CUMULATIVE)
+    mean_ptr, var_ptr,  # [C] float64 batch mean and biased variance, written
+    running_mean_ptr, running_var_ptr,  # [C] updated in place (UPDATE_RUNNING)
+    num_batches_tracked_ptr,  # [1] int64 step counter, incremented (INCREMENT_STEP)
     C, S,  # channels; positions per sample along the S axis
     stride_n, stride_c, stride_s,  # element strides of x's [N, C, S] view
     tiles_per_n,  # cdiv(S, BLOCK_S)
     num_tiles,  # N * tiles_per_n
     tiles_per_chunk,  # tiles summed by one program
+    num_chunks,  # cdiv(num_tiles, tiles_per_chunk): programs per channel block
     momentum: tl.float64, unbias: tl.float64,  # update factor (unless CUMULATIVE); M/(M-1)
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
-    FINALIZE: tl.constexpr,  # one chunk: write the statistics, no workspace
-    INCREMENT_STEP: tl.constexpr,  # add 1 to num_batches_tracked (nothing else reads it)
-    UPDATE_RUNNING: tl.constexpr, CUMULATIVE: tl.constexpr, USE_INT64: tl.constexpr,
+    CHUNKED: tl.constexpr,  # more than one chunk: workspace, tickets, merge
+    MERGE_CHUNKS: tl.constexpr,  # chunk summaries merged by one tree step
+    UPDATE_RUNNING: tl.constexpr, CUMULATIVE: tl.constexpr, INCREMENT_STEP: tl.constexpr,
+    USE_INT64: tl.constexpr,
 ):
-    """Summary (count, mean - A, M2) of one chunk of tiles for one channel block."""
-    pid_chunk = tl.program_id(0)
-    if INCREMENT_STEP:
-        if (pid_chunk == 0) & (tl.program_id(1) == 0):
-            tl.store(num_batches_tracked_ptr, tl.load(num_batches_tracked_ptr) + 1)
-    c = channel_block(tl.program_id(1), BLOCK_C, USE_INT64)
+    """Summary (count, mean - A, M2) of one chunk of tiles for one channel block; the
+    statistics from the block's last program (see the module docstring)."""
+    block, chunk = program_item(num_chunks)
+    num_blocks = tl.num_programs(0) // num_chunks
+    c = channel_block(block, BLOCK_C, USE_INT64)
     c_mask = c < C
     anchor = tl.load(x_ptr + c * stride_c, mask=c_mask, other=0).to(COMPUTE_DTYPE)
-    tile_begin = pid_chunk * tiles_per_chunk
+    anchor = finite_or_zero(anchor)
+    tile_begin = chunk * tiles_per_chunk
     tile_end = tl.minimum(tile_begin + tiles_per_chunk, num_tiles)
     first, mask, first_count = load_anchored_tile(
         x_ptr, tile_begin, c, c_mask, anchor, S, stride_n, stride_c, stride_s, tiles_per_n,
         BLOCK_S, USE_INT64,
     )
-    shift = tl.sum(first, axis=1) / first_count
+    shift = finite_or_zero(tl.sum(first, axis=1) / first_count)
     y = tl.where(mask, first - shift[:, None], 0.0)
     sum_y = y
     sum_y2 = y * y
-    count = first_count.to(tl.int64)
     for t in range(tile_begin + 1, tile_end):
-        anchored, mask, tile_count = load_anchored_tile(
+        anchored, mask, _ = load_anchored_tile(
             x_ptr, t, c, c_mask, anchor, S, stride_n, stride_c, stride_s, tiles_per_n,
             BLOCK_S, USE_INT64,
         )
         y = tl.where(mask, anchored - shift[:, None], 0.0)
         sum_y += y
         sum_y2 += y * y
-        count += tile_count
-    count_f = count.to(COMPUTE_DTYPE)
+    count_f = chunk_counts(chunk, S, tiles_per_n, num_tiles, tiles_per_chunk,
+                           BLOCK_S).to(COMPUTE_DTYPE)
     chunk_sum_y = tl.sum(sum_y, axis=1)
     anchored_mean = shift + chunk_sum_y / count_f
-    m2 = tl.sum(sum_y2, axis=1) - chunk_sum_y * (chunk_sum_y / count_f)
-    if FINALIZE:
-        store_statistics(
-            c, c_mask, anchor, anchored_mean, m2, count_f,
-            mean_ptr, var_ptr, running_mean_ptr, running_var_ptr, num_batches_tracked_ptr,
-            momentum, unbias, COMPUTE_DTYPE, UPDATE_RUNNING, CUMULATIVE,
-        )
+    m2 = centered_m2(tl.sum(sum_y2, axis=1), chunk_sum_y, count_f)
+    if CHUNKED:
+        tl.store(summary_ptr + chunk * C + c, anchored_mean, mask=c_mask)
+        tl.store(summary_ptr + (num_chunks + chunk) * C + c, m2, mask=c_mask)
+        if ticket(counters_ptr + block) == num_chunks - 1:
+            merged_mean, merged_m2, merged_count = merge_summaries(
+                summary_ptr, c, c_mask, C, S, num_chunks, tiles_per_n, num_tiles,
+                tiles_per_chunk, BLOCK_S, BLOCK_C, MERGE_CHUNKS, COMPUTE_DTYPE,
+            )
+            tl.store(counters_ptr + block, 0)
+            finish_statistics(
+                block, num_blocks, c, c_mask, anchor, merged_mean, merged_m2, merged_count,
+                mean_ptr, var_ptr, running_mean_ptr, running_var_ptr,
+                num_batches_tracked_ptr, counters_ptr, momentum, unbias, COMPUTE_DTYPE,
+                UPDATE_RUNNING, CUMULATIVE, INCREMENT_STEP,
+            )
     else:
-        num_chunks = tl.num_programs(0)
-        tl.store(summary_ptr + pid_chunk * C + c, anchored_mean, mask=c_mask)
-        tl.store(summary_ptr + (num_chunks + pid_chunk) * C + c, m2, mask=c_mask)
-        if tl.program_id(1) == 0:
-            tl.store(counts_ptr + pid_chunk, count)
-
-
-@triton.jit
-def finalize_stats_kernel(
-    x_ptr,  # input (read for the anchor A = x[0, c, 0])
-    summary_ptr, counts_ptr,  # the workspaces partial_stats_kernel wrote
-    mean_ptr, var_ptr, running_mean_ptr, running_var_ptr, num_batches_tracked_ptr,
-    C, stride_c,
-    num_chunks,
-    momentum: tl.float64, unbias: tl.float64,
-    BLOCK_C: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
-    UPDATE_RUNNING: tl.constexpr, CUMULATIVE: tl.constexpr, USE_INT64: tl.constexpr,
-):
-    """Merge the chunk summaries of one channel block in chunk order; store the statistics."""
-    c = channel_block(tl.program_id(0), BLOCK_C, USE_INT64)
-    c_mask = c < C
-    anchor = tl.load(x_ptr + c * stride_c, mask=c_mask, other=0).to(COMPUTE_DTYPE)
-    mean = tl.zeros([BLOCK_C], dtype=COMPUTE_DTYPE)
-    m2 = tl.zeros([BLOCK_C], dtype=COMPUTE_DTYPE)
-    count = tl.zeros([], dtype=COMPUTE_DTYPE)
-    for k in range(num_chunks):
-        chunk_count = tl.load(counts_ptr + k).to(COMPUTE_DTYPE)
-        chunk_mean = tl.load(summary_ptr + k * C + c, mask=c_mask, other=0)
-        chunk_m2 = tl.load(summary_ptr + (num_chunks + k) * C + c, mask=c_mask, other=0)
-        mean, m2, count = chan_merge(mean, m2, count, chunk_mean, chunk_m2, chunk_count)
-    store_statistics(
-        c, c_mask, anchor, mean, m2, count,
-        mean_ptr, var_ptr, running_mean_ptr, running_var_ptr, num_batches_tracked_ptr,
-        momentum, unbias, COMPUTE_DTYPE, UPDATE_RUNNING, CUMULATIVE,
-    )
+        finish_statistics(
+            block, num_blocks, c, c_mask, anchor, anchored_mean, m2, count_f,
+            mean_ptr, var_ptr, running_mean_ptr, running_var_ptr, num_batches_tracked_ptr,
+            counters_ptr, momentum, unbias, COMPUTE_DTYPE, UPDATE_RUNNING, CUMULATIVE,
+            INCREMENT_STEP,
+        )
 
 
 @triton.jit
 def channel_constants(c, c_mask, mean_ptr, var_ptr, weight_ptr, bias_ptr, eps,
                       COMPUTE_DTYPE: tl.constexpr, HAS_WEIGHT: tl.constexpr,
                       HAS_BIAS: tl.constexpr):
-    """Per-channel (hi, lo, invstd, scale, shift) in COMPUTE_DTYPE.
+    """Per-channel (hi, lo, invstd, scale, shift) in COMPUTE_DTYPE, shaped like c (a
+    channel block, or one channel per element of a flat slice).
 
     With mean = hi + lo (any stored dtype), invstd = 1 / sqrt(var + eps),
     scale = invstd * weight and shift = bias - lo * scale, the pre-activation is
@@ -204,11 +289,12 @@ def channel_constants(c, c_mask, mean_ptr, var_ptr, weight_ptr, bias_ptr, eps,
 
 @triton.jit
 def pre_activation(x, hi, scale, shift, residual, HAS_RESIDUAL: tl.constexpr):
-    """u = (x - hi) * scale + shift + residual on a tile (x, residual already upcast).
+    """u = (x - hi) * scale + shift + residual on a tile (x, residual already upcast; hi,
+    scale and shift broadcast to x's shape).
 
     The backward kernels call this too, so they see exactly the forward's u.
     """
-    u = (x - hi[:, None]) * scale[:, None] + shift[:, None]
+    u = (x - hi) * scale + shift
     if HAS_RESIDUAL:
         u += residual
     return u
@@ -231,39 +317,60 @@ def store_activation_bits(mask_ptr, u, n, s0, c, c_mask, tile_mask, mask_stride_
 
 @triton.jit
 def normalize_kernel(
-    x_ptr, y_ptr, residual_ptr,  # [N, C, S] views; y written
+    x_ptr, y_ptr,  # [N, C, S] views: input read, output written
+    residual_ptr,  # [N, C, S] view added before the activation (None unless HAS_RESIDUAL)
     mean_ptr, var_ptr,  # [C] statistics (float64 batch statistics, or running statistics)
-    weight_ptr, bias_ptr,  # [C] affine parameters (when HAS_WEIGHT / HAS_BIAS)
-    mask_ptr,  # [N, C, cdiv(S, 8)] uint8 activation mask, written when WRITE_MASK
+    weight_ptr, bias_ptr,  # [C] affine parameters (None unless HAS_WEIGHT / HAS_BIAS)
+    mask_ptr,  # [N, C, cdiv(S, 8)] uint8 activation mask, written (None unless WRITE_MASK)
     C, S,
-    x_stride_n, x_stride_c, x_stride_s,
+    numel,  # N * C * S (FLAT)
+    x_stride_n, x_stride_c, x_stride_s,  # the views' element strides (not FLAT)
     y_stride_n, y_stride_c, y_stride_s,
     r_stride_n, r_stride_c, r_stride_s,
     mask_stride_n, mask_stride_c,  # C * cdiv(S, 8) and cdiv(S, 8)
-    tiles_per_n,
+    tiles_per_n, num_tiles,  # cdiv(S, BLOCK_S); tiles per channel block
     eps: tl.float64, negative_slope: tl.float64,
-    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,  # tile; FLAT: BLOCK_S elements, BLOCK_C 1
+    COMPUTE_DTYPE: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-    ACTIVATION: tl.constexpr, WRITE_MASK: tl.constexpr, USE_INT64: tl.constexpr,
+    ACTIVATION: tl.constexpr, WRITE_MASK: tl.constexpr,
+    FLAT: tl.constexpr,  # every tensor contiguous: walk the flat range (no WRITE_MASK)
+    USE_INT64: tl.constexpr,
 ):
     """y = act((x - mean) * invstd * weight + bias + residual) on one tile."""
-    n, s0, s, c, c_mask, mask = program_tile(C, S, tiles_per_n, BLOCK_S, BLOCK_C, USE_INT64)
-    hi, lo, invstd, scale, shift = channel_constants(
-        c, c_mask, mean_ptr, var_ptr, weight_ptr, bias_ptr, eps, COMPUTE_DTYPE, HAS_WEIGHT,
-        HAS_BIAS,
-    )
-    x = tl.load(x_ptr + tile_offsets(n, s, c, x_stride_n, x_stride_c, x_stride_s), mask=mask,
-                other=0).to(COMPUTE_DTYPE)
-    residual = x
-    if HAS_RESIDUAL:
-        residual = tl.load(
-            residual_ptr + tile_offsets(n, s, c, r_stride_n, r_stride_c, r_stride_s),
-            mask=mask, other=0,
-        ).to(COMPUTE_DTYPE)
-    u = pre_activation(x, hi, scale, shift, residual, HAS_RESIDUAL)
-    y = activation_forward(u, ACTIVATION, negative_slope)
-    tl.store(y_ptr + tile_offsets(n, s, c, y_stride_n, y_stride_c, y_stride_s),
-             y.to(y_ptr.dtype.element_ty), mask=mask)
-    if WRITE_MASK:
-        store_activation_bits(mask_ptr, u, n, s0, c, c_mask, mask, mask_stride_n,
-                              mask_stride_c, ACTIVATION, BLOCK_S, BLOCK_C)
+    if FLAT:
+        offsets, mask, c, _, _ = flat_tile(numel, C, S, BLOCK_S, USE_INT64)
+        hi, lo, invstd, scale, shift = channel_constants(
+            c, mask, mean_ptr, var_ptr, weight_ptr, bias_ptr, eps, COMPUTE_DTYPE, HAS_WEIGHT,
+            HAS_BIAS,
+        )
+        x = tl.load(x_ptr + offsets, mask=mask, other=0).to(COMPUTE_DTYPE)
+        residual = x
+        if HAS_RESIDUAL:
+            residual = tl.load(residual_ptr + offsets, mask=mask, other=0).to(COMPUTE_DTYPE)
+        u = pre_activation(x, hi, scale, shift, residual, HAS_RESIDUAL)
+        y = activation_forward(u, ACTIVATION, negative_slope)
+        tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=mask)
+    else:
+        n, s0, s, c, c_mask, mask = program_tile(C, S, tiles_per_n, num_tiles, BLOCK_S,
+                                                 BLOCK_C, USE_INT64)
+        hi, lo, invstd, scale, shift = channel_constants(
+            c, c_mask, mean_ptr, var_ptr, weight_ptr, bias_ptr, eps, COMPUTE_DTYPE,
+            HAS_WEIGHT, HAS_BIAS,
+        )
+        x = tl.load(x_ptr + tile_offsets(n, s, c, x_stride_n, x_stride_c, x_stride_s),
+                    mask=mask, other=0).to(COMPUTE_DTYPE)
+        residual = x
+        if HAS_RESIDUAL:
+            residual = tl.load(
+                residual_ptr + tile_offsets(n, s, c, r_stride_n, r_stride_c, r_stride_s),
+                mask=mask, other=0,
+            ).to(COMPUTE_DTYPE)
+        u = pre_activation(x, hi[:, None], scale[:, None], shift[:, None], residual,
+                           HAS_RESIDUAL)
+        y = activation_forward(u, ACTIVATION, negative_slope)
+        tl.store(y_ptr + tile_offsets(n, s, c, y_stride_n, y_stride_c, y_stride_s),
+                 y.to(y_ptr.dtype.element_ty), mask=mask)
+        if WRITE_MASK:
+            store_activation_bits(mask_ptr, u, n, s0, c, c_mask, mask, mask_stride_n,
+                                  mask_stride_c, ACTIVATION, BLOCK_S, BLOCK_C)

@@ -7,6 +7,13 @@ specialises a stride equal to 1, so loads vectorise along whichever axis is cont
 
 A tile is BLOCK_C channels by BLOCK_S positions of S, at one n; per-channel reductions run
 along axis 1. Tiles of one channel block are numbered t = n * tiles_per_n + (s // BLOCK_S).
+Grids are one-dimensional (CUDA allows 2**31 - 1 programs on axis 0, only 65535 on the
+others): program p works on channel block p // per_block and item p % per_block of it,
+an item being a tile (elementwise kernels) or a chunk of tiles (reductions).
+
+``flat_tile`` is the other walk, for elementwise kernels whose tensors are all contiguous
+[N, C, S]: BLOCK consecutive elements, each with its channel computed, so loads and stores
+are full-width vectors whatever S is (S = 49 rows carry no alignment).
 """
 
 import triton
@@ -31,21 +38,56 @@ def tile_offsets(n, s, c, stride_n, stride_c, stride_s):
 
 
 @triton.jit
-def channel_block(pid, BLOCK_C: tl.constexpr, USE_INT64: tl.constexpr):
-    """The BLOCK_C channel indices of channel block pid."""
-    c = pid * BLOCK_C + tl.arange(0, BLOCK_C)
+def channel_block(block, BLOCK_C: tl.constexpr, USE_INT64: tl.constexpr):
+    """The BLOCK_C channel indices of channel block ``block``."""
     if USE_INT64:
-        c = c.to(tl.int64)
-    return c
+        block = block.to(tl.int64)
+    return block * BLOCK_C + tl.arange(0, BLOCK_C)
 
 
 @triton.jit
-def program_tile(C, S, tiles_per_n, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+def program_item(per_block):
+    """(channel block, item within it) of this program in a 1-D grid of per_block items
+    for each channel block."""
+    pid = tl.program_id(0)
+    block = pid // per_block
+    return block, pid - block * per_block
+
+
+@triton.jit
+def program_tile(C, S, tiles_per_n, num_tiles, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
                  USE_INT64: tl.constexpr):
-    """The tile of an elementwise program (tile on axis 0, channel block on axis 1): n, s0,
-    its positions s, channels c, the channel mask and the [BLOCK_C, BLOCK_S] element mask."""
-    n, s0 = tile_start(tl.program_id(0), tiles_per_n, BLOCK_S, USE_INT64)
+    """The tile of an elementwise program: n, s0, its positions s, channels c, the channel
+    mask and the [BLOCK_C, BLOCK_S] element mask."""
+    block, t = program_item(num_tiles)
+    n, s0 = tile_start(t, tiles_per_n, BLOCK_S, USE_INT64)
     s = s0 + tl.arange(0, BLOCK_S)
-    c = channel_block(tl.program_id(1), BLOCK_C, USE_INT64)
+    c = channel_block(block, BLOCK_C, USE_INT64)
     c_mask = c < C
     return n, s0, s, c, c_mask, c_mask[:, None] & (s < S)[None, :]
+
+
+@triton.jit
+def flat_tile(numel, C, S, BLOCK: tl.constexpr, USE_INT64: tl.constexpr):
+    """The BLOCK flat offsets of this program's slice of a contiguous [N, C, S] tensor,
+    their mask, and each element's channel, row (n * C + c) and position s in its row.
+
+    The channel comes without a division per element: the slice starts at position r0 of
+    row row0 (one scalar division), element i lies q = (r0 + i) // S rows further, which
+    float32 gets exactly after one correction (r0 + i < 2**24), and the launcher keeps
+    BLOCK + S <= C * S, so the channel row0 % C + q wraps past C at most once.
+    """
+    start = tl.program_id(0)
+    if USE_INT64:
+        start = start.to(tl.int64)
+    start = start * BLOCK
+    row0 = start // S
+    r0 = (start - row0 * S).to(tl.int32)
+    a = r0 + tl.arange(0, BLOCK)
+    q = (a.to(tl.float32) * (1.0 / S)).to(tl.int32)
+    r = a - q * S
+    q = tl.where(r >= S, q + 1, tl.where(r < 0, q - 1, q))
+    c = row0 % C + q
+    c = tl.where(c >= C, c - C, c)
+    offsets = start + tl.arange(0, BLOCK)
+    return offsets, offsets < numel, c, row0 + q, a - q * S

@@ -1,17 +1,22 @@
 """Compile every kernel specialisation fastbn's launchers request, for real GPUs, on any machine.
 
-    python tests/kernel_specializations.py [--full] [--arch 90 --arch 80] [--shard K/N]
+    python tests/kernel_specializations.py [--full] [--no-suites] [--arch 90 --arch 80]
+                                           [--shard K/N]
 
-The launchers in fastbn.launch run over a matrix of dtypes x layouts x flags with the
-kernels replaced by recorders; each recorded launch is specialised exactly as Triton's JIT
-would specialise it on a GPU (value-1 integers become constants, 16-divisible integers and
-pointers get divisibility hints), compiled to cubin with ``triton.compile`` for each
-architecture, and reported as one JSON line: kernel, architecture, registers, spill bytes,
-and whether the PTX has vectorised global loads. Needs triton without TRITON_INTERPRET.
+The launchers in fastbn.launch run on meta tensors (no memory) inside
+``launch.recording()``, over a matrix of dtypes x layouts x flags at 64x8x8, and over every
+point of the bench's resnet50, bn1d and video suites (training forward, eval forward and
+backward, with the suite's fusion). Each recorded launch is specialised exactly as
+Triton's JIT would specialise it on a GPU (value-1 integers become constants, 16-divisible
+integers and pointers get divisibility hints), the repeats dropped, compiled to cubin
+with ``triton.compile`` for each architecture, and reported as one JSON line: kernel,
+architecture, registers, spill bytes, whether the PTX has vectorised global loads, and
+whether the alignment allows them (FLAT, or every stride argument other than 0 and 1 a
+multiple of 16). Needs triton without TRITON_INTERPRET.
 The quick matrix varies every flag across the dtypes and layouts, compiled for sm_90, and
-its bfloat16 and float64 cases for sm_80 too; --full takes the cartesian product of the
-flags for every architecture asked for. --shard K/N compiles every N-th specialisation,
-so N processes share the work.
+its bfloat16 and float64 cases for sm_80 too; the suites compile for sm_90 only; --full
+takes the cartesian product of the flags for every architecture asked for. --shard K/N
+compiles every N-th specialisation, so N processes share the work.
 """
 
 from __future__ import annotations
@@ -33,83 +38,71 @@ from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import create_function_from_signature
 
 from fastbn import launch
+from fastbn.bench.shapes import SUITES
 from fastbn.reference import SIGN_ACTIVATIONS
 
-KERNEL_MODULES = (launch.forward_kernels, launch.backward_kernels)
 KERNEL_NAMES = (
-    "partial_stats_kernel", "finalize_stats_kernel", "normalize_kernel",
-    "partial_grad_sums_kernel", "finalize_grad_sums_kernel", "grad_input_kernel",
-)
-# Kernels that stream whole tensors: these must vectorise their loads.
-STREAMING_KERNELS = {
     "partial_stats_kernel", "normalize_kernel", "partial_grad_sums_kernel", "grad_input_kernel",
-}
+)
+# Kernels that stream whole tensors: these must vectorise their loads where the alignment
+# allows.
+STREAMING_KERNELS = set(KERNEL_NAMES)
 ACTIVATIONS = tuple(launch.ACTIVATION_CODES)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 LAYOUTS = ("contiguous", "channels_last")
-
-
-class Recorder:
-    """Stands in for a @triton.jit kernel: records (kernel, args, kwargs) per launch."""
-
-    def __init__(self, kernel, records):
-        self.kernel = kernel
-        self.records = records
-
-    def __getitem__(self, grid):
-        def launch_(*args, **kwargs):
-            self.records.append((self.kernel, args, kwargs))
-
-        return launch_
+SUITE_NAMES = ("resnet50", "bn1d", "video")
+BENCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def record_launches(configs) -> list:
-    """Run the launchers over configs with recorders in place of the kernels."""
-    records: list = []
-    originals = {}
-    for module in KERNEL_MODULES:
-        for name in KERNEL_NAMES:
-            if hasattr(module, name):
-                originals[(module, name)] = getattr(module, name)
-                setattr(module, name, Recorder(getattr(module, name), records))
-    try:
+    """(kernel, args, kwargs) of every launch the launchers make over configs."""
+    with launch.recording() as records:
         for config in configs:
             run_config(**config)
-    finally:
-        for (module, name), kernel in originals.items():
-            setattr(module, name, kernel)
-    return records
+    return [(getattr(launch.KERNEL_MODULES[planned.module], planned.kernel),
+             *planned.arguments(tensors, floats)) for planned, tensors, floats in records]
 
 
 def make(shape, dtype, layout):
-    x = torch.randn(shape).to(dtype)
+    x = torch.empty(shape, dtype=dtype, device="meta")
     if layout == "channels_last":
-        x = x.to(memory_format=torch.channels_last)
+        x = x.to(memory_format=torch.channels_last_3d if len(shape) == 5
+                 else torch.channels_last)
     return x
 
 
-def run_config(dtype, layout, batch, activation, residual, affine, track, momentum, use_int64):
-    """One forward (training and eval) and backward of every launcher for one configuration."""
+def run_config(dtype, layout, batch, activation, residual, affine, track, momentum, use_int64,
+               shape=None, eval_too=True):
+    """One forward (training and eval) and backward of every launcher for one configuration
+    (x of ``shape``, else (batch, 64, 8, 8))."""
     launch_needs_int64 = launch.needs_int64
     if use_int64:
-        launch.needs_int64 = lambda tensors: True
+        launch.needs_int64 = lambda geometries: True
+    launch.clear_plans()  # plans made with the other needs_int64 must not be reused
     try:
-        x = make((batch, 64, 8, 8), dtype, layout)
+        x = make(shape or (batch, 64, 8, 8), dtype, layout)
+        channels = x.shape[1]
         params = torch.float64 if dtype == torch.float64 else torch.float32
-        weight = torch.ones(64, dtype=params) if affine else None
-        bias = torch.zeros(64, dtype=params) if affine else None
-        running_mean = torch.zeros(64, dtype=params) if track else None
-        running_var = torch.ones(64, dtype=params) if track else None
-        nbt = torch.tensor(1) if track else None
+
+        def vector():
+            return torch.empty(channels, dtype=params, device="meta")
+
+        weight = vector() if affine else None
+        bias = vector() if affine else None
+        running_mean = vector() if track else None
+        running_var = vector() if track else None
+        nbt = torch.empty((), dtype=torch.int64, device="meta") if track else None
         z = make(x.shape, dtype, layout) if residual else None
         mean, var = launch.batch_stats_(x, running_mean, running_var, nbt, momentum)
-        mean, var = mean.zero_(), var.fill_(1.0)
         save_mask = residual and activation in SIGN_ACTIVATIONS
         _, mask = launch.normalize(x, mean, var, weight, bias, z, 1e-5, activation, 0.01,
                                    save_mask)
         mask = mask if save_mask else None
+        if eval_too and track:
+            launch.normalize(x, running_mean, running_var, weight, bias, z, 1e-5, activation,
+                             0.01, False)
         grad = make(x.shape, dtype, layout)
-        for batch_stats in (True, False):
+        for batch_stats in (True, False) if eval_too else (True,):
             launch.normalize_backward(grad, x, mean, var, weight, bias, z, mask, 1e-5,
                                       batch_stats, activation, 0.01,
                                       [True, affine, affine, residual])
@@ -117,6 +110,7 @@ def run_config(dtype, layout, batch, activation, residual, affine, track, moment
                                   activation, 0.01, [False, affine, affine, False])
     finally:
         launch.needs_int64 = launch_needs_int64
+        launch.clear_plans()
 
 
 def quick_configs():
@@ -135,12 +129,65 @@ def quick_configs():
     return configs
 
 
+def suite_configs(dtypes=tuple(BENCH_DTYPES)):
+    """Every point of the bench's resnet50, bn1d and video suites in ``dtypes``, as a
+    module in training would run it: affine, running statistics, momentum 0.1, the point's
+    fusion."""
+    configs = []
+    for name in SUITE_NAMES:
+        for point in SUITES[name].points:
+            if point.dtype not in dtypes:
+                continue
+            configs.append(dict(
+                dtype=BENCH_DTYPES[point.dtype],
+                layout="channels_last" if point.layout == "channels_last" else "contiguous",
+                batch=point.shape[0], shape=point.shape,
+                activation="none" if point.fusion == "none" else "relu",
+                residual=point.fusion == "add_relu", affine=True, track=True, momentum=0.1,
+                use_int64=False, eval_too=False,
+            ))
+    return configs
+
+
 def full_configs():
     keys = ("dtype", "layout", "batch", "activation", "residual", "affine", "track",
             "momentum", "use_int64")
     values = (DTYPES, LAYOUTS, (2, 64), ACTIVATIONS, (False, True), (False, True),
               (False, True), (0.1, None), (False, True))
     return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*values)]
+
+
+def alignment_allows_vectors(kernel, args, kwargs) -> bool:
+    """Whether the launch's addresses let the contiguous axis load 16-byte vectors: a FLAT
+    walk, or every stride argument other than 0 and 1 a multiple of 16 (Triton's
+    divisibility hint), so rows start aligned."""
+    if kwargs.get("FLAT"):
+        return True
+    bound = dict(zip(kernel.arg_names, args, strict=False))
+    strides = [value for name, value in bound.items() if "stride" in name]
+    return all(value in (0, 1) or value % 16 == 0 for value in strides)
+
+
+def specialization_key(kernel, signature, constexprs, attrs, exact: bool) -> tuple:
+    """What makes two specialisations compile alike. ``exact``: everything Triton keys on.
+    Otherwise only the constexpr flags, the dtypes, and the hints on pointers and strides,
+    which decide vector widths and addressing: sizes and counts (C, S, tile and chunk
+    counts) that differ only in being multiples of 16 compile to the same loads, and
+    registers."""
+    if exact:
+        return (kernel.__name__, json.dumps(signature, sort_keys=True),
+                repr(sorted(constexprs.items())), repr(sorted(attrs.items())))
+    names = kernel.arg_names
+
+    def kept(index_path):
+        name = names[index_path[0]]
+        return "ptr" in name or "stride" in name or name.isupper()
+
+    return (kernel.__name__,
+            json.dumps({k: v for k, v in signature.items() if kept((names.index(k),))},
+                       sort_keys=True),
+            repr(sorted((k, v) for k, v in constexprs.items() if kept(k))),
+            repr(sorted((k, v) for k, v in attrs.items() if kept(k))))
 
 
 def specialize(kernel, args, kwargs, backend):
@@ -184,6 +231,12 @@ def main(argv=None) -> int:
     parser.add_argument("--full", action="store_true", help="cartesian product of the flags")
     parser.add_argument("--arch", type=int, action="append", help="SM version (default 90, 80)")
     parser.add_argument("--shard", default="0/1", help="K/N: compile every N-th, from the K-th")
+    parser.add_argument("--exact", action="store_true",
+                        help="compile every distinct specialisation, not one per kind")
+    parser.add_argument("--suite-dtypes", default=",".join(BENCH_DTYPES),
+                        help="the suites' dtypes to compile (default: all)")
+    parser.add_argument("--no-suites", action="store_true",
+                        help="only the flag matrix, not the bench suites' shapes")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         parser.error("unset TRITON_INTERPRET: this compiles real GPU code")
@@ -195,16 +248,19 @@ def main(argv=None) -> int:
         backend = make_backend(target)
         chosen = [c for c in configs if args.full or arch >= 90
                   or c["dtype"] in (torch.bfloat16, torch.float64)]
+        if arch >= 90 and not args.no_suites:
+            chosen += suite_configs(args.suite_dtypes.split(","))
         seen = set()
         for kernel, kernel_args, kwargs in record_launches(chosen):
             options, signature, constexprs, attrs = specialize(kernel, kernel_args, kwargs,
                                                                backend)
-            key = (kernel.__name__, json.dumps(signature, sort_keys=True),
-                   repr(sorted(constexprs.items())), repr(sorted(attrs.items())))
+            key = specialization_key(kernel, signature, constexprs, attrs, args.exact)
             if key not in seen:
                 seen.add(key)
-                jobs.append((arch, target, kernel, signature, constexprs, attrs, options))
-    for arch, target, kernel, signature, constexprs, attrs, options in jobs[shard::shards]:
+                jobs.append((arch, target, kernel, signature, constexprs, attrs, options,
+                             alignment_allows_vectors(kernel, kernel_args, kwargs)))
+    for (arch, target, kernel, signature, constexprs, attrs, options,
+         aligned) in jobs[shard::shards]:
         compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs),
                                   target=target, options=options.__dict__)
         ptx = compiled.asm["ptx"]
@@ -213,6 +269,9 @@ def main(argv=None) -> int:
             "arch": arch,
             "streaming": kernel.__name__ in STREAMING_KERNELS,
             "vector_loads": bool(re.search(r"ld\.global(\.\w+)*\.v[248]\.", ptx)),
+            "aligned": aligned,
+            "num_warps": options.num_warps,
+            "nan_dropping_minmax": bool(re.search(r"\b(max|min)\.f(32|64)\b", ptx)),
             "constexprs": {str(k): str(v) for k, v in constexprs.items()},
             "signature": signature,
             **ptxas_report(ptx, arch),

@@ -154,23 +154,51 @@ def test_every_dtype_in_both_layouts(dtype, layout):
     check_all(*run_batch_norm(x), dtype)
 
 
+def stats_plan(x, momentum=0.1):
+    return launch.plan_batch_stats(launch.geometry(x), x.dtype, True, momentum is None, True)
+
+
 def test_statistics_split_into_chunks_with_partial_tiles():
     shape = (kernel_sizes(16, 64), 3, 33, 33)
     x = make_input(shape)
-    view = launch.plan_view([x])
-    tiles = launch.reduction_tiling(view, view.strides(x)[2], x.dtype)
-    per_chunk = launch.tiles_per_chunk(tiles, launch.sm_count(x.device))
-    assert per_chunk < tiles.num_tiles, "this shape must take the chunked path"
-    assert view.positions % tiles.block_s != 0, "this shape must have partial tiles"
+    plan = stats_plan(x)
+    assert plan.launch.constexprs["CHUNKED"], "this shape must take the chunked path"
+    assert plan.launch.constexprs["MERGE_CHUNKS"] > 1, "the merge must be a tree"
+    assert 33 * 33 % plan.launch.constexprs["BLOCK_S"] != 0, "this shape must have partial tiles"
+    check_all(*run_batch_norm(x), torch.float32)
+    check_all(*run_batch_norm(x, momentum=None), torch.float32)
+
+
+@pytest.fixture
+def fresh_plans():
+    """Plans made under a patched heuristic are not kept for later tests."""
+    launch.clear_plans()
+    yield
+    launch.clear_plans()
+
+
+def test_merge_in_several_tree_steps(monkeypatch, fresh_plans):
+    """More chunks than one tree step merges: the groups are merged in chunk order."""
+    x = make_input((kernel_sizes(32, 512), 64, 5, 5), layout="channels_last")
+    monkeypatch.setattr(launch, "MERGE_ELEMENTS", 2 * launch.MAX_REDUCTION_BLOCK_C)
+    plan = stats_plan(x)
+    chunks = plan.launch.ints[-1]
+    assert chunks > plan.launch.constexprs["MERGE_CHUNKS"] > 1
     check_all(*run_batch_norm(x), torch.float32)
 
 
 def test_statistics_in_one_launch_when_one_chunk_suffices():
     x = make_input((4, 3, 8, 8))
-    view = launch.plan_view([x])
-    tiles = launch.reduction_tiling(view, view.strides(x)[2], x.dtype)
-    assert launch.tiles_per_chunk(tiles, launch.sm_count(x.device)) == tiles.num_tiles
+    plan = stats_plan(x)
+    assert not plan.launch.constexprs["CHUNKED"] and plan.workspace == 0
     check_all(*run_batch_norm(x), torch.float32)
+
+
+def test_chunking_depends_on_the_shape_only():
+    """The same plan on every device: no SM count, so the bits agree across GPU models."""
+    x = make_input((16, 3, 33, 33))
+    assert "sm_count" not in dir(launch)
+    assert stats_plan(x) == stats_plan(x.to("meta"))
 
 
 def test_channels_last_folds_the_batch_into_positions():
@@ -225,10 +253,11 @@ def test_grad_out_in_another_layout_than_the_input():
     check_all(*run_batch_norm(x, grad_layout="channels_last"), torch.float32)
 
 
-def test_64_bit_offsets_give_the_same_bits(monkeypatch):
+def test_64_bit_offsets_give_the_same_bits(monkeypatch, fresh_plans):
     x = make_input((3, 5, 6, 6), layout="channels_last")
     first, _, _ = run_batch_norm(x, activation="silu", residual=True)
-    monkeypatch.setattr(launch, "needs_int64", lambda tensors: True)
+    monkeypatch.setattr(launch, "needs_int64", lambda geometries: True)
+    launch.clear_plans()
     second, _, _ = run_batch_norm(x, activation="silu", residual=True)
     assert torch.equal(first["fastbn"]["y"], second["fastbn"]["y"])
     for a, b in zip(first["fastbn"]["grads"], second["fastbn"]["grads"], strict=True):
@@ -238,8 +267,8 @@ def test_64_bit_offsets_give_the_same_bits(monkeypatch):
 def test_needs_int64_only_past_two_to_the_31():
     small = torch.empty(0, device="meta").as_strided((2, 2), (1, 2**30))
     large = torch.empty(0, device="meta").as_strided((2, 3), (1, 2**30))
-    assert not launch.needs_int64([small])
-    assert launch.needs_int64([large])
+    assert not launch.needs_int64([launch.geometry(small)])
+    assert launch.needs_int64([launch.geometry(large)])
 
 
 def test_results_are_bitwise_reproducible():
@@ -388,3 +417,86 @@ def test_strided_per_channel_vectors():
     assert_close_to_truth("y", y, truth["y"])
     assert_close_to_truth("running_mean", running_mean, truth["running_mean"])
     assert_close_to_truth("running_var", running_var, truth["running_var"])
+
+
+FLAT_CASES = [((2, 64, 7, 7), torch.float32), ((3, 13, 14, 14), torch.bfloat16),
+              ((2, 45, 7, 7), torch.float64), ((2, 100, 3, 7), torch.float16)]
+
+
+@pytest.mark.parametrize("shape,dtype", FLAT_CASES, ids=str)
+@pytest.mark.parametrize("activation,residual", [(None, False), ("silu", True), ("relu", True)],
+                         ids=["plain", "silu+residual", "relu+residual(mask)"])
+def test_contiguous_small_spatial_walks_the_flat_range(shape, dtype, activation, residual):
+    """NCHW with S = 49 or 196: the elementwise kernels walk the flat range, every slice
+    boundary inside a channel or between channels and samples."""
+    x = make_input(shape, dtype=dtype)
+    launch_ = launch.plan_normalize(launch.geometry(x), launch.geometry(x),
+                                    launch.geometry(x) if residual else None, dtype,
+                                    dtype if residual else None, True, True,
+                                    activation or "none", False)
+    assert launch_.constexprs["FLAT"]
+    if activation == "relu":  # the forward writes the mask by tiles, the backward reads it flat
+        _, mask = launch.normalize(x, *reference.batch_mean_var(x), None, None, x, 1e-5,
+                                   "relu", 0.0, True)
+        plan = launch.plan_backward(*[launch.geometry(x)] * 2, None, launch.geometry(x), None,
+                                    dtype, True, True, "relu", True, True, True, True, True)
+        assert plan.grad_input.constexprs["FLAT"]
+    check_all(*run_batch_norm(x, residual=residual, activation=activation), dtype)
+    check_all(*run_batch_norm(x, training=False, residual=residual, activation=activation),
+              dtype)
+
+
+def _poison(x, case):
+    """x with non-finite values placed as ``case`` says (channel 0 unless noted)."""
+    x = x.clone()
+    middle = (x.shape[0] // 2, 0, *(size // 2 for size in x.shape[2:]))
+    if case == "nan_element":
+        x[middle] = float("nan")
+    elif case == "inf_element":
+        x[middle] = float("inf")
+    elif case == "neg_inf_first_element":  # the anchor and the first tile's shift
+        x[(0, 0, *([0] * (x.dim() - 2)))] = float("-inf")
+    elif case == "nan_channel":
+        x[:, 0] = float("nan")
+    elif case == "inf_channel":
+        x[:, 0] = float("inf")
+    elif case == "sum_of_squares_overflows":  # every value finite, their squares' sum not
+        x[:, 0] = x[:, 0] * 3e19
+    return x
+
+
+NON_FINITE = ["nan_element", "inf_element", "neg_inf_first_element", "nan_channel",
+              "inf_channel", "sum_of_squares_overflows"]
+
+
+@pytest.mark.parametrize(
+    "case,shape,momentum",
+    [(case, (4, 3, 5, 5), 0.1) for case in NON_FINITE]
+    + [(case, (kernel_sizes(4, 64), 3, 33, 33), 0.1) for case in NON_FINITE]
+    + [("inf_element", (kernel_sizes(4, 64), 3, 33, 33), None)],
+    ids=str,
+)
+def test_non_finite_values_propagate_like_torch(case, shape, momentum):
+    """Statistics, running statistics and output as torch's own BatchNorm gives them (CPU):
+    NaN where torch has NaN, inf where it has inf, 0 where an overflowing variance gives 0;
+    in one chunk and merged from several."""
+    x = _poison(make_input(shape), case)
+    assert stats_plan(x).launch.constexprs["CHUNKED"] == (shape[2] == 33)
+    results = {}
+    for name in ("fastbn", "torch"):
+        rm, rv = torch.zeros(3, device=DEVICE), torch.ones(3, device=DEVICE)
+        nbt = torch.tensor(4, device=DEVICE)
+        if name == "fastbn":
+            with fastbn.use_backend("triton"):
+                y = fastbn.batch_norm(x, rm, rv, None, None, True, momentum,
+                                      num_batches_tracked=nbt)
+        else:
+            factor = 1 / 5 if momentum is None else momentum
+            rm, rv = rm.cpu(), rv.cpu()
+            y = F.batch_norm(x.cpu(), rm, rv, None, None, True, factor)
+        results[name] = (y.cpu(), rm.cpu(), rv.cpu())
+    atol, rtol = tolerance(torch.float32)
+    for what, mine, theirs in zip(("y", "running_mean", "running_var"), results["fastbn"],
+                                  results["torch"], strict=True):
+        torch.testing.assert_close(mine, theirs, atol=atol, rtol=rtol, equal_nan=True,
+                                   msg=lambda m, what=what: f"{what}: {m}")

@@ -194,7 +194,9 @@ exit status: 0, or 1 when some fastbn row was wrong or failed, 2 for a bad argum
     )
     which = parser.add_mutually_exclusive_group()
     which.add_argument(
-        "--suite", choices=SUITES, help="a named suite (default: quick on CUDA, cpu on CPU)"
+        "--suite", choices=(*SUITES, "host"),
+        help="a named suite (default: quick on CUDA, cpu on CPU); 'host': the host cost per "
+        "call against torch's BatchNorm (fastbn.bench.host)",
     )
     which.add_argument(
         "--shape", action="append", type=shape_argument, metavar="N,C[,D][,H,W]",
@@ -241,6 +243,10 @@ exit status: 0, or 1 when some fastbn row was wrong or failed, 2 for a bad argum
     )
     parser.add_argument(
         "--out", type=Path, metavar="DIR", help="write the JSON file (and the PNG plot) here"
+    )
+    parser.add_argument(
+        "--plan", action="store_true",
+        help="run nothing: print each launch fastbn would make per point (fastbn.bench.plan)",
     )
     return parser
 
@@ -344,6 +350,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.plan or args.suite == "host":
+        from fastbn.bench.extra import run_extra
+
+        return run_extra(parser, args, argv, device)
     defaults = DEFAULTS[device.type]
     suite, points = choose_points(parser, args, device.type)
     warmup = defaults["warmup"] if args.warmup is None else args.warmup

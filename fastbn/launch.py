@@ -37,17 +37,16 @@ import triton.language as tl
 from torch import Tensor
 from triton.runtime.interpreter import InterpretedFunction
 
-from fastbn.kernels import backward as backward_kernels
-from fastbn.kernels import forward as forward_kernels
-from fastbn.reference import (
+from fastbn.conventions import (
+    ACTIVATION_CODES,
     STATS_DTYPE,
     compute_dtype,
     mask_shape,
     reduced_count,
     unbiasing_factor,
 )
-
-ACTIVATION_CODES = {"none": 0, "relu": 1, "relu6": 2, "leaky_relu": 3, "silu": 4, "hardswish": 5}
+from fastbn.kernels import backward as backward_kernels
+from fastbn.kernels import forward as forward_kernels
 
 # ---------------------------------------------------------------------------------------------
 # Heuristics. The kernels are memory-bound; what matters is that every SM has work and
@@ -98,7 +97,7 @@ def cdiv(a: int, b: int) -> int:
 
 
 def kernel_compute_dtype(dtype: torch.dtype) -> tl.dtype:
-    """COMPUTE_DTYPE of the kernels for an input dtype (see reference.compute_dtype)."""
+    """COMPUTE_DTYPE of the kernels for an input dtype (see conventions.compute_dtype)."""
     return tl.float64 if compute_dtype(dtype) == torch.float64 else tl.float32
 
 
@@ -183,7 +182,7 @@ def fits_view(t: Tensor) -> bool:
 def plan_view(tensors: list[Tensor], activation_mask: bool = False) -> View:
     """The view shared by same-shaped tensors that all fit_view: folded when all allow it.
 
-    With an activation mask the view must match the mask's packing (reference.mask_shape):
+    With an activation mask the view must match the mask's packing (conventions.mask_shape):
     unfolded [N, C, S], except 2-D input, which is always folded into [1, C, N].
     """
     return _plan_view(tuple(geometry(t) for t in tensors), activation_mask)

@@ -1,8 +1,9 @@
 """Activation forward and derivative as Triton jit helpers, selected by a constexpr code.
 
-The codes match ``fastbn.launch.ACTIVATION_CODES``. NaN passes through like torch's own
-functions; the derivatives follow torch's conventions at the kinks (relu'(0) = 0,
-relu6'(0) = relu6'(6) = 0, leaky_relu'(0) = negative_slope, hardswish'(+-3) as torch).
+The codes are ``fastbn.conventions.ACTIVATION_CODES`` (tests/test_conventions.py checks).
+NaN passes through like torch's own functions; the derivatives follow torch's conventions
+at the kinks (relu'(0) = 0, relu6'(0) = relu6'(6) = 0, leaky_relu'(0) = negative_slope,
+hardswish'(+-3) as torch).
 The relu family's derivative takes two values, so one bit per element records it
 (derivative_is_one); the bits are packed 8 per byte (see forward.store_activation_bits).
 """

@@ -23,7 +23,7 @@ def _meta(argv: list[str], suite: str, device: torch.device, notes: list[str]) -
 
     return {
         "command": shlex.join(["python", "-m", "fastbn.bench", *argv]),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "suite": suite,
         "device": {"type": device.type, "name": device_name(device)},
         "versions": {"python": platform.python_version(), "torch": torch.__version__,

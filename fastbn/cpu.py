@@ -141,6 +141,7 @@ def pilot_sums(x: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
     count = reduced_count(x)
     dtype = compute_dtype(x.dtype)
     pilot = x[(0, slice(None)) + (0,) * (x.dim() - 2)]
+    pilot = torch.where(pilot.isfinite(), pilot, 0.0)  # an inf pilot would make inf - inf
     if x.dtype == dtype:
         shifted = x - channel_view(pilot, x)
     else:  # one conversion pass, then in place: faster than a mixed-dtype subtraction

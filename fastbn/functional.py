@@ -248,7 +248,7 @@ def _check_call(
                     "have requires_grad=True"
                 )
     if training and momentum is None and running_mean is not None and num_batches_tracked is None:
-        raise ValueError(
+        raise TypeError(  # F.batch_norm's type for momentum=None: it takes floats only
             "batch_norm: momentum=None (a cumulative moving average) needs num_batches_tracked"
         )
     return False

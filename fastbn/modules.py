@@ -210,6 +210,18 @@ class _FastBatchNorm(_BatchNorm):
                     f"{type(self).__name__}: a residual of shape {tuple(residual.shape)} cannot "
                     f"be added to an output of shape {tuple(input.shape)} ({error})"
                 ) from None
+            if residual.device != input.device:
+                raise RuntimeError(
+                    f"{type(self).__name__}: expected the residual on the input's device "
+                    f"{input.device}, but it is on {residual.device}"
+                )
+            if self.activation is not None and torch.promote_types(
+                input.dtype, residual.dtype
+            ).is_complex:
+                raise TypeError(
+                    f"{type(self).__name__}: a {residual.dtype} residual makes the sum complex, "
+                    f"and {self.activation} takes real tensors"
+                )
             return self._add_and_activate(self._normalize(input, None, None), residual)
         return self._normalize(input, residual, self.activation)
 
@@ -225,6 +237,9 @@ class _FastBatchNorm(_BatchNorm):
         tracking = self.training and self.track_running_stats
         # Batch statistics in training, and in eval when no running statistics are kept.
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        momentum = self.momentum
+        if momentum is None and self.num_batches_tracked is None:
+            momentum = 0.0  # torch's factor for a cumulative average without a step counter
         return batch_norm(
             input,
             self.running_mean if not self.training or self.track_running_stats else None,
@@ -232,7 +247,7 @@ class _FastBatchNorm(_BatchNorm):
             self.weight,
             self.bias,
             use_batch_stats,
-            self.momentum,
+            momentum,
             self.eps,
             residual=residual,
             activation=activation,

@@ -457,7 +457,15 @@ def call_normalize(
     args = (x, mean, var, weight, bias, residual, eps, batch_stats, activation,
             negative_slope, save_mask, backend)
     if direct(x) and plain(mean, var, weight, bias, residual):
-        return _Normalize.apply(*args)
+        if torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (x, weight, bias, residual)
+        ):
+            return _Normalize.apply(*args)
+        # No backward can follow (inference, eval under no_grad): no autograd node to build.
+        y, activation_mask = implementation(backend).normalize(
+            x, mean, var, weight, bias, residual, eps, activation, negative_slope, save_mask
+        )
+        return in_output_format(y, x), activation_mask
     return normalize(*args)
 
 

@@ -75,6 +75,7 @@ def batch_mean_var(x: Tensor) -> tuple[Tensor, Tensor]:
         return zeros, zeros.clone()
     dtype = compute_dtype(x.dtype)
     anchor = x[(0, slice(None)) + (0,) * (x.dim() - 2)].to(dtype)
+    anchor = torch.where(anchor.isfinite(), anchor, 0.0)  # an inf anchor would make inf - inf
     shifted = x.to(dtype) - channel_view(anchor, x)
     dims = reduced_dims(x)
     shifted_mean = shifted.mean(dims)

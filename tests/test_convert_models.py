@@ -538,3 +538,16 @@ def test_graph_fusion_refuses_a_forward_adding_in_place_into_its_input():
     x = make_input((2, 4, 3, 3), torch.float64)
     with torch.no_grad():
         assert_matches("output", converted(x), original(x))
+
+
+@pytest.mark.parametrize("residual", [
+    torch.zeros(4, 3, 5, 5, dtype=torch.float64, device="meta"),  # another device
+    torch.zeros(4, 3, 5, 5, dtype=torch.complex64),  # a complex sum relu cannot take
+], ids=["other_device", "complex"])
+def test_refused_residual_of_another_dtype_changes_no_state(residual):
+    layer = fastbn.BatchNorm2d(3, activation="relu")
+    before = {name: (t.clone(), t._version) for name, t in layer.state_dict().items()}
+    with pytest.raises((RuntimeError, TypeError), match="residual"):
+        layer(make_input((4, 3, 5, 5)), residual=residual)
+    for name, t in layer.state_dict().items():
+        assert torch.equal(t, before[name][0]) and t._version == before[name][1], name

@@ -129,7 +129,7 @@ MISTAKES = [
             torch_call=None, error=ValueError),
     Mistake("momentum_none_without_counter",
             lambda c, d: {"momentum": None, "num_batches_tracked": None}, "num_batches_tracked",
-            torch_call=None, error=ValueError),
+            torch_call=None, error=TypeError),
     Mistake("negative_eps_in_eval", lambda c, d: {"eps": -2.0, "training": False},
             "eps must be non-negative", recent_torch_only=True),
     Mistake("running_mean_without_running_var_in_eval",

@@ -18,6 +18,7 @@ from helpers import (
     TORCH_HAS_BIAS_KEYWORD,
     activation64,
     assert_close_to_truth,
+    assert_matches,
     batch_norm_truth,
     grads_truth,
     kink_distance,
@@ -600,3 +601,13 @@ def test_full_backward_hook_sees_the_input_gradient(backend, device):
     x = make_input((2, 3, 2, 2), device=device).requires_grad_(True)
     module(x).pow(2).sum().backward()
     assert len(seen) == 1 and torch.equal(seen[0], x.grad)
+
+
+def test_momentum_none_without_a_step_counter_keeps_running_stats_like_torch(device):
+    fast, ref = make_pair(fastbn.BatchNorm2d, 3, device, momentum=None)
+    fast.num_batches_tracked = None
+    ref.num_batches_tracked = None
+    x = make_input((4, 3, 5, 5), device=device)
+    assert_matches("output", fast(x), ref(x))
+    for name in ("running_mean", "running_var"):
+        assert torch.equal(getattr(fast, name), getattr(ref, name)), name

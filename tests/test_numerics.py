@@ -132,3 +132,20 @@ def test_low_precision_output_is_within_its_dtype_tolerance(backend, device, dty
     y_torch = F.batch_norm(x, running_mean.clone(), running_var.clone(), weight, bias, training)
     assert y.dtype == dtype
     assert_close_to_truth("output", y, truth["y"], y_torch)
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+@pytest.mark.parametrize("where", ["first", "middle"])
+def test_non_finite_value_gives_torchs_statistics(backend, device, value, where):
+    """inf, -inf or NaN in one element, the channel's first (the statistics' anchor) or
+    not: the running statistics and the output have torch's non-finite pattern."""
+    x = make_input((4, 3, 3, 3), device=device)
+    x[(0, 1, 0, 0) if where == "first" else (2, 1, 1, 2)] = value
+    fast, ref = fastbn.BatchNorm2d(3).to(device), torch.nn.BatchNorm2d(3).to(device)
+    y, expected = fast(x), ref(x)
+    for name, mine, theirs in (("output", y, expected),
+                               ("running_mean", fast.running_mean, ref.running_mean),
+                               ("running_var", fast.running_var, ref.running_var)):
+        assert torch.equal(mine.isnan(), theirs.isnan()), f"{name}: NaN pattern"
+        assert torch.equal(mine.isinf() & (mine > 0), theirs.isinf() & (theirs > 0)), name
+        assert torch.equal(mine.isinf() & (mine < 0), theirs.isinf() & (theirs < 0)), name

@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # The prepared GPU check, ordered so the most valuable evidence comes first within a
 # 15-minute device budget (every new kernel specialisation JIT-compiles on a GPU, about a
-# second each, so the whole suite may not fit):
-#   1. the kernel, ops and numerics tests at real sizes (stop on the first failure);
+# second each, so the whole suite may not fit). The step timeouts add up to about 10 min:
+#   1. the kernel, launch (CUDA graphs, streams), ops and numerics tests at real sizes
+#      (stop on the first failure);
 #   2. the quick benchmark against torch eager (kernel and back-to-back eager times);
-#   3. the quick benchmark against torch.compile, forward+backward;
-#   4. the rest of the suite, as far as the time allows.
+#   3. the host-cost suite (back-to-back calls of small shapes against torch);
+#   4. the quick benchmark against torch.compile, forward+backward;
+#   5. a resnet50-suite subset in bf16 (batch 32 and 256, both layouts), forward+backward;
+#   6. the rest of the suite, as far as the time allows.
 # Everything lands in $OUT (default bench/results/new). Commit the JSON under
 # bench/results/ as written.
 #
@@ -17,8 +20,8 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 
 # The pytest selections of steps 1 and 4 (one line each: the packaging test reads them).
-KERNEL_TESTS="tests/test_kernels.py tests/test_ops.py tests/test_numerics.py"
-REST_TESTS="tests --ignore=tests/test_kernels.py --ignore=tests/test_ops.py --ignore=tests/test_numerics.py"
+KERNEL_TESTS="tests/test_kernels.py tests/test_launch.py tests/test_ops.py tests/test_numerics.py"
+REST_TESTS="tests --ignore=tests/test_kernels.py --ignore=tests/test_launch.py --ignore=tests/test_ops.py --ignore=tests/test_numerics.py"
 
 install_fastbn() {
     # Editable install with the machine's own setuptools (no build isolation: no network).
@@ -38,10 +41,13 @@ print("python", sys.version.split()[0], "torch", torch.__version__, "triton", tr
       "fastbn", fastbn.__file__)
 PY
 # shellcheck disable=SC2086  # the selections are word lists on purpose
-timeout 240 python -m pytest -x -q $KERNEL_TESTS 2>&1 | tee "$OUT/pytest-kernels.log" | tail -15
-timeout 150 python -m fastbn.bench --suite quick --providers fastbn,torch --out "$OUT" 2>&1 \
+timeout 200 python -m pytest -x -q $KERNEL_TESTS 2>&1 | tee "$OUT/pytest-kernels.log" | tail -15
+timeout 90 python -m fastbn.bench --suite quick --providers fastbn,torch --out "$OUT" 2>&1 \
     | tee "$OUT/bench-quick.txt" | tail -40
-timeout 150 python -m fastbn.bench --suite quick --providers fastbn,compile --modes forward-backward \
+timeout 45 python -m fastbn.bench --suite host --out "$OUT" 2>&1 | tee "$OUT/bench-host.txt" | tail -20
+timeout 120 python -m fastbn.bench --suite quick --providers fastbn,compile --modes forward-backward \
     --out "$OUT" 2>&1 | tee "$OUT/bench-quick-compile.txt" | tail -25
+timeout 90 python -m fastbn.bench --suite resnet50 --providers fastbn,torch --dtypes bf16 \
+    --modes forward-backward --fusion none --out "$OUT" 2>&1 | tee "$OUT/bench-resnet50-bf16.txt" | tail -30
 # shellcheck disable=SC2086
-timeout 150 python -m pytest -q $REST_TESTS 2>&1 | tee "$OUT/pytest-rest.log" | tail -15
+timeout 60 python -m pytest -q $REST_TESTS 2>&1 | tee "$OUT/pytest-rest.log" | tail -15

@@ -273,8 +273,9 @@ class Tiling:
     channel_blocks: int
 
 
-def _power_of_two_at_most(value: int, limit: int) -> int:
-    """The smallest power of two >= value (at least 1), capped at limit."""
+def _power_of_two_covering(value: int, limit: int) -> int:
+    """The smallest power of two >= value (at least 1), capped at limit: a block covering
+    value elements where the limit allows."""
     return min(1 << (max(value, 1) - 1).bit_length(), limit)
 
 
@@ -285,17 +286,17 @@ def tiling(view: View, stride_s: int, elements: int, per_thread: int,
     warps for ``per_thread`` values per thread; at least ``min_block_s`` positions long,
     at most ``max_block_c`` channels wide."""
     if stride_s == 1 and view.positions > 1:
-        block_s = _power_of_two_at_most(view.positions, min(MAX_BLOCK_S, elements))
-        block_c = _power_of_two_at_most(view.channels, max(elements // block_s, 1))
+        block_s = _power_of_two_covering(view.positions, min(MAX_BLOCK_S, elements))
+        block_c = _power_of_two_covering(view.channels, max(elements // block_s, 1))
     else:
-        block_c = _power_of_two_at_most(view.channels, min(max_block_c, elements))
-        block_s = _power_of_two_at_most(view.positions, max(elements // block_c, 1))
+        block_c = _power_of_two_covering(view.channels, min(max_block_c, elements))
+        block_s = _power_of_two_covering(view.positions, max(elements // block_c, 1))
     block_s = max(block_s, min_block_s)
     tiles_per_n = cdiv(view.positions, block_s)
     return Tiling(
         block_s=block_s,
         block_c=block_c,
-        num_warps=_power_of_two_at_most(block_s * block_c // (32 * per_thread), 8),
+        num_warps=_power_of_two_covering(block_s * block_c // (32 * per_thread), 8),
         tiles_per_n=tiles_per_n,
         num_tiles=view.batch * tiles_per_n,
         channel_blocks=cdiv(view.channels, block_c),
@@ -427,7 +428,7 @@ def counters(device: torch.device, count: int) -> Tensor:
         key = (device.type, device.index, torch.cuda.current_stream(device).cuda_stream)
     buffer = _COUNTERS.get(key)
     if buffer is None or buffer.numel() < count:
-        buffer = torch.zeros(_power_of_two_at_most(count, 2**62), dtype=torch.int32,
+        buffer = torch.zeros(_power_of_two_covering(count, 2**62), dtype=torch.int32,
                              device=device)
         _COUNTERS[key] = buffer
     return buffer
@@ -567,7 +568,7 @@ def _elementwise_launch(kernel: str, module: str, geometries: tuple[Geometry, ..
         grid = check_grid(cdiv(numel, FLAT_ELEMENTS))
         ints = (channels, positions, numel, *strides, *mask_strides_, 1, grid[0])
         constexprs = dict(constexprs, BLOCK_S=FLAT_ELEMENTS, BLOCK_C=1, FLAT=True,
-                          num_warps=_power_of_two_at_most(FLAT_ELEMENTS // (32 * per_thread),
+                          num_warps=_power_of_two_covering(FLAT_ELEMENTS // (32 * per_thread),
                                                           8))
     else:
         tiles = elementwise_tiling(view, strides[2], dtype, min_block_s)

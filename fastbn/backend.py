@@ -30,7 +30,10 @@ class _ThreadChoice(threading.local):
     threading.local, not a ContextVar: torch.compile traces attribute reads of a
     threading.local, guarding on the value, but graph-breaks on ContextVar.get.)"""
 
-    chosen: str | None = None
+    def __init__(self) -> None:
+        # Set per thread, not as a class attribute: torch 2.11's dynamo reads a class-level
+        # default instead of the thread's value.
+        self.chosen: str | None = None
 
 
 _thread = _ThreadChoice()

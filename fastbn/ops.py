@@ -457,9 +457,9 @@ def call_normalize(
     args = (x, mean, var, weight, bias, residual, eps, batch_stats, activation,
             negative_slope, save_mask, backend)
     if direct(x) and plain(mean, var, weight, bias, residual):
-        if torch.is_grad_enabled() and any(
+        if torch.jit.is_tracing() or (torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (x, weight, bias, residual)
-        ):
+        )):  # (a jit trace records one path for the calls with and without gradients)
             return _Normalize.apply(*args)
         # No backward can follow (inference, eval under no_grad): no autograd node to build.
         y, activation_mask = implementation(backend).normalize(

@@ -81,6 +81,10 @@ FIRST_CALL_COMPILED = """
 import os, sys
 if not {on_gpu}:
     os.environ["TRITON_INTERPRET"] = "1"
+    sys.path.insert(0, {tests!r})
+    from triton_compat import patch_interpreter_index  # as conftest does
+
+    patch_interpreter_index()
 import torch, fastbn, fastbn.backend
 assert fastbn.backend._triton_problem is None  # nothing has probed the kernels yet
 bn = fastbn.BatchNorm2d(3).to("{device}")
@@ -96,7 +100,8 @@ print("ok")
 def test_first_fastbn_call_may_be_inside_a_compiled_region(device):
     """The backend probe (can the kernels run?) runs when dynamo first meets a call, not
     through a traced import, so a model compiled before any eager call still compiles."""
-    code = FIRST_CALL_COMPILED.format(on_gpu=ON_GPU, device=device)
+    code = FIRST_CALL_COMPILED.format(on_gpu=ON_GPU, device=device,
+                                      tests=os.path.dirname(os.path.abspath(__file__)))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                             text=True, timeout=300)

@@ -641,27 +641,31 @@ def _recording_attribute_reads(root: nn.Module, reads: dict[str, Any]) -> Iterat
     else once the attribute changes. (Leaves of the trace are called when the graph runs,
     so their reads are not recorded: they are not run while tracing.)"""
     originals = {}
-    for path, m in root.named_modules():
-        if isinstance(m, _BatchNorm) or type(m) in originals.values():
-            continue
-        cls = type(m)
-
-        def __getattribute__(self, name, _cls=cls, _path=path):
-            value = _cls.__getattribute__(self, name)
-            if (not name.startswith("_") and name != "training"
-                    and isinstance(value, _FREEZABLE)
-                    and name in object.__getattribute__(self, "__dict__")):
-                reads[f"{_path}.{name}" if _path else f"self.{name}"] = value
-            return value
-
-        originals[m] = cls
-        m.__class__ = type(cls.__name__, (cls,), {"__getattribute__": __getattribute__,
-                                                  "__module__": cls.__module__})
     try:
+        for path, m in root.named_modules():  # each module once, however often it is shared
+            if not isinstance(m, _BatchNorm):
+                originals[m] = _record_reads(m, path, reads)
         yield
     finally:
         for m, cls in originals.items():
             m.__class__ = cls
+
+
+def _record_reads(m: nn.Module, path: str, reads: dict[str, Any]) -> type:
+    """Make m record its reads of freezable attributes into reads; returns its own class."""
+    cls = type(m)
+
+    def __getattribute__(self, name):
+        value = cls.__getattribute__(self, name)
+        if (not name.startswith("_") and name != "training"
+                and isinstance(value, _FREEZABLE)
+                and name in object.__getattribute__(self, "__dict__")):
+            reads[f"{path}.{name}" if path else f"self.{name}"] = value
+        return value
+
+    m.__class__ = type(cls.__name__, (cls,), {"__getattribute__": __getattribute__,
+                                              "__module__": cls.__module__})
+    return cls
 
 
 def _check_no_augmented_assignment_to_arguments(module: nn.Module) -> None:

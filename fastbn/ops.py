@@ -118,6 +118,14 @@ def normalize(
     save_mask: bool,
     backend: str,
 ) -> tuple[Tensor, Tensor]:
+    return normalized(x, mean, var, weight, bias, residual, eps, activation, negative_slope,
+                      save_mask, backend)
+
+
+def normalized(x, mean, var, weight, bias, residual, eps, activation, negative_slope,
+               save_mask, backend):
+    """The backend's normalize, its output in torch's memory format: the body of the op,
+    of its eager autograd Function and of the eager call without a backward."""
     y, activation_mask = implementation(backend).normalize(
         x, mean, var, weight, bias, residual, eps, activation, negative_slope, save_mask
     )
@@ -426,10 +434,8 @@ class _Normalize(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, mean, var, weight, bias, residual, eps, batch_stats, activation,
                 negative_slope, save_mask, backend):
-        y, activation_mask = implementation(backend).normalize(
-            x, mean, var, weight, bias, residual, eps, activation, negative_slope, save_mask
-        )
-        output = in_output_format(y, x), activation_mask
+        output = normalized(x, mean, var, weight, bias, residual, eps, activation,
+                            negative_slope, save_mask, backend)
         _normalize_setup_context(
             ctx, (x, mean, var, weight, bias, residual, eps, batch_stats, activation,
                   negative_slope, save_mask, backend), output,
@@ -462,10 +468,8 @@ def call_normalize(
         )):  # (a jit trace records one path for the calls with and without gradients)
             return _Normalize.apply(*args)
         # No backward can follow (inference, eval under no_grad): no autograd node to build.
-        y, activation_mask = implementation(backend).normalize(
-            x, mean, var, weight, bias, residual, eps, activation, negative_slope, save_mask
-        )
-        return in_output_format(y, x), activation_mask
+        return normalized(x, mean, var, weight, bias, residual, eps, activation,
+                          negative_slope, save_mask, backend)
     return normalize(*args)
 
 

@@ -551,3 +551,25 @@ def test_refused_residual_of_another_dtype_changes_no_state(residual):
         layer(make_input((4, 3, 5, 5)), residual=residual)
     for name, t in layer.state_dict().items():
         assert torch.equal(t, before[name][0]) and t._version == before[name][1], name
+
+
+class TwoFlaggedBlocks(nn.Module):
+    """Two blocks of one class, so the second's attribute reads count too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.second = FlaggedResidual(), FlaggedResidual()
+        self.second.use_residual = False
+
+    def forward(self, x):
+        return self.second(self.first(x))
+
+
+def test_graph_fusion_records_attribute_reads_of_every_instance_of_a_class():
+    model = TwoFlaggedBlocks()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        converted = fastbn.convert(model, fuse="graph")
+    message = str(caught[0].message)
+    assert "first.use_residual = True" in message and "second.use_residual = False" in message
+    assert type(converted.first) is FlaggedResidual and type(converted.second) is FlaggedResidual

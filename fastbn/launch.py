@@ -37,6 +37,7 @@ import triton.language as tl
 from torch import Tensor
 from triton.runtime.interpreter import InterpretedFunction
 
+from fastbn import direct_launch
 from fastbn.conventions import (
     ACTIVATION_CODES,
     STATS_DTYPE,
@@ -364,13 +365,17 @@ class KernelLaunch:
     constexprs: dict = field(hash=False)  # including num_warps
     bytes_read: int = 0  # bytes the launch moves, for --plan (O(C) vectors included)
     bytes_written: int = 0
+    # The compiled kernels of this plan's specialisations, for fastbn.direct_launch.
+    direct: dict = field(default_factory=dict, hash=False, compare=False, repr=False)
 
     def __call__(self, tensors: tuple, floats: tuple) -> None:
+        """Launch on the current device's current stream: ``kernel[grid](tensors, ints,
+        floats, **constexprs)``, or its direct equivalent (fastbn.direct_launch)."""
         if _recorded is not None:
             _recorded.append((self, tensors, floats))
             return
-        kernel = getattr(KERNEL_MODULES[self.module], self.kernel)
-        kernel[self.grid](*tensors, *self.ints, *floats, **self.constexprs)
+        direct_launch.launch(self, getattr(KERNEL_MODULES[self.module], self.kernel),
+                             tensors, floats)
 
     def arguments(self, tensors: tuple, floats: tuple) -> tuple[tuple, dict]:
         """(args, kwargs) of the kernel call for these tensors and floats."""

@@ -9,9 +9,12 @@ Without CUDA, fastbn's Triton path runs on CPU tensors with only the final kerne
 (``kernel[grid](...)``: Triton's argument binding, cache key and launcher) replaced by a
 no-op, so its time is the host work around the launches; torch's CPU call includes its CPU
 kernel (on one thread). fastbn's backend check is told the CPU tensors are fine: no
-interpreter is involved, since no kernel runs. With CUDA both run for real: ``calls``
-back-to-back calls of the shape, one synchronisation, time per call (the host-bound
-regime itself).
+interpreter is involved, since no kernel runs (nor fastbn.direct_launch, which needs a
+compiled kernel: the CPU numbers are those of the ordinary launch path minus Triton's
+own cost). With CUDA both run for real: ``calls`` back-to-back calls of the shape, one
+synchronisation, time per call (the host-bound regime itself), and fastbn once more with
+direct launches off (``fastbn_ordinary_us``: every launch through Triton's
+JITFunction.run).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 import fastbn
+from fastbn import direct_launch
 
 # (shape, dtype): tiny layers, and on a GPU ResNet-50's last layer at batch 32 in bf16.
 HOST_POINTS = (((2, 2048, 1, 1), torch.float32), ((4, 64, 8, 8), torch.float32),
@@ -40,7 +44,8 @@ NO_OP_NOTE = (
 
 
 class _NoOpKernel:
-    """Stands in for a @triton.jit kernel: ``kernel[grid](*args)`` does nothing."""
+    """Stands in for a @triton.jit kernel: ``kernel[grid](*args)`` does nothing (and
+    fastbn.direct_launch, which serves JITFunctions only, leaves it alone)."""
 
     def __getitem__(self, grid):
         return _no_op
@@ -148,19 +153,36 @@ def host_rows(device: torch.device, calls: int | None = None,
                 times = {provider: time_per_call(_calls(case, provider, shape, dtype, device),
                                                  device, calls, repeats)
                          for provider in ("fastbn", "torch")}
-                rows.append({
+                row = {
                     "shape": list(shape), "case": case, "dtype": str(dtype).split(".")[-1],
                     "fastbn_us": round(times["fastbn"], 2), "torch_us": round(times["torch"], 2),
                     "ratio": round(times["fastbn"] / times["torch"], 3),
-                })
+                }
+                if device.type == "cuda":  # the same calls, every launch through Triton's run
+                    previous = direct_launch.enable(False)
+                    try:
+                        ordinary = time_per_call(_calls(case, "fastbn", shape, dtype, device),
+                                                 device, calls, repeats)
+                    finally:
+                        direct_launch.enable(previous)
+                    row["fastbn_ordinary_us"] = round(ordinary, 2)
+                    row["ordinary_ratio"] = round(ordinary / times["torch"], 3)
+                rows.append(row)
     return rows
 
 
 def format_host(rows: list[dict]) -> str:
+    """The table; on CUDA with the direct-launches-off column (every launch through
+    Triton's JITFunction.run)."""
+    ordinary = any("fastbn_ordinary_us" in row for row in rows)
+    extra = f" {'no-direct us':>12s} {'no-direct/torch':>15s}" if ordinary else ""
     lines = [f"{'shape':16s} {'dtype':9s} {'case':24s} {'fastbn us':>10s} {'torch us':>10s} "
-             f"{'fastbn/torch':>12s}"]
+             f"{'fastbn/torch':>12s}{extra}"]
     for row in rows:
         shape = "x".join(str(v) for v in row["shape"])
-        lines.append(f"{shape:16s} {row['dtype']:9s} {row['case']:24s} {row['fastbn_us']:>10.1f} "
-                     f"{row['torch_us']:>10.1f} {row['ratio']:>12.2f}")
+        line = (f"{shape:16s} {row['dtype']:9s} {row['case']:24s} {row['fastbn_us']:>10.1f} "
+                f"{row['torch_us']:>10.1f} {row['ratio']:>12.2f}")
+        if ordinary:
+            line += f" {row['fastbn_ordinary_us']:>12.1f} {row['ordinary_ratio']:>15.2f}"
+        lines.append(line)
     return "\n".join(lines)

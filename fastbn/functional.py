@@ -136,7 +136,7 @@ def saves_mask(
         and residual is not None
         and torch.is_grad_enabled()
         and not torch.jit.is_tracing()
-        and any(t is not None and t.requires_grad for t in (input, weight, bias, residual))
+        and ops.requires_grad(input, weight, bias, residual)
     )
 
 
@@ -160,24 +160,22 @@ def _check_call(
     batch, which may hold one value per channel (or none)."""
     if not isinstance(input, Tensor):
         raise TypeError(f"batch_norm: input must be a Tensor, got {type(input).__name__}")
-    optional = {
-        "running_mean": running_mean, "running_var": running_var, "weight": weight,
-        "bias": bias, "residual": residual, "num_batches_tracked": num_batches_tracked,
-    }
-    for name, value in optional.items():
-        if value is not None and not isinstance(value, Tensor):
-            raise TypeError(
-                f"batch_norm: {name} must be a Tensor or None, got {type(value).__name__}"
-            )
-    _check_number("momentum", momentum, none_allowed=True)
-    _check_number("eps", eps)
+    if not (_tensor_or_none(running_mean) and _tensor_or_none(running_var)
+            and _tensor_or_none(weight) and _tensor_or_none(bias) and _tensor_or_none(residual)
+            and _tensor_or_none(num_batches_tracked)):
+        _raise_not_tensor(running_mean, running_var, weight, bias, residual, num_batches_tracked)
+    if type(momentum) is not float and momentum is not None:  # (the common case, fast)
+        _check_number("momentum", momentum, none_allowed=True)
+    if type(eps) is not float:
+        _check_number("eps", eps)
     if activation not in ACTIVATIONS:
         raise ValueError(
             f"batch_norm: unknown activation {activation!r}; expected None or one of "
             f"{ACTIVATIONS[1:]}"
         )
-    if training and whole_batch and input.dim() >= 1 and (
-        input.shape[0] * math.prod(input.shape[2:]) == 1
+    shape = input.shape
+    if training and whole_batch and len(shape) >= 1 and (
+        shape[0] * math.prod(shape[2:]) == 1
     ):  # torch's test (on the shape, so also for a 1 x 0 input)
         raise ValueError(
             "Expected more than 1 value per channel when training, got input size "
@@ -187,15 +185,16 @@ def _check_call(
         raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
     if not eps >= 0:
         raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+    device = input.device
     if residual is not None:
-        _check_same_device("residual", residual, input)
-        if residual.shape != input.shape or residual.dtype != input.dtype:
+        _check_same_device("residual", residual, device)
+        if residual.shape != shape or residual.dtype != input.dtype:
             raise RuntimeError(
-                f"batch_norm: residual must match the input's shape {tuple(input.shape)} and "
+                f"batch_norm: residual must match the input's shape {tuple(shape)} and "
                 f"dtype {input.dtype}, got {tuple(residual.shape)} and {residual.dtype}"
             )
     if num_batches_tracked is not None:
-        _check_same_device("num_batches_tracked", num_batches_tracked, input)
+        _check_same_device("num_batches_tracked", num_batches_tracked, device)
         if num_batches_tracked.numel() != 1 or num_batches_tracked.is_floating_point():
             raise ValueError(
                 "batch_norm: num_batches_tracked must be a one-element integer tensor, got "
@@ -203,35 +202,23 @@ def _check_call(
             )
     if input.numel() == 0:
         return True
-    if input.dim() < 2:
-        raise ValueError(f"batch_norm: expected 2D or higher input (got {input.dim()}D input)")
-    if input.dtype not in _FLOATING:
+    if len(shape) < 2:
+        raise ValueError(f"batch_norm: expected 2D or higher input (got {len(shape)}D input)")
+    dtype = input.dtype
+    if dtype not in _FLOATING:
         raise NotImplementedError(
-            f"batch_norm: input dtype {input.dtype} is not supported; "
+            f"batch_norm: input dtype {dtype} is not supported; "
             "expected float16, bfloat16, float32 or float64"
         )
-    channels = input.shape[1]
-    per_channel = {
-        "weight": weight, "bias": bias, "running_mean": running_mean, "running_var": running_var,
-    }
-    for name, tensor in per_channel.items():
-        if tensor is None:
-            continue
-        _check_same_device(name, tensor, input)
-        if tensor.dim() != 1 or tensor.numel() != channels:
-            raise RuntimeError(
-                f"batch_norm: {name} should be a 1-D tensor of {channels} elements (the input's "
-                f"channel count), got shape {tuple(tensor.shape)}"
-            )
-        allowed = {input.dtype, torch.float32} if input.dtype in _FLOATING[:2] else {input.dtype}
-        if tensor.dtype not in allowed:
-            raise RuntimeError(
-                f"batch_norm: {name} has dtype {tensor.dtype}, but a {input.dtype} input needs "
-                f"it in {' or '.join(sorted(str(d) for d in allowed))}"
-            )
+    channels = shape[1]
+    allowed = _PARAMETER_DTYPES[dtype]
+    for name, tensor in (("weight", weight), ("bias", bias), ("running_mean", running_mean),
+                         ("running_var", running_var)):
+        if tensor is not None:
+            _check_per_channel(name, tensor, device, channels, dtype, allowed)
     if not training:  # torch names the missing one, a RuntimeError
-        for name in ("running_mean", "running_var"):
-            if per_channel[name] is None:
+        for name, tensor in (("running_mean", running_mean), ("running_var", running_var)):
+            if tensor is None:
                 raise RuntimeError(
                     f"batch_norm: {name} must be defined in evaluation mode (pass "
                     "training=True to normalize with batch statistics)"
@@ -241,8 +228,8 @@ def _check_call(
             "batch_norm: running_mean and running_var must be given together or both be None"
         )
     if torch.is_grad_enabled():  # torch's autograd refuses them (no derivative is defined)
-        for name in ("running_mean", "running_var"):
-            if per_channel[name] is not None and per_channel[name].requires_grad:
+        for name, tensor in (("running_mean", running_mean), ("running_var", running_var)):
+            if tensor is not None and tensor.requires_grad:
                 raise RuntimeError(
                     f"batch_norm is not differentiable with respect to {name}: it cannot "
                     "have requires_grad=True"
@@ -254,6 +241,48 @@ def _check_call(
     return False
 
 
+# The dtypes a per-channel tensor may have, per input dtype.
+_PARAMETER_DTYPES = {
+    dtype: frozenset((dtype, torch.float32) if dtype in _FLOATING[:2] else (dtype,))
+    for dtype in _FLOATING
+}
+
+
+def _tensor_or_none(value: object) -> bool:
+    return value is None or isinstance(value, Tensor)
+
+
+def _raise_not_tensor(running_mean, running_var, weight, bias, residual,
+                      num_batches_tracked) -> None:
+    """The TypeError for the first optional argument that is neither a Tensor nor None."""
+    optional = {
+        "running_mean": running_mean, "running_var": running_var, "weight": weight,
+        "bias": bias, "residual": residual, "num_batches_tracked": num_batches_tracked,
+    }
+    for name, value in optional.items():
+        if not _tensor_or_none(value):
+            raise TypeError(
+                f"batch_norm: {name} must be a Tensor or None, got {type(value).__name__}"
+            )
+
+
+def _check_per_channel(name: str, tensor: Tensor, device: torch.device, channels: int,
+                       dtype: torch.dtype, allowed: frozenset) -> None:
+    """A RuntimeError unless tensor is a 1-D tensor of ``channels`` elements on ``device``
+    in one of the ``allowed`` dtypes (those of an input of ``dtype``)."""
+    _check_same_device(name, tensor, device)
+    if tensor.dim() != 1 or tensor.numel() != channels:
+        raise RuntimeError(
+            f"batch_norm: {name} should be a 1-D tensor of {channels} elements (the input's "
+            f"channel count), got shape {tuple(tensor.shape)}"
+        )
+    if tensor.dtype not in allowed:
+        raise RuntimeError(
+            f"batch_norm: {name} has dtype {tensor.dtype}, but a {dtype} input needs "
+            f"it in {' or '.join(sorted(str(d) for d in allowed))}"
+        )
+
+
 def _check_number(name: str, value: object, none_allowed: bool = False) -> None:
     """A TypeError naming the argument unless value is a real number (or an allowed None)."""
     if type(value) in _NUMBERS or (value is None and none_allowed):
@@ -263,9 +292,9 @@ def _check_number(name: str, value: object, none_allowed: bool = False) -> None:
         raise TypeError(f"batch_norm: {name} must be {expected}, got {type(value).__name__}")
 
 
-def _check_same_device(name: str, tensor: Tensor, input: Tensor) -> None:
-    if tensor.device != input.device:
+def _check_same_device(name: str, tensor: Tensor, device: torch.device) -> None:
+    if tensor.device != device:
         raise RuntimeError(
-            f"batch_norm: expected all tensors on the input's device {input.device}, "
+            f"batch_norm: expected all tensors on the input's device {device}, "
             f"but {name} is on {tensor.device}"
         )

@@ -407,8 +407,11 @@ def device_guard(device: torch.device) -> contextlib.AbstractContextManager:
     """Makes ``device`` current for the launches inside (Triton launches on the current
     device's current stream); nothing to do when it already is, or off CUDA."""
     if device.type != "cuda" or device.index is None or device.index == _current_device():
-        return contextlib.nullcontext()
+        return _NO_GUARD
     return torch.cuda.device(device)
+
+
+_NO_GUARD = contextlib.nullcontext()  # stateless, so one serves every call
 
 
 def _current_device() -> int:

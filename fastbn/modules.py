@@ -234,25 +234,32 @@ class _FastBatchNorm(_BatchNorm):
 
     def _normalize(self, input: Tensor, residual: Tensor | None, activation: str | None) -> Tensor:
         """activation(BatchNorm(input) + residual) in one fastbn call."""
-        tracking = self.training and self.track_running_stats
+        # The tensors straight from the module's dictionaries (where torch.func.functional_call
+        # swaps them too): nn.Module.__getattr__ would cost more than the rest of this.
+        buffers, parameters = self._buffers, self._parameters
+        running_mean, running_var = buffers.get("running_mean"), buffers.get("running_var")
+        num_batches_tracked = buffers.get("num_batches_tracked")
+        training = self.training
+        keeps_stats = not training or self.track_running_stats
         # Batch statistics in training, and in eval when no running statistics are kept.
-        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        use_batch_stats = training or (running_mean is None and running_var is None)
         momentum = self.momentum
-        if momentum is None and self.num_batches_tracked is None:
+        if momentum is None and num_batches_tracked is None:
             momentum = 0.0  # torch's factor for a cumulative average without a step counter
         return batch_norm(
             input,
-            self.running_mean if not self.training or self.track_running_stats else None,
-            self.running_var if not self.training or self.track_running_stats else None,
-            self.weight,
-            self.bias,
+            running_mean if keeps_stats else None,
+            running_var if keeps_stats else None,
+            parameters.get("weight"),
+            parameters.get("bias"),
             use_batch_stats,
             momentum,
             self.eps,
             residual=residual,
             activation=activation,
             negative_slope=self.negative_slope,
-            num_batches_tracked=self.num_batches_tracked if tracking else None,
+            num_batches_tracked=num_batches_tracked if training and self.track_running_stats
+            else None,
         )
 
     def extra_repr(self) -> str:

@@ -429,20 +429,20 @@ def call_batch_stats_(
 class _Normalize(torch.autograd.Function):
     """``normalize`` for eager calls: the op's implementation and autograd formula. (The
     forward takes ctx itself: with a separate setup_context, apply() binds the signature
-    through inspect on every call.)"""
+    through inspect on every call. The six non-tensor arguments travel as one tuple: apply
+    walks its arguments one by one.)"""
 
     @staticmethod
-    def forward(ctx, x, mean, var, weight, bias, residual, eps, batch_stats, activation,
-                negative_slope, save_mask, backend):
+    def forward(ctx, x, mean, var, weight, bias, residual, options):
+        eps, batch_stats, activation, negative_slope, save_mask, backend = options
         output = normalized(x, mean, var, weight, bias, residual, eps, activation,
                             negative_slope, save_mask, backend)
-        _normalize_setup_context(
-            ctx, (x, mean, var, weight, bias, residual, eps, batch_stats, activation,
-                  negative_slope, save_mask, backend), output,
-        )
+        _normalize_setup_context(ctx, (x, mean, var, weight, bias, residual, *options), output)
         return output
 
-    backward = staticmethod(_normalize_grads)
+    @staticmethod
+    def backward(ctx, grad_out, grad_mask):
+        return _normalize_grads(ctx, grad_out, grad_mask)[:7]  # x .. residual, then options
 
 
 def call_normalize(
@@ -460,17 +460,26 @@ def call_normalize(
     backend: str,
 ) -> tuple[Tensor, Tensor]:
     """``normalize``: (y, activation mask)."""
-    args = (x, mean, var, weight, bias, residual, eps, batch_stats, activation,
-            negative_slope, save_mask, backend)
     if direct(x) and plain(mean, var, weight, bias, residual):
-        if torch.jit.is_tracing() or (torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (x, weight, bias, residual)
+        if torch.jit.is_tracing() or (torch.is_grad_enabled() and requires_grad(
+            x, weight, bias, residual
         )):  # (a jit trace records one path for the calls with and without gradients)
-            return _Normalize.apply(*args)
+            return _Normalize.apply(x, mean, var, weight, bias, residual,
+                                    (eps, batch_stats, activation, negative_slope, save_mask,
+                                     backend))
         # No backward can follow (inference, eval under no_grad): no autograd node to build.
         return normalized(x, mean, var, weight, bias, residual, eps, activation,
                           negative_slope, save_mask, backend)
-    return normalize(*args)
+    return normalize(x, mean, var, weight, bias, residual, eps, batch_stats, activation,
+                     negative_slope, save_mask, backend)
+
+
+def requires_grad(*tensors: Optional[Tensor]) -> bool:
+    """Whether some tensor given requires a gradient."""
+    for t in tensors:  # noqa: SIM110 (a loop: no generator on the hot path)
+        if t is not None and t.requires_grad:
+            return True
+    return False
 
 
 def call_normalize_backward(*args: Any) -> tuple[Tensor, Tensor, Tensor, Tensor]:

@@ -111,22 +111,38 @@ def _calls(case: str, provider: str, shape: tuple[int, ...], dtype: torch.dtype,
     return call
 
 
-def time_per_call(call, device: torch.device, calls: int, repeats: int) -> float:
-    """Median over ``repeats`` of the time of ``calls`` back-to-back calls (one
-    synchronisation on CUDA), per call, in microseconds."""
-    for _ in range(3):
-        call()
-    samples = []
+def times_per_call(calls_by_name: dict, device: torch.device, calls: int,
+                   repeats: int) -> dict[str, float]:
+    """Median over ``repeats`` samples of the time of ``calls`` back-to-back calls (one
+    synchronisation on CUDA), per call, in microseconds, for each (call, setting) by name:
+    the samples of the providers interleaved, so a busy neighbour slows them alike. A
+    setting is a context manager factory entered around each sample (outside its time)."""
+    for call, setting in calls_by_name.values():
+        with setting():
+            for _ in range(3):
+                call()
+    samples: dict[str, list[float]] = {name: [] for name in calls_by_name}
     for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        for _ in range(calls):
-            call()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        samples.append((time.perf_counter() - start) / calls * 1e6)
-    return statistics.median(samples)
+        for name, (call, setting) in calls_by_name.items():
+            with setting():
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                start = time.perf_counter()
+                for _ in range(calls):
+                    call()
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                samples[name].append((time.perf_counter() - start) / calls * 1e6)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+@contextlib.contextmanager
+def _direct_launches_off() -> Iterator[None]:
+    previous = direct_launch.enable(False)
+    try:
+        yield
+    finally:
+        direct_launch.enable(previous)
 
 
 HOST_CALLS = 200  # back-to-back calls per sample
@@ -150,23 +166,21 @@ def host_rows(device: torch.device, calls: int | None = None,
     with launches, backend:
         for shape, dtype in points:
             for case in CASES:
-                times = {provider: time_per_call(_calls(case, provider, shape, dtype, device),
-                                                 device, calls, repeats)
-                         for provider in ("fastbn", "torch")}
+                providers = {provider: (_calls(case, provider, shape, dtype, device),
+                                        contextlib.nullcontext)
+                             for provider in ("fastbn", "torch")}
+                if device.type == "cuda":  # the same calls, every launch through Triton's run
+                    providers["ordinary"] = (_calls(case, "fastbn", shape, dtype, device),
+                                             _direct_launches_off)
+                times = times_per_call(providers, device, calls, repeats)
                 row = {
                     "shape": list(shape), "case": case, "dtype": str(dtype).split(".")[-1],
                     "fastbn_us": round(times["fastbn"], 2), "torch_us": round(times["torch"], 2),
                     "ratio": round(times["fastbn"] / times["torch"], 3),
                 }
-                if device.type == "cuda":  # the same calls, every launch through Triton's run
-                    previous = direct_launch.enable(False)
-                    try:
-                        ordinary = time_per_call(_calls(case, "fastbn", shape, dtype, device),
-                                                 device, calls, repeats)
-                    finally:
-                        direct_launch.enable(previous)
-                    row["fastbn_ordinary_us"] = round(ordinary, 2)
-                    row["ordinary_ratio"] = round(ordinary / times["torch"], 3)
+                if "ordinary" in times:
+                    row["fastbn_ordinary_us"] = round(times["ordinary"], 2)
+                    row["ordinary_ratio"] = round(times["ordinary"] / times["torch"], 3)
                 rows.append(row)
     return rows
 

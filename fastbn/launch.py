@@ -766,11 +766,11 @@ def _backward(grad_out, x, mean, var, weight, bias, residual, activation_mask, s
               want_sums, want_weight, want_bias, standalone_sums=False):
     """Every backward entry point: the sums (want_sums; else ``sums`` given or unneeded)
     and d input / d residual. Returns (d input, d weight, d bias, d residual, sums); the
-    sums are a view of the workspace's allocation unless ``standalone_sums``."""
-    empty = x.new_empty(0)
+    sums are [2, C] with ``standalone_sums``, else the flat allocation they head (the
+    workspace follows them), which the kernels read alike."""
     # Custom-op outputs must not alias each other: a fresh tensor for each; ``empty``
     # where the kernels write every element.
-    grad_weight = torch.empty_like(weight) if want_weight else empty
+    grad_weight = torch.empty_like(weight) if want_weight else x.new_empty(0)
     grad_bias = torch.empty_like(bias) if want_bias else x.new_empty(0)
     grad_input = torch.empty_like(x) if want_input else x.new_empty(0)
     grad_residual = (torch.empty_like(x if residual is None else residual) if want_residual
@@ -803,11 +803,10 @@ def _backward(grad_out, x, mean, var, weight, bias, residual, activation_mask, s
                 sums = torch.empty((2, x.shape[1]), dtype=acc, device=x.device)
                 partial = (torch.empty(plan.workspace, dtype=acc, device=x.device)
                            if plan.workspace else None)
-            else:  # one allocation: the [2, C] sums, then the partial-sum workspace
-                buffer = torch.empty(2 * x.shape[1] + plan.workspace, dtype=acc,
-                                     device=x.device)
-                sums = buffer[: 2 * x.shape[1]].view(2, x.shape[1])
-                partial = buffer[2 * x.shape[1]:] if plan.workspace else None
+            else:  # one allocation: the [2, C] sums (flat), then the partial-sum workspace
+                sums = torch.empty(2 * x.shape[1] + plan.workspace, dtype=acc,
+                                   device=x.device)
+                partial = sums[2 * x.shape[1]:] if plan.workspace else None
             tickets = counters(x.device, plan.counters) if plan.counters else None
             plan.sums(
                 (grad_out, x_read, residual_read, mean, var, weight, bias, mask, partial,

@@ -61,13 +61,18 @@ from fastbn import conventions, cpu, reference
 
 def implementation(backend: str) -> ModuleType:
     """The module that implements a resolved backend name."""
-    if backend == "torch":
-        return cpu
+    module = _IMPLEMENTATIONS.get(backend)
+    if module is not None:
+        return module
     if backend == "triton":
-        from fastbn import launch
+        from fastbn import launch  # imported on first use: it needs a working triton
 
+        _IMPLEMENTATIONS["triton"] = launch
         return launch
     raise ValueError(f"unknown resolved backend {backend!r}; expected 'torch' or 'triton'")
+
+
+_IMPLEMENTATIONS: dict[str, ModuleType] = {"torch": cpu}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -491,24 +496,25 @@ def call_normalize_backward(*args: Any) -> tuple[Tensor, Tensor, Tensor, Tensor]
         _functorch.is_legacy_batchedtensor(grad_out)  # autograd.grad(is_grads_batched=True)
     ):
         return reference.normalize_backward(*args[:-1])
-    return _call(normalize_backward, "normalize_backward", args,
+    return _call(normalize_backward, "normalize_backward", args, 8,
                  eager=not torch.is_grad_enabled())
 
 
 def call_normalize_grad_sums(*args: Any) -> tuple[Tensor, Tensor, Tensor]:
     """``normalize_grad_sums(*args)``: (sums, d weight, d bias)."""
-    return _call(normalize_grad_sums, "normalize_grad_sums", args)
+    return _call(normalize_grad_sums, "normalize_grad_sums", args, 8)
 
 
 def call_normalize_grad_input(*args: Any) -> tuple[Tensor, Tensor]:
     """``normalize_grad_input(*args)``: (d input, d residual)."""
-    return _call(normalize_grad_input, "normalize_grad_input", args)
+    return _call(normalize_grad_input, "normalize_grad_input", args, 9)
 
 
-def _call(op: Any, name: str, args: tuple, eager: bool = True) -> Any:
-    """op(*args), whose last argument is the backend; for an eager call (see ``direct``) on
-    plain tensors, the implementation function of that name, without the backend."""
-    if eager and direct(args[0]) and plain(*(a for a in args[1:] if isinstance(a, Tensor))):
+def _call(op: Any, name: str, args: tuple, tensors: int, eager: bool = True) -> Any:
+    """op(*args), whose first ``tensors`` arguments are the (optional) tensors and whose last
+    is the backend; for an eager call (see ``direct``) on plain tensors, the implementation
+    function of that name, without the backend."""
+    if eager and direct(args[0]) and plain(*args[1:tensors]):
         return getattr(implementation(args[-1]), name)(*args[:-1])
     return op(*args)
 

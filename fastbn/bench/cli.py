@@ -36,7 +36,7 @@ from fastbn.bench.report import (
 )
 from fastbn.bench.runner import Row, Settings, describe, run
 from fastbn.bench.shapes import DTYPES, FUSIONS, LAYOUTS, SUITES, grid, parse_shape, restyle
-from fastbn.bench.timing import COPY_BYTES, copy_bandwidth, timer
+from fastbn.bench.timing import COPY_BYTES, copy_bandwidth, time_eager_cuda, timer
 from fastbn.bench.traffic import PASSES_PER_ELEMENT
 
 DEFAULTS = {  # per device type: suite, providers, warmup calls, timed calls, suite threads
@@ -389,7 +389,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(header(meta, len(points), len(args.modes)) + "\n", flush=True)
 
-    settings = Settings(device, timer(device), warmup, reps, copy_gbps)
+    settings = Settings(device, timer(device), warmup, reps, copy_gbps,
+                        time_eager_cuda if device.type == "cuda" else None)
     start = time.perf_counter()
     rows = []
     with fastbn.use_backend("auto"), torch_threads():

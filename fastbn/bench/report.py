@@ -56,7 +56,18 @@ def time_cell(row: Row | None) -> str:
         return "-"
     if row.status != "ok":
         return row.status.upper()
-    return f"{row.median_ms:.4f}" if row.median_ms < 1 else f"{row.median_ms:.3f}"
+    return milliseconds(row.median_ms)
+
+
+def milliseconds(value: float) -> str:
+    return f"{value:.4f}" if value < 1 else f"{value:.3f}"
+
+
+def eager_cell(row: Row | None) -> str:
+    """A row's eager ms (back-to-back calls), '-' where there is none."""
+    if row is None or row.status != "ok" or row.eager_ms is None:
+        return "-"
+    return milliseconds(row.eager_ms)
 
 
 def rate(value: float) -> str:
@@ -71,9 +82,11 @@ def times(speedup: float) -> str:
 
 def table(rows: list[Row], providers: list[str], by_threads: bool = False) -> str:
     """One line per (point, mode) (and thread count, with ``by_threads``): each provider's
-    median ms ('-' where it has no row, as apex on fused points); fastbn's GB/s on compulsory
-    bytes and % of copy bandwidth; fastbn's speedup over each baseline (baseline time /
-    fastbn time, > 1 when fastbn is faster)."""
+    median ms ('-' where it has no row, as apex on fused points), and beside it its eager
+    ms where rows have one (CUDA); fastbn's GB/s on compulsory bytes and % of copy
+    bandwidth; fastbn's speedup over each baseline (baseline time / fastbn time, > 1 when
+    fastbn is faster)."""
+    eager = any(row.eager_ms is not None for row in rows)
     by_key: dict[tuple, dict[str, Row]] = {}
     for row in rows:
         key = (row.shape, row.dtype, row.layout, row.fusion, row.mode)
@@ -84,6 +97,8 @@ def table(rows: list[Row], providers: list[str], by_threads: bool = False) -> st
     header = ["shape", "dtype", "layout", "fusion", "mode"] + (["threads"] if by_threads else [])
     for name in providers:
         header.append(f"{name} ms")
+        if eager:
+            header.append(f"{name} eager ms")
         if name == "fastbn":
             header += ["GB/s", "%copy"]
     header += [f"vs {name}" for name in baselines if "fastbn" in providers]
@@ -92,6 +107,8 @@ def table(rows: list[Row], providers: list[str], by_threads: bool = False) -> st
         line = [shape_label(shape), dtype, layout, fusion, mode, *map(str, threads)]
         for name in providers:
             line.append(time_cell(cells.get(name)))
+            if eager:
+                line.append(eager_cell(cells.get(name)))
             fastbn_row = cells.get(name) if name == "fastbn" else None
             if fastbn_row is not None and fastbn_row.status == "ok":
                 line += [rate(fastbn_row.gbps), rate(fastbn_row.pct_copy) + "%"]

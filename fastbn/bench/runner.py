@@ -29,13 +29,16 @@ ProgressCallback = Callable[[int, int, str], None]
 
 @dataclass(frozen=True)
 class Settings:
-    """How to measure: the device, its timer, calls per measurement, the copy bandwidth."""
+    """How to measure: the device, its timer, calls per measurement, the copy bandwidth,
+    and the eager timer (CUDA: ``reps`` back-to-back calls, one synchronisation, no flush;
+    None: no eager time)."""
 
     device: torch.device
     time_step: Timer
     warmup: int
     reps: int
     copy_gbps: float
+    time_eager: Callable[[Callable[[], object], int], float] | None = None
 
 
 @dataclass
@@ -47,7 +50,9 @@ class Row:
     (raised: not timed; ``message`` says what). ``error`` is the relative error against the
     truth; ``fastbn_speedup`` is this row's time over fastbn's on the same point, mode and
     thread count (on baseline rows where both are "ok"); ``threads`` is
-    torch.get_num_threads() while the row ran.
+    torch.get_num_threads() while the row ran. ``eager_ms`` (CUDA): ms per call of
+    back-to-back calls with one synchronisation and no flush; above ``median_ms`` the
+    call is host-bound.
     """
 
     shape: tuple[int, ...]
@@ -68,6 +73,7 @@ class Row:
     pct_copy: float | None = None
     fastbn_speedup: float | None = None
     threads: int | None = None
+    eager_ms: float | None = None
 
 
 def describe(exc: Exception) -> str:
@@ -131,9 +137,12 @@ def measure(
         return row
     try:
         timing = settings.time_step(step, settings.warmup, settings.reps)
+        eager = (None if settings.time_eager is None
+                 else settings.time_eager(step, settings.reps))
     except Exception as exc:
         row.message = describe(exc)
         return row
+    row.eager_ms = eager
     return record(row, timing, settings)
 
 
@@ -157,6 +166,8 @@ def measure_interleaved(
         return rows
     for name, timing in timings.items():
         record(rows[name], timing, settings)
+        if settings.time_eager is not None:
+            rows[name].eager_ms = settings.time_eager(steps[name], settings.reps)
     return rows
 
 

@@ -51,6 +51,19 @@ def time_cuda(step: Callable[[], object], warmup: int, reps: int) -> Timing:
     return summarize([start.elapsed_time(end) for start, end in zip(starts, ends, strict=True)])
 
 
+def time_eager_cuda(step: Callable[[], object], calls: int) -> float:
+    """Milliseconds per call of ``calls`` back-to-back calls of ``step`` with one
+    synchronisation at the end and no flush: the eager regime, where a short kernel's time
+    is the host's time to issue it (compare with ``time_cuda``'s kernel time)."""
+    step()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        step()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / calls * 1e3
+
+
 def time_cpu(step: Callable[[], object], warmup: int, reps: int) -> Timing:
     """Wall-clock time per call of ``step`` by time.perf_counter (caches not flushed)."""
     for _ in range(warmup):

@@ -69,14 +69,18 @@ def batch_norm(
             activation_name, negative_slope, num_batches_tracked,
         )
     if not torch.compiler.is_compiling():  # (tracing sees the custom ops and plain tensors)
-        if ops.transformed() or _negative(running_mean, running_var, num_batches_tracked):
+        negative = _negative(input, weight, bias, residual, running_mean, running_var,
+                             num_batches_tracked)  # (one test for the common case: none)
+        if ops.transformed() or (
+            negative and _negative(running_mean, running_var, num_batches_tracked)
+        ):
             return ops.composite_batch_norm(
                 input, running_mean, running_var, weight, bias, training, momentum, eps,
                 residual, activation_name, negative_slope, num_batches_tracked,
             )
         # Negative-bit views (torch._neg_view) hold their values negated in memory, and the
         # kernels read memory: such a tensor is resolved first, the one copy made for it.
-        if _negative(input, weight, bias, residual):
+        if negative and _negative(input, weight, bias, residual):
             input, weight, bias, residual = (
                 None if t is None else t.resolve_neg() for t in (input, weight, bias, residual)
             )
@@ -160,10 +164,10 @@ def _check_call(
     batch, which may hold one value per channel (or none)."""
     if not isinstance(input, Tensor):
         raise TypeError(f"batch_norm: input must be a Tensor, got {type(input).__name__}")
-    if not (_tensor_or_none(running_mean) and _tensor_or_none(running_var)
-            and _tensor_or_none(weight) and _tensor_or_none(bias) and _tensor_or_none(residual)
-            and _tensor_or_none(num_batches_tracked)):
-        _raise_not_tensor(running_mean, running_var, weight, bias, residual, num_batches_tracked)
+    for value in (running_mean, running_var, weight, bias, residual, num_batches_tracked):
+        if value is not None and not isinstance(value, Tensor):
+            _raise_not_tensor(running_mean, running_var, weight, bias, residual,
+                              num_batches_tracked)
     if type(momentum) is not float and momentum is not None:  # (the common case, fast)
         _check_number("momentum", momentum, none_allowed=True)
     if type(eps) is not float:
@@ -175,8 +179,9 @@ def _check_call(
         )
     shape = input.shape
     if training and whole_batch and len(shape) >= 1 and (
-        shape[0] * math.prod(shape[2:]) == 1
-    ):  # torch's test (on the shape, so also for a 1 x 0 input)
+        input.numel() == shape[1] if len(shape) >= 2 and shape[1] > 0
+        else shape[0] * math.prod(shape[2:]) == 1
+    ):  # torch's test: N * prod(spatial) == 1, on the shape (so also for a 1 x 0 input)
         raise ValueError(
             "Expected more than 1 value per channel when training, got input size "
             f"{input.size()}"
@@ -212,10 +217,11 @@ def _check_call(
         )
     channels = shape[1]
     allowed = _PARAMETER_DTYPES[dtype]
-    for name, tensor in (("weight", weight), ("bias", bias), ("running_mean", running_mean),
-                         ("running_var", running_var)):
-        if tensor is not None:
-            _check_per_channel(name, tensor, device, channels, dtype, allowed)
+    for tensor in (weight, bias, running_mean, running_var):
+        if tensor is not None and (tensor.device != device or tensor.shape != (channels,)
+                                   or tensor.dtype not in allowed):
+            _raise_per_channel(weight, bias, running_mean, running_var, device, channels, dtype,
+                               allowed)
     if not training:  # torch names the missing one, a RuntimeError
         for name, tensor in (("running_mean", running_mean), ("running_var", running_var)):
             if tensor is None:
@@ -248,10 +254,6 @@ _PARAMETER_DTYPES = {
 }
 
 
-def _tensor_or_none(value: object) -> bool:
-    return value is None or isinstance(value, Tensor)
-
-
 def _raise_not_tensor(running_mean, running_var, weight, bias, residual,
                       num_batches_tracked) -> None:
     """The TypeError for the first optional argument that is neither a Tensor nor None."""
@@ -260,27 +262,33 @@ def _raise_not_tensor(running_mean, running_var, weight, bias, residual,
         "bias": bias, "residual": residual, "num_batches_tracked": num_batches_tracked,
     }
     for name, value in optional.items():
-        if not _tensor_or_none(value):
+        if value is not None and not isinstance(value, Tensor):
             raise TypeError(
                 f"batch_norm: {name} must be a Tensor or None, got {type(value).__name__}"
             )
 
 
-def _check_per_channel(name: str, tensor: Tensor, device: torch.device, channels: int,
-                       dtype: torch.dtype, allowed: frozenset) -> None:
-    """A RuntimeError unless tensor is a 1-D tensor of ``channels`` elements on ``device``
-    in one of the ``allowed`` dtypes (those of an input of ``dtype``)."""
-    _check_same_device(name, tensor, device)
-    if tensor.dim() != 1 or tensor.numel() != channels:
-        raise RuntimeError(
-            f"batch_norm: {name} should be a 1-D tensor of {channels} elements (the input's "
-            f"channel count), got shape {tuple(tensor.shape)}"
-        )
-    if tensor.dtype not in allowed:
-        raise RuntimeError(
-            f"batch_norm: {name} has dtype {tensor.dtype}, but a {dtype} input needs "
-            f"it in {' or '.join(sorted(str(d) for d in allowed))}"
-        )
+def _raise_per_channel(weight, bias, running_mean, running_var, device: torch.device,
+                       channels: int, dtype: torch.dtype, allowed: frozenset) -> None:
+    """The RuntimeError for the first per-channel tensor that is not a 1-D tensor of
+    ``channels`` elements on ``device`` in one of the ``allowed`` dtypes (those of an input
+    of ``dtype``): its device, then its shape, then its dtype."""
+    per_channel = {"weight": weight, "bias": bias, "running_mean": running_mean,
+                   "running_var": running_var}
+    for name, tensor in per_channel.items():
+        if tensor is None:
+            continue
+        _check_same_device(name, tensor, device)
+        if tensor.dim() != 1 or tensor.numel() != channels:
+            raise RuntimeError(
+                f"batch_norm: {name} should be a 1-D tensor of {channels} elements (the "
+                f"input's channel count), got shape {tuple(tensor.shape)}"
+            )
+        if tensor.dtype not in allowed:
+            raise RuntimeError(
+                f"batch_norm: {name} has dtype {tensor.dtype}, but a {dtype} input needs "
+                f"it in {' or '.join(sorted(str(d) for d in allowed))}"
+            )
 
 
 def _check_number(name: str, value: object, none_allowed: bool = False) -> None:

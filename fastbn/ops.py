@@ -425,9 +425,13 @@ def call_batch_stats_(
     result = implementation(backend).batch_stats_(
         x, running_mean, running_var, num_batches_tracked, momentum
     )
-    for mutated in (running_mean, running_var):  # as the op's ADInplaceOrView kernel does
-        if mutated is not None:
-            torch.autograd.graph.increment_version(mutated)
+    # As the op's ADInplaceOrView kernel does (both at once: they are given together).
+    if running_mean is not None and running_var is not None:
+        torch.autograd.graph.increment_version((running_mean, running_var))
+    else:
+        for mutated in (running_mean, running_var):
+            if mutated is not None:
+                torch.autograd.graph.increment_version(mutated)
     return result
 
 

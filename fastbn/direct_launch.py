@@ -28,8 +28,10 @@ The ordinary path runs instead, always, when:
   holding a hook, or not a HookChain), the kernel has ``pre_run_hooks``, or
   ``knobs.runtime.add_stages_inspection_hook`` is set: Triton then does more per launch,
   and does it.
-One difference remains: with no hook set, Triton builds a ``launch_metadata`` object that
-only hooks read, and the direct path passes None (as Inductor does).
+Two differences remain: with no hook set, Triton builds a ``launch_metadata`` object that
+only hooks read, and the direct path passes None (as Inductor does); and Triton's check
+that the globals a kernel read have not changed since it was compiled runs on the
+ordinary launches only (fastbn's kernels read module constants).
 
 Not yet run on a GPU: the arguments are checked on CPU against ``JITFunction.run``'s, with
 a fake CUDA driver and kernels compiled for sm_90 (tests/test_direct_launch.py), on

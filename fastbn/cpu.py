@@ -552,8 +552,7 @@ def normalize_grad_input(
     bias: Tensor | None,
     residual: Tensor | None,
     activation_mask: Tensor | None,
-    sums: Tensor | None,
-    count: float,
+    grad_means: Tensor | None,
     eps: float,
     batch_stats: bool,
     activation: str,
@@ -569,15 +568,15 @@ def normalize_grad_input(
     )
     if g is None or x.dtype != param_dtype(x):
         return reference.normalize_grad_input(
-            grad_out, x, mean, var, weight, bias, residual, activation_mask, sums, count, eps,
+            grad_out, x, mean, var, weight, bias, residual, activation_mask, grad_means, eps,
             batch_stats, activation, negative_slope, output_mask,
         )
     grad_input, grad_residual = x.new_empty(0), x.new_empty(0)
     if output_mask[0]:
         invstd = torch.rsqrt(var.to(STATS_DTYPE) + eps)
         scale = invstd if weight is None else invstd * weight.to(STATS_DTYPE)
-        if batch_stats and count > 0:
-            mean_g, mean_g_xhat = sums.to(STATS_DTYPE) / count
+        if batch_stats:
+            mean_g, mean_g_xhat = grad_means.to(STATS_DTYPE)
             slope = -scale * invstd * mean_g_xhat
             offset = scale * (invstd * mean.to(STATS_DTYPE) * mean_g_xhat - mean_g)
             dtype = x.dtype

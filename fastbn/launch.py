@@ -748,17 +748,19 @@ def normalize_backward(
     want_bias = want_bias and bias is not None
     want_sums = want_weight or want_bias or (want_input and batch_stats)
     grads = _backward(grad_out, x, mean, var, weight, bias, residual, activation_mask, None,
-                      reduced_count(x), eps, batch_stats, activation, negative_slope,
-                      want_input, want_residual, want_sums, want_weight, want_bias)
+                      1.0 / max(reduced_count(x), 1), eps, batch_stats, activation,
+                      negative_slope, want_input, want_residual, want_sums, want_weight,
+                      want_bias)
     return grads[:4]
 
 
-def _backward(grad_out, x, mean, var, weight, bias, residual, activation_mask, sums, count,
-              eps, batch_stats, activation, negative_slope, want_input, want_residual,
-              want_sums, want_weight, want_bias, standalone_sums=False):
+def _backward(grad_out, x, mean, var, weight, bias, residual, activation_mask, sums,
+              inv_count, eps, batch_stats, activation, negative_slope, want_input,
+              want_residual, want_sums, want_weight, want_bias, standalone_sums=False):
     """Every backward entry point: the sums (want_sums; else ``sums`` given or unneeded)
-    and d input / d residual. Returns (d input, d weight, d bias, d residual, sums); the
-    sums are a view of the workspace's allocation unless ``standalone_sums``."""
+    and d input / d residual, which reads the means ``sums * inv_count``. Returns
+    (d input, d weight, d bias, d residual, sums); the sums are a view of the workspace's
+    allocation unless ``standalone_sums``."""
     empty = x.new_empty(0)
     # Custom-op outputs must not alias each other: a fresh tensor for each; ``empty``
     # where the kernels write every element.
@@ -811,7 +813,7 @@ def _backward(grad_out, x, mean, var, weight, bias, residual, activation_mask, s
             plan.grad_input(
                 (grad_out, x_read, residual_read, gi, gr, mean, var, weight, bias, mask,
                  per_channel(sums) if plan.grad_input.constexprs["BATCH_STATS"] else None),
-                (eps, negative_slope, 1.0 / count),
+                (eps, negative_slope, inv_count),
             )
     if gi is not None:
         copy_back(gi, grad_input)
@@ -840,7 +842,7 @@ def normalize_grad_sums(
     want_weight = output_mask[0] and weight is not None
     want_bias = output_mask[1] and bias is not None
     _, grad_weight, grad_bias, _, sums = _backward(
-        grad_out, x, mean, var, weight, bias, residual, activation_mask, None, 1, eps, True,
+        grad_out, x, mean, var, weight, bias, residual, activation_mask, None, 1.0, eps, True,
         activation, negative_slope, False, False, True, want_weight, want_bias,
         standalone_sums=True)  # the op's output: not a view of a workspace
     return sums, grad_weight, grad_bias
@@ -855,22 +857,21 @@ def normalize_grad_input(
     bias: Tensor | None,
     residual: Tensor | None,
     activation_mask: Tensor | None,
-    sums: Tensor | None,
-    count: float,
+    grad_means: Tensor | None,
     eps: float,
     batch_stats: bool,
     activation: str,
     negative_slope: float,
     output_mask: list[bool],
 ) -> tuple[Tensor, Tensor]:
-    """d input and d residual in one launch, from ``normalize_grad_sums``'s sums over
-    ``count`` values per channel (read for d input with ``batch_stats``). ``output_mask`` is
-    (input, residual); what it does not ask for comes back empty."""
+    """d input and d residual in one launch, from the per-channel [mean(g), mean(g * x_hat)]
+    (read for d input with ``batch_stats``). ``output_mask`` is (input, residual); what it
+    does not ask for comes back empty."""
     want_input, want_residual = output_mask
     if not (want_input or want_residual):
         return x.new_empty(0), x.new_empty(0)
     grad_input, _, _, grad_residual, _ = _backward(
-        grad_out, x, mean, var, weight, bias, residual, activation_mask, sums, count, eps,
+        grad_out, x, mean, var, weight, bias, residual, activation_mask, grad_means, 1.0, eps,
         batch_stats, activation, negative_slope, want_input, want_residual, False, False,
         False)
     return grad_input, grad_residual

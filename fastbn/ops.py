@@ -27,8 +27,9 @@ autograd formula (SyncBatchNorm has no double backward):
 ``fastbn::normalize_grad_sums(grad_out, x, mean, var, ..., output_mask)``
     -> ([sum(g), sum(g * x_hat)] per channel, d weight, d bias).
 
-``fastbn::normalize_grad_input(grad_out, x, mean, var, ..., sums?, count, ..., output_mask)``
-    -> (d input, d residual) from the sums over ``count`` values per channel.
+``fastbn::normalize_grad_input(grad_out, x, mean, var, ..., grad_means?, ..., output_mask)``
+    -> (d input, d residual) from the per-channel means [mean(g), mean(g * x_hat)]: the
+    sums divided by the count of values they were taken over.
 
 Callers use the ``call_*`` functions at the end of this file. In plain eager mode they run
 the same implementation without the dispatcher, with the same autograd formulas (the
@@ -195,8 +196,7 @@ normalize.register_autograd(_normalize_grads, setup_context=_normalize_setup_con
 # ---------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("fastbn::normalize_backward", mutates_args=())
-def normalize_backward(
+def _normalize_backward(  # the op's body, also called directly by eager calls (_call)
     grad_out: Tensor,
     x: Tensor,
     mean: Tensor,
@@ -216,6 +216,11 @@ def normalize_backward(
         grad_out, x, mean, var, weight, bias, residual, activation_mask, eps, batch_stats,
         activation, negative_slope, output_mask,
     )
+
+
+normalize_backward = torch.library.custom_op(
+    "fastbn::normalize_backward", _normalize_backward, mutates_args=()
+)
 
 
 @normalize_backward.register_fake
@@ -299,8 +304,7 @@ normalize_backward.register_autograd(
 # ---------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("fastbn::normalize_grad_sums", mutates_args=())
-def normalize_grad_sums(
+def _normalize_grad_sums(
     grad_out: Tensor,
     x: Tensor,
     mean: Tensor,
@@ -321,6 +325,11 @@ def normalize_grad_sums(
     )
 
 
+normalize_grad_sums = torch.library.custom_op(
+    "fastbn::normalize_grad_sums", _normalize_grad_sums, mutates_args=()
+)
+
+
 @normalize_grad_sums.register_fake
 def _normalize_grad_sums_fake(grad_out, x, mean, var, weight, bias, residual, activation_mask,
                               eps, activation, negative_slope, output_mask, backend):
@@ -331,8 +340,7 @@ def _normalize_grad_sums_fake(grad_out, x, mean, var, weight, bias, residual, ac
     )
 
 
-@torch.library.custom_op("fastbn::normalize_grad_input", mutates_args=())
-def normalize_grad_input(
+def _normalize_grad_input(
     grad_out: Tensor,
     x: Tensor,
     mean: Tensor,
@@ -341,8 +349,7 @@ def normalize_grad_input(
     bias: Optional[Tensor],
     residual: Optional[Tensor],
     activation_mask: Optional[Tensor],
-    sums: Optional[Tensor],
-    count: float,
+    grad_means: Optional[Tensor],
     eps: float,
     batch_stats: bool,
     activation: str,
@@ -351,14 +358,19 @@ def normalize_grad_input(
     backend: str,
 ) -> tuple[Tensor, Tensor]:
     return implementation(backend).normalize_grad_input(
-        grad_out, x, mean, var, weight, bias, residual, activation_mask, sums, count, eps,
+        grad_out, x, mean, var, weight, bias, residual, activation_mask, grad_means, eps,
         batch_stats, activation, negative_slope, output_mask,
     )
 
 
+normalize_grad_input = torch.library.custom_op(
+    "fastbn::normalize_grad_input", _normalize_grad_input, mutates_args=()
+)
+
+
 @normalize_grad_input.register_fake
 def _normalize_grad_input_fake(grad_out, x, mean, var, weight, bias, residual, activation_mask,
-                               sums, count, eps, batch_stats, activation, negative_slope,
+                               grad_means, eps, batch_stats, activation, negative_slope,
                                output_mask, backend):
     return (
         torch.empty_like(x) if output_mask[0] else x.new_empty(0),
@@ -482,25 +494,25 @@ def call_normalize_backward(*args: Any) -> tuple[Tensor, Tensor, Tensor, Tensor]
         _functorch.is_legacy_batchedtensor(grad_out)  # autograd.grad(is_grads_batched=True)
     ):
         return reference.normalize_backward(*args[:-1])
-    return _call(normalize_backward, "normalize_backward", args,
+    return _call(normalize_backward, _normalize_backward, args,
                  eager=not torch.is_grad_enabled())
 
 
 def call_normalize_grad_sums(*args: Any) -> tuple[Tensor, Tensor, Tensor]:
     """``normalize_grad_sums(*args)``: (sums, d weight, d bias)."""
-    return _call(normalize_grad_sums, "normalize_grad_sums", args)
+    return _call(normalize_grad_sums, _normalize_grad_sums, args)
 
 
 def call_normalize_grad_input(*args: Any) -> tuple[Tensor, Tensor]:
     """``normalize_grad_input(*args)``: (d input, d residual)."""
-    return _call(normalize_grad_input, "normalize_grad_input", args)
+    return _call(normalize_grad_input, _normalize_grad_input, args)
 
 
-def _call(op: Any, name: str, args: tuple, eager: bool = True) -> Any:
-    """op(*args), whose last argument is the backend; for an eager call (see ``direct``) on
-    plain tensors, the implementation function of that name, without the backend."""
+def _call(op: Any, body: Any, args: tuple, eager: bool = True) -> Any:
+    """op(*args); for an eager call (see ``direct``) on plain tensors, the op's body
+    ``body(*args)`` without the dispatcher."""
     if eager and direct(args[0]) and plain(*(a for a in args[1:] if isinstance(a, Tensor))):
-        return getattr(implementation(args[-1]), name)(*args[:-1])
+        return body(*args)
     return op(*args)
 
 

@@ -668,7 +668,7 @@ def _backward_geometries(grad_out: Geometry, x: Geometry, residual: Geometry | N
 def plan_backward(
     grad_out: Geometry, x: Geometry, residual: Geometry | None, grad_input: Geometry | None,
     grad_residual: Geometry | None, dtype: torch.dtype, has_weight: bool, has_bias: bool,
-    activation: str, use_mask: bool, batch_stats: bool, want_sums: bool,
+    activation: str, use_mask: bool, use_batch_stats: bool, want_sums: bool,
     write_grad_weight: bool, write_grad_bias: bool,
 ) -> BackwardPlan:
     """The backward's launches for tensors of these geometries: the sums (when
@@ -710,7 +710,7 @@ def plan_backward(
         mask_bytes = cdiv(view.positions, 8)
         out_strides = tuple(s for g in (grad_input or x, grad_residual or x)
                             for s in _view_strides(g, view.folded))
-        read_sums = grad_input is not None and batch_stats
+        read_sums = grad_input is not None and use_batch_stats
         geometries = (grad_out, x, *(() if residual is None else (residual,)), *outputs)
         grad = _elementwise_launch(
             "grad_input_kernel", "backward", geometries, view, (*strides, *out_strides), dtype,
@@ -733,7 +733,7 @@ def normalize_backward(
     residual: Tensor | None,
     activation_mask: Tensor | None,
     eps: float,
-    batch_stats: bool,
+    use_batch_stats: bool,
     activation: str,
     negative_slope: float,
     output_mask: list[bool],
@@ -746,16 +746,16 @@ def normalize_backward(
     want_input, want_weight, want_bias, want_residual = output_mask
     want_weight = want_weight and weight is not None
     want_bias = want_bias and bias is not None
-    want_sums = want_weight or want_bias or (want_input and batch_stats)
+    want_sums = want_weight or want_bias or (want_input and use_batch_stats)
     grads = _backward(grad_out, x, mean, var, weight, bias, residual, activation_mask, None,
-                      1.0 / max(reduced_count(x), 1), eps, batch_stats, activation,
+                      1.0 / max(reduced_count(x), 1), eps, use_batch_stats, activation,
                       negative_slope, want_input, want_residual, want_sums, want_weight,
                       want_bias)
     return grads[:4]
 
 
 def _backward(grad_out, x, mean, var, weight, bias, residual, activation_mask, sums,
-              inv_count, eps, batch_stats, activation, negative_slope, want_input,
+              inv_count, eps, use_batch_stats, activation, negative_slope, want_input,
               want_residual, want_sums, want_weight, want_bias, standalone_sums=False):
     """Every backward entry point: the sums (want_sums; else ``sums`` given or unneeded)
     and d input / d residual, which reads the means ``sums * inv_count``. Returns
@@ -785,7 +785,7 @@ def _backward(grad_out, x, mean, var, weight, bias, residual, activation_mask, s
     gr, gr_geometry = _writable(grad_residual) if want_residual else (None, None)
     plan = plan_backward(
         g_geometry, x_geometry, r_geometry, gi_geometry, gr_geometry, x.dtype,
-        weight is not None, bias is not None, activation, use_mask, batch_stats, want_sums,
+        weight is not None, bias is not None, activation, use_mask, use_batch_stats, want_sums,
         want_weight, want_bias,
     )
     mean, var = per_channel(mean), per_channel(var)
@@ -859,19 +859,19 @@ def normalize_grad_input(
     activation_mask: Tensor | None,
     grad_means: Tensor | None,
     eps: float,
-    batch_stats: bool,
+    use_batch_stats: bool,
     activation: str,
     negative_slope: float,
     output_mask: list[bool],
 ) -> tuple[Tensor, Tensor]:
     """d input and d residual in one launch, from the per-channel [mean(g), mean(g * x_hat)]
-    (read for d input with ``batch_stats``). ``output_mask`` is (input, residual); what it
+    (read for d input with ``use_batch_stats``). ``output_mask`` is (input, residual); what it
     does not ask for comes back empty."""
     want_input, want_residual = output_mask
     if not (want_input or want_residual):
         return x.new_empty(0), x.new_empty(0)
     grad_input, _, _, grad_residual, _ = _backward(
         grad_out, x, mean, var, weight, bias, residual, activation_mask, grad_means, 1.0, eps,
-        batch_stats, activation, negative_slope, want_input, want_residual, False, False,
+        use_batch_stats, activation, negative_slope, want_input, want_residual, False, False,
         False)
     return grad_input, grad_residual

@@ -8,9 +8,9 @@ where it must; "triton" -> ``fastbn.launch``; the three modules share these sign
     -> (mean, var). Mutating, not differentiable: the batch mean and biased variance, plus
     the running-statistics update in place. Callers pass ``x.detach()``.
 
-``fastbn::normalize(x, mean, var, weight?, bias?, residual?, eps, batch_stats, ...)``
+``fastbn::normalize(x, mean, var, weight?, bias?, residual?, eps, use_batch_stats, ...)``
     -> (y = act((x - mean) / sqrt(var + eps) * weight + bias + residual), activation mask).
-    Differentiable in y. ``batch_stats=True`` says mean and var are x's own batch statistics
+    Differentiable in y. ``use_batch_stats=True`` says mean and var are x's own batch statistics
     (training), so the backward differentiates through them; False says they are constants
     (running stats). With ``save_mask`` it also returns the packed bits of a relu-family
     derivative, which the backward keeps instead of the residual.
@@ -113,7 +113,7 @@ def normalize(
     bias: Optional[Tensor],
     residual: Optional[Tensor],
     eps: float,
-    batch_stats: bool,
+    use_batch_stats: bool,
     activation: str,
     negative_slope: float,
     save_mask: bool,
@@ -134,7 +134,7 @@ def normalized(x, mean, var, weight, bias, residual, eps, activation, negative_s
 
 
 @normalize.register_fake
-def _normalize_fake(x, mean, var, weight, bias, residual, eps, batch_stats, activation,
+def _normalize_fake(x, mean, var, weight, bias, residual, eps, use_batch_stats, activation,
                     negative_slope, save_mask, backend):
     shape = conventions.mask_shape(x) if save_mask else (0,)
     return in_output_format(torch.empty_like(x), x), x.new_empty(shape, dtype=torch.uint8)
@@ -158,7 +158,7 @@ def _normalize_setup_context(ctx, inputs, output):
     - the packed activation mask (1 bit per element) for relu/relu6/leaky_relu with a
       residual, which is then not kept;
     - the residual for silu/hardswish with a residual (their derivative needs u)."""
-    (x, mean, var, weight, bias, residual, eps, batch_stats, activation, slope, save_mask,
+    (x, mean, var, weight, bias, residual, eps, use_batch_stats, activation, slope, save_mask,
      backend) = inputs
     activation_mask = output[1] if save_mask else None
     ctx.mark_non_differentiable(output[1])
@@ -166,7 +166,7 @@ def _normalize_setup_context(ctx, inputs, output):
                           None if save_mask else residual, activation_mask)
     ctx.has_residual = residual is not None
     ctx.eps = eps
-    ctx.batch_stats = batch_stats
+    ctx.use_batch_stats = use_batch_stats
     ctx.activation = activation
     ctx.negative_slope = slope
     ctx.backend = backend
@@ -178,7 +178,7 @@ def _normalize_grads(ctx, grad_out, _grad_mask):
     mask = [needs[0], needs[3], needs[4], needs[5] and ctx.has_residual]
     grads = call_normalize_backward(
         grad_out, x, mean, var, weight, bias, residual, activation_mask, ctx.eps,
-        ctx.batch_stats, ctx.activation, ctx.negative_slope, mask, ctx.backend,
+        ctx.use_batch_stats, ctx.activation, ctx.negative_slope, mask, ctx.backend,
     )
     grad_input, grad_weight, grad_bias, grad_residual = (
         grad if wanted else None for grad, wanted in zip(grads, mask, strict=True)
@@ -206,14 +206,14 @@ def _normalize_backward(  # the op's body, also called directly by eager calls (
     residual: Optional[Tensor],
     activation_mask: Optional[Tensor],
     eps: float,
-    batch_stats: bool,
+    use_batch_stats: bool,
     activation: str,
     negative_slope: float,
     output_mask: list[bool],
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return implementation(backend).normalize_backward(
-        grad_out, x, mean, var, weight, bias, residual, activation_mask, eps, batch_stats,
+        grad_out, x, mean, var, weight, bias, residual, activation_mask, eps, use_batch_stats,
         activation, negative_slope, output_mask,
     )
 
@@ -225,7 +225,7 @@ normalize_backward = torch.library.custom_op(
 
 @normalize_backward.register_fake
 def _normalize_backward_fake(grad_out, x, mean, var, weight, bias, residual, activation_mask,
-                             eps, batch_stats, activation, negative_slope, output_mask,
+                             eps, use_batch_stats, activation, negative_slope, output_mask,
                              backend):
     return (
         torch.empty_like(x) if output_mask[0] else x.new_empty(0),
@@ -237,11 +237,11 @@ def _normalize_backward_fake(grad_out, x, mean, var, weight, bias, residual, act
 
 
 def _normalize_backward_setup_context(ctx, inputs, output):
-    (grad_out, x, mean, var, weight, bias, residual, activation_mask, eps, batch_stats,
+    (grad_out, x, mean, var, weight, bias, residual, activation_mask, eps, use_batch_stats,
      activation, slope, output_mask, backend) = inputs
     ctx.save_for_backward(grad_out, x, mean, var, weight, bias, residual, activation_mask)
     ctx.eps = eps
-    ctx.batch_stats = batch_stats
+    ctx.use_batch_stats = use_batch_stats
     ctx.activation = activation
     ctx.negative_slope = slope
     ctx.output_mask = list(output_mask)
@@ -266,13 +266,13 @@ def _normalize_backward_grads(ctx, grad_grad_input, grad_grad_weight, grad_grad_
     def first_backward(*tensors: Tensor) -> tuple[Tensor, ...]:
         args = dict.fromkeys(names)
         args.update(zip(present, tensors, strict=True))
-        if ctx.batch_stats:
+        if ctx.use_batch_stats:
             batch_mean, batch_var = reference.batch_mean_var(args["x"])
         else:
             batch_mean, batch_var = mean, var
         return reference.normalize_backward(
             args["grad_out"], args["x"], batch_mean, batch_var, args["weight"], args["bias"],
-            args["residual"], activation_mask, ctx.eps, ctx.batch_stats, ctx.activation,
+            args["residual"], activation_mask, ctx.eps, ctx.use_batch_stats, ctx.activation,
             ctx.negative_slope, ctx.output_mask,
         )
 
@@ -351,7 +351,7 @@ def _normalize_grad_input(
     activation_mask: Optional[Tensor],
     grad_means: Optional[Tensor],
     eps: float,
-    batch_stats: bool,
+    use_batch_stats: bool,
     activation: str,
     negative_slope: float,
     output_mask: list[bool],
@@ -359,7 +359,7 @@ def _normalize_grad_input(
 ) -> tuple[Tensor, Tensor]:
     return implementation(backend).normalize_grad_input(
         grad_out, x, mean, var, weight, bias, residual, activation_mask, grad_means, eps,
-        batch_stats, activation, negative_slope, output_mask,
+        use_batch_stats, activation, negative_slope, output_mask,
     )
 
 
@@ -370,7 +370,7 @@ normalize_grad_input = torch.library.custom_op(
 
 @normalize_grad_input.register_fake
 def _normalize_grad_input_fake(grad_out, x, mean, var, weight, bias, residual, activation_mask,
-                               grad_means, eps, batch_stats, activation, negative_slope,
+                               grad_means, eps, use_batch_stats, activation, negative_slope,
                                output_mask, backend):
     return (
         torch.empty_like(x) if output_mask[0] else x.new_empty(0),
@@ -444,12 +444,12 @@ class _Normalize(torch.autograd.Function):
     through inspect on every call.)"""
 
     @staticmethod
-    def forward(ctx, x, mean, var, weight, bias, residual, eps, batch_stats, activation,
+    def forward(ctx, x, mean, var, weight, bias, residual, eps, use_batch_stats, activation,
                 negative_slope, save_mask, backend):
         output = normalized(x, mean, var, weight, bias, residual, eps, activation,
                             negative_slope, save_mask, backend)
         _normalize_setup_context(
-            ctx, (x, mean, var, weight, bias, residual, eps, batch_stats, activation,
+            ctx, (x, mean, var, weight, bias, residual, eps, use_batch_stats, activation,
                   negative_slope, save_mask, backend), output,
         )
         return output
@@ -465,14 +465,14 @@ def call_normalize(
     bias: Optional[Tensor],
     residual: Optional[Tensor],
     eps: float,
-    batch_stats: bool,
+    use_batch_stats: bool,
     activation: str,
     negative_slope: float,
     save_mask: bool,
     backend: str,
 ) -> tuple[Tensor, Tensor]:
     """``normalize``: (y, activation mask)."""
-    args = (x, mean, var, weight, bias, residual, eps, batch_stats, activation,
+    args = (x, mean, var, weight, bias, residual, eps, use_batch_stats, activation,
             negative_slope, save_mask, backend)
     if direct(x) and plain(mean, var, weight, bias, residual):
         if torch.jit.is_tracing() or (torch.is_grad_enabled() and any(

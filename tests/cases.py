@@ -45,7 +45,8 @@ class Case:
     channels_last: bool = False  # channels innermost in memory (helpers.make_input)
     weight: bool = True
     bias: bool = True
-    running_stats: bool = True  # running_mean, running_var and num_batches_tracked given
+    running_stats: bool = True  # running_mean and running_var given
+    counter: bool = True  # and num_batches_tracked with them
     momentum: float | None = 0.1
     residual: bool = False
     activation: str | None = None
@@ -107,7 +108,8 @@ def draw(case: Case, device: torch.device, seed: int = 0) -> dict[str, Tensor | 
         "residual": like_x(500) if case.residual else None,
         "grad_out": like_x(1000),
     }
-    counter = torch.tensor(COUNTER, device=device) if case.running_stats else None
+    counter = (torch.tensor(COUNTER, device=device) if case.running_stats and case.counter
+               else None)
     return tensors | {"num_batches_tracked": counter}
 
 

@@ -23,7 +23,7 @@ def large_mean_case(backend) -> Case:
     momentum=1.0, so after the call running_var is the unbiased batch variance itself.
     """
     shape = (backend_sizes(backend, 4, 64), 4, *(backend_sizes(backend, 16, 32),) * 2)
-    return Case(shape, offset=1e4, weight=False, bias=False, momentum=1.0)
+    return Case(shape, offset=1e4, weight=False, bias=False, counter=False, momentum=1.0)
 
 
 def run_large_mean(backend, device):

@@ -435,16 +435,16 @@ def output_grad(
 
 def native_backward(
     g: Tensor, x: Tensor, constants: tuple[Tensor, Tensor], weight: Tensor | None,
-    batch_stats: bool, eps: float, mask: list[bool],
+    use_batch_stats: bool, eps: float, mask: list[bool],
 ) -> tuple[Tensor, Tensor, Tensor]:
     """torch's CPU BatchNorm backward of g: (d input, sum(g * x_hat), sum(g)) where ``mask``
-    asks for them. With ``batch_stats`` d input includes the statistics' dependence on x."""
+    asks for them. With ``use_batch_stats`` d input includes the statistics' dependence on x."""
     mean, var = constants
     weight = cast(weight, param_dtype(x))
     # g in x's memory format: given mixed formats, torch's kernel takes a generic path
     # that is slower and, for bfloat16, sums in bfloat16.
     g = g if g.stride() == x.stride() and g.dtype == x.dtype else like_input(g, x)
-    if batch_stats:
+    if use_batch_stats:
         return torch.ops.aten.native_batch_norm_backward.default(
             g, x, weight, None, None, mean, torch.rsqrt(var + eps), True, eps, mask
         )
@@ -470,7 +470,7 @@ def normalize_backward(
     residual: Tensor | None,
     activation_mask: Tensor | None,
     eps: float,
-    batch_stats: bool,
+    use_batch_stats: bool,
     activation: str,
     negative_slope: float,
     output_mask: list[bool],
@@ -485,7 +485,7 @@ def normalize_backward(
     )
     if g is None:
         return reference.normalize_backward(
-            grad_out, x, mean, var, weight, bias, residual, activation_mask, eps, batch_stats,
+            grad_out, x, mean, var, weight, bias, residual, activation_mask, eps, use_batch_stats,
             activation, negative_slope, output_mask,
         )
     want_weight = want_weight and weight is not None
@@ -493,7 +493,7 @@ def normalize_backward(
     # Custom-op outputs must not alias each other: a fresh empty tensor for each.
     grad_input, grad_weight, grad_bias = x.new_empty(0), x.new_empty(0), x.new_empty(0)
     if want_input or want_weight or want_bias:
-        grads = native_backward(g, x, constants, weight, batch_stats, eps,
+        grads = native_backward(g, x, constants, weight, use_batch_stats, eps,
                                 [want_input, want_weight, want_bias])
         if want_input:
             grad_input = same_format(grads[0], x)
@@ -552,10 +552,9 @@ def normalize_grad_input(
     bias: Tensor | None,
     residual: Tensor | None,
     activation_mask: Tensor | None,
-    sums: Tensor | None,
-    count: float,
+    grad_means: Tensor | None,
     eps: float,
-    batch_stats: bool,
+    use_batch_stats: bool,
     activation: str,
     negative_slope: float,
     output_mask: list[bool],
@@ -569,15 +568,15 @@ def normalize_grad_input(
     )
     if g is None or x.dtype != param_dtype(x):
         return reference.normalize_grad_input(
-            grad_out, x, mean, var, weight, bias, residual, activation_mask, sums, count, eps,
-            batch_stats, activation, negative_slope, output_mask,
+            grad_out, x, mean, var, weight, bias, residual, activation_mask, grad_means, eps,
+            use_batch_stats, activation, negative_slope, output_mask,
         )
     grad_input, grad_residual = x.new_empty(0), x.new_empty(0)
     if output_mask[0]:
         invstd = torch.rsqrt(var.to(STATS_DTYPE) + eps)
         scale = invstd if weight is None else invstd * weight.to(STATS_DTYPE)
-        if batch_stats and count > 0:
-            mean_g, mean_g_xhat = sums.to(STATS_DTYPE) / count
+        if use_batch_stats:
+            mean_g, mean_g_xhat = grad_means.to(STATS_DTYPE)
             slope = -scale * invstd * mean_g_xhat
             offset = scale * (invstd * mean.to(STATS_DTYPE) * mean_g_xhat - mean_g)
             dtype = x.dtype

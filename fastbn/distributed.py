@@ -23,13 +23,11 @@ algorithm and the world size). The price is a table of world * 3 * C float64 val
 (48 KB at 8 ranks and C = 256) instead of 3 * C: small beside the activations, and one
 collective's latency either way.
 
-Backward. With g = grad_out * act'(u) and x_hat = (x - mean) * invstd on each rank, one
-all_reduce (sum) of the packed [2, C] local sums (sum(g), sum(g * x_hat)) gives the sums over
-the whole batch, and
-    d input    = weight * invstd * (g - sum(g) / M - x_hat * sum(g * x_hat) / M)
-    d residual = g
-with the global sums and count. d weight = sum(g * x_hat) and d bias = sum(g) are the *local*
-sums, as torch.nn.SyncBatchNorm returns them: DistributedDataParallel then averages them
+Backward. ``fastbn.reference.normalize_backward``'s two pieces, with one all_reduce (sum)
+between them: of the packed [2, C] local sums (sum(g), sum(g * x_hat)), which divided by the
+global count M are the means d input is made from (the formula is written out there).
+d weight = sum(g * x_hat) and d bias = sum(g) are the *local* sums, as
+torch.nn.SyncBatchNorm returns them: DistributedDataParallel then averages them
 over the ranks like every other parameter gradient, so both train alike.
 """
 
@@ -45,7 +43,7 @@ from torch.autograd.function import once_differentiable
 from fastbn import ops
 from fastbn.backend import resolve_backend
 from fastbn.conventions import STATS_DTYPE, reduced_count
-from fastbn.functional import _check_call, saves_mask
+from fastbn.functional import check_arguments, saves_activation_mask
 from fastbn.reference import update_running_stats_
 
 
@@ -75,11 +73,11 @@ def sync_batch_norm(
     """fastbn.batch_norm in training, with the batch statistics of every rank of
     ``process_group`` (the default group when None); every rank must call it."""
     activation_name = "none" if activation is None else activation
-    _check_call(
+    check_arguments(
         input, running_mean, running_var, weight, bias, True, momentum, eps, residual,
         activation_name, num_batches_tracked, whole_batch=False,
     )
-    save_mask = saves_mask(activation_name, input, weight, bias, residual)
+    save_mask = saves_activation_mask(activation_name, input, weight, bias, residual)
     return _SyncBatchNorm.apply(
         input, weight, bias, residual, running_mean, running_var, num_batches_tracked,
         momentum, eps, activation_name, negative_slope, save_mask, process_group,
@@ -130,13 +128,14 @@ class _SyncBatchNorm(torch.autograd.Function):
                 *common, ctx.eps, ctx.activation, ctx.negative_slope, [want_weight, want_bias],
                 ctx.backend,
             )
+        grad_means = None
         if want_input:
-            # Every rank joins, an empty share with zero sums. The global count is known on
-            # the device only, so the sums are divided by it here and count 1 passed on.
+            # Every rank joins, an empty share with zero sums; the global count is a device
+            # tensor, so the means are taken on the device.
             dist.all_reduce(sums, dist.ReduceOp.SUM, group=ctx.process_group)
-            sums = (sums / count).to(sums.dtype)
+            grad_means = (sums / count).to(sums.dtype)
         grad_input, grad_residual = ops.call_normalize_grad_input(
-            *common, sums, 1.0, ctx.eps, True, ctx.activation, ctx.negative_slope,
+            *common, grad_means, ctx.eps, True, ctx.activation, ctx.negative_slope,
             [want_input, want_residual], ctx.backend,
         )
         grads = (grad_input, grad_weight, grad_bias, grad_residual)

@@ -60,7 +60,7 @@ def batch_norm(
     computed on the device.
     """
     activation_name = "none" if activation is None else activation
-    if _check_call(
+    if check_arguments(
         input, running_mean, running_var, weight, bias, training, momentum, eps, residual,
         activation_name, num_batches_tracked,
     ):
@@ -91,9 +91,10 @@ def batch_norm(
         )
     else:
         mean, var = running_mean, running_var
+    save_mask = saves_activation_mask(activation_name, input, weight, bias, residual)
     output, _ = ops.call_normalize(
         input, mean, var, weight, bias, residual, eps, training, activation_name,
-        negative_slope, saves_mask(activation_name, input, weight, bias, residual), backend,
+        negative_slope, save_mask, backend,
     )
     return output
 
@@ -127,7 +128,7 @@ def _empty_batch_norm(
     return output
 
 
-def saves_mask(
+def saves_activation_mask(
     activation: str, input: Tensor, weight: Tensor | None, bias: Tensor | None,
     residual: Tensor | None,
 ) -> bool:
@@ -144,7 +145,7 @@ def saves_mask(
     )
 
 
-def _check_call(
+def check_arguments(
     input: Tensor,
     running_mean: Tensor | None,
     running_var: Tensor | None,

@@ -689,7 +689,7 @@ def _backward_geometries(grad_out: Geometry, x: Geometry, residual: Geometry | N
 def plan_backward(
     grad_out: Geometry, x: Geometry, residual: Geometry | None, grad_input: Geometry | None,
     grad_residual: Geometry | None, dtype: torch.dtype, has_weight: bool, has_bias: bool,
-    activation: str, use_mask: bool, batch_stats: bool, want_sums: bool,
+    activation: str, use_mask: bool, use_batch_stats: bool, want_sums: bool,
     write_grad_weight: bool, write_grad_bias: bool,
 ) -> BackwardPlan:
     """The backward's launches for tensors of these geometries: the sums (when
@@ -731,7 +731,7 @@ def plan_backward(
         mask_bytes = cdiv(view.positions, 8)
         out_strides = tuple(s for g in (grad_input or x, grad_residual or x)
                             for s in _view_strides(g, view.folded))
-        read_sums = grad_input is not None and batch_stats
+        read_sums = grad_input is not None and use_batch_stats
         geometries = (grad_out, x, *(() if residual is None else (residual,)), *outputs)
         grad = _elementwise_launch(
             "grad_input_kernel", "backward", geometries, view, (*strides, *out_strides), dtype,
@@ -754,7 +754,7 @@ def normalize_backward(
     residual: Tensor | None,
     activation_mask: Tensor | None,
     eps: float,
-    batch_stats: bool,
+    use_batch_stats: bool,
     activation: str,
     negative_slope: float,
     output_mask: list[bool],
@@ -767,20 +767,22 @@ def normalize_backward(
     want_input, want_weight, want_bias, want_residual = output_mask
     want_weight = want_weight and weight is not None
     want_bias = want_bias and bias is not None
-    want_sums = want_weight or want_bias or (want_input and batch_stats)
+    want_sums = want_weight or want_bias or (want_input and use_batch_stats)
     grads = _backward(grad_out, x, mean, var, weight, bias, residual, activation_mask, None,
-                      reduced_count(x), eps, batch_stats, activation, negative_slope,
-                      want_input, want_residual, want_sums, want_weight, want_bias)
+                      1.0 / max(reduced_count(x), 1), eps, use_batch_stats, activation,
+                      negative_slope, want_input, want_residual, want_sums, want_weight,
+                      want_bias)
     return grads[:4]
 
 
-def _backward(grad_out, x, mean, var, weight, bias, residual, activation_mask, sums, count,
-              eps, batch_stats, activation, negative_slope, want_input, want_residual,
-              want_sums, want_weight, want_bias, standalone_sums=False):
+def _backward(grad_out, x, mean, var, weight, bias, residual, activation_mask, sums,
+              inv_count, eps, use_batch_stats, activation, negative_slope, want_input,
+              want_residual, want_sums, want_weight, want_bias, standalone_sums=False):
     """Every backward entry point: the sums (want_sums; else ``sums`` given or unneeded)
-    and d input / d residual. Returns (d input, d weight, d bias, d residual, sums); the
-    sums are [2, C] with ``standalone_sums``, else the flat allocation they head (the
-    workspace follows them), which the kernels read alike."""
+    and d input / d residual, which reads the means ``sums * inv_count``. Returns
+    (d input, d weight, d bias, d residual, sums); the sums are [2, C] with
+    ``standalone_sums``, else the flat allocation they head (the workspace follows them),
+    which the kernels read alike."""
     # Custom-op outputs must not alias each other: a fresh tensor for each; ``empty``
     # where the kernels write every element.
     grad_weight = torch.empty_like(weight) if want_weight else x.new_empty(0)
@@ -804,7 +806,7 @@ def _backward(grad_out, x, mean, var, weight, bias, residual, activation_mask, s
     gr, gr_geometry = _writable(grad_residual) if want_residual else (None, None)
     plan = plan_backward(
         g_geometry, x_geometry, r_geometry, gi_geometry, gr_geometry, x.dtype,
-        weight is not None, bias is not None, activation, use_mask, batch_stats, want_sums,
+        weight is not None, bias is not None, activation, use_mask, use_batch_stats, want_sums,
         want_weight, want_bias,
     )
     mean, var = per_channel(mean), per_channel(var)
@@ -831,7 +833,7 @@ def _backward(grad_out, x, mean, var, weight, bias, residual, activation_mask, s
             plan.grad_input(
                 (grad_out, x_read, residual_read, gi, gr, mean, var, weight, bias, mask,
                  per_channel(sums) if plan.grad_input.constexprs["BATCH_STATS"] else None),
-                (eps, negative_slope, 1.0 / count),
+                (eps, negative_slope, inv_count),
             )
     if gi is not None:
         copy_back(gi, grad_input)
@@ -860,7 +862,7 @@ def normalize_grad_sums(
     want_weight = output_mask[0] and weight is not None
     want_bias = output_mask[1] and bias is not None
     _, grad_weight, grad_bias, _, sums = _backward(
-        grad_out, x, mean, var, weight, bias, residual, activation_mask, None, 1, eps, True,
+        grad_out, x, mean, var, weight, bias, residual, activation_mask, None, 1.0, eps, True,
         activation, negative_slope, False, False, True, want_weight, want_bias,
         standalone_sums=True)  # the op's output: not a view of a workspace
     return sums, grad_weight, grad_bias
@@ -875,22 +877,21 @@ def normalize_grad_input(
     bias: Tensor | None,
     residual: Tensor | None,
     activation_mask: Tensor | None,
-    sums: Tensor | None,
-    count: float,
+    grad_means: Tensor | None,
     eps: float,
-    batch_stats: bool,
+    use_batch_stats: bool,
     activation: str,
     negative_slope: float,
     output_mask: list[bool],
 ) -> tuple[Tensor, Tensor]:
-    """d input and d residual in one launch, from ``normalize_grad_sums``'s sums over
-    ``count`` values per channel (read for d input with ``batch_stats``). ``output_mask`` is
-    (input, residual); what it does not ask for comes back empty."""
+    """d input and d residual in one launch, from the per-channel [mean(g), mean(g * x_hat)]
+    (read for d input with ``use_batch_stats``). ``output_mask`` is (input, residual); what it
+    does not ask for comes back empty."""
     want_input, want_residual = output_mask
     if not (want_input or want_residual):
         return x.new_empty(0), x.new_empty(0)
     grad_input, _, _, grad_residual, _ = _backward(
-        grad_out, x, mean, var, weight, bias, residual, activation_mask, sums, count, eps,
-        batch_stats, activation, negative_slope, want_input, want_residual, False, False,
+        grad_out, x, mean, var, weight, bias, residual, activation_mask, grad_means, 1.0, eps,
+        use_batch_stats, activation, negative_slope, want_input, want_residual, False, False,
         False)
     return grad_input, grad_residual

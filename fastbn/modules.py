@@ -23,9 +23,9 @@ from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 from torch.nn import functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from fastbn.conventions import ACTIVATIONS
 from fastbn.distributed import sync_batch_norm, sync_world_size
 from fastbn.functional import batch_norm
-from fastbn.reference import ACTIVATIONS
 
 # torch.fx records these calls as single nodes instead of tracing into them.
 torch.fx.wrap("batch_norm")

@@ -8,9 +8,9 @@ where it must; "triton" -> ``fastbn.launch``; the three modules share these sign
     -> (mean, var). Mutating, not differentiable: the batch mean and biased variance, plus
     the running-statistics update in place. Callers pass ``x.detach()``.
 
-``fastbn::normalize(x, mean, var, weight?, bias?, residual?, eps, batch_stats, ...)``
+``fastbn::normalize(x, mean, var, weight?, bias?, residual?, eps, use_batch_stats, ...)``
     -> (y = act((x - mean) / sqrt(var + eps) * weight + bias + residual), activation mask).
-    Differentiable in y. ``batch_stats=True`` says mean and var are x's own batch statistics
+    Differentiable in y. ``use_batch_stats=True`` says mean and var are x's own batch statistics
     (training), so the backward differentiates through them; False says they are constants
     (running stats). With ``save_mask`` it also returns the packed bits of a relu-family
     derivative, which the backward keeps instead of the residual.
@@ -27,8 +27,9 @@ autograd formula (SyncBatchNorm has no double backward):
 ``fastbn::normalize_grad_sums(grad_out, x, mean, var, ..., output_mask)``
     -> ([sum(g), sum(g * x_hat)] per channel, d weight, d bias).
 
-``fastbn::normalize_grad_input(grad_out, x, mean, var, ..., sums?, count, ..., output_mask)``
-    -> (d input, d residual) from the sums over ``count`` values per channel.
+``fastbn::normalize_grad_input(grad_out, x, mean, var, ..., grad_means?, ..., output_mask)``
+    -> (d input, d residual) from the per-channel means [mean(g), mean(g * x_hat)]: the
+    sums divided by the count of values they were taken over.
 
 Callers use the ``call_*`` functions at the end of this file. In plain eager mode they run
 the same implementation without the dispatcher, with the same autograd formulas (the
@@ -117,7 +118,7 @@ def normalize(
     bias: Optional[Tensor],
     residual: Optional[Tensor],
     eps: float,
-    batch_stats: bool,
+    use_batch_stats: bool,
     activation: str,
     negative_slope: float,
     save_mask: bool,
@@ -138,7 +139,7 @@ def normalized(x, mean, var, weight, bias, residual, eps, activation, negative_s
 
 
 @normalize.register_fake
-def _normalize_fake(x, mean, var, weight, bias, residual, eps, batch_stats, activation,
+def _normalize_fake(x, mean, var, weight, bias, residual, eps, use_batch_stats, activation,
                     negative_slope, save_mask, backend):
     shape = conventions.mask_shape(x) if save_mask else (0,)
     return in_output_format(torch.empty_like(x), x), x.new_empty(shape, dtype=torch.uint8)
@@ -162,7 +163,7 @@ def _normalize_setup_context(ctx, inputs, output):
     - the packed activation mask (1 bit per element) for relu/relu6/leaky_relu with a
       residual, which is then not kept;
     - the residual for silu/hardswish with a residual (their derivative needs u)."""
-    (x, mean, var, weight, bias, residual, eps, batch_stats, activation, slope, save_mask,
+    (x, mean, var, weight, bias, residual, eps, use_batch_stats, activation, slope, save_mask,
      backend) = inputs
     activation_mask = output[1] if save_mask else None
     ctx.mark_non_differentiable(output[1])
@@ -170,7 +171,7 @@ def _normalize_setup_context(ctx, inputs, output):
                           None if save_mask else residual, activation_mask)
     ctx.has_residual = residual is not None
     ctx.eps = eps
-    ctx.batch_stats = batch_stats
+    ctx.use_batch_stats = use_batch_stats
     ctx.activation = activation
     ctx.negative_slope = slope
     ctx.backend = backend
@@ -182,7 +183,7 @@ def _normalize_grads(ctx, grad_out, _grad_mask):
     mask = [needs[0], needs[3], needs[4], needs[5] and ctx.has_residual]
     grads = call_normalize_backward(
         grad_out, x, mean, var, weight, bias, residual, activation_mask, ctx.eps,
-        ctx.batch_stats, ctx.activation, ctx.negative_slope, mask, ctx.backend,
+        ctx.use_batch_stats, ctx.activation, ctx.negative_slope, mask, ctx.backend,
     )
     grad_input, grad_weight, grad_bias, grad_residual = (
         grad if wanted else None for grad, wanted in zip(grads, mask, strict=True)
@@ -200,8 +201,7 @@ normalize.register_autograd(_normalize_grads, setup_context=_normalize_setup_con
 # ---------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("fastbn::normalize_backward", mutates_args=())
-def normalize_backward(
+def _normalize_backward(  # the op's body, also called directly by eager calls (_call)
     grad_out: Tensor,
     x: Tensor,
     mean: Tensor,
@@ -211,21 +211,26 @@ def normalize_backward(
     residual: Optional[Tensor],
     activation_mask: Optional[Tensor],
     eps: float,
-    batch_stats: bool,
+    use_batch_stats: bool,
     activation: str,
     negative_slope: float,
     output_mask: list[bool],
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return implementation(backend).normalize_backward(
-        grad_out, x, mean, var, weight, bias, residual, activation_mask, eps, batch_stats,
+        grad_out, x, mean, var, weight, bias, residual, activation_mask, eps, use_batch_stats,
         activation, negative_slope, output_mask,
     )
 
 
+normalize_backward = torch.library.custom_op(
+    "fastbn::normalize_backward", _normalize_backward, mutates_args=()
+)
+
+
 @normalize_backward.register_fake
 def _normalize_backward_fake(grad_out, x, mean, var, weight, bias, residual, activation_mask,
-                             eps, batch_stats, activation, negative_slope, output_mask,
+                             eps, use_batch_stats, activation, negative_slope, output_mask,
                              backend):
     return (
         torch.empty_like(x) if output_mask[0] else x.new_empty(0),
@@ -237,11 +242,11 @@ def _normalize_backward_fake(grad_out, x, mean, var, weight, bias, residual, act
 
 
 def _normalize_backward_setup_context(ctx, inputs, output):
-    (grad_out, x, mean, var, weight, bias, residual, activation_mask, eps, batch_stats,
+    (grad_out, x, mean, var, weight, bias, residual, activation_mask, eps, use_batch_stats,
      activation, slope, output_mask, backend) = inputs
     ctx.save_for_backward(grad_out, x, mean, var, weight, bias, residual, activation_mask)
     ctx.eps = eps
-    ctx.batch_stats = batch_stats
+    ctx.use_batch_stats = use_batch_stats
     ctx.activation = activation
     ctx.negative_slope = slope
     ctx.output_mask = list(output_mask)
@@ -266,13 +271,13 @@ def _normalize_backward_grads(ctx, grad_grad_input, grad_grad_weight, grad_grad_
     def first_backward(*tensors: Tensor) -> tuple[Tensor, ...]:
         args = dict.fromkeys(names)
         args.update(zip(present, tensors, strict=True))
-        if ctx.batch_stats:
+        if ctx.use_batch_stats:
             batch_mean, batch_var = reference.batch_mean_var(args["x"])
         else:
             batch_mean, batch_var = mean, var
         return reference.normalize_backward(
             args["grad_out"], args["x"], batch_mean, batch_var, args["weight"], args["bias"],
-            args["residual"], activation_mask, ctx.eps, ctx.batch_stats, ctx.activation,
+            args["residual"], activation_mask, ctx.eps, ctx.use_batch_stats, ctx.activation,
             ctx.negative_slope, ctx.output_mask,
         )
 
@@ -304,8 +309,7 @@ normalize_backward.register_autograd(
 # ---------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("fastbn::normalize_grad_sums", mutates_args=())
-def normalize_grad_sums(
+def _normalize_grad_sums(
     grad_out: Tensor,
     x: Tensor,
     mean: Tensor,
@@ -326,6 +330,11 @@ def normalize_grad_sums(
     )
 
 
+normalize_grad_sums = torch.library.custom_op(
+    "fastbn::normalize_grad_sums", _normalize_grad_sums, mutates_args=()
+)
+
+
 @normalize_grad_sums.register_fake
 def _normalize_grad_sums_fake(grad_out, x, mean, var, weight, bias, residual, activation_mask,
                               eps, activation, negative_slope, output_mask, backend):
@@ -336,8 +345,7 @@ def _normalize_grad_sums_fake(grad_out, x, mean, var, weight, bias, residual, ac
     )
 
 
-@torch.library.custom_op("fastbn::normalize_grad_input", mutates_args=())
-def normalize_grad_input(
+def _normalize_grad_input(
     grad_out: Tensor,
     x: Tensor,
     mean: Tensor,
@@ -346,24 +354,28 @@ def normalize_grad_input(
     bias: Optional[Tensor],
     residual: Optional[Tensor],
     activation_mask: Optional[Tensor],
-    sums: Optional[Tensor],
-    count: float,
+    grad_means: Optional[Tensor],
     eps: float,
-    batch_stats: bool,
+    use_batch_stats: bool,
     activation: str,
     negative_slope: float,
     output_mask: list[bool],
     backend: str,
 ) -> tuple[Tensor, Tensor]:
     return implementation(backend).normalize_grad_input(
-        grad_out, x, mean, var, weight, bias, residual, activation_mask, sums, count, eps,
-        batch_stats, activation, negative_slope, output_mask,
+        grad_out, x, mean, var, weight, bias, residual, activation_mask, grad_means, eps,
+        use_batch_stats, activation, negative_slope, output_mask,
     )
+
+
+normalize_grad_input = torch.library.custom_op(
+    "fastbn::normalize_grad_input", _normalize_grad_input, mutates_args=()
+)
 
 
 @normalize_grad_input.register_fake
 def _normalize_grad_input_fake(grad_out, x, mean, var, weight, bias, residual, activation_mask,
-                               sums, count, eps, batch_stats, activation, negative_slope,
+                               grad_means, eps, use_batch_stats, activation, negative_slope,
                                output_mask, backend):
     return (
         torch.empty_like(x) if output_mask[0] else x.new_empty(0),
@@ -443,7 +455,7 @@ class _Normalize(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, mean, var, weight, bias, residual, options):
-        eps, batch_stats, activation, negative_slope, save_mask, backend = options
+        eps, use_batch_stats, activation, negative_slope, save_mask, backend = options
         output = normalized(x, mean, var, weight, bias, residual, eps, activation,
                             negative_slope, save_mask, backend)
         _normalize_setup_context(ctx, (x, mean, var, weight, bias, residual, *options), output)
@@ -462,7 +474,7 @@ def call_normalize(
     bias: Optional[Tensor],
     residual: Optional[Tensor],
     eps: float,
-    batch_stats: bool,
+    use_batch_stats: bool,
     activation: str,
     negative_slope: float,
     save_mask: bool,
@@ -474,12 +486,12 @@ def call_normalize(
             x, weight, bias, residual
         )):  # (a jit trace records one path for the calls with and without gradients)
             return _Normalize.apply(x, mean, var, weight, bias, residual,
-                                    (eps, batch_stats, activation, negative_slope, save_mask,
+                                    (eps, use_batch_stats, activation, negative_slope, save_mask,
                                      backend))
         # No backward can follow (inference, eval under no_grad): no autograd node to build.
         return normalized(x, mean, var, weight, bias, residual, eps, activation,
                           negative_slope, save_mask, backend)
-    return normalize(x, mean, var, weight, bias, residual, eps, batch_stats, activation,
+    return normalize(x, mean, var, weight, bias, residual, eps, use_batch_stats, activation,
                      negative_slope, save_mask, backend)
 
 
@@ -500,26 +512,26 @@ def call_normalize_backward(*args: Any) -> tuple[Tensor, Tensor, Tensor, Tensor]
         _functorch.is_legacy_batchedtensor(grad_out)  # autograd.grad(is_grads_batched=True)
     ):
         return reference.normalize_backward(*args[:-1])
-    return _call(normalize_backward, "normalize_backward", args, 8,
+    return _call(normalize_backward, _normalize_backward, args, 8,
                  eager=not torch.is_grad_enabled())
 
 
 def call_normalize_grad_sums(*args: Any) -> tuple[Tensor, Tensor, Tensor]:
     """``normalize_grad_sums(*args)``: (sums, d weight, d bias)."""
-    return _call(normalize_grad_sums, "normalize_grad_sums", args, 8)
+    return _call(normalize_grad_sums, _normalize_grad_sums, args, 8)
 
 
 def call_normalize_grad_input(*args: Any) -> tuple[Tensor, Tensor]:
     """``normalize_grad_input(*args)``: (d input, d residual)."""
-    return _call(normalize_grad_input, "normalize_grad_input", args, 9)
+    return _call(normalize_grad_input, _normalize_grad_input, args, 9)
 
 
-def _call(op: Any, name: str, args: tuple, tensors: int, eager: bool = True) -> Any:
-    """op(*args), whose first ``tensors`` arguments are the (optional) tensors and whose last
-    is the backend; for an eager call (see ``direct``) on plain tensors, the implementation
-    function of that name, without the backend."""
+def _call(op: Any, body: Any, args: tuple, tensors: int, eager: bool = True) -> Any:
+    """op(*args), whose first ``tensors`` arguments are the (optional) tensors; for an eager
+    call (see ``direct``) on plain tensors, the op's body ``body(*args)`` without the
+    dispatcher."""
     if eager and direct(args[0]) and plain(*args[1:tensors]):
-        return getattr(implementation(args[-1]), name)(*args[:-1])
+        return body(*args)
     return op(*args)
 
 

@@ -292,24 +292,23 @@ def normalize_grad_input(
     bias: Tensor | None,
     residual: Tensor | None,
     activation_mask: Tensor | None,
-    sums: Tensor | None,
-    count: float,
+    grad_means: Tensor | None,
     eps: float,
-    batch_stats: bool,
+    use_batch_stats: bool,
     activation: str,
     negative_slope: float,
     output_mask: list[bool],
 ) -> tuple[Tensor, Tensor]:
-    """The elementwise gradients (d input, d residual) of ``normalize``, given the sums.
+    """The elementwise gradients (d input, d residual) of ``normalize``, given the means.
 
-    ``sums`` is ``normalize_grad_sums``'s [sum(g), sum(g * x_hat)], taken over ``count``
-    values per channel; only d input with ``batch_stats`` reads it (SyncBatchNorm passes the
-    sums over every rank already divided by the global count, and count 1). ``output_mask``
-    is (input, residual); a gradient it does not ask for comes back as an empty tensor.
+    ``grad_means`` is [mean(g), mean(g * x_hat)] per channel: ``normalize_grad_sums``'s sums
+    divided by the count they were taken over (SyncBatchNorm's: the sums and count of every
+    rank). Only d input with ``use_batch_stats`` reads it. ``output_mask`` is (input, residual);
+    a gradient it does not ask for comes back as an empty tensor.
     """
     g, x_hat, scale = output_grad(grad_out, x, mean, var, weight, bias, residual,
                                   activation_mask, eps, activation, negative_slope)
-    return grad_input_residual(g, x_hat, scale, grad_out, x, residual, sums, count, batch_stats,
+    return grad_input_residual(g, x_hat, scale, grad_out, x, residual, grad_means, use_batch_stats,
                                output_mask)
 
 
@@ -364,14 +363,14 @@ def grad_sums(
 
 def grad_input_residual(
     g: Tensor, x_hat: Tensor, scale: Tensor, grad_out: Tensor, x: Tensor,
-    residual: Tensor | None, sums: Tensor | None, count: float, batch_stats: bool,
+    residual: Tensor | None, grad_means: Tensor | None, use_batch_stats: bool,
     output_mask: list[bool],
 ) -> tuple[Tensor, Tensor]:
     """``normalize_grad_input`` from g, x_hat and scale."""
     grad_input, grad_residual = x.new_empty(0), x.new_empty(0)
     if output_mask[0]:
-        if batch_stats and count > 0:
-            mean_g, mean_g_xhat = sums.to(g.dtype) / count
+        if use_batch_stats:
+            mean_g, mean_g_xhat = grad_means.to(g.dtype)
             g_centered = g - channel_view(mean_g, x) - x_hat * channel_view(mean_g_xhat, x)
         else:
             g_centered = g
@@ -393,7 +392,7 @@ def normalize_backward(
     residual: Tensor | None,
     activation_mask: Tensor | None,
     eps: float,
-    batch_stats: bool,
+    use_batch_stats: bool,
     activation: str,
     negative_slope: float,
     output_mask: list[bool],
@@ -412,12 +411,13 @@ def normalize_backward(
     want_input, want_weight, want_bias, want_residual = output_mask
     g, x_hat, scale = output_grad(grad_out, x, mean, var, weight, bias, residual,
                                   activation_mask, eps, activation, negative_slope)
-    sums, grad_weight, grad_bias = None, x.new_empty(0), x.new_empty(0)
-    if want_weight or want_bias or (want_input and batch_stats):
+    grad_means, grad_weight, grad_bias = None, x.new_empty(0), x.new_empty(0)
+    if want_weight or want_bias or (want_input and use_batch_stats):
         sums, grad_weight, grad_bias = grad_sums(g, x_hat, x, weight, bias,
                                                  [want_weight, want_bias])
+        grad_means = sums / max(reduced_count(x), 1)  # (an empty batch's sums are 0)
     grad_input, grad_residual = grad_input_residual(
-        g, x_hat, scale, grad_out, x, residual, sums, reduced_count(x), batch_stats,
+        g, x_hat, scale, grad_out, x, residual, grad_means, use_batch_stats,
         [want_input, want_residual],
     )
     return grad_input, grad_weight, grad_bias, grad_residual

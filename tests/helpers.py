@@ -9,10 +9,15 @@ on the same call plus atol and one ulp of its own dtype (when torch's result is 
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
+from typing import TypeVar
 
+import pytest
 import torch
 from conftest import DEVICE, ON_GPU
 from torch import Tensor
+
+T = TypeVar("T")
 
 # (atol, rtol) per dtype of the tensor under test. bf16 allows two ulps at 1: the
 # Triton interpreter truncates fp32 -> bf16 stores instead of rounding.
@@ -118,6 +123,19 @@ def kink_distance(u: Tensor, activation: str | None) -> float:
     if not kinks or u.numel() == 0:
         return float("inf")
     return min((u.detach().double() - kink).abs().min().item() for kink in kinks)
+
+
+def away_from_kinks(draw: Callable[[int], T], pre_activation: Callable[[T], Tensor],
+                    activation: str | None, margin: float = 1e-3) -> T:
+    """draw(seed) for the first seed 0, 1, ... whose pre-activations lie ``margin`` or more
+    from every kink of the activation: there the float64 truth and a float32 or lower
+    computation take the same side of every kink, and finite differences of step 1e-6 do
+    not measure a slope that exists on neither side."""
+    for seed in range(100):
+        drawn = draw(seed)
+        if kink_distance(pre_activation(drawn), activation) >= margin:
+            return drawn
+    pytest.fail(f"no seed gave pre-activations {margin} away from the kinks of {activation}")
 
 
 def activation64(u: Tensor, activation: str | None, negative_slope: float = 0.01) -> Tensor:

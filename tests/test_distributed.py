@@ -178,8 +178,10 @@ def test_without_a_process_group_equals_batchnorm2d(backend, device):
 
 
 @pytest.mark.parametrize("activation", ["none", "silu"])
-def test_backward_pieces_pass_opcheck_and_take_sums_divided_by_the_count(backend, device,
-                                                                           activation):
+def test_backward_pieces_pass_opcheck_and_compose_to_normalize_backward(backend, device,
+                                                                        activation):
+    """The sums piece, then the means (sums / count) into the d input piece: what
+    normalize_backward gives, as SyncBatchNorm composes them."""
     from fastbn import ops, reference
 
     x = make_input((3, 4, 5, 5), torch.float64, device=device)
@@ -192,10 +194,10 @@ def test_backward_pieces_pass_opcheck_and_take_sums_divided_by_the_count(backend
     sums_args = (*common, 1e-5, activation, 0.01, [True, True], backend)
     torch.library.opcheck(ops.normalize_grad_sums, sums_args)
     sums = ops.normalize_grad_sums(*sums_args)[0]
-    torch.library.opcheck(ops.normalize_grad_input, (*common, sums, 75.0, *options))
-    counted = ops.normalize_grad_input(*common, sums, 75.0, *options)
-    divided = ops.normalize_grad_input(*common, sums / 75.0, 1.0, *options)
-    for name, mine, theirs in zip(("grad input", "grad residual"), divided, counted,
+    torch.library.opcheck(ops.normalize_grad_input, (*common, sums / 75.0, *options))
+    pieces = ops.normalize_grad_input(*common, sums / 75.0, *options)
+    whole = ops.normalize_backward(*common, 1e-5, True, activation, 0.01, [True] * 4, backend)
+    for name, mine, theirs in zip(("grad input", "grad residual"), pieces, whole[::3],
                                   strict=True):
         assert_matches(name, mine, theirs)
 

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_close_to_truth, batch_norm_truth, grads_truth, make_input
+from cases import Case, cases, run_side_by_side
+from helpers import assert_close_to_truth, batch_norm_truth, make_input
 
 import fastbn
 
@@ -215,128 +216,21 @@ def test_one_value_per_channel_is_accepted_in_eval(backend, device):
 
 
 # ---------------------------------------------------------------------------------------------
-# Failed module calls change nothing either (torch's module counts the batch before checking)
-# ---------------------------------------------------------------------------------------------
-
-
-def trained_module(device, module_class=fastbn.BatchNorm2d, num_features=3):
-    module = module_class(num_features, device=device)
-    module(make_input((4, num_features, 2, 2), device=device))
-    return module
-
-
-def module_state(module):
-    return {name: tensor.clone() for name, tensor in module.named_buffers()}
-
-
-def assert_state_unchanged(module, before):
-    for name, tensor in module.named_buffers():
-        assert torch.equal(tensor, before[name]), f"{name} changed by a failed call"
-
-
-def torch_module_error(module_class, num_features, x, **kwargs):
-    try:
-        module_class(num_features, device=x.device)(x, **kwargs)
-    except Exception as error:
-        return type(error)
-    raise AssertionError("torch's module accepts the call")
-
-
-@pytest.mark.parametrize("shape", [(4, 3, 2), (4, 3, 2, 2, 2)], ids=["3d", "5d"])
-def test_module_rejects_wrong_rank_like_torch_without_counting_the_batch(backend, device, shape):
-    module = trained_module(device)
-    before = module_state(module)
-    x = make_input(shape, device=device)
-    expected = torch_module_error(torch.nn.BatchNorm2d, 3, x)
-    with pytest.raises(expected, match="expected 4D input"):
-        module(x)
-    assert_state_unchanged(module, before)
-
-
-def test_module_rejects_wrong_channel_count_like_torch_without_counting_the_batch(
-    backend, device
-):
-    module = trained_module(device, num_features=4)
-    before = module_state(module)
-    x = make_input((4, 3, 2, 2), device=device)
-    expected = torch_module_error(torch.nn.BatchNorm2d, 4, x)
-    with pytest.raises(expected, match="3 elements"):
-        module(x)
-    assert_state_unchanged(module, before)
-
-
-def test_module_rejects_one_value_per_channel_without_counting_the_batch(backend, device):
-    module = trained_module(device)
-    before = module_state(module)
-    x = make_input((1, 3, 1, 1), device=device)
-    expected = torch_module_error(torch.nn.BatchNorm2d, 3, x)
-    with pytest.raises(expected, match="more than 1 value per channel"):
-        module(x)
-    assert_state_unchanged(module, before)
-
-
-def test_generic_module_rejects_wrong_rank_without_counting_the_batch(backend, device):
-    module = fastbn.BatchNorm(3, 4, device=device)
-    module(make_input((4, 3, 2, 2), device=device))
-    before = module_state(module)
-    with pytest.raises(ValueError, match="expected 4D input"):
-        module(make_input((4, 3, 2), device=device))
-    assert_state_unchanged(module, before)
-
-
-def test_module_rejects_wrong_residual_shape_without_counting_the_batch(backend, device):
-    module = trained_module(device)
-    before = module_state(module)
-    with pytest.raises(RuntimeError, match="residual"):
-        module(
-            make_input((4, 3, 2, 2), device=device),
-            residual=make_input((4, 3, 2, 3), device=device),
-        )
-    assert_state_unchanged(module, before)
-
-
-# ---------------------------------------------------------------------------------------------
 # Results against the float64 truth, with torch's F.batch_norm as the yardstick
 # ---------------------------------------------------------------------------------------------
 
 
-AFFINE = {"none": (False, False), "weight": (True, False), "weight_and_bias": (True, True)}
+CALL = Case(SHAPE, counter=False, spread=2.0)
+CALL_CASES = [
+    CALL.but(training=training, weight=weight, bias=bias)
+    for training in (True, False)
+    for weight, bias in ((False, False), (True, False), (True, True))
+]
 
 
-@pytest.mark.parametrize("affine", list(AFFINE))
-@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_batch_norm_matches_truth(backend, device, training, affine):
-    call = valid_call(device) | {"training": training}
-    del call["num_batches_tracked"]
-    has_weight, has_bias = AFFINE[affine]
-    call["weight"] = call["weight"].requires_grad_(True) if has_weight else None
-    call["bias"] = call["bias"].requires_grad_(True) if has_bias else None
-    call["input"] = call["input"].requires_grad_(True)
-    torch_call = {k: v.detach().clone() if isinstance(v, torch.Tensor) else v
-                  for k, v in call.items()}
-    for name in ("input", "weight", "bias"):
-        if torch_call[name] is not None:
-            torch_call[name].requires_grad_(True)
-    truth = batch_norm_truth(
-        call["input"], call["running_mean"], call["running_var"], call["weight"], call["bias"],
-        training, call["momentum"], call["eps"],
-    )
-    grad_out = make_input(SHAPE, seed=7, device=device)
-
-    y = fastbn.batch_norm(**call)
-    y.backward(grad_out)
-    y_torch = F.batch_norm(**torch_call)
-    y_torch.backward(grad_out)
-
-    assert_close_to_truth("output", y, truth["y"], y_torch)
-    names = {"x": "input", "weight": "weight", "bias": "bias"}
-    for name, grad_truth in grads_truth(truth, grad_out).items():
-        arg = names[name]
-        assert_close_to_truth(
-            f"grad {name}", call[arg].grad, grad_truth, torch_call[arg].grad
-        )
-    for name in ("running_mean", "running_var"):
-        assert_close_to_truth(name, call[name], truth[name], torch_call[name])
+@cases(*CALL_CASES)
+def test_batch_norm_matches_truth(backend, device, case):
+    run_side_by_side(case, device)
 
 
 def test_training_without_running_stats_normalizes_with_batch_statistics(backend, device):

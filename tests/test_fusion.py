@@ -9,71 +9,24 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
-from helpers import (
-    ACTIVATIONS,
-    activation64,
-    assert_close_to_truth,
-    batch_norm_truth,
-    grads_truth,
-    kink_distance,
-    make_input,
-)
+from cases import Case, cases, run_side_by_side
+from helpers import ACTIVATIONS, activation64, make_input
 
 import fastbn
 
-SLOPE = 0.2
+FUSED = Case((3, 4, 5, 6), running_stats=False, spread=2.0)
+FUSED_CASES = [
+    FUSED.but(dtype=dtype, channels_last=channels_last, residual=residual, activation=activation)
+    for activation in ACTIVATIONS
+    for residual in (False, True)
+    for channels_last in (False, True)
+    for dtype in (torch.float32, torch.bfloat16)
+]
 
 
-def draw_away_from_kinks(shape, dtype, channels_last, activation, residual, device):
-    """Inputs whose pre-activations lie at least 1e-3 from the activation's kinks, so the
-    float64 truth and a float32 computation take the same side of every kink."""
-    weight = torch.linspace(0.5, 1.5, shape[1], dtype=torch.float32, device=device)
-    bias = torch.linspace(-0.3, 0.3, shape[1], dtype=torch.float32, device=device)
-    for seed in range(100):
-        x = make_input(shape, dtype, seed=seed, channels_last=channels_last, spread=2.0,
-                       device=device)
-        z = (make_input(shape, dtype, seed=seed + 500, channels_last=channels_last,
-                        device=device) if residual else None)
-        pre = batch_norm_truth(x, None, None, weight, bias, True, residual=z)["y"]
-        if kink_distance(pre, activation) > 1e-3:
-            return x, z, weight, bias
-    pytest.fail("no seed gave pre-activations 1e-3 away from the kinks")
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
-@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
-@pytest.mark.parametrize("activation", ACTIVATIONS, ids=str)
-def test_fused_output_and_every_gradient_match_truth(backend, device, activation, residual,
-                                                     channels_last, dtype):
-    shape = (3, 4, 5, 6)
-    x, z, weight, bias = draw_away_from_kinks(shape, dtype, channels_last, activation,
-                                              residual, device)
-    grad_out = make_input(shape, dtype, seed=99, channels_last=channels_last, device=device)
-    truth = batch_norm_truth(x, None, None, weight, bias, True, residual=z,
-                             activation=activation, negative_slope=SLOPE)
-    expected = grads_truth(truth, grad_out)
-
-    def run(function):
-        leaves = {"x": x, "weight": weight, "bias": bias, "residual": z}
-        leaves = {k: v.detach().clone().requires_grad_(True) for k, v in leaves.items()
-                  if v is not None}
-        y = function(leaves)
-        grads = torch.autograd.grad(y, list(leaves.values()), grad_out)
-        return y, dict(zip(leaves, grads, strict=True))
-
-    y, grads = run(lambda t: fastbn.batch_norm(
-        t["x"], None, None, t["weight"], t["bias"], True, residual=t.get("residual"),
-        activation=activation, negative_slope=SLOPE))
-    torch_y, torch_grads = run(lambda t: activation64(
-        F.batch_norm(t["x"], None, None, t["weight"], t["bias"], True)
-        + t.get("residual", 0), activation, SLOPE))
-
-    assert_close_to_truth("output", y, truth["y"], torch_y)
-    for name, grad in grads.items():
-        assert_close_to_truth(f"grad {name}", grad, expected[name], torch_grads[name],
-                              dtype=dtype)
+@cases(*FUSED_CASES)
+def test_fused_output_and_every_gradient_match_truth(backend, device, case):
+    run_side_by_side(case, device)
 
 
 def saved_bytes(function) -> int:

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from cases import LEAVES, Case, cases, draw_away_from_kinks, fastbn_call
 from conftest import ON_GPU
-from helpers import ACTIVATIONS, batch_norm_truth, kink_distance, make_input
+from helpers import ACTIVATIONS, make_input
 
 import fastbn
 
@@ -29,54 +30,20 @@ def float64_leaf(t: torch.Tensor) -> torch.Tensor:
     return t.detach().double().requires_grad_(True)
 
 
-def batch_norm_case(device, *, seed=0, rank=4, channels_last=False, training=True,
-                    weight=True, bias=True, residual=False, activation=None):
-    """Inputs for one check: the leaves to differentiate and a function of them.
+def checked_call(case: Case, device) -> tuple:
+    """A function of the case's leaves (x, weight, bias, residual: those it has) and the
+    leaves, drawn away from the activation's kinks. The function passes fresh copies of
+    the running statistics on every call, so the repeated evaluations of gradcheck see the
+    same state."""
+    tensors = draw_away_from_kinks(case, device)
+    leaves = {name: float64_leaf(tensors[name]) for name in LEAVES if tensors[name] is not None}
 
-    The function passes fresh copies of the running statistics on every call, so the
-    repeated evaluations of gradcheck see the same state.
-    """
-    shape = SHAPES[rank]
-    generator = torch.Generator().manual_seed(seed + 100)
-    leaves = {"input": make_input(shape, torch.float64, seed=seed, channels_last=channels_last,
-                                  device=device, spread=2.0)}
-    if weight:
-        leaves["weight"] = (1 + 2 * torch.randn(C, generator=generator, dtype=torch.float64))
-    if bias:
-        leaves["bias"] = torch.randn(C, generator=generator, dtype=torch.float64)
-    if residual:
-        leaves["residual"] = make_input(shape, torch.float64, seed=seed + 1, device=device,
-                                        channels_last=channels_last)
-    leaves = {k: float64_leaf(v.to(device)) for k, v in leaves.items()}
-    running_mean = torch.randn(C, generator=generator, dtype=torch.float64).to(device)
-    running_var = (0.5 + torch.rand(C, generator=generator, dtype=torch.float64)).to(device)
+    def function(*values):
+        state = {name: None if tensors[name] is None else tensors[name].clone()
+                 for name in ("running_mean", "running_var", "num_batches_tracked")}
+        return fastbn_call(case, dict(zip(leaves, values, strict=True)), state)
 
-    def function(*tensors):
-        args = dict(zip(leaves, tensors, strict=True))
-        return fastbn.batch_norm(
-            args["input"], running_mean.clone(), running_var.clone(), args.get("weight"),
-            args.get("bias"), training, residual=args.get("residual"), activation=activation,
-            negative_slope=0.2,
-        )
-
-    pre_activation = batch_norm_truth(
-        leaves["input"], running_mean, running_var, leaves.get("weight"), leaves.get("bias"),
-        training, residual=leaves.get("residual"),
-    )["y"]
-    return function, tuple(leaves.values()), kink_distance(pre_activation, activation)
-
-
-def away_from_kinks(device, **options):
-    """The first seed's case whose pre-activations lie 1e-3 or more from every kink.
-
-    Finite differences of step 1e-6 across a kink of relu, relu6, leaky_relu or hardswish
-    would measure a slope that exists on neither side.
-    """
-    for seed in range(100):
-        function, inputs, distance = batch_norm_case(device, seed=seed, **options)
-        if distance >= 1e-3:
-            return function, inputs
-    pytest.fail("no seed gave pre-activations 1e-3 away from the kinks")
+    return function, tuple(leaves.values())
 
 
 def run_check(check, backend, function, inputs):
@@ -105,53 +72,41 @@ CORE_CHECK_PAIRS = pytest.mark.parametrize(
 )
 
 
+GRAD = Case(SHAPES[4], torch.float64, counter=False, spread=2.0)
+
+
 @CORE_CHECK_PAIRS
-@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_batch_norm_gradients(backend, device, check, training):
-    function, inputs = away_from_kinks(device, training=training)
-    run_check(check, backend, function, inputs)
+@cases(GRAD, GRAD.but(training=False))
+def test_batch_norm_gradients(backend, device, check, case):
+    run_check(check, backend, *checked_call(case, device))
 
 
 @CHECK_PAIRS
-@pytest.mark.parametrize(
-    "weight, bias", [(True, False), (False, True), (False, False)],
-    ids=["weight_only", "bias_only", "no_affine"],
-)
-@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_batch_norm_gradients_without_weight_or_bias(
-    backend, device, check, training, weight, bias
-):
-    function, inputs = away_from_kinks(device, training=training, weight=weight, bias=bias)
-    run_check(check, backend, function, inputs)
+@cases(*(GRAD.but(training=training, weight=weight, bias=bias) for training in (True, False)
+         for weight, bias in ((True, False), (False, True), (False, False))))
+def test_batch_norm_gradients_without_weight_or_bias(backend, device, check, case):
+    run_check(check, backend, *checked_call(case, device))
 
 
 @CHECK_PAIRS
-@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_batch_norm_gradients_with_residual(backend, device, check, training):
-    function, inputs = away_from_kinks(device, training=training, residual=True)
-    run_check(check, backend, function, inputs)
+@cases(GRAD.but(residual=True), GRAD.but(residual=True, training=False))
+def test_batch_norm_gradients_with_residual(backend, device, check, case):
+    run_check(check, backend, *checked_call(case, device))
 
 
 @CHECK_PAIRS
-@pytest.mark.parametrize("activation", [a for a in ACTIVATIONS if a is not None])
-def test_batch_norm_gradients_through_activation(backend, device, check, activation):
+@cases(*(GRAD.but(residual=True, activation=a) for a in ACTIVATIONS if a is not None))
+def test_batch_norm_gradients_through_activation(backend, device, check, case):
     """Training, with a residual: the activation sees batch statistics and the residual."""
-    function, inputs = away_from_kinks(device, residual=True, activation=activation)
-    run_check(check, backend, function, inputs)
+    run_check(check, backend, *checked_call(case, device))
 
 
 @CHECK_PAIRS
-@pytest.mark.parametrize(
-    "rank, channels_last",
-    [(2, False), (3, False), (3, True), (5, False), (4, True), (5, True)],
-    ids=["2d", "3d", "3d-channels_last", "5d", "4d-channels_last", "5d-channels_last_3d"],
-)
-def test_batch_norm_gradients_in_each_rank_and_layout(backend, device, check, rank,
-                                                      channels_last):
-    function, inputs = away_from_kinks(
-        device, rank=rank, channels_last=channels_last, activation="silu"
-    )
-    run_check(check, backend, function, inputs)
+@cases(*(GRAD.but(shape=SHAPES[rank], channels_last=channels_last, activation="silu")
+         for rank, channels_last in [(2, False), (3, False), (3, True), (5, False), (4, True),
+                                     (5, True)]))
+def test_batch_norm_gradients_in_each_rank_and_layout(backend, device, check, case):
+    run_check(check, backend, *checked_call(case, device))
 
 
 @CHECK_PAIRS

@@ -11,17 +11,24 @@ import math
 
 import pytest
 import torch
+from cases import (
+    COUNTER,
+    Case,
+    assert_results_match_truth,
+    cases,
+    memory_formats,
+    parameter_dtype,
+)
 from helpers import (
     ACTIVATIONS,
     DTYPES,
-    LOW_PRECISION,
     TORCH_HAS_BIAS_KEYWORD,
     activation64,
     assert_close_to_truth,
     assert_matches,
+    away_from_kinks,
     batch_norm_truth,
     grads_truth,
-    kink_distance,
     make_input,
     torch_batch_norm,
 )
@@ -33,12 +40,9 @@ TORCH_CLASS = {
     fastbn.BatchNorm2d: torch.nn.BatchNorm2d,
     fastbn.BatchNorm3d: torch.nn.BatchNorm3d,
 }
+CLASS_FOR_RANK = {2: fastbn.BatchNorm1d, 3: fastbn.BatchNorm1d, 4: fastbn.BatchNorm2d,
+                  5: fastbn.BatchNorm3d}
 STEPS = 3
-
-
-def parameter_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The module dtype for an input dtype: float32 parameters for fp16/bf16 (mixed precision)."""
-    return torch.float32 if dtype in LOW_PRECISION else dtype
 
 
 def randomize_(module: torch.nn.Module, seed: int = 0) -> None:
@@ -55,7 +59,7 @@ def randomize_(module: torch.nn.Module, seed: int = 0) -> None:
         fill_(module.bias, 0.5 * torch.randn(c, generator=generator))
         fill_(module.running_mean, 0.3 * torch.randn(c, generator=generator))
         fill_(module.running_var, 0.5 + torch.rand(c, generator=generator))
-        fill_(module.num_batches_tracked, torch.tensor(4))
+        fill_(module.num_batches_tracked, torch.tensor(COUNTER))
 
 
 def make_pair(
@@ -73,8 +77,19 @@ def make_pair(
     return fast, ref
 
 
+def pair_for(case: Case, device, seed=0):
+    """make_pair for a case: the class of its rank, its flags as module options (a module
+    without weight has no bias either), parameters in the case's parameter dtype."""
+    return make_pair(
+        CLASS_FOR_RANK[len(case.shape)], case.shape[1], device, parameter_dtype(case.dtype),
+        seed, momentum=case.momentum, affine=case.weight, bias=case.bias or not case.weight,
+        track_running_stats=case.running_stats,
+    )
+
+
 def forward_backward(module, x, grad_out, **kwargs):
-    """Output and gradients (input, weight, bias) of one call of module on a fresh leaf x."""
+    """Output and gradients (input, weight, bias) of one call of module on a fresh leaf x,
+    with the running statistics and counter after it: ``cases.run``'s results."""
     for p in module.parameters():
         p.grad = None
     leaf = x.detach().clone().requires_grad_(True)
@@ -84,15 +99,9 @@ def forward_backward(module, x, grad_out, **kwargs):
     for name in ("weight", "bias"):
         if getattr(module, name) is not None:
             grads[name] = getattr(module, name).grad
-    return y.detach(), grads
-
-
-def memory_formats(t):
-    """Whether t is contiguous in the standard, channels_last and channels_last_3d formats
-    (what a memory format means; strides of size-1 dimensions aside)."""
-    return (t.is_contiguous(),
-            t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last),
-            t.dim() == 5 and t.is_contiguous(memory_format=torch.channels_last_3d))
+    state = {name: getattr(module, name)
+             for name in ("running_mean", "running_var", "num_batches_tracked")}
+    return {"y": y.detach(), "grads": grads, **state}
 
 
 def state_before(module):
@@ -112,39 +121,23 @@ def assert_call_matches_truth(label, fast, ref, x, grad_out, training):
         x, running_mean, running_var, fast.weight, fast.bias, training, fast.momentum, fast.eps,
         num_batches_tracked=counter_after,
     )
-    y, grads = forward_backward(fast, x, grad_out)
-    y_ref, grads_ref = forward_backward(ref, x, grad_out)
-
-    assert y.dtype == x.dtype, f"{label}: output dtype {y.dtype} != input dtype {x.dtype}"
-    assert memory_formats(y) == memory_formats(y_ref), (
-        f"{label}: output strides {y.stride()}, torch's {y_ref.stride()}"
+    ours = forward_backward(fast, x, grad_out)
+    theirs = forward_backward(ref, x, grad_out)
+    leaves = {"x": x, "weight": fast.weight, "bias": fast.bias}
+    assert_results_match_truth(
+        f"{label}: ", ours, theirs, truth | {"num_batches_tracked": counter_after},
+        grads_truth(truth, grad_out), {k: v for k, v in leaves.items() if v is not None},
     )
-    assert_close_to_truth(f"{label} output", y, truth["y"], y_ref)
-    for name, grad_truth in grads_truth(truth, grad_out).items():
-        leaf_dtype = x.dtype if name == "x" else getattr(fast, name).dtype
-        assert grads[name].dtype == leaf_dtype, f"{label}: grad {name} dtype {grads[name].dtype}"
-        assert_close_to_truth(f"{label} grad {name}", grads[name], grad_truth, grads_ref[name])
-    for name in ("running_mean", "running_var"):
-        if truth[name] is None:
-            assert getattr(fast, name) is None, f"{label}: {name} appeared"
-        else:
-            assert_close_to_truth(
-                f"{label} {name}", getattr(fast, name), truth[name], getattr(ref, name)
-            )
-    if counter is not None:
-        assert int(fast.num_batches_tracked) == counter_after == int(ref.num_batches_tracked), (
-            f"{label}: num_batches_tracked {int(fast.num_batches_tracked)}, expected "
-            f"{counter_after} (torch: {int(ref.num_batches_tracked)})"
-        )
 
 
-def assert_train_then_eval_matches_truth(fast, ref, shape, dtype, device, channels_last=False):
-    """STEPS training calls, then one eval call, each held against the truth."""
+def assert_train_then_eval_matches_truth(fast, ref, case: Case, device):
+    """STEPS training calls, then one eval call, each on the case's inputs and held against
+    the truth."""
     def inputs(seed):
-        x = make_input(shape, dtype, seed=seed, channels_last=channels_last, device=device)
-        grad_out = make_input(
-            shape, dtype, seed=seed + 1000, channels_last=channels_last, device=device
-        )
+        x = make_input(case.shape, case.dtype, seed=seed, channels_last=case.channels_last,
+                       device=device)
+        grad_out = make_input(case.shape, case.dtype, seed=seed + 1000,
+                              channels_last=case.channels_last, device=device)
         return x, grad_out
 
     fast.train()
@@ -157,88 +150,55 @@ def assert_train_then_eval_matches_truth(fast, ref, shape, dtype, device, channe
 
 
 # ---------------------------------------------------------------------------------------------
-# Parity with torch's modules against the float64 truth
+# Parity with torch's modules against the float64 truth: STEPS training calls, then one eval
+# call, of a module made for each case (its class by rank, its flags as module options)
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_batchnorm2d_matches_truth_in_each_dtype_and_memory_format(
-    backend, device, dtype, channels_last
-):
-    fast, ref = make_pair(fastbn.BatchNorm2d, 3, device, parameter_dtype(dtype))
-    assert_train_then_eval_matches_truth(fast, ref, (4, 3, 5, 6), dtype, device, channels_last)
-
-
-RANK_CASES = [
-    (fastbn.BatchNorm1d, (6, 3), False),
-    (fastbn.BatchNorm1d, (4, 3, 7), False),
-    (fastbn.BatchNorm1d, (4, 3, 7), True),
-    (fastbn.BatchNorm3d, (2, 3, 3, 4, 5), False),
-    (fastbn.BatchNorm3d, (2, 3, 3, 4, 5), True),
-]
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-@pytest.mark.parametrize(
-    "fast_class, shape, channels_last", RANK_CASES,
-    ids=["1d-NC", "1d-NCL", "1d-NCL-channels_last", "3d-NCDHW", "3d-channels_last_3d"],
-)
-def test_batchnorm1d_and_3d_match_truth_in_each_layout(
-    backend, device, fast_class, shape, channels_last, dtype
-):
-    fast, ref = make_pair(fast_class, shape[1], device, parameter_dtype(dtype))
-    assert_train_then_eval_matches_truth(fast, ref, shape, dtype, device, channels_last)
-
-
-@pytest.mark.parametrize("track_running_stats", [True, False], ids=["tracked", "untracked"])
-@pytest.mark.parametrize(
-    "affine, bias", [(True, True), (True, False), (False, True)],
-    ids=["affine", "affine-bias_false", "not_affine"],
-)
-@pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum0.1", "momentum_none"])
-def test_batchnorm2d_matches_truth_for_each_option(
-    backend, device, momentum, affine, bias, track_running_stats
-):
-    fast, ref = make_pair(
-        fastbn.BatchNorm2d, 3, device, momentum=momentum, affine=affine, bias=bias,
-        track_running_stats=track_running_stats,
-    )
-    assert_train_then_eval_matches_truth(fast, ref, (3, 3, 4, 5), torch.float32, device)
-
-
-ODD_SHAPES = [
-    (fastbn.BatchNorm1d, (2, 1)),  # C = 1, N = 2
-    (fastbn.BatchNorm1d, (5, 7)),
-    (fastbn.BatchNorm1d, (2, 3, 1)),  # S = 1
-    (fastbn.BatchNorm1d, (5, 7, 11)),
-    (fastbn.BatchNorm2d, (2, 1, 3, 3)),
-    (fastbn.BatchNorm2d, (5, 7, 3, 11)),
-    (fastbn.BatchNorm2d, (2, 3, 1, 1)),
-    (fastbn.BatchNorm2d, (1, 3, 2, 1)),  # N = 1, S = 2
-    (fastbn.BatchNorm3d, (2, 1, 1, 1, 1)),
-    (fastbn.BatchNorm3d, (3, 5, 1, 3, 1)),
-    (fastbn.BatchNorm3d, (2, 3, 5, 3, 7)),
-]
-
-
 def odd_cases():
-    """Each odd shape in each layout; float64 where a channel holds only two values."""
-    for cls, shape in ODD_SHAPES:
+    """Shapes with a dimension of one or an odd size, each in each layout; float64 where a
+    channel holds only two values."""
+    for shape in [
+        (2, 1),  # C = 1, N = 2
+        (5, 7),
+        (2, 3, 1),  # S = 1
+        (5, 7, 11),
+        (2, 1, 3, 3),
+        (5, 7, 3, 11),
+        (2, 3, 1, 1),
+        (1, 3, 2, 1),  # N = 1, S = 2
+        (2, 1, 1, 1, 1),
+        (3, 5, 1, 3, 1),
+        (2, 3, 5, 3, 7),
+    ]:
         dtype = torch.float64 if shape[0] * math.prod(shape[2:]) == 2 else torch.float32
         for channels_last in (False, True) if len(shape) > 2 else (False,):
-            layout = "channels_last" if channels_last else "contiguous"
-            name = f"{'x'.join(map(str, shape))}-{layout}-{str(dtype)[6:]}"
-            yield pytest.param(cls, shape, channels_last, dtype, id=name)
+            yield Case(shape, dtype, channels_last)
 
 
-@pytest.mark.parametrize("fast_class, shape, channels_last, dtype", list(odd_cases()))
-def test_odd_shapes_match_truth(backend, device, fast_class, shape, channels_last, dtype):
-    """Shapes whose channels hold two values run in float64: two values normalize to +-1
-    whatever they are, so the input gradient is pure cancellation of size eps / var, below
-    what float32 resolves (torch's own float32 error exceeds the table there too)."""
-    fast, ref = make_pair(fast_class, shape[1], device, dtype)
-    assert_train_then_eval_matches_truth(fast, ref, shape, dtype, device, channels_last)
+MODULE_CASES = [
+    # each dtype and memory format
+    *(Case((4, 3, 5, 6), dtype, channels_last) for dtype in DTYPES
+      for channels_last in (False, True)),
+    # BatchNorm1d and 3d in each layout
+    *(Case(shape, dtype, channels_last) for dtype in (torch.float32, torch.float16)
+      for shape, channels_last in [((6, 3), False), ((4, 3, 7), False), ((4, 3, 7), True),
+                                   ((2, 3, 3, 4, 5), False), ((2, 3, 3, 4, 5), True)]),
+    # each option: momentum, affine (with and without bias), tracking
+    *(Case((3, 3, 4, 5), momentum=momentum, weight=weight, bias=bias, running_stats=tracked)
+      for momentum in (0.1, None) for weight, bias in ((True, True), (True, False), (False, False))
+      for tracked in (True, False)),
+    # odd shapes: two values per channel in float64 (two values normalize to +-1 whatever they
+    # are, so the input gradient is pure cancellation of size eps / var, below what float32
+    # resolves; torch's own float32 error exceeds the table there too)
+    *odd_cases(),
+]
+
+
+@cases(*MODULE_CASES)
+def test_module_matches_truth_over_training_steps_and_eval(backend, device, case):
+    fast, ref = pair_for(case, device)
+    assert_train_then_eval_matches_truth(fast, ref, case, device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -327,8 +287,8 @@ def test_zero_size_batch_behaves_like_torch(
     before = state_before(fast)
     x = make_input(shape, channels_last=channels_last, device=device)
     grad_out = torch.empty_like(x)
-    y, grads = forward_backward(fast, x, grad_out)
-    y_ref, grads_ref = forward_backward(ref, x, grad_out)
+    ours, theirs = forward_backward(fast, x, grad_out), forward_backward(ref, x, grad_out)
+    y, grads, grads_ref = ours["y"], ours["grads"], theirs["grads"]
     assert y.shape == x.shape and y.stride() == torch.empty_like(x).stride()
     assert torch.equal(fast.running_mean, before[0]) and torch.equal(fast.running_var, before[1])
     assert int(fast.num_batches_tracked) == int(before[2]) + 1 == int(ref.num_batches_tracked)
@@ -361,21 +321,21 @@ def test_residual_and_activation_match_truth(backend, device, activation, mode):
     """m(x, residual=z) = activation(BN(x) + z); pre-activations kept 1e-3 away from kinks."""
     shape = (4, 3, 3, 5)
     training = mode == "train"
-    for seed in range(100):  # the first draw whose pre-activations avoid every kink
+
+    def draw(seed):
         fast, ref = make_pair(
             fastbn.BatchNorm2d, 3, device, seed=seed,
             fast_options={"activation": activation, "negative_slope": 0.2},
         )
         x = make_input(shape, seed=seed, spread=2.0, device=device)
-        residual = make_input(shape, seed=seed + 500, device=device)
-        pre = batch_norm_truth(
-            x, fast.running_mean, fast.running_var, fast.weight, fast.bias, training,
-            residual=residual,
-        )["y"]
-        if kink_distance(pre, activation) > 1e-3:
-            break
-    else:
-        pytest.fail("no seed gave pre-activations 1e-3 away from the kinks")
+        return seed, fast, ref, x, make_input(shape, seed=seed + 500, device=device)
+
+    def pre_activation(drawn):
+        _, fast, _, x, residual = drawn
+        return batch_norm_truth(x, fast.running_mean, fast.running_var, fast.weight, fast.bias,
+                                training, residual=residual)["y"]
+
+    seed, fast, ref, x, residual = away_from_kinks(draw, pre_activation, activation)
     fast.train(training)
     ref.train(training)
     grad_out = make_input(shape, seed=seed + 1000, device=device)
@@ -422,7 +382,83 @@ def test_dtype_conversion_converts_state_and_module_still_matches_truth(
     for name, tensor in fast.state_dict().items():
         expected = torch.long if name == "num_batches_tracked" else dtype
         assert tensor.dtype == expected, f"{name} is {tensor.dtype}"
-    assert_train_then_eval_matches_truth(fast, ref, (3, 3, 4, 5), dtype, device)
+    assert_train_then_eval_matches_truth(fast, ref, Case((3, 3, 4, 5), dtype), device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Failed module calls change nothing either (torch's module counts the batch before checking)
+# ---------------------------------------------------------------------------------------------
+
+
+def trained_module(device, module_class=fastbn.BatchNorm2d, num_features=3):
+    module = module_class(num_features, device=device)
+    module(make_input((4, num_features, 2, 2), device=device))
+    return module
+
+
+def module_state(module):
+    return {name: tensor.clone() for name, tensor in module.named_buffers()}
+
+
+def assert_state_unchanged(module, before):
+    for name, tensor in module.named_buffers():
+        assert torch.equal(tensor, before[name]), f"{name} changed by a failed call"
+
+
+def torch_module_error(module_class, num_features, x, **kwargs):
+    try:
+        module_class(num_features, device=x.device)(x, **kwargs)
+    except Exception as error:
+        return type(error)
+    raise AssertionError("torch's module accepts the call")
+
+
+def assert_refused_like_torch_without_counting(device, num_features, shape, match):
+    """A trained BatchNorm2d(num_features) refuses an input of shape with torch's exception
+    type (and a message matching match), its buffers unchanged."""
+    module = trained_module(device, num_features=num_features)
+    before = module_state(module)
+    x = make_input(shape, device=device)
+    expected = torch_module_error(torch.nn.BatchNorm2d, num_features, x)
+    with pytest.raises(expected, match=match):
+        module(x)
+    assert_state_unchanged(module, before)
+
+
+@pytest.mark.parametrize("shape", [(4, 3, 2), (4, 3, 2, 2, 2)], ids=["3d", "5d"])
+def test_module_rejects_wrong_rank_like_torch_without_counting_the_batch(backend, device, shape):
+    assert_refused_like_torch_without_counting(device, 3, shape, "expected 4D input")
+
+
+def test_module_rejects_wrong_channel_count_like_torch_without_counting_the_batch(
+    backend, device
+):
+    assert_refused_like_torch_without_counting(device, 4, (4, 3, 2, 2), "3 elements")
+
+
+def test_module_rejects_one_value_per_channel_without_counting_the_batch(backend, device):
+    assert_refused_like_torch_without_counting(device, 3, (1, 3, 1, 1),
+                                               "more than 1 value per channel")
+
+
+def test_generic_module_rejects_wrong_rank_without_counting_the_batch(backend, device):
+    module = fastbn.BatchNorm(3, 4, device=device)
+    module(make_input((4, 3, 2, 2), device=device))
+    before = module_state(module)
+    with pytest.raises(ValueError, match="expected 4D input"):
+        module(make_input((4, 3, 2), device=device))
+    assert_state_unchanged(module, before)
+
+
+def test_module_rejects_wrong_residual_shape_without_counting_the_batch(backend, device):
+    module = trained_module(device)
+    before = module_state(module)
+    with pytest.raises(RuntimeError, match="residual"):
+        module(
+            make_input((4, 3, 2, 2), device=device),
+            residual=make_input((4, 3, 2, 3), device=device),
+        )
+    assert_state_unchanged(module, before)
 
 
 # ---------------------------------------------------------------------------------------------

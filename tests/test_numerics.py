@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from cases import Case, run_side_by_side
 from helpers import (
     LOW_PRECISION,
     assert_close_to_truth,
@@ -16,28 +17,20 @@ from helpers import (
 import fastbn
 
 
-def large_mean_call(backend, device):
+def large_mean_case(backend) -> Case:
     """x = 1e4 + randn (float32, one std per channel 1..1.75), with statistics to update.
 
     momentum=1.0, so after the call running_var is the unbiased batch variance itself.
     """
     shape = (backend_sizes(backend, 4, 64), 4, *(backend_sizes(backend, 16, 32),) * 2)
-    x = make_input(shape, offset=1e4, device=device)
-    running_mean = torch.zeros(4, device=device)
-    running_var = torch.ones(4, device=device)
-    return x, running_mean, running_var
+    return Case(shape, offset=1e4, weight=False, bias=False, counter=False, momentum=1.0)
 
 
 def run_large_mean(backend, device):
-    """fastbn's and torch's results on the large-mean call, and the float64 truth."""
-    x, running_mean, running_var = large_mean_call(backend, device)
-    truth = batch_norm_truth(x, running_mean, running_var, None, None, True, momentum=1.0)
-    results = {}
-    for name, batch_norm in (("fastbn", fastbn.batch_norm), ("torch", F.batch_norm)):
-        mean, var = running_mean.clone(), running_var.clone()
-        y = batch_norm(x, mean, var, None, None, True, 1.0, 1e-5)
-        results[name] = {"y": y, "running_mean": mean, "running_var": var}
-    return results, truth
+    """fastbn's and torch's results on the large-mean call, and the float64 truth, fastbn's
+    held against the truth (output, gradients, running statistics)."""
+    ours, theirs, truth = run_side_by_side(large_mean_case(backend), device)
+    return {"fastbn": ours, "torch": theirs}, truth
 
 
 def test_large_mean_batch_variance_is_right(backend, device):

@@ -43,6 +43,7 @@ from fastbn.reference import SIGN_ACTIVATIONS
 
 KERNEL_NAMES = (
     "partial_stats_kernel", "normalize_kernel", "partial_grad_sums_kernel", "grad_input_kernel",
+    "slice_backward_kernel",
 )
 # Kernels that stream whole tensors: these must vectorise their loads where the alignment
 # allows.
@@ -114,12 +115,13 @@ def run_config(dtype, layout, batch, activation, residual, affine, track, moment
 
 
 def quick_configs():
-    """Every flag value in every dtype and layout; batch 2 takes one chunk, 64 several."""
+    """Every flag value in every dtype and layout; batch 2 takes one chunk and the one-launch
+    backward, 256 several chunks and the two-launch backward."""
     configs = []
     for index, (dtype, layout) in enumerate(itertools.product(DTYPES, LAYOUTS)):
         for variant in range(2):
             configs.append(dict(
-                dtype=dtype, layout=layout, batch=(2, 64)[variant],
+                dtype=dtype, layout=layout, batch=(2, 256)[variant],
                 activation=ACTIVATIONS[(index + 3 * variant) % len(ACTIVATIONS)],
                 residual=bool(variant), affine=variant == 0 or index % 2 == 0,
                 track=variant == 0 or index % 3 == 0,
@@ -152,7 +154,7 @@ def suite_configs(dtypes=tuple(BENCH_DTYPES)):
 def full_configs():
     keys = ("dtype", "layout", "batch", "activation", "residual", "affine", "track",
             "momentum", "use_int64")
-    values = (DTYPES, LAYOUTS, (2, 64), ACTIVATIONS, (False, True), (False, True),
+    values = (DTYPES, LAYOUTS, (2, 256), ACTIVATIONS, (False, True), (False, True),
               (False, True), (0.1, None), (False, True))
     return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*values)]
 

@@ -65,6 +65,11 @@ from fastbn.kernels import forward as forward_kernels
 #   (14x14, 7x7: rows carry no 16-byte alignment, so tiles would load scalars) walk the
 #   flat range instead (FLAT): FLAT_ELEMENTS per program, FLAT_ELEMENTS_PER_THREAD per
 #   thread (each element also holds its channel's constants).
+# - Tile kernels over rows of S contiguous elements in every tensor, S even but not a
+#   multiple of 16 (14x14: 196), get S as the constexpr ROW (known_row): the compiler then
+#   knows the rows' alignment (4 elements at 196: 8-byte bfloat16, 16-byte float32
+#   vectors), which Triton's hints (multiples of 16 only) do not give. Odd rows (7x7)
+#   align to nothing: those reductions load scalars.
 # - The reductions split each channel block's tiles into chunks so that about
 #   REDUCTION_PROGRAMS programs run: the chunking depends on the shape only, not on the
 #   GPU, so results are bitwise the same on every GPU model. 512 programs are about four
@@ -77,9 +82,11 @@ from fastbn.kernels import forward as forward_kernels
 #   [N, S] slice, each axis padded to a power of two, fits SLICE_ELEMENTS values (one
 #   program holds g and x_hat of each in registers: ELEMENTS_PER_THREAD per thread, at
 #   most MAX_SLICE_WARPS warps, so two programs still share an SM; the compile test checks
-#   registers and spills). A third tensor read per element (the residual, or activation
-#   bits) halves SLICE_ELEMENTS: ptxas gives the 16 values of a thread about 100 registers
-#   then (64 without it), too many for two 16-warp programs per SM. A block takes one
+#   registers and spills). That is for two tensors read per element; the budget is
+#   SLICE_ELEMENTS * 2 / streams, where a third tensor (the residual, or activation bits)
+#   and a channels-innermost view (channels_last, 2-D input) each count as a stream: ptxas
+#   gives the 16 values of a thread 78-100 registers then (64 otherwise), too many for
+#   two 16-warp programs per SM. A block takes one
 #   channel, or on a channels-innermost view a VECTOR_BYTES run of channels, and more
 #   channels while its tile has fewer than SLICE_MIN_ELEMENTS values.
 # - CUDA grids: one axis of at most MAX_PROGRAMS programs.
@@ -354,6 +361,19 @@ def merge_chunks(tiles: Tiling, chunks: int) -> int:
     return max(min(MERGE_ELEMENTS // tiles.block_c, MAX_MERGE_CHUNKS), 2)
 
 
+def known_row(view: View, strides: tuple[int, ...]) -> int:
+    """ROW of a tile kernel over ``view`` whose tensors have these (stride_n, stride_c,
+    stride_s): S where every tensor's rows are S contiguous elements and S is even but
+    not a multiple of 16 (Triton hints multiples of 16 itself; odd rows align no wider
+    than one element), at most MAX_BLOCK_S (each such S compiles its own kernels); else 0.
+    """
+    positions = view.positions
+    if view.folded or positions % 16 == 0 or positions % 2 or positions > MAX_BLOCK_S:
+        return 0
+    triples = zip(strides[0::3], strides[1::3], strides[2::3], strict=True)
+    return positions if all(c == positions and s == 1 for _, c, s in triples) else 0
+
+
 def check_grid(programs: int) -> tuple[int]:
     """The 1-D grid of ``programs`` programs, which CUDA must allow."""
     if programs > MAX_PROGRAMS:
@@ -508,7 +528,8 @@ def plan_batch_stats(x: Geometry, dtype: torch.dtype, update_running: bool,
         dict(BLOCK_S=tiles.block_s, BLOCK_C=tiles.block_c,
              COMPUTE_DTYPE=kernel_compute_dtype(dtype), CHUNKED=chunks > 1,
              MERGE_CHUNKS=merge_chunks(tiles, chunks), UPDATE_RUNNING=update_running,
-             CUMULATIVE=cumulative, INCREMENT_STEP=increment_step, USE_INT64=use_int64,
+             CUMULATIVE=cumulative, INCREMENT_STEP=increment_step,
+             ROW=known_row(view, (stride_n, stride_c, stride_s)), USE_INT64=use_int64,
              num_warps=tiles.num_warps),
         bytes_read=math.prod(x[0]) * _element_size(dtype) + 2 * workspace * acc_size
         + (16 * channels if update_running else 0),
@@ -582,7 +603,7 @@ def _elementwise_launch(kernel: str, module: str, geometries: tuple[Geometry, ..
         per_thread = FLAT_ELEMENTS_PER_THREAD // (2 if dtype == torch.float64 else 1)
         grid = check_grid(cdiv(numel, FLAT_ELEMENTS))
         ints = (channels, positions, numel, *strides, *bits_strides, 1, grid[0])
-        constexprs = dict(constexprs, BLOCK_S=FLAT_ELEMENTS, BLOCK_C=1, FLAT=True,
+        constexprs = dict(constexprs, BLOCK_S=FLAT_ELEMENTS, BLOCK_C=1, FLAT=True, ROW=0,
                           num_warps=_power_of_two_covering(FLAT_ELEMENTS // (32 * per_thread),
                                                           8))
     else:
@@ -591,7 +612,7 @@ def _elementwise_launch(kernel: str, module: str, geometries: tuple[Geometry, ..
         ints = (channels, positions, numel, *strides, *bits_strides, tiles.tiles_per_n,
                 tiles.num_tiles)
         constexprs = dict(constexprs, BLOCK_S=tiles.block_s, BLOCK_C=tiles.block_c,
-                          FLAT=False, num_warps=tiles.num_warps)
+                          FLAT=False, ROW=known_row(view, strides), num_warps=tiles.num_warps)
     return KernelLaunch(module, kernel, grid, ints, constexprs, bytes_read, bytes_written)
 
 
@@ -698,12 +719,14 @@ def slice_tiling(view: View, stride_s: int, dtype: torch.dtype,
     """The tile holding a channel block's whole [batch, positions] slice in one program
     that reads ``streams`` tensors (see the heuristics above), or None when it would not
     fit."""
-    elements, per_thread = _register_budget(SLICE_ELEMENTS * 2 // streams, dtype)
+    channels_innermost = stride_s != 1
+    elements, per_thread = _register_budget(
+        SLICE_ELEMENTS * 2 // (streams + channels_innermost), dtype)
     block_n = _power_of_two_covering(view.batch, MAX_PROGRAMS)
     block_s = _power_of_two_covering(view.positions, MAX_PROGRAMS)
     slice_elements = block_n * block_s
     # Channels-innermost: a run of channels as wide as a 16-byte vector, where C allows.
-    block_c = 1 if stride_s == 1 else _power_of_two_covering(
+    block_c = 1 if not channels_innermost else _power_of_two_covering(
         view.channels, max(VECTOR_BYTES // _element_size(dtype), 1))
     if block_c * slice_elements > elements:
         return None
@@ -755,7 +778,8 @@ def plan_backward(
                  bits_stride_n, bits_stride_c),
                 dict(flags, **outputs_flags, BLOCK_N=tiles.block_n, BLOCK_S=tiles.block_s,
                      BLOCK_C=tiles.block_c, WRITE_GRAD_WEIGHT=write_grad_weight,
-                     WRITE_GRAD_BIAS=write_grad_bias, num_warps=tiles.num_warps),
+                     WRITE_GRAD_BIAS=write_grad_bias, ROW=known_row(view, (*strides, *out_strides)),
+                     num_warps=tiles.num_warps),
                 bytes_read=reads + 32 * view.channels,
                 bytes_written=len(outputs) * numel * size + 16 * view.channels,
             )
@@ -774,7 +798,8 @@ def plan_backward(
              tiles.tiles_per_n, tiles.num_tiles, per_chunk, chunks),
             dict(flags, BLOCK_S=tiles.block_s, BLOCK_C=tiles.block_c, CHUNKED=chunks > 1,
                  MERGE_CHUNKS=merge_chunks(tiles, chunks), WRITE_GRAD_WEIGHT=write_grad_weight,
-                 WRITE_GRAD_BIAS=write_grad_bias, num_warps=tiles.num_warps),
+                 WRITE_GRAD_BIAS=write_grad_bias, ROW=known_row(view, strides),
+                 num_warps=tiles.num_warps),
             bytes_read=reads + workspace * acc_size + 32 * view.channels,
             bytes_written=workspace * acc_size + 16 * view.channels,
         )

@@ -35,6 +35,7 @@ from .forward import channel_constants, pre_activation, ticket
 from .tiling import (
     channel_block,
     flat_tile,
+    known_row,
     load_values,
     load_x_and_residual,
     program_item,
@@ -158,10 +159,16 @@ def partial_grad_sums_kernel(
     ACTIVATION: tl.constexpr, USE_ACT_BITS: tl.constexpr,
     CHUNKED: tl.constexpr,  # more than one chunk: workspace, tickets, merge
     MERGE_CHUNKS: tl.constexpr,  # partial sums added by one tree step
-    WRITE_GRAD_WEIGHT: tl.constexpr, WRITE_GRAD_BIAS: tl.constexpr, USE_INT64: tl.constexpr,
+    WRITE_GRAD_WEIGHT: tl.constexpr, WRITE_GRAD_BIAS: tl.constexpr,
+    ROW: tl.constexpr,  # > 0: every tensor's rows are ROW contiguous elements
+    USE_INT64: tl.constexpr,
 ):
     """sum(g) and sum(g * x_hat) over one chunk of tiles for one channel block; the final
     sums and parameter gradients from the block's last program."""
+    S = known_row(S, ROW)
+    g_stride_c = known_row(g_stride_c, ROW)
+    x_stride_c = known_row(x_stride_c, ROW)
+    r_stride_c = known_row(r_stride_c, ROW)
     block, chunk = program_item(num_chunks)
     c = channel_block(block, BLOCK_C, USE_INT64)
     c_mask = c < C
@@ -248,6 +255,7 @@ def grad_input_kernel(
     ACTIVATION: tl.constexpr, USE_ACT_BITS: tl.constexpr, BATCH_STATS: tl.constexpr,
     WRITE_GRAD_INPUT: tl.constexpr, WRITE_GRAD_RESIDUAL: tl.constexpr,
     FLAT: tl.constexpr,  # every tensor contiguous: walk the flat range
+    ROW: tl.constexpr,  # > 0: every tensor's rows are ROW contiguous elements (not FLAT)
     USE_INT64: tl.constexpr,
 ):
     """d input and d residual on one tile."""
@@ -269,8 +277,13 @@ def grad_input_kernel(
         gi_offsets = offsets
         gr_offsets = offsets
     else:
-        n, s0, s, c, c_mask, mask = program_tile(C, S, tiles_per_n, num_tiles, BLOCK_S,
-                                                 BLOCK_C, USE_INT64)
+        g_stride_c = known_row(g_stride_c, ROW)
+        x_stride_c = known_row(x_stride_c, ROW)
+        r_stride_c = known_row(r_stride_c, ROW)
+        gi_stride_c = known_row(gi_stride_c, ROW)
+        gr_stride_c = known_row(gr_stride_c, ROW)
+        n, s0, s, c, c_mask, mask = program_tile(C, known_row(S, ROW), tiles_per_n, num_tiles,
+                                                 BLOCK_S, BLOCK_C, USE_INT64)
         hi, lo, invstd, scale, shift = channel_constants(
             c, c_mask, mean_ptr, var_ptr, weight_ptr, bias_ptr, eps, COMPUTE_DTYPE,
             HAS_WEIGHT, HAS_BIAS,
@@ -318,10 +331,18 @@ def slice_backward_kernel(
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     ACTIVATION: tl.constexpr, USE_ACT_BITS: tl.constexpr, BATCH_STATS: tl.constexpr,
     WRITE_GRAD_INPUT: tl.constexpr, WRITE_GRAD_RESIDUAL: tl.constexpr,
-    WRITE_GRAD_WEIGHT: tl.constexpr, WRITE_GRAD_BIAS: tl.constexpr, USE_INT64: tl.constexpr,
+    WRITE_GRAD_WEIGHT: tl.constexpr, WRITE_GRAD_BIAS: tl.constexpr,
+    ROW: tl.constexpr,  # > 0: every tensor's rows are ROW contiguous elements
+    USE_INT64: tl.constexpr,
 ):
     """The whole backward of one channel block, its [N, S] slice held as one tile: the
     sums, d weight and d bias, then d input and d residual from the same registers."""
+    S = known_row(S, ROW)
+    g_stride_c = known_row(g_stride_c, ROW)
+    x_stride_c = known_row(x_stride_c, ROW)
+    r_stride_c = known_row(r_stride_c, ROW)
+    gi_stride_c = known_row(gi_stride_c, ROW)
+    gr_stride_c = known_row(gr_stride_c, ROW)
     n, s, c, c_mask, mask = slice_tile(C, S, batch, BLOCK_N, BLOCK_S, BLOCK_C, USE_INT64)
     hi, lo, invstd, scale, shift = channel_constants(
         c, c_mask, mean_ptr, var_ptr, weight_ptr, bias_ptr, eps, COMPUTE_DTYPE, HAS_WEIGHT,

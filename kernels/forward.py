@@ -45,6 +45,7 @@ from .activations import activation_forward, derivative_is_one
 from .tiling import (
     channel_block,
     flat_tile,
+    known_row,
     load_x_and_residual,
     program_item,
     program_tile,
@@ -207,10 +208,13 @@ def partial_stats_kernel(
     CHUNKED: tl.constexpr,  # more than one chunk: workspace, tickets, merge
     MERGE_CHUNKS: tl.constexpr,  # chunk summaries merged by one tree step
     UPDATE_RUNNING: tl.constexpr, CUMULATIVE: tl.constexpr, INCREMENT_STEP: tl.constexpr,
+    ROW: tl.constexpr,  # > 0: x's rows are ROW contiguous elements (tiling.known_row)
     USE_INT64: tl.constexpr,
 ):
     """Summary (count, mean - A, M2) of one chunk of tiles for one channel block; the
     statistics from the block's last program (see the module docstring)."""
+    S = known_row(S, ROW)
+    stride_c = known_row(stride_c, ROW)
     block, chunk = program_item(num_chunks)
     num_blocks = tl.num_programs(0) // num_chunks
     c = channel_block(block, BLOCK_C, USE_INT64)
@@ -351,6 +355,7 @@ def normalize_kernel(
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     ACTIVATION: tl.constexpr, WRITE_ACT_BITS: tl.constexpr,
     FLAT: tl.constexpr,  # every tensor contiguous: walk the flat range (no WRITE_ACT_BITS)
+    ROW: tl.constexpr,  # > 0: every tensor's rows are ROW contiguous elements (not FLAT)
     USE_INT64: tl.constexpr,
 ):
     """y = act((x - mean) * invstd * weight + bias + residual) on one tile."""
@@ -364,8 +369,11 @@ def normalize_kernel(
                          scale, shift, negative_slope, COMPUTE_DTYPE, HAS_RESIDUAL,
                          ACTIVATION)
     else:
-        n, s0, s, c, c_mask, mask = program_tile(C, S, tiles_per_n, num_tiles, BLOCK_S,
-                                                 BLOCK_C, USE_INT64)
+        x_stride_c = known_row(x_stride_c, ROW)
+        y_stride_c = known_row(y_stride_c, ROW)
+        r_stride_c = known_row(r_stride_c, ROW)
+        n, s0, s, c, c_mask, mask = program_tile(C, known_row(S, ROW), tiles_per_n, num_tiles,
+                                                 BLOCK_S, BLOCK_C, USE_INT64)
         hi, lo, invstd, scale, shift = channel_constants(
             c, c_mask, mean_ptr, var_ptr, weight_ptr, bias_ptr, eps, COMPUTE_DTYPE,
             HAS_WEIGHT, HAS_BIAS,

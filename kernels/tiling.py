@@ -41,6 +41,17 @@ def tile_offsets(n, s, c, stride_n, stride_c, stride_s):
 
 
 @triton.jit
+def known_row(value, ROW: tl.constexpr):
+    """ROW where the launcher found every tensor's rows to be ROW contiguous elements
+    (ROW > 0: for S and the channel strides), else value. A constant tells the compiler
+    how the rows align, so that they load as vectors: Triton knows only which integer
+    arguments are multiples of 16, and S = 196 is not one."""
+    if ROW > 0:
+        value = ROW
+    return value
+
+
+@triton.jit
 def load_values(ptr, offsets, mask, COMPUTE_DTYPE: tl.constexpr):
     """The elements of one tensor at offsets (0 where masked), in COMPUTE_DTYPE."""
     return tl.load(ptr + offsets, mask=mask, other=0).to(COMPUTE_DTYPE)

@@ -500,6 +500,19 @@ def test_two_launch_backward_walks_the_flat_range(activation, residual):
     check_all(*run_batch_norm(x, residual=residual, activation=activation), torch.bfloat16)
 
 
+def test_channel_slice_with_rows_of_196_in_two_launches():
+    """A slice of channels at 14x14: rows of known length (ROW) in every tile kernel,
+    d input by tiles (x is not contiguous, so nothing walks the flat range)."""
+    x = make_input((33, 5, 14, 14), layout="sliced_channels")
+    g = launch.geometry(x)
+    plan = launch.plan_backward(g, g, None, launch.geometry(torch.empty_like(x)), None,
+                                x.dtype, True, True, "relu", False, True, True, True, True)
+    assert plan.one_launch is None
+    assert plan.sums.constexprs["ROW"] == plan.grad_input.constexprs["ROW"] == 196
+    assert not plan.grad_input.constexprs["FLAT"]
+    check_all(*run_batch_norm(x, activation="relu"), torch.float32)
+
+
 def _poison(x, case):
     """x with non-finite values placed as ``case`` says (channel 0 unless noted)."""
     x = x.clone()

@@ -344,3 +344,23 @@ def test_offsets_near_two_to_the_31_are_64_bit():
     x = torch.empty(2**31 - 1000, device="meta")
     assert launch.needs_int64([launch.geometry(x)])
     assert not launch.needs_int64([launch.geometry(torch.empty(2**30, device="meta"))])
+
+
+@pytest.mark.parametrize(
+    "shape,layout,row",
+    [((32, 1024, 14, 14), "contiguous", 196),  # rows align to 4 elements: 8-byte bf16 loads
+     ((32, 2048, 7, 7), "contiguous", 0),  # odd rows align to nothing
+     ((32, 512, 28, 28), "contiguous", 0),  # 784 = 16 * 49: Triton's own hint
+     ((32, 1024, 14, 14), "channels_last", 0)],
+    ids=str,
+)
+def test_tile_kernels_know_rows_whose_length_carries_alignment(shape, layout, row):
+    x = torch.empty(shape, dtype=torch.bfloat16, device="meta")
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    g = launch.geometry(x)
+    stats = launch.plan_batch_stats(g, x.dtype, True, False, True).launch
+    masked = launch.plan_normalize(g, g, g, x.dtype, x.dtype, True, True, "relu", True)
+    sums = launch.plan_backward(g, g, None, None, None, x.dtype, True, True, "relu", True,
+                                True, True, True, True).sums
+    assert [p.constexprs["ROW"] for p in (stats, masked, sums)] == [row] * 3

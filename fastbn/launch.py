@@ -64,7 +64,11 @@ from fastbn.kernels import forward as forward_kernels
 # - Elementwise calls whose tensors are all contiguous NCHW with S not a multiple of 16
 #   (14x14, 7x7: rows carry no 16-byte alignment, so tiles would load scalars) walk the
 #   flat range instead (FLAT): FLAT_ELEMENTS per program, FLAT_ELEMENTS_PER_THREAD per
-#   thread (each element also holds its channel's constants).
+#   thread (each element also holds its channel's constants). Where they cannot (the
+#   mask-writing normalize, mixed layouts), tiles of rows that load element by element
+#   (scalar_rows) are half as large, in half the warps: every element has its own
+#   addresses, and triton 3.6 gives the 7x7 mask-writing normalize 146 registers at 16
+#   elements per thread, too many for two 8-warp programs per SM.
 # - Tile kernels over rows of S contiguous elements in every tensor, S even but not a
 #   multiple of 16 (14x14: 196), get S as the constexpr ROW (known_row): the compiler then
 #   knows the rows' alignment (4 elements at 196: 8-byte bfloat16, 16-byte float32
@@ -331,9 +335,17 @@ def reduction_tiling(view: View, stride_s: int, dtype: torch.dtype) -> Tiling:
 
 
 def elementwise_tiling(view: View, stride_s: int, dtype: torch.dtype,
-                       min_block_s: int = 1) -> Tiling:
-    return tiling(view, stride_s, *_register_budget(ELEMENTWISE_TILE_ELEMENTS, dtype),
+                       min_block_s: int = 1, scalar_rows: bool = False) -> Tiling:
+    elements, per_thread = _register_budget(ELEMENTWISE_TILE_ELEMENTS, dtype)
+    return tiling(view, stride_s, elements // 2 if scalar_rows else elements, per_thread,
                   min_block_s)
+
+
+def scalar_rows(view: View, strides: tuple[int, ...], row: int) -> bool:
+    """Whether a tile kernel's rows load element by element: rows along S whose length
+    and strides carry no alignment (not a multiple of 16, and no ROW)."""
+    return (not view.folded and strides[2] == 1 and row == 0
+            and any(stride % 16 for stride in strides[1::3]))
 
 
 def _register_budget(elements: int, dtype: torch.dtype) -> tuple[int, int]:
@@ -413,8 +425,10 @@ class KernelLaunch:
 
     @property
     def tile(self) -> tuple[int, int]:
-        """(BLOCK_C, BLOCK_S) of the launch (FLAT: 1 and the slice length)."""
-        return self.constexprs["BLOCK_C"], self.constexprs["BLOCK_S"]
+        """(BLOCK_C, BLOCK_S) of the launch (FLAT: 1 and the slice length; the one-launch
+        backward: BLOCK_C and BLOCK_N * BLOCK_S, a channel block's whole slice)."""
+        return (self.constexprs["BLOCK_C"],
+                self.constexprs.get("BLOCK_N", 1) * self.constexprs["BLOCK_S"])
 
 
 _recorded: list | None = None
@@ -607,12 +621,14 @@ def _elementwise_launch(kernel: str, module: str, geometries: tuple[Geometry, ..
                           num_warps=_power_of_two_covering(FLAT_ELEMENTS // (32 * per_thread),
                                                           8))
     else:
-        tiles = elementwise_tiling(view, strides[2], dtype, min_block_s)
+        row = known_row(view, strides)
+        tiles = elementwise_tiling(view, strides[2], dtype, min_block_s,
+                                   scalar_rows(view, strides, row))
         grid = check_grid(tiles.num_tiles * tiles.channel_blocks)
         ints = (channels, positions, numel, *strides, *bits_strides, tiles.tiles_per_n,
                 tiles.num_tiles)
         constexprs = dict(constexprs, BLOCK_S=tiles.block_s, BLOCK_C=tiles.block_c,
-                          FLAT=False, ROW=known_row(view, strides), num_warps=tiles.num_warps)
+                          FLAT=False, ROW=row, num_warps=tiles.num_warps)
     return KernelLaunch(module, kernel, grid, ints, constexprs, bytes_read, bytes_written)
 
 

@@ -386,6 +386,19 @@ def known_row(view: View, strides: tuple[int, ...]) -> int:
     return positions if all(c == positions and s == 1 for _, c, s in triples) else 0
 
 
+def rows_as_run(view: View, strides: tuple[int, int, int], tiles: Tiling) -> int:
+    """RUN of the statistics launch: a power of two covering the BLOCK_C rows of a tile
+    where x's rows follow each other (stride_c == S, stride_s == 1), one tile holds a
+    whole row, and S is not a multiple of 16 (else the rows load as vectors anyway);
+    else 0 (see tiling.load_rows_as_run)."""
+    _, stride_c, stride_s = strides
+    positions = view.positions
+    if (view.folded or positions % 16 == 0 or stride_s != 1 or stride_c != positions
+            or tiles.tiles_per_n != 1):
+        return 0
+    return _power_of_two_covering(tiles.block_c * positions, MAX_PROGRAMS)
+
+
 def check_grid(programs: int) -> tuple[int]:
     """The 1-D grid of ``programs`` programs, which CUDA must allow."""
     if programs > MAX_PROGRAMS:
@@ -543,7 +556,8 @@ def plan_batch_stats(x: Geometry, dtype: torch.dtype, update_running: bool,
              COMPUTE_DTYPE=kernel_compute_dtype(dtype), CHUNKED=chunks > 1,
              MERGE_CHUNKS=merge_chunks(tiles, chunks), UPDATE_RUNNING=update_running,
              CUMULATIVE=cumulative, INCREMENT_STEP=increment_step,
-             ROW=known_row(view, (stride_n, stride_c, stride_s)), USE_INT64=use_int64,
+             ROW=known_row(view, (stride_n, stride_c, stride_s)),
+             RUN=rows_as_run(view, (stride_n, stride_c, stride_s), tiles), USE_INT64=use_int64,
              num_warps=tiles.num_warps),
         bytes_read=math.prod(x[0]) * _element_size(dtype) + 2 * workspace * acc_size
         + (16 * channels if update_running else 0),

@@ -46,6 +46,7 @@ from .tiling import (
     channel_block,
     flat_tile,
     known_row,
+    load_rows_as_run,
     load_x_and_residual,
     program_item,
     program_tile,
@@ -178,13 +179,20 @@ def finish_statistics(
 
 
 @triton.jit
-def load_anchored_tile(x_ptr, t, c, c_mask, anchor, S, stride_n, stride_c, stride_s,
-                       tiles_per_n, BLOCK_S: tl.constexpr, USE_INT64: tl.constexpr):
-    """Tile t of x minus the anchor (0 where masked), and its count of valid positions."""
+def load_anchored_tile(x_ptr, t, c0, c, c_mask, anchor, C, S, stride_n, stride_c, stride_s,
+                       tiles_per_n, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+                       RUN: tl.constexpr, USE_INT64: tl.constexpr):
+    """Tile t of x (channels c, the first c0) minus the anchor (0 where masked), and its
+    count of valid positions; RUN > 0: loaded as one run of consecutive rows
+    (tiling.load_rows_as_run)."""
     n, s0 = tile_start(t, tiles_per_n, BLOCK_S, USE_INT64)
     s = s0 + tl.arange(0, BLOCK_S)
     mask = c_mask[:, None] & (s < S)[None, :]
-    x = tl.load(x_ptr + tile_offsets(n, s, c, stride_n, stride_c, stride_s), mask=mask, other=0)
+    if RUN > 0:
+        x = load_rows_as_run(x_ptr, n, c0, C, S, stride_n, mask, BLOCK_S, BLOCK_C, RUN)
+    else:
+        x = tl.load(x_ptr + tile_offsets(n, s, c, stride_n, stride_c, stride_s), mask=mask,
+                    other=0)
     anchored = tl.where(mask, x.to(anchor.dtype) - anchor[:, None], 0.0)
     return anchored, mask, tl.minimum(S - s0, BLOCK_S)
 
@@ -209,6 +217,7 @@ def partial_stats_kernel(
     MERGE_CHUNKS: tl.constexpr,  # chunk summaries merged by one tree step
     UPDATE_RUNNING: tl.constexpr, CUMULATIVE: tl.constexpr, INCREMENT_STEP: tl.constexpr,
     ROW: tl.constexpr,  # > 0: x's rows are ROW contiguous elements (tiling.known_row)
+    RUN: tl.constexpr,  # > 0: rows follow each other, loaded as runs (load_anchored_tile)
     USE_INT64: tl.constexpr,
 ):
     """Summary (count, mean - A, M2) of one chunk of tiles for one channel block; the
@@ -224,8 +233,8 @@ def partial_stats_kernel(
     tile_begin = chunk * tiles_per_chunk
     tile_end = tl.minimum(tile_begin + tiles_per_chunk, num_tiles)
     first, mask, first_count = load_anchored_tile(
-        x_ptr, tile_begin, c, c_mask, anchor, S, stride_n, stride_c, stride_s, tiles_per_n,
-        BLOCK_S, USE_INT64,
+        x_ptr, tile_begin, block * BLOCK_C, c, c_mask, anchor, C, S, stride_n, stride_c,
+        stride_s, tiles_per_n, BLOCK_S, BLOCK_C, RUN, USE_INT64,
     )
     pilot_mean = finite_or_zero(tl.sum(first, axis=1) / first_count)
     y = tl.where(mask, first - pilot_mean[:, None], 0.0)
@@ -233,8 +242,8 @@ def partial_stats_kernel(
     sum_y2 = y * y
     for t in range(tile_begin + 1, tile_end):
         anchored, mask, _ = load_anchored_tile(
-            x_ptr, t, c, c_mask, anchor, S, stride_n, stride_c, stride_s, tiles_per_n,
-            BLOCK_S, USE_INT64,
+            x_ptr, t, block * BLOCK_C, c, c_mask, anchor, C, S, stride_n, stride_c,
+            stride_s, tiles_per_n, BLOCK_S, BLOCK_C, RUN, USE_INT64,
         )
         y = tl.where(mask, anchored - pilot_mean[:, None], 0.0)
         sum_y += y

@@ -70,6 +70,22 @@ def load_x_and_residual(x_ptr, residual_ptr, x_offsets, r_offsets, mask,
 
 
 @triton.jit
+def load_rows_as_run(ptr, n, c0, C, S, stride_n, mask, BLOCK_S: tl.constexpr,
+                     BLOCK_C: tl.constexpr, RUN: tl.constexpr):
+    """The [BLOCK_C, BLOCK_S] tile of rows c0.. of sample n (0 where masked) of a tensor
+    whose rows follow each other (stride_c == S, stride_s == 1), loaded as the one
+    contiguous run of BLOCK_C * S elements they form (RUN, a power of two, covers it):
+    full-width vectors whatever S is, then moved into the tile's layout by a gather."""
+    j = tl.arange(0, RUN)
+    run = tl.load(ptr + n * stride_n + c0 * S + j,
+                  mask=j < tl.minimum(C - c0, BLOCK_C) * S, other=0)
+    s = tl.arange(0, BLOCK_S)
+    index = tl.arange(0, BLOCK_C)[:, None] * S + tl.where(s < S, s, 0)[None, :]
+    tile = tl.gather(run, tl.reshape(index, [BLOCK_C * BLOCK_S]), 0)
+    return tl.where(mask, tl.reshape(tile, [BLOCK_C, BLOCK_S]), 0)
+
+
+@triton.jit
 def channel_block(block, BLOCK_C: tl.constexpr, USE_INT64: tl.constexpr):
     """The BLOCK_C channel indices of channel block ``block``."""
     if USE_INT64:

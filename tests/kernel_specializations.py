@@ -11,7 +11,8 @@ Triton's JIT would specialise it on a GPU (value-1 integers become constants, 16
 integers and pointers get divisibility hints), the repeats dropped, compiled to cubin
 with ``triton.compile`` for each architecture, and reported as one JSON line: kernel,
 architecture, registers, spill bytes, whether the PTX has vectorised global loads (and
-which global loads it has), the row length ROW the launch made known (0: none), and
+which global loads it has), the row length ROW the launch made known and the run RUN
+of consecutive rows it loads (0: none), and
 whether the alignment allows vectors (see alignment_allows_vectors). Needs triton without
 TRITON_INTERPRET.
 The quick matrix varies every flag across the dtypes and layouts, compiled for sm_90, and
@@ -162,13 +163,16 @@ def full_configs():
 
 def alignment_allows_vectors(kernel, args, kwargs) -> bool:
     """Whether the launch's addresses let the contiguous axis load vectors (8 bytes at
-    least): a FLAT walk; rows of a known length ROW (launch.known_row) whose alignment
-    covers 8 bytes (S = 196: 4 elements, 8 bytes of bfloat16); or every stride argument
-    other than 0 and 1 a multiple of 16 (Triton's divisibility hint), so rows start
-    aligned."""
+    least): a FLAT walk; runs of consecutive rows (RUN) that start 16-byte aligned; rows of
+    a known length ROW (launch.known_row) whose alignment covers 8 bytes (S = 196: 4
+    elements, 8 bytes of bfloat16); or every stride argument other than 0 and 1 a
+    multiple of 16 (Triton's divisibility hint), so rows start aligned."""
     if kwargs.get("FLAT"):
         return True
     bound = dict(zip(kernel.arg_names, args, strict=False))
+    if kwargs.get("RUN"):  # runs start at multiples of BLOCK_C elements past a row n
+        return (bound["stride_n"] % 16 == 0
+                and kwargs["BLOCK_C"] * bound["x_ptr"].element_size() >= 16)
     row = kwargs.get("ROW", 0)
     if row:
         return (row & -row) * bound["x_ptr"].element_size() >= 8
@@ -267,9 +271,9 @@ def main(argv=None) -> int:
                 seen.add(key)
                 jobs.append((arch, target, kernel, signature, constexprs, attrs, options,
                              alignment_allows_vectors(kernel, kernel_args, kwargs),
-                             kwargs.get("ROW", 0)))
+                             kwargs.get("ROW", 0), kwargs.get("RUN", 0)))
     for (arch, target, kernel, signature, constexprs, attrs, options,
-         aligned, row) in jobs[shard::shards]:
+         aligned, row, run) in jobs[shard::shards]:
         compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs),
                                   target=target, options=options.__dict__)
         ptx = compiled.asm["ptx"]
@@ -281,6 +285,7 @@ def main(argv=None) -> int:
             "global_loads": sorted(set(re.findall(r"ld\.global(?:\.\w+)*", ptx))),
             "aligned": aligned,
             "row": row,
+            "run": run,
             "num_warps": options.num_warps,
             "nan_dropping_minmax": bool(re.search(r"\b(max|min)\.f(32|64)\b", ptx)),
             "constexprs": {str(k): str(v) for k, v in constexprs.items()},

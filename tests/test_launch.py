@@ -347,14 +347,16 @@ def test_offsets_near_two_to_the_31_are_64_bit():
 
 
 @pytest.mark.parametrize(
-    "shape,layout,row",
-    [((32, 1024, 14, 14), "contiguous", 196),  # rows align to 4 elements: 8-byte bf16 loads
-     ((32, 2048, 7, 7), "contiguous", 0),  # odd rows align to nothing
-     ((32, 512, 28, 28), "contiguous", 0),  # 784 = 16 * 49: Triton's own hint
-     ((32, 1024, 14, 14), "channels_last", 0)],
+    "shape,layout,row,run",
+    [((32, 1024, 14, 14), "contiguous", 196, 2048),  # rows align to 4 elements: 8-byte bf16
+     ((32, 2048, 7, 7), "contiguous", 0, 2048),  # odd rows align to nothing
+     ((32, 512, 28, 28), "contiguous", 0, 0),  # 784 = 16 * 49: Triton's own hint
+     ((32, 1024, 14, 14), "channels_last", 0, 0)],
     ids=str,
 )
-def test_tile_kernels_know_rows_whose_length_carries_alignment(shape, layout, row):
+def test_tile_kernels_know_rows_whose_length_carries_alignment(shape, layout, row, run):
+    """ROW: rows of a length the compiler knows; RUN: the statistics load a tile's
+    consecutive rows (8 x 196 or 32 x 49 elements) as one contiguous run."""
     x = torch.empty(shape, dtype=torch.bfloat16, device="meta")
     if layout == "channels_last":
         x = x.to(memory_format=torch.channels_last)
@@ -364,3 +366,4 @@ def test_tile_kernels_know_rows_whose_length_carries_alignment(shape, layout, ro
     sums = launch.plan_backward(g, g, None, None, None, x.dtype, True, True, "relu", True,
                                 True, True, True, True).sums
     assert [p.constexprs["ROW"] for p in (stats, masked, sums)] == [row] * 3
+    assert stats.constexprs["RUN"] == run

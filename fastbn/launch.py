@@ -19,9 +19,10 @@ cached; a launcher allocates its outputs and workspace, then launches. The ``pla
 functions take shapes and strides, not tensors, so launches can be planned for any shape
 without memory or a GPU (``python -m fastbn.bench --plan``, the grid-limit tests).
 
-Launches per call: training statistics 1, normalize 1, backward 2 (sums, then d input);
-no fills. Each launch runs on its tensors' device (``device_guard``) and that device's
-current stream, which is where Triton launches.
+Launches per call: training statistics 1, normalize 1, backward 2 (sums, then d input),
+or 1 where a channel block's slice fits one program; no fills. Each launch runs on its
+tensors' device (``device_guard``) and that device's current stream, which is where Triton
+launches.
 """
 
 from __future__ import annotations
@@ -64,7 +65,16 @@ from fastbn.kernels import forward as forward_kernels
 # - Elementwise calls whose tensors are all contiguous NCHW with S not a multiple of 16
 #   (14x14, 7x7: rows carry no 16-byte alignment, so tiles would load scalars) walk the
 #   flat range instead (FLAT): FLAT_ELEMENTS per program, FLAT_ELEMENTS_PER_THREAD per
-#   thread (each element also holds its channel's constants).
+#   thread (each element also holds its channel's constants). Where they cannot (the
+#   mask-writing normalize, mixed layouts), tiles of rows that load element by element
+#   (scalar_rows) are half as large, in half the warps: every element has its own
+#   addresses, and triton 3.6 gives the 7x7 mask-writing normalize 146 registers at 16
+#   elements per thread, too many for two 8-warp programs per SM.
+# - Tile kernels over rows of S contiguous elements in every tensor, S even but not a
+#   multiple of 16 (14x14: 196), get S as the constexpr ROW (known_row): the compiler then
+#   knows the rows' alignment (4 elements at 196: 8-byte bfloat16, 16-byte float32
+#   vectors), which Triton's hints (multiples of 16 only) do not give. Odd rows (7x7)
+#   align to nothing: those reductions load scalars.
 # - The reductions split each channel block's tiles into chunks so that about
 #   REDUCTION_PROGRAMS programs run: the chunking depends on the shape only, not on the
 #   GPU, so results are bitwise the same on every GPU model. 512 programs are about four
@@ -73,6 +83,17 @@ from fastbn.kernels import forward as forward_kernels
 #   chunk means no workspace: the program finishes the statistics. The merge takes
 #   MERGE_ELEMENTS summaries (at most MAX_MERGE_CHUNKS chunks) per tree step: more spilled
 #   registers with triton 3.6's ptxas in the partial_stats_kernel's merge.
+# - The backward is one launch (slice_backward_kernel) where a channel block's whole
+#   [N, S] slice, each axis padded to a power of two, fits SLICE_ELEMENTS values (one
+#   program holds g and x_hat of each in registers: ELEMENTS_PER_THREAD per thread, at
+#   most MAX_SLICE_WARPS warps, so two programs still share an SM; the compile test checks
+#   registers and spills). That is for two tensors read per element; the budget is
+#   SLICE_ELEMENTS * 2 / streams, where a third tensor (the residual, or activation bits)
+#   and a channels-innermost view (channels_last, 2-D input) each count as a stream: ptxas
+#   gives the 16 values of a thread 78-100 registers then (64 otherwise), too many for
+#   two 16-warp programs per SM. A block takes one
+#   channel, or on a channels-innermost view a VECTOR_BYTES run of channels, and more
+#   channels while its tile has fewer than SLICE_MIN_ELEMENTS values.
 # - CUDA grids: one axis of at most MAX_PROGRAMS programs.
 # ---------------------------------------------------------------------------------------------
 REDUCTION_TILE_ELEMENTS = 2048
@@ -88,6 +109,10 @@ REDUCTION_PROGRAMS = 512
 MIN_TILES_PER_CHUNK = 4
 MERGE_ELEMENTS = 1024
 MAX_MERGE_CHUNKS = 32
+SLICE_ELEMENTS = 8192
+SLICE_MIN_ELEMENTS = 2048
+MAX_SLICE_WARPS = 16
+VECTOR_BYTES = 16
 MAX_PROGRAMS = 2**31 - 1
 
 
@@ -180,20 +205,21 @@ def fits_view(t: Tensor) -> bool:
     return _spatial_stride(geometry(t)) is not None
 
 
-def plan_view(tensors: list[Tensor], activation_mask: bool = False) -> View:
+def plan_view(tensors: list[Tensor], act_bits: bool = False) -> View:
     """The view shared by same-shaped tensors that all fit_view: folded when all allow it.
 
-    With an activation mask the view must match the mask's packing (conventions.mask_shape):
-    unfolded [N, C, S], except 2-D input, which is always folded into [1, C, N].
+    With activation bits (the activation mask) the view must match their packing
+    (conventions.mask_shape): unfolded [N, C, S], except 2-D input, which is always folded
+    into [1, C, N].
     """
-    return _plan_view(tuple(geometry(t) for t in tensors), activation_mask)
+    return _plan_view(tuple(geometry(t) for t in tensors), act_bits)
 
 
 @functools.lru_cache(maxsize=4096)
-def _plan_view(geometries: tuple[Geometry, ...], activation_mask: bool) -> View:
+def _plan_view(geometries: tuple[Geometry, ...], act_bits: bool) -> View:
     shape = geometries[0][0]
     n, channels, positions = shape[0], shape[1], math.prod(shape[2:])
-    if activation_mask:
+    if act_bits:
         folded = len(shape) == 2
     else:
         folded = n == 1 or all(_view_strides(g, True) is not None for g in geometries)
@@ -202,8 +228,8 @@ def _plan_view(geometries: tuple[Geometry, ...], activation_mask: bool) -> View:
     return View(n, channels, positions, False)
 
 
-def mask_strides(view: View) -> tuple[int, int]:
-    """(stride_n, stride_c) of the contiguous [rows, C, cdiv(S, 8)] uint8 activation mask."""
+def act_bits_strides(view: View) -> tuple[int, int]:
+    """(stride_n, stride_c) of the contiguous [rows, C, cdiv(S, 8)] uint8 activation bits."""
     bytes_per_row = cdiv(view.positions, 8)
     return view.channels * bytes_per_row, bytes_per_row
 
@@ -310,9 +336,17 @@ def reduction_tiling(view: View, stride_s: int, dtype: torch.dtype) -> Tiling:
 
 
 def elementwise_tiling(view: View, stride_s: int, dtype: torch.dtype,
-                       min_block_s: int = 1) -> Tiling:
-    return tiling(view, stride_s, *_register_budget(ELEMENTWISE_TILE_ELEMENTS, dtype),
+                       min_block_s: int = 1, scalar_rows: bool = False) -> Tiling:
+    elements, per_thread = _register_budget(ELEMENTWISE_TILE_ELEMENTS, dtype)
+    return tiling(view, stride_s, elements // 2 if scalar_rows else elements, per_thread,
                   min_block_s)
+
+
+def scalar_rows(view: View, strides: tuple[int, ...], row: int) -> bool:
+    """Whether a tile kernel's rows load element by element: rows along S whose length
+    and strides carry no alignment (not a multiple of 16, and no ROW)."""
+    return (not view.folded and strides[2] == 1 and row == 0
+            and any(stride % 16 for stride in strides[1::3]))
 
 
 def _register_budget(elements: int, dtype: torch.dtype) -> tuple[int, int]:
@@ -338,6 +372,32 @@ def merge_chunks(tiles: Tiling, chunks: int) -> int:
     if chunks == 1:
         return 1
     return max(min(MERGE_ELEMENTS // tiles.block_c, MAX_MERGE_CHUNKS), 2)
+
+
+def known_row(view: View, strides: tuple[int, ...]) -> int:
+    """ROW of a tile kernel over ``view`` whose tensors have these (stride_n, stride_c,
+    stride_s): S where every tensor's rows are S contiguous elements and S is even but
+    not a multiple of 16 (Triton hints multiples of 16 itself; odd rows align no wider
+    than one element), at most MAX_BLOCK_S (each such S compiles its own kernels); else 0.
+    """
+    positions = view.positions
+    if view.folded or positions % 16 == 0 or positions % 2 or positions > MAX_BLOCK_S:
+        return 0
+    triples = zip(strides[0::3], strides[1::3], strides[2::3], strict=True)
+    return positions if all(c == positions and s == 1 for _, c, s in triples) else 0
+
+
+def rows_as_run(view: View, strides: tuple[int, int, int], tiles: Tiling) -> int:
+    """RUN of the statistics launch: a power of two covering the BLOCK_C rows of a tile
+    where x's rows follow each other (stride_c == S, stride_s == 1), one tile holds a
+    whole row, and S is not a multiple of 16 (else the rows load as vectors anyway);
+    else 0 (see tiling.load_rows_as_run)."""
+    _, stride_c, stride_s = strides
+    positions = view.positions
+    if (view.folded or positions % 16 == 0 or stride_s != 1 or stride_c != positions
+            or tiles.tiles_per_n != 1):
+        return 0
+    return _power_of_two_covering(tiles.block_c * positions, MAX_PROGRAMS)
 
 
 def check_grid(programs: int) -> tuple[int]:
@@ -383,8 +443,10 @@ class KernelLaunch:
 
     @property
     def tile(self) -> tuple[int, int]:
-        """(BLOCK_C, BLOCK_S) of the launch (FLAT: 1 and the slice length)."""
-        return self.constexprs["BLOCK_C"], self.constexprs["BLOCK_S"]
+        """(BLOCK_C, BLOCK_S) of the launch (FLAT: 1 and the slice length; the one-launch
+        backward: BLOCK_C and BLOCK_N * BLOCK_S, a channel block's whole slice)."""
+        return (self.constexprs["BLOCK_C"],
+                self.constexprs.get("BLOCK_N", 1) * self.constexprs["BLOCK_S"])
 
 
 _recorded: list | None = None
@@ -467,7 +529,7 @@ def _flat(geometries: tuple[Geometry, ...], view: View) -> bool:
 
 def clear_plans() -> None:
     """Forget every cached plan (after a heuristic changed)."""
-    for plan in (plan_batch_stats, plan_normalize, plan_backward, tiling):
+    for plan in (plan_batch_stats, plan_normalize, plan_backward, tiling, slice_tiling):
         plan.cache_clear()
 
 
@@ -501,7 +563,9 @@ def plan_batch_stats(x: Geometry, dtype: torch.dtype, update_running: bool,
         dict(BLOCK_S=tiles.block_s, BLOCK_C=tiles.block_c,
              COMPUTE_DTYPE=kernel_compute_dtype(dtype), CHUNKED=chunks > 1,
              MERGE_CHUNKS=merge_chunks(tiles, chunks), UPDATE_RUNNING=update_running,
-             CUMULATIVE=cumulative, INCREMENT_STEP=increment_step, USE_INT64=use_int64,
+             CUMULATIVE=cumulative, INCREMENT_STEP=increment_step,
+             ROW=known_row(view, (stride_n, stride_c, stride_s)),
+             RUN=rows_as_run(view, (stride_n, stride_c, stride_s), tiles), USE_INT64=use_int64,
              num_warps=tiles.num_warps),
         bytes_read=math.prod(x[0]) * _element_size(dtype) + 2 * workspace * acc_size
         + (16 * channels if update_running else 0),
@@ -575,28 +639,30 @@ def copy_back(written: Tensor, target: Tensor) -> None:
 
 def _elementwise_launch(kernel: str, module: str, geometries: tuple[Geometry, ...],
                         view: View, strides: tuple[int, ...], dtype: torch.dtype,
-                        min_block_s: int, flat_ok: bool, mask_bytes: int, bytes_read: int,
+                        min_block_s: int, flat_ok: bool, act_bits_bytes: int, bytes_read: int,
                         bytes_written: int, constexprs: dict) -> KernelLaunch:
     """An elementwise launch over ``view``: flat slices (where ``flat_ok`` and the
     heuristics say so) or 2-D tiles at least ``min_block_s`` long; ``strides`` are the
     views' (stride_n, stride_c, stride_s) in kernel order."""
     channels, positions = view.channels, view.positions
     numel = view.batch * channels * positions
-    mask_strides_ = (channels * mask_bytes, mask_bytes)
+    bits_strides = (channels * act_bits_bytes, act_bits_bytes)
     if flat_ok and _flat(geometries, view):
         per_thread = FLAT_ELEMENTS_PER_THREAD // (2 if dtype == torch.float64 else 1)
         grid = check_grid(cdiv(numel, FLAT_ELEMENTS))
-        ints = (channels, positions, numel, *strides, *mask_strides_, 1, grid[0])
-        constexprs = dict(constexprs, BLOCK_S=FLAT_ELEMENTS, BLOCK_C=1, FLAT=True,
+        ints = (channels, positions, numel, *strides, *bits_strides, 1, grid[0])
+        constexprs = dict(constexprs, BLOCK_S=FLAT_ELEMENTS, BLOCK_C=1, FLAT=True, ROW=0,
                           num_warps=_power_of_two_covering(FLAT_ELEMENTS // (32 * per_thread),
                                                           8))
     else:
-        tiles = elementwise_tiling(view, strides[2], dtype, min_block_s)
+        row = known_row(view, strides)
+        tiles = elementwise_tiling(view, strides[2], dtype, min_block_s,
+                                   scalar_rows(view, strides, row))
         grid = check_grid(tiles.num_tiles * tiles.channel_blocks)
-        ints = (channels, positions, numel, *strides, *mask_strides_, tiles.tiles_per_n,
+        ints = (channels, positions, numel, *strides, *bits_strides, tiles.tiles_per_n,
                 tiles.num_tiles)
         constexprs = dict(constexprs, BLOCK_S=tiles.block_s, BLOCK_C=tiles.block_c,
-                          FLAT=False, num_warps=tiles.num_warps)
+                          FLAT=False, ROW=row, num_warps=tiles.num_warps)
     return KernelLaunch(module, kernel, grid, ints, constexprs, bytes_read, bytes_written)
 
 
@@ -611,16 +677,16 @@ def plan_normalize(x: Geometry, y: Geometry, residual: Geometry | None, dtype: t
     strides = tuple(s for g in (x, y, residual or x) for s in _view_strides(g, view.folded))
     numel = math.prod(x[0])
     size = _element_size(dtype)
-    mask_bytes = cdiv(view.positions, 8)
+    bits_bytes = cdiv(view.positions, 8)
     read = numel * size + (numel * _element_size(residual_dtype) if residual else 0)
-    written = numel * size + (view.batch * view.channels * mask_bytes if save_mask else 0)
+    written = numel * size + (view.batch * view.channels * bits_bytes if save_mask else 0)
     return _elementwise_launch(
         "normalize_kernel", "forward", geometries, view, strides, dtype,
-        # The mask's bytes hold 8 positions of one row: a flat slice could split one.
-        8 if save_mask else 1, not save_mask, mask_bytes, read + 32 * view.channels, written,
+        # A byte of activation bits holds 8 positions of one row: a flat slice could split one.
+        8 if save_mask else 1, not save_mask, bits_bytes, read + 32 * view.channels, written,
         dict(COMPUTE_DTYPE=kernel_compute_dtype(dtype), HAS_WEIGHT=has_weight,
              HAS_BIAS=has_bias, HAS_RESIDUAL=residual is not None,
-             ACTIVATION=ACTIVATION_CODES[activation], WRITE_MASK=save_mask,
+             ACTIVATION=ACTIVATION_CODES[activation], WRITE_ACT_BITS=save_mask,
              USE_INT64=use_int64),
     )
 
@@ -665,35 +731,73 @@ def normalize(
 # ---------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class BackwardPlan:
-    """The sums launch and the d input launch of one backward call, and the workspace."""
+    """The launches of one backward call and its workspace: the sums launch and the d input
+    launch, or the one launch that does both (``one_launch``)."""
 
     sums: KernelLaunch | None
     grad_input: KernelLaunch | None
     workspace: int  # elements of the [2, chunks, C] partial-sum workspace (0: none)
     counters: int
+    one_launch: KernelLaunch | None = None  # slice_backward_kernel (then no other launch)
 
 
 def _backward_geometries(grad_out: Geometry, x: Geometry, residual: Geometry | None,
-                         outputs: tuple[Geometry, ...], use_mask: bool
+                         outputs: tuple[Geometry, ...], use_act_bits: bool
                          ) -> tuple[View, tuple[int, ...]]:
     """The view the backward's tensors share, and grad_out's, x's and the residual's
     (stride_n, stride_c, stride_s)."""
     geometries = (x, grad_out, *(() if residual is None else (residual,)), *outputs)
-    view = _plan_view(geometries, use_mask)
+    view = _plan_view(geometries, use_act_bits)
     strides = tuple(s for g in (grad_out, x, residual or x)
                     for s in _view_strides(g, view.folded))
     return view, strides
+
+
+@dataclass(frozen=True)
+class SliceTiling:
+    """The one-program tile [BLOCK_C, BLOCK_N * BLOCK_S] of slice_backward_kernel."""
+
+    block_n: int
+    block_s: int
+    block_c: int
+    num_warps: int
+    channel_blocks: int
+
+
+@functools.lru_cache(maxsize=4096)
+def slice_tiling(view: View, stride_s: int, dtype: torch.dtype,
+                 streams: int) -> SliceTiling | None:
+    """The tile holding a channel block's whole [batch, positions] slice in one program
+    that reads ``streams`` tensors (see the heuristics above), or None when it would not
+    fit."""
+    channels_innermost = stride_s != 1
+    elements, per_thread = _register_budget(
+        SLICE_ELEMENTS * 2 // (streams + channels_innermost), dtype)
+    block_n = _power_of_two_covering(view.batch, MAX_PROGRAMS)
+    block_s = _power_of_two_covering(view.positions, MAX_PROGRAMS)
+    slice_elements = block_n * block_s
+    # Channels-innermost: a run of channels as wide as a 16-byte vector, where C allows.
+    block_c = 1 if not channels_innermost else _power_of_two_covering(
+        view.channels, max(VECTOR_BYTES // _element_size(dtype), 1))
+    if block_c * slice_elements > elements:
+        return None
+    block_c = max(block_c, _power_of_two_covering(
+        view.channels, max(SLICE_MIN_ELEMENTS // slice_elements, 1)))
+    return SliceTiling(block_n, block_s, block_c, _power_of_two_covering(
+        block_c * slice_elements // (32 * per_thread), MAX_SLICE_WARPS),
+        cdiv(view.channels, block_c))
 
 
 @functools.lru_cache(maxsize=4096)
 def plan_backward(
     grad_out: Geometry, x: Geometry, residual: Geometry | None, grad_input: Geometry | None,
     grad_residual: Geometry | None, dtype: torch.dtype, has_weight: bool, has_bias: bool,
-    activation: str, use_mask: bool, use_batch_stats: bool, want_sums: bool,
+    activation: str, use_act_bits: bool, use_batch_stats: bool, want_sums: bool,
     write_grad_weight: bool, write_grad_bias: bool,
 ) -> BackwardPlan:
     """The backward's launches for tensors of these geometries: the sums (when
-    ``want_sums``) and d input / d residual (when either geometry is given)."""
+    ``want_sums``) and d input / d residual (when either geometry is given), in one launch
+    when both are wanted and a channel block's slice fits one program (slice_tiling)."""
     outputs = tuple(g for g in (grad_input, grad_residual) if g is not None)
     use_int64 = needs_int64((grad_out, x, residual, *outputs))
     numel = math.prod(x[0])
@@ -702,14 +806,38 @@ def plan_backward(
     flags = dict(
         COMPUTE_DTYPE=kernel_compute_dtype(dtype), HAS_WEIGHT=has_weight, HAS_BIAS=has_bias,
         HAS_RESIDUAL=residual is not None, ACTIVATION=ACTIVATION_CODES[activation],
-        USE_MASK=use_mask, USE_INT64=use_int64,
+        USE_ACT_BITS=use_act_bits, USE_INT64=use_int64,
     )
     reads = 2 * numel * size + (numel * size if residual is not None else 0)
+    reads += numel // 8 if use_act_bits else 0
+    outputs_flags = dict(BATCH_STATS=grad_input is not None and use_batch_stats,
+                         WRITE_GRAD_INPUT=grad_input is not None,
+                         WRITE_GRAD_RESIDUAL=grad_residual is not None)
     sums = grad = None
     workspace = counters_ = 0
+    if want_sums and outputs:
+        view, strides = _backward_geometries(grad_out, x, residual, outputs, use_act_bits)
+        tiles = slice_tiling(view, strides[5], dtype,
+                             2 + (residual is not None) + use_act_bits)
+        if tiles is not None:
+            bits_stride_n, bits_stride_c = act_bits_strides(view)
+            out_strides = tuple(s for g in (grad_input or x, grad_residual or x)
+                                for s in _view_strides(g, view.folded))
+            one_launch = KernelLaunch(
+                "backward", "slice_backward_kernel", check_grid(tiles.channel_blocks),
+                (view.channels, view.positions, view.batch, *strides, *out_strides,
+                 bits_stride_n, bits_stride_c),
+                dict(flags, **outputs_flags, BLOCK_N=tiles.block_n, BLOCK_S=tiles.block_s,
+                     BLOCK_C=tiles.block_c, WRITE_GRAD_WEIGHT=write_grad_weight,
+                     WRITE_GRAD_BIAS=write_grad_bias, ROW=known_row(view, (*strides, *out_strides)),
+                     num_warps=tiles.num_warps),
+                bytes_read=reads + 32 * view.channels,
+                bytes_written=len(outputs) * numel * size + 16 * view.channels,
+            )
+            return BackwardPlan(None, None, 0, 0, one_launch)
     if want_sums:
-        view, strides = _backward_geometries(grad_out, x, residual, (), use_mask)
-        mask_bytes = cdiv(view.positions, 8)
+        view, strides = _backward_geometries(grad_out, x, residual, (), use_act_bits)
+        bits_stride_n, bits_stride_c = act_bits_strides(view)
         tiles = reduction_tiling(view, strides[5], dtype)
         per_chunk = tiles_per_chunk(tiles)
         chunks = cdiv(tiles.num_tiles, per_chunk)
@@ -717,29 +845,24 @@ def plan_backward(
         counters_ = tiles.channel_blocks if chunks > 1 else 0
         sums = KernelLaunch(
             "backward", "partial_grad_sums_kernel", check_grid(chunks * tiles.channel_blocks),
-            (view.channels, view.positions, *strides, view.channels * mask_bytes, mask_bytes,
+            (view.channels, view.positions, *strides, bits_stride_n, bits_stride_c,
              tiles.tiles_per_n, tiles.num_tiles, per_chunk, chunks),
             dict(flags, BLOCK_S=tiles.block_s, BLOCK_C=tiles.block_c, CHUNKED=chunks > 1,
                  MERGE_CHUNKS=merge_chunks(tiles, chunks), WRITE_GRAD_WEIGHT=write_grad_weight,
-                 WRITE_GRAD_BIAS=write_grad_bias, num_warps=tiles.num_warps),
-            bytes_read=reads + (numel // 8 if use_mask else 0) + workspace * acc_size
-            + 32 * view.channels,
+                 WRITE_GRAD_BIAS=write_grad_bias, ROW=known_row(view, strides),
+                 num_warps=tiles.num_warps),
+            bytes_read=reads + workspace * acc_size + 32 * view.channels,
             bytes_written=workspace * acc_size + 16 * view.channels,
         )
     if outputs:
-        view, strides = _backward_geometries(grad_out, x, residual, outputs, use_mask)
-        mask_bytes = cdiv(view.positions, 8)
+        view, strides = _backward_geometries(grad_out, x, residual, outputs, use_act_bits)
         out_strides = tuple(s for g in (grad_input or x, grad_residual or x)
                             for s in _view_strides(g, view.folded))
-        read_sums = grad_input is not None and use_batch_stats
         geometries = (grad_out, x, *(() if residual is None else (residual,)), *outputs)
         grad = _elementwise_launch(
             "grad_input_kernel", "backward", geometries, view, (*strides, *out_strides), dtype,
-            8 if use_mask else 1, True, mask_bytes,
-            reads + (numel // 8 if use_mask else 0) + 48 * view.channels,
-            len(outputs) * numel * size,
-            dict(flags, BATCH_STATS=read_sums, WRITE_GRAD_INPUT=grad_input is not None,
-                 WRITE_GRAD_RESIDUAL=grad_residual is not None),
+            8 if use_act_bits else 1, True, act_bits_strides(view)[1], reads + 48 * view.channels,
+            len(outputs) * numel * size, dict(flags, **outputs_flags),
         )
     return BackwardPlan(sums, grad, workspace, counters_)
 
@@ -796,22 +919,24 @@ def _backward(grad_out, x, mean, var, weight, bias, residual, activation_mask, s
             sums = torch.zeros((2, x.shape[1]), dtype=acc, device=x.device)
         return grad_input, grad_weight.zero_(), grad_bias.zero_(), grad_residual, sums
     # The residual matters only through the activation's derivative, and not at all when
-    # the mask records that derivative.
-    use_mask = activation_mask is not None
+    # the activation bits record that derivative.
+    use_act_bits = activation_mask is not None
     grad_out, g_geometry = _readable(grad_out)
     x_read, x_geometry = _readable(x)
     residual_read, r_geometry = _readable(
-        residual if activation != "none" and not use_mask else None)
+        residual if activation != "none" and not use_act_bits else None)
     gi, gi_geometry = _writable(grad_input) if want_input else (None, None)
     gr, gr_geometry = _writable(grad_residual) if want_residual else (None, None)
     plan = plan_backward(
         g_geometry, x_geometry, r_geometry, gi_geometry, gr_geometry, x.dtype,
-        weight is not None, bias is not None, activation, use_mask, use_batch_stats, want_sums,
-        want_weight, want_bias,
+        weight is not None, bias is not None, activation, use_act_bits, use_batch_stats,
+        want_sums, want_weight, want_bias,
     )
     mean, var = per_channel(mean), per_channel(var)
     weight, bias = per_channel(weight), per_channel(bias)
-    mask = activation_mask if use_mask else None
+    act_bits = activation_mask if use_act_bits else None
+    grad_weight_out = grad_weight if want_weight else None
+    grad_bias_out = grad_bias if want_bias else None
     with device_guard(x.device):
         if want_sums:
             if standalone_sums:
@@ -822,16 +947,22 @@ def _backward(grad_out, x, mean, var, weight, bias, residual, activation_mask, s
                 sums = torch.empty(2 * x.shape[1] + plan.workspace, dtype=acc,
                                    device=x.device)
                 partial = sums[2 * x.shape[1]:] if plan.workspace else None
+        if plan.one_launch is not None:
+            plan.one_launch(
+                (grad_out, x_read, residual_read, mean, var, weight, bias, act_bits, gi, gr,
+                 sums, grad_weight_out, grad_bias_out),
+                (eps, negative_slope, inv_count),
+            )
+        if plan.sums is not None:
             tickets = counters(x.device, plan.counters) if plan.counters else None
             plan.sums(
-                (grad_out, x_read, residual_read, mean, var, weight, bias, mask, partial,
-                 tickets, sums, grad_weight if want_weight else None,
-                 grad_bias if want_bias else None),
+                (grad_out, x_read, residual_read, mean, var, weight, bias, act_bits, partial,
+                 tickets, sums, grad_weight_out, grad_bias_out),
                 (eps, negative_slope),
             )
         if plan.grad_input is not None:
             plan.grad_input(
-                (grad_out, x_read, residual_read, gi, gr, mean, var, weight, bias, mask,
+                (grad_out, x_read, residual_read, gi, gr, mean, var, weight, bias, act_bits,
                  per_channel(sums) if plan.grad_input.constexprs["BATCH_STATS"] else None),
                 (eps, negative_slope, inv_count),
             )

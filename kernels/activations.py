@@ -5,7 +5,7 @@ NaN passes through like torch's own functions; the derivatives follow torch's co
 at the kinks (relu'(0) = 0, relu6'(0) = relu6'(6) = 0, leaky_relu'(0) = negative_slope,
 hardswish'(+-3) as torch).
 The relu family's derivative takes two values, so one bit per element records it
-(derivative_is_one); the bits are packed 8 per byte (see forward.store_activation_bits).
+(derivative_is_one); the bits are packed 8 per byte (see forward.store_act_bits).
 """
 
 import triton

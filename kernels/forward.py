@@ -2,8 +2,8 @@
 
 Training statistics take one launch, ``partial_stats_kernel``, 1-D grid of chunks x
 channel blocks (see tiling.program_item): each program sums y = x - A - K and y^2 over its
-chunk of tiles. The anchor A = x[0, c, 0] is shared by all programs; K is the mean of
-x - A over the program's first tile. With both shifts the sums stay small even when the
+chunk of tiles. The anchor A = x[0, c, 0] is shared by all programs; the pilot mean K is
+the mean of x - A over the program's first tile. With both the sums stay small even when the
 mean is large against the spread (mean 1e4, std 1 in float32): x - A is exact for nearby
 values, and y has mean near 0, so sum(y^2) - sum(y)^2 / n cancels little. A program turns
 its sums into a summary (mean - A, M2; its count follows from the shapes). With one chunk
@@ -22,13 +22,14 @@ one in the same launch: after every finishing program has read it, by the last o
 
 NaN and Inf propagate as in torch: a NaN in a channel gives NaN statistics and running
 statistics; +-inf gives a mean of +-inf (or NaN, with both signs) and a NaN variance (a
-non-finite anchor or shift is replaced by 0, so it cannot turn finite values into NaN);
+non-finite anchor or pilot mean is replaced by 0, so it cannot turn finite values into NaN);
 a sum of squares that overflows gives an infinite variance (output 0 * (x - mean) + bias).
 Nothing clamps with max/min, whose PTX drops NaN.
 
 ``normalize_kernel`` then writes y = act((x - mean) * invstd * weight + bias + residual),
-one tile per program, or (FLAT) one flat slice of contiguous tensors per program; eval
-uses the same kernel with the running statistics.
+one tile per program, or (FLAT) one flat slice of contiguous tensors per program, and
+(WRITE_ACT_BITS) the activation bits: one bit per element, whether act'(u) is 1, for the
+backward; eval uses the same kernel with the running statistics.
 
 Sums and elementwise math run in COMPUTE_DTYPE (float32, or float64 for float64 input).
 The batch mean and variance are stored as float64: the mean is assembled exactly as
@@ -44,6 +45,9 @@ from .activations import activation_forward, derivative_is_one
 from .tiling import (
     channel_block,
     flat_tile,
+    known_row,
+    load_rows_as_run,
+    load_x_and_residual,
     program_item,
     program_tile,
     tile_offsets,
@@ -71,8 +75,8 @@ def chan_merge(mean_a, m2_a, count_a, mean_b, m2_b, count_b):
 
 @triton.jit
 def finite_or_zero(value):
-    """value where it is finite, else 0 (for the shifts: a shift of inf or NaN would turn
-    every finite value into a NaN)."""
+    """value where it is finite, else 0 (for the anchor and the pilot mean: one of inf or
+    NaN would turn every finite value into a NaN)."""
     return tl.where(tl.abs(value) < float("inf"), value, 0.0)
 
 
@@ -175,13 +179,20 @@ def finish_statistics(
 
 
 @triton.jit
-def load_anchored_tile(x_ptr, t, c, c_mask, anchor, S, stride_n, stride_c, stride_s,
-                       tiles_per_n, BLOCK_S: tl.constexpr, USE_INT64: tl.constexpr):
-    """Tile t of x minus the anchor (0 where masked), and its count of valid positions."""
+def load_anchored_tile(x_ptr, t, c0, c, c_mask, anchor, C, S, stride_n, stride_c, stride_s,
+                       tiles_per_n, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+                       RUN: tl.constexpr, USE_INT64: tl.constexpr):
+    """Tile t of x (channels c, the first c0) minus the anchor (0 where masked), and its
+    count of valid positions; RUN > 0: loaded as one run of consecutive rows
+    (tiling.load_rows_as_run)."""
     n, s0 = tile_start(t, tiles_per_n, BLOCK_S, USE_INT64)
     s = s0 + tl.arange(0, BLOCK_S)
     mask = c_mask[:, None] & (s < S)[None, :]
-    x = tl.load(x_ptr + tile_offsets(n, s, c, stride_n, stride_c, stride_s), mask=mask, other=0)
+    if RUN > 0:
+        x = load_rows_as_run(x_ptr, n, c0, C, S, stride_n, mask, BLOCK_S, BLOCK_C, RUN)
+    else:
+        x = tl.load(x_ptr + tile_offsets(n, s, c, stride_n, stride_c, stride_s), mask=mask,
+                    other=0)
     anchored = tl.where(mask, x.to(anchor.dtype) - anchor[:, None], 0.0)
     return anchored, mask, tl.minimum(S - s0, BLOCK_S)
 
@@ -205,10 +216,14 @@ def partial_stats_kernel(
     CHUNKED: tl.constexpr,  # more than one chunk: workspace, tickets, merge
     MERGE_CHUNKS: tl.constexpr,  # chunk summaries merged by one tree step
     UPDATE_RUNNING: tl.constexpr, CUMULATIVE: tl.constexpr, INCREMENT_STEP: tl.constexpr,
+    ROW: tl.constexpr,  # > 0: x's rows are ROW contiguous elements (tiling.known_row)
+    RUN: tl.constexpr,  # > 0: rows follow each other, loaded as runs (load_anchored_tile)
     USE_INT64: tl.constexpr,
 ):
     """Summary (count, mean - A, M2) of one chunk of tiles for one channel block; the
     statistics from the block's last program (see the module docstring)."""
+    S = known_row(S, ROW)
+    stride_c = known_row(stride_c, ROW)
     block, chunk = program_item(num_chunks)
     num_blocks = tl.num_programs(0) // num_chunks
     c = channel_block(block, BLOCK_C, USE_INT64)
@@ -218,25 +233,25 @@ def partial_stats_kernel(
     tile_begin = chunk * tiles_per_chunk
     tile_end = tl.minimum(tile_begin + tiles_per_chunk, num_tiles)
     first, mask, first_count = load_anchored_tile(
-        x_ptr, tile_begin, c, c_mask, anchor, S, stride_n, stride_c, stride_s, tiles_per_n,
-        BLOCK_S, USE_INT64,
+        x_ptr, tile_begin, block * BLOCK_C, c, c_mask, anchor, C, S, stride_n, stride_c,
+        stride_s, tiles_per_n, BLOCK_S, BLOCK_C, RUN, USE_INT64,
     )
-    shift = finite_or_zero(tl.sum(first, axis=1) / first_count)
-    y = tl.where(mask, first - shift[:, None], 0.0)
+    pilot_mean = finite_or_zero(tl.sum(first, axis=1) / first_count)
+    y = tl.where(mask, first - pilot_mean[:, None], 0.0)
     sum_y = y
     sum_y2 = y * y
     for t in range(tile_begin + 1, tile_end):
         anchored, mask, _ = load_anchored_tile(
-            x_ptr, t, c, c_mask, anchor, S, stride_n, stride_c, stride_s, tiles_per_n,
-            BLOCK_S, USE_INT64,
+            x_ptr, t, block * BLOCK_C, c, c_mask, anchor, C, S, stride_n, stride_c,
+            stride_s, tiles_per_n, BLOCK_S, BLOCK_C, RUN, USE_INT64,
         )
-        y = tl.where(mask, anchored - shift[:, None], 0.0)
+        y = tl.where(mask, anchored - pilot_mean[:, None], 0.0)
         sum_y += y
         sum_y2 += y * y
     count_f = chunk_counts(chunk, S, tiles_per_n, num_tiles, tiles_per_chunk,
                            BLOCK_S).to(COMPUTE_DTYPE)
     chunk_sum_y = tl.sum(sum_y, axis=1)
-    anchored_mean = shift + chunk_sum_y / count_f
+    anchored_mean = pilot_mean + chunk_sum_y / count_f
     m2 = centered_m2(tl.sum(sum_y2, axis=1), chunk_sum_y, count_f)
     if CHUNKED:
         tl.store(summary_ptr + chunk * C + c, anchored_mean, mask=c_mask)
@@ -301,18 +316,32 @@ def pre_activation(x, hi, scale, shift, residual, HAS_RESIDUAL: tl.constexpr):
 
 
 @triton.jit
-def store_activation_bits(mask_ptr, u, n, s0, c, c_mask, tile_mask, mask_stride_n,
-                          mask_stride_c, ACTIVATION: tl.constexpr, BLOCK_S: tl.constexpr,
-                          BLOCK_C: tl.constexpr):
-    """Pack derivative_is_one(u) of a tile into the uint8 activation mask [rows, C, S8]:
+def store_act_bits(act_bits_ptr, u, n, s0, c, c_mask, tile_mask, act_bits_stride_n,
+                   act_bits_stride_c, ACTIVATION: tl.constexpr, BLOCK_S: tl.constexpr,
+                   BLOCK_C: tl.constexpr):
+    """Pack derivative_is_one(u) of a tile into the uint8 activation bits [rows, C, S8]:
     bit j of byte k is position 8k + j (BLOCK_S and s0 are multiples of 8)."""
     bits = (derivative_is_one(u, ACTIVATION) & tile_mask).to(tl.int32)
     groups = tl.reshape(bits, [BLOCK_C, BLOCK_S // 8, 8])
     packed = tl.sum(groups << tl.arange(0, 8)[None, None, :], axis=2)
     byte = s0 // 8 + tl.arange(0, BLOCK_S // 8)
-    byte_mask = c_mask[:, None] & (byte < mask_stride_c)[None, :]
-    offsets = n * mask_stride_n + c[:, None] * mask_stride_c + byte[None, :]
-    tl.store(mask_ptr + offsets, packed.to(tl.uint8), mask=byte_mask)
+    byte_mask = c_mask[:, None] & (byte < act_bits_stride_c)[None, :]
+    offsets = n * act_bits_stride_n + c[:, None] * act_bits_stride_c + byte[None, :]
+    tl.store(act_bits_ptr + offsets, packed.to(tl.uint8), mask=byte_mask)
+
+
+@triton.jit
+def normalize_values(x_ptr, y_ptr, residual_ptr, x_offsets, y_offsets, r_offsets, mask, hi,
+                     scale, shift, negative_slope, COMPUTE_DTYPE: tl.constexpr,
+                     HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr):
+    """Store y = act(u) at y_offsets and return the pre-activation u, from x (and the
+    residual) at their offsets; hi, scale and shift broadcast to the offsets' shape."""
+    x, residual = load_x_and_residual(x_ptr, residual_ptr, x_offsets, r_offsets, mask,
+                                      HAS_RESIDUAL, COMPUTE_DTYPE)
+    u = pre_activation(x, hi, scale, shift, residual, HAS_RESIDUAL)
+    y = activation_forward(u, ACTIVATION, negative_slope)
+    tl.store(y_ptr + y_offsets, y.to(y_ptr.dtype.element_ty), mask=mask)
+    return u
 
 
 @triton.jit
@@ -321,20 +350,21 @@ def normalize_kernel(
     residual_ptr,  # [N, C, S] view added before the activation (None unless HAS_RESIDUAL)
     mean_ptr, var_ptr,  # [C] statistics (float64 batch statistics, or running statistics)
     weight_ptr, bias_ptr,  # [C] affine parameters (None unless HAS_WEIGHT / HAS_BIAS)
-    mask_ptr,  # [N, C, cdiv(S, 8)] uint8 activation mask, written (None unless WRITE_MASK)
+    act_bits_ptr,  # [N, C, cdiv(S, 8)] uint8 activation bits, written (WRITE_ACT_BITS)
     C, S,
     numel,  # N * C * S (FLAT)
     x_stride_n, x_stride_c, x_stride_s,  # the views' element strides (not FLAT)
     y_stride_n, y_stride_c, y_stride_s,
     r_stride_n, r_stride_c, r_stride_s,
-    mask_stride_n, mask_stride_c,  # C * cdiv(S, 8) and cdiv(S, 8)
+    act_bits_stride_n, act_bits_stride_c,  # C * cdiv(S, 8) and cdiv(S, 8)
     tiles_per_n, num_tiles,  # cdiv(S, BLOCK_S); tiles per channel block
     eps: tl.float64, negative_slope: tl.float64,
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,  # tile; FLAT: BLOCK_S elements, BLOCK_C 1
     COMPUTE_DTYPE: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-    ACTIVATION: tl.constexpr, WRITE_MASK: tl.constexpr,
-    FLAT: tl.constexpr,  # every tensor contiguous: walk the flat range (no WRITE_MASK)
+    ACTIVATION: tl.constexpr, WRITE_ACT_BITS: tl.constexpr,
+    FLAT: tl.constexpr,  # every tensor contiguous: walk the flat range (no WRITE_ACT_BITS)
+    ROW: tl.constexpr,  # > 0: every tensor's rows are ROW contiguous elements (not FLAT)
     USE_INT64: tl.constexpr,
 ):
     """y = act((x - mean) * invstd * weight + bias + residual) on one tile."""
@@ -344,33 +374,27 @@ def normalize_kernel(
             c, mask, mean_ptr, var_ptr, weight_ptr, bias_ptr, eps, COMPUTE_DTYPE, HAS_WEIGHT,
             HAS_BIAS,
         )
-        x = tl.load(x_ptr + offsets, mask=mask, other=0).to(COMPUTE_DTYPE)
-        residual = x
-        if HAS_RESIDUAL:
-            residual = tl.load(residual_ptr + offsets, mask=mask, other=0).to(COMPUTE_DTYPE)
-        u = pre_activation(x, hi, scale, shift, residual, HAS_RESIDUAL)
-        y = activation_forward(u, ACTIVATION, negative_slope)
-        tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=mask)
+        normalize_values(x_ptr, y_ptr, residual_ptr, offsets, offsets, offsets, mask, hi,
+                         scale, shift, negative_slope, COMPUTE_DTYPE, HAS_RESIDUAL,
+                         ACTIVATION)
     else:
-        n, s0, s, c, c_mask, mask = program_tile(C, S, tiles_per_n, num_tiles, BLOCK_S,
-                                                 BLOCK_C, USE_INT64)
+        x_stride_c = known_row(x_stride_c, ROW)
+        y_stride_c = known_row(y_stride_c, ROW)
+        r_stride_c = known_row(r_stride_c, ROW)
+        n, s0, s, c, c_mask, mask = program_tile(C, known_row(S, ROW), tiles_per_n, num_tiles,
+                                                 BLOCK_S, BLOCK_C, USE_INT64)
         hi, lo, invstd, scale, shift = channel_constants(
             c, c_mask, mean_ptr, var_ptr, weight_ptr, bias_ptr, eps, COMPUTE_DTYPE,
             HAS_WEIGHT, HAS_BIAS,
         )
-        x = tl.load(x_ptr + tile_offsets(n, s, c, x_stride_n, x_stride_c, x_stride_s),
-                    mask=mask, other=0).to(COMPUTE_DTYPE)
-        residual = x
-        if HAS_RESIDUAL:
-            residual = tl.load(
-                residual_ptr + tile_offsets(n, s, c, r_stride_n, r_stride_c, r_stride_s),
-                mask=mask, other=0,
-            ).to(COMPUTE_DTYPE)
-        u = pre_activation(x, hi[:, None], scale[:, None], shift[:, None], residual,
-                           HAS_RESIDUAL)
-        y = activation_forward(u, ACTIVATION, negative_slope)
-        tl.store(y_ptr + tile_offsets(n, s, c, y_stride_n, y_stride_c, y_stride_s),
-                 y.to(y_ptr.dtype.element_ty), mask=mask)
-        if WRITE_MASK:
-            store_activation_bits(mask_ptr, u, n, s0, c, c_mask, mask, mask_stride_n,
-                                  mask_stride_c, ACTIVATION, BLOCK_S, BLOCK_C)
+        u = normalize_values(
+            x_ptr, y_ptr, residual_ptr,
+            tile_offsets(n, s, c, x_stride_n, x_stride_c, x_stride_s),
+            tile_offsets(n, s, c, y_stride_n, y_stride_c, y_stride_s),
+            tile_offsets(n, s, c, r_stride_n, r_stride_c, r_stride_s), mask,
+            hi[:, None], scale[:, None], shift[:, None], negative_slope, COMPUTE_DTYPE,
+            HAS_RESIDUAL, ACTIVATION,
+        )
+        if WRITE_ACT_BITS:
+            store_act_bits(act_bits_ptr, u, n, s0, c, c_mask, mask, act_bits_stride_n,
+                           act_bits_stride_c, ACTIVATION, BLOCK_S, BLOCK_C)

@@ -11,6 +11,9 @@ Grids are one-dimensional (CUDA allows 2**31 - 1 programs on axis 0, only 65535 
 others): program p works on channel block p // per_block and item p % per_block of it,
 an item being a tile (elementwise kernels) or a chunk of tiles (reductions).
 
+``slice_tile`` is the one-program walk: a channel block's whole [N, S] slice as one tile
+(the one-launch backward, whose program keeps it in registers).
+
 ``flat_tile`` is the other walk, for elementwise kernels whose tensors are all contiguous
 [N, C, S]: BLOCK consecutive elements, each with its channel computed, so loads and stores
 are full-width vectors whatever S is (S = 49 rows carry no alignment).
@@ -35,6 +38,51 @@ def tile_start(t, tiles_per_n, BLOCK_S: tl.constexpr, USE_INT64: tl.constexpr):
 def tile_offsets(n, s, c, stride_n, stride_c, stride_s):
     """Element offsets [BLOCK_C, BLOCK_S] of positions (n, c, s) in one tensor's view."""
     return n * stride_n + c[:, None] * stride_c + s[None, :] * stride_s
+
+
+@triton.jit
+def known_row(value, ROW: tl.constexpr):
+    """ROW where the launcher found every tensor's rows to be ROW contiguous elements
+    (ROW > 0: for S and the channel strides), else value. A constant tells the compiler
+    how the rows align, so that they load as vectors: Triton knows only which integer
+    arguments are multiples of 16, and S = 196 is not one."""
+    if ROW > 0:
+        value = ROW
+    return value
+
+
+@triton.jit
+def load_values(ptr, offsets, mask, COMPUTE_DTYPE: tl.constexpr):
+    """The elements of one tensor at offsets (0 where masked), in COMPUTE_DTYPE."""
+    return tl.load(ptr + offsets, mask=mask, other=0).to(COMPUTE_DTYPE)
+
+
+@triton.jit
+def load_x_and_residual(x_ptr, residual_ptr, x_offsets, r_offsets, mask,
+                        HAS_RESIDUAL: tl.constexpr, COMPUTE_DTYPE: tl.constexpr):
+    """x, and the residual (HAS_RESIDUAL; else x again, as a stand-in nobody reads), at
+    their offsets: what the pre-activation u is computed from."""
+    x = load_values(x_ptr, x_offsets, mask, COMPUTE_DTYPE)
+    residual = x
+    if HAS_RESIDUAL:
+        residual = load_values(residual_ptr, r_offsets, mask, COMPUTE_DTYPE)
+    return x, residual
+
+
+@triton.jit
+def load_rows_as_run(ptr, n, c0, C, S, stride_n, mask, BLOCK_S: tl.constexpr,
+                     BLOCK_C: tl.constexpr, RUN: tl.constexpr):
+    """The [BLOCK_C, BLOCK_S] tile of rows c0.. of sample n (0 where masked) of a tensor
+    whose rows follow each other (stride_c == S, stride_s == 1), loaded as the one
+    contiguous run of BLOCK_C * S elements they form (RUN, a power of two, covers it):
+    full-width vectors whatever S is, then moved into the tile's layout by a gather."""
+    j = tl.arange(0, RUN)
+    run = tl.load(ptr + n * stride_n + c0 * S + j,
+                  mask=j < tl.minimum(C - c0, BLOCK_C) * S, other=0)
+    s = tl.arange(0, BLOCK_S)
+    index = tl.arange(0, BLOCK_C)[:, None] * S + tl.where(s < S, s, 0)[None, :]
+    tile = tl.gather(run, tl.reshape(index, [BLOCK_C * BLOCK_S]), 0)
+    return tl.where(mask, tl.reshape(tile, [BLOCK_C, BLOCK_S]), 0)
 
 
 @triton.jit
@@ -65,6 +113,24 @@ def program_tile(C, S, tiles_per_n, num_tiles, BLOCK_S: tl.constexpr, BLOCK_C: t
     c = channel_block(block, BLOCK_C, USE_INT64)
     c_mask = c < C
     return n, s0, s, c, c_mask, c_mask[:, None] & (s < S)[None, :]
+
+
+@triton.jit
+def slice_tile(C, S, batch, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
+               BLOCK_C: tl.constexpr, USE_INT64: tl.constexpr):
+    """The whole [batch, S] slice of channel block program_id(0) as one
+    [BLOCK_C, BLOCK_N * BLOCK_S] tile, column j holding position j % BLOCK_S of sample
+    j // BLOCK_S: n (shaped [1, columns], so it broadcasts in tile_offsets like a tile's
+    scalar n), s, the channels c, the channel mask and the element mask."""
+    c = channel_block(tl.program_id(0), BLOCK_C, USE_INT64)
+    j = tl.arange(0, BLOCK_N * BLOCK_S)
+    n = j // BLOCK_S
+    s = j % BLOCK_S
+    if USE_INT64:
+        n = n.to(tl.int64)
+        s = s.to(tl.int64)
+    c_mask = c < C
+    return n[None, :], s, c, c_mask, c_mask[:, None] & ((n < batch) & (s < S))[None, :]
 
 
 @triton.jit

@@ -97,7 +97,12 @@ def plans():
         launch.normalize(x, mean, var, w, b, None, 1e-5, "relu", 0.01, False)
         launch.normalize_backward(torch.randn_like(x), x, mean, var, w, b, None, None, 1e-5,
                                   True, "relu", 0.01, [True, True, True, False])
-    names = ("stats", "normalize", "backward_sums", "backward_grad_input")
+        # A slice too large for one program: the backward's sums, then d input.
+        large = torch.randn(4, 8, 48, 48)
+        launch.normalize_backward(torch.randn_like(large), large, mean, var, w, b, None, None,
+                                  1e-5, True, "relu", 0.01, [True, True, True, False])
+    names = ("stats", "normalize", "backward_one_launch", "backward_sums",
+             "backward_grad_input")
     cases = [(name, *record) for name, record in zip(names, records, strict=True)]
     _, plan, tensors, floats = cases[1]
     misaligned = torch.randn(x.numel() + 1)[1:].view(x.shape)
@@ -137,8 +142,8 @@ def main() -> int:
         kernel.run = run
 
     for module in launch.KERNEL_MODULES.values():
-        for name in ("partial_stats_kernel", "normalize_kernel", "partial_grad_sums_kernel",
-                     "grad_input_kernel"):
+        for name in ("partial_stats_kernel", "normalize_kernel", "slice_backward_kernel",
+                     "partial_grad_sums_kernel", "grad_input_kernel"):
             if hasattr(module, name):
                 counted(getattr(module, name))
 
@@ -162,7 +167,8 @@ def main() -> int:
         report["cases"][name] = {"ordinary": ordinary, "ordinary_runs": ordinary_runs,
                                  "first_then_direct": both, "runs": direct_runs}
 
-    # A module's second training step (forward and backward): four launches, all direct.
+    # A module's second training step: three launches (the forward's two, and one backward:
+    # the slice fits one program), all direct.
     import fastbn
     from fastbn import backend
 

@@ -10,9 +10,11 @@ backward, with the suite's fusion). Each recorded launch is specialised exactly 
 Triton's JIT would specialise it on a GPU (value-1 integers become constants, 16-divisible
 integers and pointers get divisibility hints), the repeats dropped, compiled to cubin
 with ``triton.compile`` for each architecture, and reported as one JSON line: kernel,
-architecture, registers, spill bytes, whether the PTX has vectorised global loads, and
-whether the alignment allows them (FLAT, or every stride argument other than 0 and 1 a
-multiple of 16). Needs triton without TRITON_INTERPRET.
+architecture, registers, spill bytes, whether the PTX has vectorised global loads (and
+which global loads it has), the row length ROW the launch made known and the run RUN
+of consecutive rows it loads (0: none), and
+whether the alignment allows vectors (see alignment_allows_vectors). Needs triton without
+TRITON_INTERPRET.
 The quick matrix varies every flag across the dtypes and layouts, compiled for sm_90, and
 its bfloat16 and float64 cases for sm_80 too; the suites compile for sm_90 only; --full
 takes the cartesian product of the flags for every architecture asked for. --shard K/N
@@ -43,6 +45,7 @@ from fastbn.reference import SIGN_ACTIVATIONS
 
 KERNEL_NAMES = (
     "partial_stats_kernel", "normalize_kernel", "partial_grad_sums_kernel", "grad_input_kernel",
+    "slice_backward_kernel",
 )
 # Kernels that stream whole tensors: these must vectorise their loads where the alignment
 # allows.
@@ -114,12 +117,13 @@ def run_config(dtype, layout, batch, activation, residual, affine, track, moment
 
 
 def quick_configs():
-    """Every flag value in every dtype and layout; batch 2 takes one chunk, 64 several."""
+    """Every flag value in every dtype and layout; batch 2 takes one chunk and the one-launch
+    backward, 256 several chunks and the two-launch backward."""
     configs = []
     for index, (dtype, layout) in enumerate(itertools.product(DTYPES, LAYOUTS)):
         for variant in range(2):
             configs.append(dict(
-                dtype=dtype, layout=layout, batch=(2, 64)[variant],
+                dtype=dtype, layout=layout, batch=(2, 256)[variant],
                 activation=ACTIVATIONS[(index + 3 * variant) % len(ACTIVATIONS)],
                 residual=bool(variant), affine=variant == 0 or index % 2 == 0,
                 track=variant == 0 or index % 3 == 0,
@@ -152,18 +156,26 @@ def suite_configs(dtypes=tuple(BENCH_DTYPES)):
 def full_configs():
     keys = ("dtype", "layout", "batch", "activation", "residual", "affine", "track",
             "momentum", "use_int64")
-    values = (DTYPES, LAYOUTS, (2, 64), ACTIVATIONS, (False, True), (False, True),
+    values = (DTYPES, LAYOUTS, (2, 256), ACTIVATIONS, (False, True), (False, True),
               (False, True), (0.1, None), (False, True))
     return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*values)]
 
 
 def alignment_allows_vectors(kernel, args, kwargs) -> bool:
-    """Whether the launch's addresses let the contiguous axis load 16-byte vectors: a FLAT
-    walk, or every stride argument other than 0 and 1 a multiple of 16 (Triton's
-    divisibility hint), so rows start aligned."""
+    """Whether the launch's addresses let the contiguous axis load vectors (8 bytes at
+    least): a FLAT walk; runs of consecutive rows (RUN) that start 16-byte aligned; rows of
+    a known length ROW (launch.known_row) whose alignment covers 8 bytes (S = 196: 4
+    elements, 8 bytes of bfloat16); or every stride argument other than 0 and 1 a
+    multiple of 16 (Triton's divisibility hint), so rows start aligned."""
     if kwargs.get("FLAT"):
         return True
     bound = dict(zip(kernel.arg_names, args, strict=False))
+    if kwargs.get("RUN"):  # runs start at multiples of BLOCK_C elements past a row n
+        return (bound["stride_n"] % 16 == 0
+                and kwargs["BLOCK_C"] * bound["x_ptr"].element_size() >= 16)
+    row = kwargs.get("ROW", 0)
+    if row:
+        return (row & -row) * bound["x_ptr"].element_size() >= 8
     strides = [value for name, value in bound.items() if "stride" in name]
     return all(value in (0, 1) or value % 16 == 0 for value in strides)
 
@@ -258,9 +270,10 @@ def main(argv=None) -> int:
             if key not in seen:
                 seen.add(key)
                 jobs.append((arch, target, kernel, signature, constexprs, attrs, options,
-                             alignment_allows_vectors(kernel, kernel_args, kwargs)))
+                             alignment_allows_vectors(kernel, kernel_args, kwargs),
+                             kwargs.get("ROW", 0), kwargs.get("RUN", 0)))
     for (arch, target, kernel, signature, constexprs, attrs, options,
-         aligned) in jobs[shard::shards]:
+         aligned, row, run) in jobs[shard::shards]:
         compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs),
                                   target=target, options=options.__dict__)
         ptx = compiled.asm["ptx"]
@@ -269,7 +282,10 @@ def main(argv=None) -> int:
             "arch": arch,
             "streaming": kernel.__name__ in STREAMING_KERNELS,
             "vector_loads": bool(re.search(r"ld\.global(\.\w+)*\.v[248]\.", ptx)),
+            "global_loads": sorted(set(re.findall(r"ld\.global(?:\.\w+)*", ptx))),
             "aligned": aligned,
+            "row": row,
+            "run": run,
             "num_warps": options.num_warps,
             "nan_dropping_minmax": bool(re.search(r"\b(max|min)\.f(32|64)\b", ptx)),
             "constexprs": {str(k): str(v) for k, v in constexprs.items()},

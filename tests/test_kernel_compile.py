@@ -45,11 +45,11 @@ def check(reports: list[dict]) -> None:
     assert reports, "no kernel was compiled"
     kernels = {(r["kernel"], r["arch"]) for r in reports}
     for name in ("partial_stats_kernel", "normalize_kernel", "partial_grad_sums_kernel",
-                 "grad_input_kernel"):
+                 "grad_input_kernel", "slice_backward_kernel"):
         assert (name, 90) in kernels and (name, 80) in kernels, name
     spilling = [r for r in reports if r["spill_bytes"]]
     assert not spilling, f"register spills: {spilling}"
-    scalar = [(r["kernel"], r["arch"], r["constexprs"]) for r in reports
+    scalar = [(r["kernel"], r["arch"], r["constexprs"], r["global_loads"]) for r in reports
               if r["streaming"] and r["aligned"] and not r["vector_loads"]]
     assert not scalar, f"streaming kernels without vector loads: {scalar}"
     # Registers: two programs of each streaming kernel fit in an SM's register file.
@@ -65,8 +65,17 @@ def check(reports: list[dict]) -> None:
 def test_every_specialization_compiles_for_sm90_and_sm80():
     """The flag matrix at 64x8x8, and every kind of launch the bench's resnet50, bn1d and
     video suites make in bf16 (their fp16 compiles alike; fp32 is in the flag matrix and
-    in the slow test)."""
-    check(compile_specializations("--suite-dtypes", "bf16"))
+    in the slow test), among them 14x14 rows made known (ROW = 196: 8-byte vectors) in
+    the statistics, the mask-writing normalize, both backward sums and the one-launch
+    backward, and the statistics' runs of rows (RUN: 16-byte vectors at 7x7)."""
+    reports = compile_specializations("--suite-dtypes", "bf16")
+    check(reports)
+    rows = {r["kernel"] for r in reports if r["row"] == 196 and r["vector_loads"]}
+    assert rows >= {"partial_stats_kernel", "normalize_kernel", "partial_grad_sums_kernel",
+                    "slice_backward_kernel"}, rows
+    # 7x7 statistics: rows of 49 align to nothing, their runs of 32 rows to 16 bytes.
+    runs = [r for r in reports if r["run"] and r["aligned"]]
+    assert runs and all(r["vector_loads"] for r in runs), runs
 
 
 @pytest.mark.slow

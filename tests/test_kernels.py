@@ -419,31 +419,98 @@ def test_strided_per_channel_vectors():
     assert_close_to_truth("running_var", running_var, truth["running_var"])
 
 
+def backward_kernels(x, **flags):
+    """The kernels that the backward of run_batch_norm(x, **flags) launches (recorded, not
+    run)."""
+    with launch.recording() as records:
+        run_batch_norm(x, **flags)
+    return [planned.kernel for planned, _, _ in records if planned.module == "backward"]
+
+
+ONE_LAUNCH = ["slice_backward_kernel"]
+TWO_LAUNCHES = ["partial_grad_sums_kernel", "grad_input_kernel"]
+# Shapes whose channel slices fit one program, and shapes whose slices do not (NCHW: 4 x
+# 4096 padded positions; channels_last: 4 channels x 4096 folded positions).
+BACKWARD_PATHS = [("one_launch", (3, 4, 5, 5), "contiguous"),
+                  ("one_launch", (3, 4, 5, 5), "channels_last"),
+                  ("two_launches", (3, 4, 60, 60), "contiguous"),
+                  ("two_launches", (3, 4, 30, 30), "channels_last")]
+BACKWARD_FLAGS = [dict(), dict(affine=False), dict(bias=False), dict(training=False),
+                  dict(activation="silu", residual=True), dict(activation="relu6"),
+                  dict(activation="relu", residual=True)]  # the last: activation bits
+
+
+@pytest.mark.parametrize("path,shape,layout", BACKWARD_PATHS, ids=str)
+@pytest.mark.parametrize("flags", BACKWARD_FLAGS,
+                         ids=lambda f: ",".join(f"{k}={v}" for k, v in f.items()) or "plain")
+def test_backward_in_one_launch_and_in_two(path, shape, layout, flags):
+    """Both backward plans with every flag: one program per channel block holding its whole
+    slice, or the sums then d input."""
+    x = make_input(shape, layout=layout)
+    expected = ONE_LAUNCH if path == "one_launch" else TWO_LAUNCHES
+    assert backward_kernels(x, **flags) == expected
+    check_all(*run_batch_norm(x, **flags), torch.float32)
+
+
+def test_one_launch_backward_in_every_dtype():
+    for dtype in (torch.float16, torch.bfloat16, torch.float64):
+        x = make_input((3, 6, 4, 4), dtype=dtype, layout="channels_last")
+        assert backward_kernels(x, activation="relu", residual=True) == ONE_LAUNCH
+        check_all(*run_batch_norm(x, activation="relu", residual=True), dtype)
+
+
 FLAT_CASES = [((2, 64, 7, 7), torch.float32), ((3, 13, 14, 14), torch.bfloat16),
               ((2, 45, 7, 7), torch.float64), ((2, 100, 3, 7), torch.float16)]
+
+
+def flat_normalize(x, residual, activation):
+    """Whether normalize walks x's flat range."""
+    return launch.plan_normalize(launch.geometry(x), launch.geometry(x),
+                                 launch.geometry(x) if residual else None, x.dtype,
+                                 x.dtype if residual else None, True, True,
+                                 activation or "none", False).constexprs["FLAT"]
 
 
 @pytest.mark.parametrize("shape,dtype", FLAT_CASES, ids=str)
 @pytest.mark.parametrize("activation,residual", [(None, False), ("silu", True), ("relu", True)],
                          ids=["plain", "silu+residual", "relu+residual(mask)"])
 def test_contiguous_small_spatial_walks_the_flat_range(shape, dtype, activation, residual):
-    """NCHW with S = 49 or 196: the elementwise kernels walk the flat range, every slice
-    boundary inside a channel or between channels and samples."""
+    """NCHW with S = 49 or 196: normalize walks the flat range, every slice boundary inside
+    a channel or between channels and samples (the backward holds whole slices)."""
     x = make_input(shape, dtype=dtype)
-    launch_ = launch.plan_normalize(launch.geometry(x), launch.geometry(x),
-                                    launch.geometry(x) if residual else None, dtype,
-                                    dtype if residual else None, True, True,
-                                    activation or "none", False)
-    assert launch_.constexprs["FLAT"]
-    if activation == "relu":  # the forward writes the mask by tiles, the backward reads it flat
-        _, mask = launch.normalize(x, *reference.batch_mean_var(x), None, None, x, 1e-5,
-                                   "relu", 0.0, True)
-        plan = launch.plan_backward(*[launch.geometry(x)] * 2, None, launch.geometry(x), None,
-                                    dtype, True, True, "relu", True, True, True, True, True)
-        assert plan.grad_input.constexprs["FLAT"]
+    assert flat_normalize(x, residual, activation)
+    assert backward_kernels(x, residual=residual, activation=activation) == ONE_LAUNCH
     check_all(*run_batch_norm(x, residual=residual, activation=activation), dtype)
     check_all(*run_batch_norm(x, training=False, residual=residual, activation=activation),
               dtype)
+
+
+@pytest.mark.parametrize("activation,residual", [(None, False), ("silu", True), ("relu", True)],
+                         ids=["plain", "silu+residual", "relu+residual(mask)"])
+def test_two_launch_backward_walks_the_flat_range(activation, residual):
+    """Too large a slice for one program (33 samples x 196 positions): d input walks the
+    flat range; the forward writes the activation bits by tiles, the backward reads them
+    flat."""
+    x = make_input((33, 12, 14, 14), dtype=torch.bfloat16)
+    assert flat_normalize(x, residual, activation)
+    plan = launch.plan_backward(*[launch.geometry(x)] * 2, None, launch.geometry(x), None,
+                                x.dtype, True, True, activation or "none", residual, True,
+                                True, True, True)
+    assert plan.one_launch is None and plan.grad_input.constexprs["FLAT"]
+    check_all(*run_batch_norm(x, residual=residual, activation=activation), torch.bfloat16)
+
+
+def test_channel_slice_with_rows_of_196_in_two_launches():
+    """A slice of channels at 14x14: rows of known length (ROW) in every tile kernel,
+    d input by tiles (x is not contiguous, so nothing walks the flat range)."""
+    x = make_input((33, 5, 14, 14), layout="sliced_channels")
+    g = launch.geometry(x)
+    plan = launch.plan_backward(g, g, None, launch.geometry(torch.empty_like(x)), None,
+                                x.dtype, True, True, "relu", False, True, True, True, True)
+    assert plan.one_launch is None
+    assert plan.sums.constexprs["ROW"] == plan.grad_input.constexprs["ROW"] == 196
+    assert not plan.grad_input.constexprs["FLAT"]
+    check_all(*run_batch_norm(x, activation="relu"), torch.float32)
 
 
 def _poison(x, case):

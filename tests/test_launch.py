@@ -62,21 +62,64 @@ def _module_step(x, training, backward, **kwargs):
     return records, forward_ops.names, backward_ops.names
 
 
-@pytest.mark.parametrize("shape,layout", [((4, 3, 8, 8), "contiguous"),
-                                          ((16, 3, 33, 33), "contiguous"),
-                                          ((4, 64, 7, 7), "contiguous"),
-                                          ((8, 5, 6, 6), "channels_last")],
-                         ids=["one_chunk", "chunked", "flat", "channels_last"])
-def test_training_step_is_two_launches_forward_and_two_backward(shape, layout):
+ONE_LAUNCH = ["slice_backward_kernel"]
+TWO_LAUNCHES = ["partial_grad_sums_kernel", "grad_input_kernel"]
+
+
+@pytest.mark.parametrize(
+    "shape,layout,backward",
+    [((4, 3, 8, 8), "contiguous", ONE_LAUNCH),
+     ((16, 3, 33, 33), "contiguous", TWO_LAUNCHES),  # chunked sums
+     ((4, 64, 7, 7), "contiguous", ONE_LAUNCH),
+     ((129, 43, 7, 7), "contiguous", TWO_LAUNCHES),  # flat d input
+     ((8, 5, 6, 6), "channels_last", ONE_LAUNCH),
+     ((8, 5, 40, 40), "channels_last", TWO_LAUNCHES)],
+    ids=["one_chunk", "chunked", "flat_slice", "flat", "channels_last_slice",
+         "channels_last"])
+def test_training_step_is_two_launches_forward_and_at_most_two_backward(shape, layout,
+                                                                        backward):
     x = torch.randn(shape, device=DEVICE)
     if layout == "channels_last":
         x = x.to(memory_format=torch.channels_last)
     records, forward_ops, backward_ops = module_step(x)
     kernels = [planned.kernel for planned, _, _ in records]
-    assert kernels == ["partial_stats_kernel", "normalize_kernel",
-                       "partial_grad_sums_kernel", "grad_input_kernel"]
+    assert kernels == ["partial_stats_kernel", "normalize_kernel", *backward]
     # num_batches_tracked is counted by the statistics launch; the backward fills nothing.
     assert device_work(forward_ops) == [] and device_work(backward_ops) == []
+
+
+def backward_kernels(shape, dtype, layout="nchw", fusion="none"):
+    """The kernels of a training backward of a module with this input, planned on meta
+    tensors (fastbn.bench's --plan)."""
+    from fastbn.bench.plan import point_launches
+    from fastbn.bench.shapes import Point
+
+    return [planned.kernel
+            for planned in point_launches(Point(shape, dtype, layout, fusion))["backward"]]
+
+
+@pytest.mark.parametrize(
+    "shape,dtype,layout,fusion,expected",
+    [
+        # A channel's whole (N, S) slice, padded to powers of two, fits one program.
+        ((32, 2048, 7, 7), "bf16", "nchw", "none", ONE_LAUNCH),
+        ((32, 2048, 7, 7), "bf16", "nchw", "relu", ONE_LAUNCH),
+        ((32, 1024, 14, 14), "bf16", "nchw", "none", ONE_LAUNCH),  # 32 x 256: the limit
+        ((32, 512, 7, 7), "bf16", "nchw", "add_relu", ONE_LAUNCH),  # activation bits
+        ((256, 4096), "bf16", "nchw", "none", ONE_LAUNCH),  # BatchNorm1d: 8 channels x 256
+        ((256, 4096), "fp32", "nchw", "none", ONE_LAUNCH),
+        # Too large a slice: sums, then d input.
+        ((32, 1024, 14, 14), "bf16", "nchw", "add_relu", TWO_LAUNCHES),  # a third stream
+        ((32, 512, 28, 28), "bf16", "nchw", "none", TWO_LAUNCHES),
+        ((256, 2048, 7, 7), "bf16", "nchw", "none", TWO_LAUNCHES),
+        # channels_last: 8 bf16 channels (a 16-byte run) x 32 * 49 positions do not fit.
+        ((32, 2048, 7, 7), "bf16", "channels_last", "none", TWO_LAUNCHES),
+    ],
+    ids=str,
+)
+def test_backward_is_one_launch_where_a_slice_fits_one_program(shape, dtype, layout, fusion,
+                                                                expected):
+    assert backward_kernels(shape, dtype, layout, fusion) == expected
 
 
 def test_momentum_none_counts_the_step_in_the_same_launch():
@@ -213,7 +256,7 @@ def test_grids_stay_within_cuda_limits_for_huge_shapes(shape, layout, dtype):
     ]
     backward = launch.plan_backward(g, g, g, g, g, dtype, True, True, "silu", False, True,
                                     True, True, True)
-    plans += [backward.sums, backward.grad_input]
+    plans += [p for p in (backward.sums, backward.grad_input, backward.one_launch) if p]
     for planned in plans:
         assert len(planned.grid) == 1 and 1 <= planned.grid[0] <= 2**31 - 1, planned.kernel
         assert planned.constexprs["USE_INT64"] == (x.numel() + launch.FLAT_ELEMENTS >= 2**31)
@@ -301,3 +344,26 @@ def test_offsets_near_two_to_the_31_are_64_bit():
     x = torch.empty(2**31 - 1000, device="meta")
     assert launch.needs_int64([launch.geometry(x)])
     assert not launch.needs_int64([launch.geometry(torch.empty(2**30, device="meta"))])
+
+
+@pytest.mark.parametrize(
+    "shape,layout,row,run",
+    [((32, 1024, 14, 14), "contiguous", 196, 2048),  # rows align to 4 elements: 8-byte bf16
+     ((32, 2048, 7, 7), "contiguous", 0, 2048),  # odd rows align to nothing
+     ((32, 512, 28, 28), "contiguous", 0, 0),  # 784 = 16 * 49: Triton's own hint
+     ((32, 1024, 14, 14), "channels_last", 0, 0)],
+    ids=str,
+)
+def test_tile_kernels_know_rows_whose_length_carries_alignment(shape, layout, row, run):
+    """ROW: rows of a length the compiler knows; RUN: the statistics load a tile's
+    consecutive rows (8 x 196 or 32 x 49 elements) as one contiguous run."""
+    x = torch.empty(shape, dtype=torch.bfloat16, device="meta")
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    g = launch.geometry(x)
+    stats = launch.plan_batch_stats(g, x.dtype, True, False, True).launch
+    masked = launch.plan_normalize(g, g, g, x.dtype, x.dtype, True, True, "relu", True)
+    sums = launch.plan_backward(g, g, None, None, None, x.dtype, True, True, "relu", True,
+                                True, True, True, True).sums
+    assert [p.constexprs["ROW"] for p in (stats, masked, sums)] == [row] * 3
+    assert stats.constexprs["RUN"] == run

@@ -1,11 +1,11 @@
 """``python -m fastbn.bench --plan``: the launches fastbn's Triton path makes for each point
 of a suite, planned without running anything (meta tensors: no memory, no GPU).
 
-Per point and mode, each launch's kernel, grid (programs), tile (BLOCK_C x BLOCK_S, or a
-flat slice), warps, the variant flags that matter (FLAT; CHUNKED:chunks/chunks merged per
-tree step, of each channel block's last program), and the bytes it reads
-and writes by fastbn.launch's count, against the compulsory traffic of the mode
-(fastbn.bench.traffic).
+Per point and mode, each launch's kernel, grid (programs), tile (BLOCK_C x BLOCK_S, a
+flat slice, or a channel block's whole slice), warps, the variant flags that matter (FLAT;
+ROW:S, rows of a length the compiler knows; CHUNKED:chunks/chunks merged per tree step, of
+each channel block's last program), and the bytes it reads and writes by fastbn.launch's
+count, against the compulsory traffic of the mode (fastbn.bench.traffic).
 """
 
 from __future__ import annotations
@@ -73,6 +73,8 @@ def plan_rows(points: list[Point]) -> list[dict]:
             compulsory = compulsory_bytes(mode, point.fusion, numel, element)
             for index, planned in enumerate(launches):
                 flags = ["FLAT"] if planned.constexprs.get("FLAT") else []
+                if planned.constexprs.get("ROW"):  # rows of a length the compiler knows
+                    flags.append(f"ROW:{planned.constexprs['ROW']}")
                 if planned.constexprs.get("CHUNKED"):  # chunks / chunks per merge step
                     flags.append(f"CHUNKED:{planned.ints[-1]}/"
                                  f"{planned.constexprs['MERGE_CHUNKS']}")

@@ -197,6 +197,31 @@ def update_running_stats_(
     running_var.lerp_(var.float() * reference.unbiasing_factor(count), factor)
 
 
+def batch_stats_(
+    x: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    num_batches_tracked: Tensor | None,
+    momentum: float | None,
+) -> tuple[Tensor, Tensor]:
+    """``reference.batch_stats_`` (STATS_DTYPE statistics) by ``batch_mean_var``."""
+    mean, var = batch_mean_var(x)
+    update_state_(x, running_mean, running_var, num_batches_tracked, momentum, mean, var)
+    return mean, var
+
+
+def batch_stats_as_computed_(
+    x: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
+    num_batches_tracked: Tensor | None, momentum: float | None,
+) -> tuple[Tensor, Tensor]:
+    """``batch_stats_`` with the statistics as ``mean_var`` gives them (the compute dtype
+    where that is exact enough), for a caller that hands them to ``normalize`` only (an
+    eager training forward): no conversions to float64 and back."""
+    mean, var = mean_var(x)
+    update_state_(x, running_mean, running_var, num_batches_tracked, momentum, mean, var)
+    return mean, var
+
+
 def update_state_(
     x: Tensor,
     running_mean: Tensor | None,
@@ -214,34 +239,6 @@ def update_state_(
         update_running_stats_(
             running_mean, running_var, num_batches_tracked, mean, var, reduced_count(x), momentum
         )
-
-
-def batch_stats_(
-    x: Tensor,
-    running_mean: Tensor | None,
-    running_var: Tensor | None,
-    num_batches_tracked: Tensor | None,
-    momentum: float | None,
-) -> tuple[Tensor, Tensor]:
-    """``reference.batch_stats_`` (STATS_DTYPE statistics) by ``batch_mean_var``."""
-    mean, var = batch_mean_var(x)
-    update_state_(x, running_mean, running_var, num_batches_tracked, momentum, mean, var)
-    return mean, var
-
-
-def batch_stats_as_computed_(
-    x: Tensor,
-    running_mean: Tensor | None,
-    running_var: Tensor | None,
-    num_batches_tracked: Tensor | None,
-    momentum: float | None,
-) -> tuple[Tensor, Tensor]:
-    """``batch_stats_`` with the statistics as ``mean_var`` gives them (the compute dtype
-    where that is exact enough), for a caller that hands them to ``normalize`` only (an
-    eager training forward): no conversions to float64 and back."""
-    mean, var = mean_var(x)
-    update_state_(x, running_mean, running_var, num_batches_tracked, momentum, mean, var)
-    return mean, var
 
 
 def param_dtype(x: Tensor) -> torch.dtype:

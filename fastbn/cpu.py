@@ -145,9 +145,10 @@ def mean_var(x: Tensor) -> tuple[Tensor, Tensor]:
     - otherwise (float32 NCHW, where torch's kernel is a slow scalar loop; float64; a large
       mean): one-pass pilot sums, whose mean pilot + mean(t) is exact in float64;
     - when neither holds (far pilot): the reference's two passes."""
-    if fast_layout(x) is None or reduced_count(x) == 0:
+    layout = fast_layout(x)
+    if layout is None or reduced_count(x) == 0:
         return reference.batch_mean_var(x)
-    if native_statistics(x):
+    if x.dtype != torch.float64 and (layout == "rows" or x.dtype != torch.float32):
         mean, var = native_mean_var(x)
         if within_ratio(mean, var, 0.0, STATS_RATIO):
             return mean, var
@@ -161,58 +162,6 @@ def mean_var(x: Tensor) -> tuple[Tensor, Tensor]:
     if within_ratio(mean, var, 0.0, STATS_RATIO):
         return mean, var
     return pilot.to(STATS_DTYPE) + shifted_mean.to(STATS_DTYPE), var.to(STATS_DTYPE)
-
-
-def native_statistics(x: Tensor) -> bool:
-    """Whether ``mean_var`` takes x's statistics from torch's kernel when the rule holds:
-    float16/bfloat16 of a fast layout, float32 with channels innermost."""
-    layout = fast_layout(x)
-    return layout is not None and x.dtype != torch.float64 and (
-        layout == "rows" or x.dtype != torch.float32)
-
-
-def native_training_forward(
-    x: Tensor,
-    running_mean: Tensor | None,
-    running_var: Tensor | None,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    residual: Tensor | None,
-    momentum: float | None,
-    eps: float,
-    num_batches_tracked: Tensor | None,
-) -> Tensor | None:
-    """BatchNorm(x) + residual with batch statistics, for an eager call without activation
-    where ``native_statistics(x)``: then this path's statistics, normalization and backward
-    are torch's CPU kernels anyway, and one ``torch.native_batch_norm`` (differentiable by
-    torch itself: no Python in the backward) does the work, the residual added in place.
-
-    Kept when its statistics pass the rule, max |mean| * invstd <= STATS_RATIO (torch's
-    variance is a second pass about its float32 mean, so their error is that mean's
-    rounding, which moves the output by |mean| * invstd * eps); the running statistics
-    (float32, updated on copies by the kernel) and the step counter change only then. None
-    otherwise, with nothing changed: the caller takes the exact path."""
-    if not native_statistics(x) or any(
-        t is not None and t.dtype != torch.float32 for t in (running_mean, running_var)
-    ):
-        return None
-    if momentum is None and num_batches_tracked is not None:
-        factor = 1.0 / (int(num_batches_tracked) + 1)  # a CPU read: no device to wait for
-    else:
-        factor = 0.0 if momentum is None else momentum
-    tracking = running_mean is not None and running_var is not None
-    running = (running_mean.clone(), running_var.clone()) if tracking else (None, None)
-    y, mean, invstd = torch.native_batch_norm(x, weight, bias, *running, True, factor, eps)
-    ratio = torch.linalg.vector_norm(mean * invstd, float("inf")).item()
-    if not ratio <= STATS_RATIO:  # NaN included
-        return None
-    if num_batches_tracked is not None:
-        num_batches_tracked.add_(1)
-    if tracking:
-        running_mean.copy_(running[0])
-        running_var.copy_(running[1])
-    y = same_format(y, x)  # (torch's strides differ from empty_like's on size-1 dimensions)
-    return y if residual is None else y.add_(residual)
 
 
 def batch_mean_var(x: Tensor) -> tuple[Tensor, Tensor]:

@@ -6,7 +6,10 @@ same results to the dtype's precision, by doing less work:
 
 - statistics in one pass: per-channel sums of x - pilot (pilot = the channel's first
   element, so a large mean cancels exactly) and of its square, or torch's own CPU
-  statistics kernel where it is fast (channels innermost: channels_last, (N, C));
+  statistics kernel where it is fast (channels innermost: channels_last, (N, C)). An eager
+  training forward gets them in float32 where float32 is exact enough
+  (``batch_stats_as_computed_``; ``normalize`` and its backward take statistics in any
+  float dtype), the ops' contract ``batch_stats_`` in STATS_DTYPE;
 - normalization by torch's own kernels (``torch.native_batch_norm`` in eval form: one
   pass, ``x * scale + shift``; ``torch.addcmul`` when channels are innermost), then the
   residual and the activation in place on the output;
@@ -83,12 +86,12 @@ def fast_layout(x: Tensor) -> str | None:
 
 
 def within_ratio(mean: Tensor, var: Tensor, eps: float, ratio: float) -> bool:
-    """max |mean| / sqrt(var + eps) <= ratio over the channels, as mean^2 <= ratio^2 *
-    (var + eps) in three C-element ops; False for NaN or Inf.
+    """max |mean| / sqrt(var + eps) <= ratio over the channels, as min(var - mean^2 / ratio^2)
+    >= -eps in three C-element ops; False for NaN or Inf (amin propagates NaN).
 
     Reads C-element CPU tensors on the host: no device involved (fast_layout keeps every
     other device on the reference path)."""
-    return bool(torch.addcmul(var, mean, mean, value=-1.0 / ratio**2).ge_(-eps).all())
+    return torch.addcmul(var, mean, mean, value=-1.0 / ratio**2).amin().item() >= -eps
 
 
 STATS_RATIO = FAST_RATIO[torch.float32]
@@ -96,47 +99,11 @@ STATS_RATIO = FAST_RATIO[torch.float32]
 float32: torch's statistics kernel (float32 sums, mean rounded to float32) is accepted
 there, and the cheap form then holds for every eps and every dtype (FAST_RATIO >= this)."""
 
-FLOAT32_HINT = "_fastbn_float32"
-"""Attribute of a float64 mean from batch_mean_var: (mean's version, var, var's version,
-float32 mean, float32 var), set when |mean| / std <= STATS_RATIO. normalize and its
-backward then skip the rule and the casts; any in-place change of mean or var voids it."""
-
-
-SCRATCH = "_fastbn_scratch"
-"""Attribute of a float64 mean from batch_mean_var: the input-sized temporary of its pilot
-sums, which ``normalize`` on the same x then takes as its output buffer (one allocation per
-training forward, as torch's own; a fresh one would fault in its pages again)."""
-
-
-def hinted(mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:
-    """Float64 statistics carrying their float32 copies and the rule's verdict."""
-    setattr(mean, FLOAT32_HINT, (mean._version, var, var._version, mean.float(), var.float()))
-    return mean, var
-
-
-def take_scratch(mean: Tensor, x: Tensor) -> Tensor | None:
-    """The temporary ``batch_mean_var`` left on mean, once, if it can hold an output like x."""
-    scratch = getattr(mean, SCRATCH, None)
-    if scratch is None:
-        return None
-    delattr(mean, SCRATCH)  # mean lives on into the backward; the output must not
-    fits = scratch.dtype == x.dtype and scratch.shape == x.shape and \
-        scratch.stride() == x.stride()
-    return scratch if fits else None
-
-
-def float32_hint(mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor] | None:
-    """The float32 (mean, var) that ``hinted`` attached, if it still holds for these tensors."""
-    hint = getattr(mean, FLOAT32_HINT, None)
-    if hint is None or hint[0] != mean._version or hint[1] is not var or hint[2] != var._version:
-        return None
-    return hint[3], hint[4]
-
 
 def pilot_sums(x: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
-    """Mean and biased variance (STATS_DTYPE) from one pass of sums of t = x - pilot and
-    t^2 in the compute dtype, and the temporary that held t; or None when the pilot is too
-    far from the mean for them (mean(t)^2 > PILOT_CANCELLATION * var(t))."""
+    """(pilot, mean(t), biased var) in the compute dtype from one pass of sums of
+    t = x - pilot and t^2; or None when the pilot is too far from the mean for them
+    (mean(t)^2 > PILOT_CANCELLATION * var(t))."""
     dims = reduced_dims(x)
     count = reduced_count(x)
     dtype = compute_dtype(x.dtype)
@@ -145,52 +112,62 @@ def pilot_sums(x: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
     if x.dtype == dtype:
         shifted = x - channel_view(pilot, x)
     else:  # one conversion pass, then in place: faster than a mixed-dtype subtraction
-        shifted = x.to(dtype).sub_(channel_view(pilot.to(dtype), x))
+        pilot = pilot.to(dtype)
+        shifted = x.to(dtype).sub_(channel_view(pilot, x))
     first = shifted.sum(dims)
     second = shifted.square_().sum(dims)
+    del shifted  # freed before the output is allocated, which then takes its memory
     # mean(t)^2 <= K var(t) = K (mean(t^2) - mean(t)^2)  <=>  sum(t^2) >= (K + 1) / K sum(t)^2 / M
     ratio = (1 + PILOT_CANCELLATION) / PILOT_CANCELLATION
-    if not bool(torch.addcmul(second, first, first, value=-ratio / count).ge_(0).all()):
+    if not torch.addcmul(second, first, first, value=-ratio / count).amin().item() >= 0:
         return None
     shifted_mean = first.div_(count)
     var = torch.addcmul(second.div_(count), shifted_mean, shifted_mean, value=-1).clamp_min_(0)
-    # never in place on pilot: it is a view of x
-    return shifted_mean.to(STATS_DTYPE) + pilot, var.to(STATS_DTYPE), shifted
+    return pilot, shifted_mean, var
 
 
 def native_mean_var(x: Tensor) -> tuple[Tensor, Tensor]:
     """torch's CPU statistics kernel: float32 mean and biased variance (float32 sums). Given
     float32 running buffers (scratch here, left unchanged with momentum 0), it returns
-    float32 statistics for float16/bfloat16 input too."""
+    float32 statistics for float16/bfloat16 input too; float32 input needs none."""
+    if x.dtype == torch.float32:
+        return torch.batch_norm_update_stats(x, None, None, 0.0)
     scratch = x.new_zeros(x.shape[1], dtype=torch.float32)
     return torch.batch_norm_update_stats(x, scratch, scratch, 0.0)
 
 
-def batch_mean_var(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-channel mean and biased variance (STATS_DTYPE), as exact as
-    ``reference.batch_mean_var``:
+def mean_var(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and biased variance, as exact as ``reference.batch_mean_var``, in the
+    compute dtype where that is exact enough (|mean| / std <= STATS_RATIO, or float64
+    input), else in STATS_DTYPE:
 
-    - float32 with channels innermost, float16, bfloat16: torch's statistics kernel, kept
-      when |mean| / std <= STATS_RATIO (float32 is exact enough there);
-    - otherwise, and float32 NCHW (where torch's kernel is a slow scalar loop), float64:
-      one-pass pilot sums;
-    - when neither holds (far pilot, large mean in float32 sums): the reference's two
-      passes."""
+    - float32 with channels innermost, float16, bfloat16: torch's statistics kernel;
+    - otherwise (float32 NCHW, where torch's kernel is a slow scalar loop; float64; a large
+      mean): one-pass pilot sums, whose mean pilot + mean(t) is exact in float64;
+    - when neither holds (far pilot): the reference's two passes."""
     layout = fast_layout(x)
     if layout is None or reduced_count(x) == 0:
         return reference.batch_mean_var(x)
     if x.dtype != torch.float64 and (layout == "rows" or x.dtype != torch.float32):
         mean, var = native_mean_var(x)
         if within_ratio(mean, var, 0.0, STATS_RATIO):
-            return hinted(mean.to(STATS_DTYPE), var.to(STATS_DTYPE))
-    stats = pilot_sums(x)
-    if stats is None:
+            return mean, var
+    sums = pilot_sums(x)
+    if sums is None:
         return reference.batch_mean_var(x)
-    mean, var, scratch = stats
-    setattr(mean, SCRATCH, scratch)
+    pilot, shifted_mean, var = sums
+    if x.dtype == torch.float64:
+        return shifted_mean.add_(pilot), var
+    mean = shifted_mean + pilot
     if within_ratio(mean, var, 0.0, STATS_RATIO):
-        return hinted(mean, var)
-    return mean, var
+        return mean, var
+    return pilot.to(STATS_DTYPE) + shifted_mean.to(STATS_DTYPE), var.to(STATS_DTYPE)
+
+
+def batch_mean_var(x: Tensor) -> tuple[Tensor, Tensor]:
+    """``reference.batch_mean_var``'s contract (STATS_DTYPE) from ``mean_var``."""
+    mean, var = mean_var(x)
+    return mean.to(STATS_DTYPE), var.to(STATS_DTYPE)
 
 
 def update_running_stats_(
@@ -216,10 +193,8 @@ def update_running_stats_(
         factor: float | Tensor = num_batches_tracked.reciprocal().to(torch.float32)
     else:
         factor = momentum
-    hint = float32_hint(mean, var)
-    mean32, var32 = hint if hint is not None else (mean.float(), var.float())
-    running_mean.lerp_(mean32, factor)
-    running_var.lerp_(var32 * reference.unbiasing_factor(count), factor)
+    running_mean.lerp_(mean.float(), factor)
+    running_var.lerp_(var.float() * reference.unbiasing_factor(count), factor)
 
 
 def batch_stats_(
@@ -229,15 +204,41 @@ def batch_stats_(
     num_batches_tracked: Tensor | None,
     momentum: float | None,
 ) -> tuple[Tensor, Tensor]:
-    """``reference.batch_stats_`` with the statistics of ``batch_mean_var``."""
+    """``reference.batch_stats_`` (STATS_DTYPE statistics) by ``batch_mean_var``."""
     mean, var = batch_mean_var(x)
+    update_state_(x, running_mean, running_var, num_batches_tracked, momentum, mean, var)
+    return mean, var
+
+
+def batch_stats_as_computed_(
+    x: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
+    num_batches_tracked: Tensor | None, momentum: float | None,
+) -> tuple[Tensor, Tensor]:
+    """``batch_stats_`` with the statistics as ``mean_var`` gives them (the compute dtype
+    where that is exact enough), for a caller that hands them to ``normalize`` only (an
+    eager training forward): no conversions to float64 and back."""
+    mean, var = mean_var(x)
+    update_state_(x, running_mean, running_var, num_batches_tracked, momentum, mean, var)
+    return mean, var
+
+
+def update_state_(
+    x: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    num_batches_tracked: Tensor | None,
+    momentum: float | None,
+    mean: Tensor,
+    var: Tensor,
+) -> None:
+    """``reference.batch_stats_``'s state changes from x's statistics: the step counter, then
+    the running statistics."""
     if num_batches_tracked is not None:
         num_batches_tracked.add_(1)
     if running_mean is not None and running_var is not None and reduced_count(x) > 0:
         update_running_stats_(
             running_mean, running_var, num_batches_tracked, mean, var, reduced_count(x), momentum
         )
-    return mean, var
 
 
 def param_dtype(x: Tensor) -> torch.dtype:
@@ -252,9 +253,6 @@ def native_constants(
     the exact path (another layout or device, or the exactness rule fails)."""
     if fast_layout(x) is None:
         return None
-    hint = float32_hint(mean, var)
-    if hint is not None and x.dtype != torch.float64:
-        return hint
     dtype = param_dtype(x)
     mean, var = mean.to(dtype), var.to(dtype)
     return (mean, var) if within_ratio(mean, var, eps, FAST_RATIO[x.dtype]) else None
@@ -266,7 +264,7 @@ def cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
 
 def affine_output(
     x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None,
-    eps: float, out: Tensor | None = None,
+    eps: float,
 ) -> Tensor:
     """x * scale + shift (scale = weight / sqrt(var + eps), shift = bias - mean * scale) in
     x's dtype and memory format, by the faster of torch's kernels for the layout: addcmul
@@ -279,11 +277,9 @@ def affine_output(
             scale.mul_(weight)
         shift = torch.mul(mean, scale).neg_() if bias is None else torch.addcmul(
             bias.to(dtype), mean, scale, value=-1)
-        return torch.addcmul(channel_view(shift, x), x, channel_view(scale, x), out=out)
-    args = (x, cast(weight, dtype), cast(bias, dtype), mean, var, False, 0.0, eps)
-    if out is None:
-        return torch.native_batch_norm(*args)[0]
-    return torch.native_batch_norm(*args, out=(out, x.new_empty(0), x.new_empty(0)))[0]
+        return torch.addcmul(channel_view(shift, x), x, channel_view(scale, x))
+    return torch.native_batch_norm(x, cast(weight, dtype), cast(bias, dtype), mean, var, False,
+                                   0.0, eps)[0]
 
 
 def activation_(y: Tensor, activation: str, negative_slope: float) -> Tensor:
@@ -310,15 +306,20 @@ the dtype's tolerance); other activations on low-precision input take the exact 
 
 
 def pack_bits(bits: Tensor) -> Tensor:
-    """``reference.pack_bits``, bit for bit, by one multiply per 8 positions, in place on
-    ``bits`` (a temporary of the caller's, which this consumes)."""
+    """``reference.pack_bits``, bit for bit, by one multiply per 8 positions: the packed byte
+    is the top byte of each product, read out as a strided view (little-endian). In place on
+    ``bits`` (a temporary of the caller's, which this consumes) when its positions are
+    contiguous and a multiple of 8; else after one copy into a padded buffer."""
     view = reference.mask_positions(bits)
-    padding = -view.shape[-1] % 8
-    if padding:
-        view = torch.nn.functional.pad(view.to(torch.uint8), (0, padding))
-    words = view.contiguous().view(torch.uint8).view(torch.int64)
-    words.mul_(_BITS_TO_BYTE).bitwise_right_shift_(56).bitwise_and_(0xFF)
-    return words.to(torch.uint8)
+    rows, channels, positions = view.shape
+    padding = -positions % 8
+    if padding or not view.is_contiguous():
+        padded = view.new_empty((rows, channels, positions + padding))
+        padded[..., positions:] = False
+        padded[..., :positions] = view
+        view = padded
+    words = view.view(torch.uint8).view(torch.int64).mul_(_BITS_TO_BYTE)
+    return words.view(torch.uint8)[..., 7::8].contiguous()
 
 
 _SAME_WIDTH_INT = {torch.float64: torch.int64, torch.float32: torch.int32,
@@ -356,13 +357,12 @@ def normalize(
 ) -> tuple[Tensor, Tensor]:
     """``reference.normalize``: the cheap form by torch's kernels, the residual and the
     activation in place on the output, when the exactness rule holds."""
-    scratch = take_scratch(mean, x)
     constants = native_constants(x, mean, var, eps)
     low_precision = x.dtype != param_dtype(x)
     if constants is None or (low_precision and activation not in ROUNDING_COMMUTES):
         return reference.normalize(x, mean, var, weight, bias, residual, eps, activation,
                                    negative_slope, save_mask)
-    y = affine_output(x, *constants, weight, bias, eps, out=scratch)
+    y = affine_output(x, *constants, weight, bias, eps)
     if residual is not None:
         y.add_(residual)
     mask = pack_bits(positive(y, activation)) if save_mask else None
@@ -490,20 +490,16 @@ def normalize_backward(
         )
     want_weight = want_weight and weight is not None
     want_bias = want_bias and bias is not None
-    # Custom-op outputs must not alias each other: a fresh empty tensor for each.
-    grad_input, grad_weight, grad_bias = x.new_empty(0), x.new_empty(0), x.new_empty(0)
-    if want_input or want_weight or want_bias:
-        grads = native_backward(g, x, constants, weight, use_batch_stats, eps,
-                                [want_input, want_weight, want_bias])
-        if want_input:
-            grad_input = same_format(grads[0], x)
-        if want_weight:
-            grad_weight = grads[1].to(weight.dtype)
-        if want_bias:
-            grad_bias = grads[2].to(bias.dtype)
-    grad_residual = (grad_residual_from(g, grad_out, x, residual) if want_residual
-                     else x.new_empty(0))
-    return grad_input, grad_weight, grad_bias, grad_residual
+    grads = native_backward(g, x, constants, weight, use_batch_stats, eps,
+                            [want_input, want_weight, want_bias]
+                            ) if want_input or want_weight or want_bias else (None,) * 3
+    # Custom-op outputs must not alias each other: a fresh empty tensor for each one not asked.
+    return (
+        same_format(grads[0], x) if want_input else x.new_empty(0),
+        grads[1].to(weight.dtype) if want_weight else x.new_empty(0),
+        grads[2].to(bias.dtype) if want_bias else x.new_empty(0),
+        grad_residual_from(g, grad_out, x, residual) if want_residual else x.new_empty(0),
+    )
 
 
 def normalize_grad_sums(

@@ -87,7 +87,8 @@ def batch_norm(
     backend = resolve_backend(input)
     if training:
         mean, var = ops.call_batch_stats_(
-            input.detach(), running_mean, running_var, num_batches_tracked, momentum, backend
+            input.detach(), running_mean, running_var, num_batches_tracked, momentum, backend,
+            for_normalize=True,
         )
     else:
         mean, var = running_mean, running_var

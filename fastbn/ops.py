@@ -429,14 +429,18 @@ def call_batch_stats_(
     num_batches_tracked: Optional[Tensor],
     momentum: Optional[float],
     backend: str,
+    for_normalize: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    """``batch_stats_``: mean and var, running statistics updated in place."""
+    """``batch_stats_``: mean and var, running statistics updated in place. With
+    ``for_normalize`` (the caller hands them to ``call_normalize`` only) an eager call on
+    the "torch" backend gets them as ``cpu.batch_stats_as_computed_`` gives them, in the
+    compute dtype where that is exact enough, instead of STATS_DTYPE."""
     if not (direct(x) and plain(running_mean, running_var, num_batches_tracked)):
         return batch_stats_(x, running_mean, running_var, num_batches_tracked, momentum,
                             backend)
-    result = implementation(backend).batch_stats_(
-        x, running_mean, running_var, num_batches_tracked, momentum
-    )
+    function = (cpu.batch_stats_as_computed_ if for_normalize and backend == "torch"
+                else implementation(backend).batch_stats_)
+    result = function(x, running_mean, running_var, num_batches_tracked, momentum)
     # As the op's ADInplaceOrView kernel does (both at once: they are given together).
     if running_mean is not None and running_var is not None:
         torch.autograd.graph.increment_version((running_mean, running_var))

@@ -49,18 +49,18 @@ def layout(x: torch.Tensor, name: str) -> torch.Tensor:
     return strided(x) if name == "strided" else x
 
 
-class Float64Sizes(TorchDispatchMode):
-    """Records the size of every float64 tensor an op returns."""
+class TensorSizes(TorchDispatchMode):
+    """Records the dtype and size of every tensor an op returns."""
 
     def __init__(self):
         super().__init__()
-        self.sizes: list[int] = []
+        self.sizes: list[tuple[torch.dtype, int]] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor) and t.dtype == torch.float64:
-                self.sizes.append(t.numel())
+            if isinstance(t, torch.Tensor):
+                self.sizes.append((t.dtype, t.numel()))
         return out
 
 
@@ -117,6 +117,23 @@ def test_exact_side_of_the_rule_takes_the_hi_lo_path_and_matches_truth(monkeypat
     y = fastbn.batch_norm(x, None, None, None, None, True)
     assert calls == ["normalize"]
     assert_close_to_truth("output", y, batch_norm_truth(x, None, None, None, None, True)["y"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("offset", [3.0, 1e4], ids=["small_mean", "large_mean"])
+def test_eager_statistics_are_float32_only_where_the_rule_allows(dtype, channels_last, offset):
+    """batch_stats_as_computed_ (the eager training forward's statistics): float32 when
+    |mean| / std <= STATS_RATIO, STATS_DTYPE beyond it; either way the truth's, and the
+    ops' contract (batch_stats_) is STATS_DTYPE on both sides."""
+    x = make_input((4, 3, 6, 5), dtype, offset=offset, channels_last=channels_last)
+    mean, var = cpu.batch_stats_as_computed_(x, None, None, None, 0.1)
+    expected = torch.float32 if offset < cpu.STATS_RATIO else torch.float64
+    assert mean.dtype == var.dtype == expected
+    assert cpu.batch_stats_(x, None, None, None, 0.1)[0].dtype == torch.float64
+    truth = x.double()
+    assert_close_to_truth("mean", mean, truth.mean((0, 2, 3)), dtype=torch.float32)
+    assert_close_to_truth("var", var, truth.var((0, 2, 3), unbiased=False), dtype=torch.float32)
 
 
 def test_pilot_far_from_the_mean_falls_back_to_two_passes():
@@ -273,15 +290,17 @@ def test_momentum_none_is_the_cumulative_average_on_the_fast_path():
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 def test_no_float64_tensor_of_the_inputs_size(channels_last):
-    """Float64 appears only in the C-element statistics, never as a full-size temporary."""
+    """Float64 appears at most in C-element statistics, never as a full-size temporary
+    (the recorder does see the full-size float32 tensors)."""
     x = make_input((4, 8, 6, 6), channels_last=channels_last).requires_grad_(True)
     z = make_input((4, 8, 6, 6), seed=1, channels_last=channels_last).requires_grad_(True)
     weight = torch.ones(8, requires_grad=True)
-    with Float64Sizes() as recorder:
+    with TensorSizes() as recorder:
         y = fastbn.batch_norm(x, torch.zeros(8), torch.ones(8), weight, None, True,
                               residual=z, activation="relu")
         torch.autograd.grad(y, [x, weight, z], torch.ones_like(y))
-    assert recorder.sizes and max(recorder.sizes) <= 8
+    assert (torch.float32, x.numel()) in recorder.sizes
+    assert max((n for dtype, n in recorder.sizes if dtype == torch.float64), default=0) <= 8
 
 
 def test_results_are_bitwise_reproducible():

@@ -85,6 +85,16 @@ def _module_call_node(layer: torch.nn.Module, input: torch.fx.Proxy,
     return tracer.create_proxy("call_module", tracer.path_of_module(layer), args, {})
 
 
+def _tensor(module: torch.nn.Module, store: dict, name: str) -> Tensor | None:
+    """module's tensor ``name``: from its dictionary ``store`` (where torch.func.functional_call
+    swaps it too) when it is there, else as ``getattr`` finds it (a parametrization's
+    property, a plain attribute set by a weight_norm-style pre-hook), or None."""
+    try:
+        return store[name]
+    except KeyError:
+        return getattr(module, name, None)
+
+
 class _FastBatchNorm(_BatchNorm):
     """Shared constructor and forward of the fastbn modules."""
 
@@ -236,9 +246,12 @@ class _FastBatchNorm(_BatchNorm):
         """activation(BatchNorm(input) + residual) in one fastbn call."""
         # The tensors straight from the module's dictionaries (where torch.func.functional_call
         # swaps them too): nn.Module.__getattr__ would cost more than the rest of this.
+        # A name missing from its dictionary (a parametrization, a weight_norm-style hook
+        # that sets a plain attribute) is read the ordinary way, as torch's forward does.
         buffers, parameters = self._buffers, self._parameters
-        running_mean, running_var = buffers.get("running_mean"), buffers.get("running_var")
-        num_batches_tracked = buffers.get("num_batches_tracked")
+        running_mean = _tensor(self, buffers, "running_mean")
+        running_var = _tensor(self, buffers, "running_var")
+        num_batches_tracked = _tensor(self, buffers, "num_batches_tracked")
         training = self.training
         keeps_stats = not training or self.track_running_stats
         # Batch statistics in training, and in eval when no running statistics are kept.
@@ -250,8 +263,8 @@ class _FastBatchNorm(_BatchNorm):
             input,
             running_mean if keeps_stats else None,
             running_var if keeps_stats else None,
-            parameters.get("weight"),
-            parameters.get("bias"),
+            _tensor(self, parameters, "weight"),
+            _tensor(self, parameters, "bias"),
             use_batch_stats,
             momentum,
             self.eps,

@@ -611,3 +611,32 @@ def test_momentum_none_without_a_step_counter_keeps_running_stats_like_torch(dev
     assert_matches("output", fast(x), ref(x))
     for name in ("running_mean", "running_var"):
         assert torch.equal(getattr(fast, name), getattr(ref, name)), name
+
+
+class _Doubled(torch.nn.Module):
+    def forward(self, w):
+        return w * 2
+
+
+@pytest.mark.parametrize("name", ["weight", "bias", "running_var"])
+def test_parametrized_tensor_is_used_like_torchs_forward_uses_it(backend, device, name):
+    # torch.nn.utils.parametrize moves the tensor out of _parameters/_buffers into a property.
+    module = fastbn.BatchNorm2d(3, device=device).eval()
+    torch.nn.utils.parametrize.register_parametrization(module, name, _Doubled())
+    x = make_input((4, 3, 3, 3), device=device)
+    values = {n: getattr(module, n) for n in ("running_mean", "running_var", "weight", "bias")}
+    truth = batch_norm_truth(x, values["running_mean"], values["running_var"], values["weight"],
+                             values["bias"], training=False)
+    assert_close_to_truth("output", module(x), truth["y"])
+
+
+def test_weight_set_as_plain_attribute_by_a_pre_hook_is_used(backend, device):
+    # The pattern of torch.nn.utils.weight_norm: the Parameter is deleted, a pre-hook sets a
+    # plain tensor attribute before each call.
+    module = fastbn.BatchNorm2d(3, device=device)
+    scale = torch.nn.Parameter(torch.full((3,), 3.0, device=device))
+    del module._parameters["weight"]
+    module.register_forward_pre_hook(lambda mod, args: setattr(mod, "weight", scale * 1.5))
+    x = make_input((4, 3, 3, 3), device=device)
+    truth = batch_norm_truth(x, None, None, scale * 1.5, module.bias, training=True)
+    assert_close_to_truth("output", module(x), truth["y"])

@@ -381,12 +381,14 @@ def direct(x: Tensor) -> bool:
     """Whether a call on x may skip the dispatcher: a plain tensor with data, outside
     torch.compile.
 
-    Tracing (torch.compile, export), tensor subclasses (fake tensors, DTensor, ...) and meta
+    Tracing (torch.compile, export, torch.jit.trace: its graph records each op as one
+    call, where it could not record a Triton launch), tensor subclasses (fake tensors, DTensor, ...) and meta
     tensors see the custom ops, which is what they understand (the ops' fake
     implementations serve meta tensors on every backend); eager calls run the same
     implementation with the same autograd formulas, without the dispatcher's Python layers.
     """
-    return type(x) is Tensor and not x.is_meta and not torch.compiler.is_compiling()
+    return (type(x) is Tensor and not x.is_meta and not torch.compiler.is_compiling()
+            and not torch.jit.is_tracing())
 
 
 _PLAIN = (Tensor, torch.nn.Parameter)
@@ -470,9 +472,7 @@ def call_normalize(
 ) -> tuple[Tensor, Tensor]:
     """``normalize``: (y, activation mask)."""
     if direct(x) and plain(mean, var, weight, bias, residual):
-        if torch.jit.is_tracing() or (torch.is_grad_enabled() and requires_grad(
-            x, weight, bias, residual
-        )):  # (a jit trace records one path for the calls with and without gradients)
+        if torch.is_grad_enabled() and requires_grad(x, weight, bias, residual):
             return _Normalize.apply(x, mean, var, weight, bias, residual,
                                     (eps, batch_stats, activation, negative_slope, save_mask,
                                      backend))

@@ -640,3 +640,29 @@ def test_weight_set_as_plain_attribute_by_a_pre_hook_is_used(backend, device):
     x = make_input((4, 3, 3, 3), device=device)
     truth = batch_norm_truth(x, None, None, scale * 1.5, module.bias, training=True)
     assert_close_to_truth("output", module(x), truth["y"])
+
+
+def test_jit_trace_of_a_training_layer_updates_and_normalizes_like_eager(backend, device):
+    # Training batch statistics under torch.jit.trace (it used to fail with
+    # "unordered_map::at"); the traced module, called on other data, still matches truth.
+    import warnings
+
+    module = fastbn.BatchNorm2d(3, device=device)
+    x = make_input((4, 3, 5, 5), device=device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TracerWarnings from the shape checks
+        traced = torch.jit.trace(module, (x,), check_trace=False)
+    # The trace calls fastbn's ops (a Triton launch inside a traced graph would not replay).
+    assert "fastbn::batch_stats_" in str(traced.graph)
+    assert "fastbn::normalize" in str(traced.graph)
+    before_mean, before_var = module.running_mean.clone(), module.running_var.clone()
+    other = (make_input((4, 3, 5, 5), device=device) * 3 + 2).requires_grad_(True)
+    truth = batch_norm_truth(other, before_mean, before_var, module.weight, module.bias,
+                             training=True)
+    y = traced(other)
+    assert_close_to_truth("output", y, truth["y"])
+    grad_out = torch.randn_like(y)
+    y.backward(grad_out)
+    assert_close_to_truth("grad input", other.grad, grads_truth(truth, grad_out)["x"])
+    assert_close_to_truth("running_mean", module.running_mean, truth["running_mean"])
+    assert_close_to_truth("running_var", module.running_var, truth["running_var"])

@@ -382,9 +382,9 @@ def direct(x: Tensor) -> bool:
     torch.compile.
 
     Tracing (torch.compile, export, torch.jit.trace: its graph records each op as one
-    call, where it could not record a Triton launch), tensor subclasses (fake tensors, DTensor, ...) and meta
-    tensors see the custom ops, which is what they understand (the ops' fake
-    implementations serve meta tensors on every backend); eager calls run the same
+    call, where it could not record a Triton launch), tensor subclasses (fake tensors,
+    DTensor, ...) and meta tensors see the custom ops, which is what they understand (the
+    ops' fake implementations serve meta tensors on every backend); eager calls run the same
     implementation with the same autograd formulas, without the dispatcher's Python layers.
     """
     return (type(x) is Tensor and not x.is_meta and not torch.compiler.is_compiling()

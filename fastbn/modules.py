@@ -74,6 +74,15 @@ def _take_state(source: torch.nn.Module, target: torch.nn.Module) -> None:
     target._non_persistent_buffers_set = set(source._non_persistent_buffers_set)
 
 
+def moved_tensors(layer: torch.nn.Module) -> list[str]:
+    """Which of layer's weight, bias, running_mean and running_var are not in its
+    ``_parameters`` / ``_buffers`` (torch.nn.utils.parametrize, or a weight_norm-style hook,
+    moved them): a swap, which carries those dictionaries over, would lose them."""
+    moved = [name for name in ("weight", "bias") if name not in layer._parameters]
+    return moved + [name for name in ("running_mean", "running_var")
+                    if name not in layer._buffers]
+
+
 def _module_call_node(layer: torch.nn.Module, input: torch.fx.Proxy,
                       residual: torch.fx.Proxy | Tensor | None) -> torch.fx.Proxy:
     """Under torch.fx: one ``call_module`` node for a layer inside the traced module, as
@@ -160,13 +169,22 @@ class _FastBatchNorm(_BatchNorm):
         layer's tensors, hooks, training flag, eps, momentum and qconfig.
 
         Raises ValueError when this layer computes an activation the torch layer would not
-        (one set after the swap), and RuntimeError for a layer from_torch did not make.
+        (one set after the swap) or holds a tensor outside its dictionaries (a
+        parametrization), and RuntimeError for a layer from_torch did not make.
         """
         origin = self._torch_origin
         if origin is None:
             raise RuntimeError(
                 f"{type(self).__name__}.to_torch: this layer was built as a fastbn layer, "
                 "not swapped in by from_torch, so there is no torch layer to give back"
+            )
+        moved = moved_tensors(self)
+        if moved:
+            raise ValueError(
+                f"{type(self).__name__}.to_torch: this layer's {', '.join(moved)} is not "
+                "among its parameters and buffers (a parametrization or a weight_norm-style "
+                "hook moved it), so the torch layer would lose it; remove that first "
+                "(torch.nn.utils.parametrize.remove_parametrizations)"
             )
         if self.activation != origin.activation or (
             self.activation == "leaky_relu" and self.negative_slope != origin.negative_slope

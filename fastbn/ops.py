@@ -427,11 +427,15 @@ def call_batch_stats_(
     result = implementation(backend).batch_stats_(
         x, running_mean, running_var, num_batches_tracked, momentum
     )
-    # As the op's ADInplaceOrView kernel does (both at once: they are given together).
+    # As the op's ADInplaceOrView kernel does, for every mutated argument (the Triton
+    # kernel counts num_batches_tracked too), in one call where they are given together.
     if running_mean is not None and running_var is not None:
-        torch.autograd.graph.increment_version((running_mean, running_var))
+        torch.autograd.graph.increment_version(
+            (running_mean, running_var) if num_batches_tracked is None
+            else (running_mean, running_var, num_batches_tracked)
+        )
     else:
-        for mutated in (running_mean, running_var):
+        for mutated in (running_mean, running_var, num_batches_tracked):
             if mutated is not None:
                 torch.autograd.graph.increment_version(mutated)
     return result

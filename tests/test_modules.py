@@ -666,3 +666,15 @@ def test_jit_trace_of_a_training_layer_updates_and_normalizes_like_eager(backend
     assert_close_to_truth("grad input", other.grad, grads_truth(truth, grad_out)["x"])
     assert_close_to_truth("running_mean", module.running_mean, truth["running_mean"])
     assert_close_to_truth("running_var", module.running_var, truth["running_var"])
+
+
+def test_training_step_bumps_the_version_of_each_tensor_it_changes(backend, device):
+    # As torch's module (num_batches_tracked.add_) and fastbn's op route do; the Triton
+    # kernel's count of num_batches_tracked went without one.
+    module = fastbn.BatchNorm2d(3, device=device)
+    state = dict(module.named_buffers())
+    before = {name: tensor._version for name, tensor in state.items()}
+    module(make_input((4, 3, 3, 3), device=device))
+    assert module.num_batches_tracked.item() == 1
+    for name, tensor in state.items():
+        assert tensor._version > before[name], name

@@ -388,7 +388,7 @@ def direct(x: Tensor) -> bool:
     implementation with the same autograd formulas, without the dispatcher's Python layers.
     """
     return (type(x) is Tensor and not x.is_meta and not torch.compiler.is_compiling()
-            and not torch.jit.is_tracing())
+            and not torch._C._is_tracing())  # (torch.jit.is_tracing, without its script test)
 
 
 _PLAIN = (Tensor, torch.nn.Parameter)

@@ -60,6 +60,7 @@ from fastbn.modules import (
     BatchNorm3d,
     SyncBatchNorm,
     _FastBatchNorm,
+    moved_tensors,
 )
 
 FUSE_LEVELS = ("none", "safe", "graph")
@@ -173,7 +174,8 @@ def revert(module: nn.Module) -> nn.Module:
 
     Reverts in place and returns the result (a new object when ``module`` itself was
     swapped or replaced). Raises ValueError, changing nothing, where a swapped layer was
-    given an activation after convert that its torch layer would not compute.
+    given an activation after convert that its torch layer would not compute, or a
+    parametrization (which the torch layer would lose).
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"fastbn.revert: expected an nn.Module, got {type(module).__name__}")
@@ -282,6 +284,10 @@ def _replacement(
         if not isinstance(layer, torch_class) or isinstance(layer, fastbn_class):
             continue
         if isinstance(layer, _FastBatchNorm):  # fastbn.BatchNorm2d -> fastbn.SyncBatchNorm
+            moved = moved_tensors(layer)
+            if moved:
+                return None, (f"its {', '.join(moved)} is not among its parameters and "
+                              "buffers (a parametrization or a hook moved it)")
             return fastbn_class.from_torch(
                 layer, activation=layer.activation, negative_slope=layer.negative_slope,
                 **extra,

@@ -13,10 +13,11 @@ What the plan does not fix is checked on every call, and a change takes the ordi
 (which then remembers that specialisation too): the current device, each tensor's dtype,
 16-byte alignment (Triton's pointer specialisation) and None-ness, that the float
 arguments are Python floats, and the compilation knobs ``JITFunction.run`` reads per call
-(``debug``, ``instrumentation_mode``). Device and stream are taken per call exactly as
-``JITFunction.run`` takes them (``driver.active.get_current_device()``, then its current
-stream), so ``torch.cuda.device``/``torch.cuda.stream`` blocks and CUDA graph capture see
-the same launches as with Triton's own path.
+(``debug``, ``instrumentation_mode``, on 3.9 ``fpsan_homomorphic_casts``). Device and
+stream are taken per call exactly as ``JITFunction.run`` takes them
+(``driver.active.get_current_device()``, then its current stream), so
+``torch.cuda.device``/``torch.cuda.stream`` blocks and CUDA graph capture see the same
+launches as with Triton's own path.
 
 The ordinary path runs instead, always, when:
 - direct launches are off: ``FASTBN_DIRECT_LAUNCH=0`` in the environment at import, or
@@ -139,7 +140,10 @@ def _key(kernel: Any, tensors: tuple, floats: tuple) -> tuple | None:
             return None
     active = driver.active
     device = active.get_current_device()
-    key = [device, runtime.debug, knobs.compilation.instrumentation_mode]
+    compilation = knobs.compilation
+    # (fpsan_homomorphic_casts: read per call by triton 3.9's JITFunction.run, absent in 3.6)
+    key = [device, runtime.debug, compilation.instrumentation_mode,
+           getattr(compilation, "fpsan_homomorphic_casts", None)]
     for t in tensors:
         key.append(None if t is None else (t.dtype, t.data_ptr() % 16 == 0))
     return tuple(key)

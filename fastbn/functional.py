@@ -235,6 +235,14 @@ def check_arguments(
         raise ValueError(
             "batch_norm: running_mean and running_var must be given together or both be None"
         )
+    elif running_mean is not None and channels > 1 and (
+        running_mean.stride(0) == 0 or running_var.stride(0) == 0
+    ):  # (the in-place update would raise part-way, after changing the other tensors)
+        name = "running_mean" if running_mean.stride(0) == 0 else "running_var"
+        raise RuntimeError(
+            f"batch_norm: {name} is updated in place in training, but it is an expanded view "
+            "(stride 0: its elements share one memory location); pass a tensor of its own"
+        )
     if torch.is_grad_enabled():  # torch's autograd refuses them (no derivative is defined)
         for name, tensor in (("running_mean", running_mean), ("running_var", running_var)):
             if tensor is not None and tensor.requires_grad:

@@ -74,6 +74,15 @@ def _take_state(source: torch.nn.Module, target: torch.nn.Module) -> None:
     target._non_persistent_buffers_set = set(source._non_persistent_buffers_set)
 
 
+def moved_tensors(layer: torch.nn.Module) -> list[str]:
+    """Which of layer's weight, bias, running_mean and running_var are not in its
+    ``_parameters`` / ``_buffers`` (torch.nn.utils.parametrize, or a weight_norm-style hook,
+    moved them): a swap, which carries those dictionaries over, would lose them."""
+    moved = [name for name in ("weight", "bias") if name not in layer._parameters]
+    return moved + [name for name in ("running_mean", "running_var")
+                    if name not in layer._buffers]
+
+
 def _module_call_node(layer: torch.nn.Module, input: torch.fx.Proxy,
                       residual: torch.fx.Proxy | Tensor | None) -> torch.fx.Proxy:
     """Under torch.fx: one ``call_module`` node for a layer inside the traced module, as
@@ -83,6 +92,16 @@ def _module_call_node(layer: torch.nn.Module, input: torch.fx.Proxy,
     tracer = input.tracer
     args = (input,) if residual is None else (input, residual)
     return tracer.create_proxy("call_module", tracer.path_of_module(layer), args, {})
+
+
+def _tensor(module: torch.nn.Module, store: dict, name: str) -> Tensor | None:
+    """module's tensor ``name``: from its dictionary ``store`` (where torch.func.functional_call
+    swaps it too) when it is there, else as ``getattr`` finds it (a parametrization's
+    property, a plain attribute set by a weight_norm-style pre-hook), or None."""
+    try:
+        return store[name]
+    except KeyError:
+        return getattr(module, name, None)
 
 
 class _FastBatchNorm(_BatchNorm):
@@ -150,13 +169,22 @@ class _FastBatchNorm(_BatchNorm):
         layer's tensors, hooks, training flag, eps, momentum and qconfig.
 
         Raises ValueError when this layer computes an activation the torch layer would not
-        (one set after the swap), and RuntimeError for a layer from_torch did not make.
+        (one set after the swap) or holds a tensor outside its dictionaries (a
+        parametrization), and RuntimeError for a layer from_torch did not make.
         """
         origin = self._torch_origin
         if origin is None:
             raise RuntimeError(
                 f"{type(self).__name__}.to_torch: this layer was built as a fastbn layer, "
                 "not swapped in by from_torch, so there is no torch layer to give back"
+            )
+        moved = moved_tensors(self)
+        if moved:
+            raise ValueError(
+                f"{type(self).__name__}.to_torch: this layer's {', '.join(moved)} is not "
+                "among its parameters and buffers (a parametrization or a weight_norm-style "
+                "hook moved it), so the torch layer would lose it; remove that first "
+                "(torch.nn.utils.parametrize.remove_parametrizations)"
             )
         if self.activation != origin.activation or (
             self.activation == "leaky_relu" and self.negative_slope != origin.negative_slope
@@ -236,9 +264,12 @@ class _FastBatchNorm(_BatchNorm):
         """activation(BatchNorm(input) + residual) in one fastbn call."""
         # The tensors straight from the module's dictionaries (where torch.func.functional_call
         # swaps them too): nn.Module.__getattr__ would cost more than the rest of this.
+        # A name missing from its dictionary (a parametrization, a weight_norm-style hook
+        # that sets a plain attribute) is read the ordinary way, as torch's forward does.
         buffers, parameters = self._buffers, self._parameters
-        running_mean, running_var = buffers.get("running_mean"), buffers.get("running_var")
-        num_batches_tracked = buffers.get("num_batches_tracked")
+        running_mean = _tensor(self, buffers, "running_mean")
+        running_var = _tensor(self, buffers, "running_var")
+        num_batches_tracked = _tensor(self, buffers, "num_batches_tracked")
         training = self.training
         keeps_stats = not training or self.track_running_stats
         # Batch statistics in training, and in eval when no running statistics are kept.
@@ -250,8 +281,8 @@ class _FastBatchNorm(_BatchNorm):
             input,
             running_mean if keeps_stats else None,
             running_var if keeps_stats else None,
-            parameters.get("weight"),
-            parameters.get("bias"),
+            _tensor(self, parameters, "weight"),
+            _tensor(self, parameters, "bias"),
             use_batch_stats,
             momentum,
             self.eps,

@@ -393,12 +393,14 @@ def direct(x: Tensor) -> bool:
     """Whether a call on x may skip the dispatcher: a plain tensor with data, outside
     torch.compile.
 
-    Tracing (torch.compile, export), tensor subclasses (fake tensors, DTensor, ...) and meta
-    tensors see the custom ops, which is what they understand (the ops' fake
-    implementations serve meta tensors on every backend); eager calls run the same
+    Tracing (torch.compile, export, torch.jit.trace: its graph records each op as one
+    call, where it could not record a Triton launch), tensor subclasses (fake tensors,
+    DTensor, ...) and meta tensors see the custom ops, which is what they understand (the
+    ops' fake implementations serve meta tensors on every backend); eager calls run the same
     implementation with the same autograd formulas, without the dispatcher's Python layers.
     """
-    return type(x) is Tensor and not x.is_meta and not torch.compiler.is_compiling()
+    return (type(x) is Tensor and not x.is_meta and not torch.compiler.is_compiling()
+            and not torch._C._is_tracing())  # (torch.jit.is_tracing, without its script test)
 
 
 _PLAIN = (Tensor, torch.nn.Parameter)
@@ -441,11 +443,15 @@ def call_batch_stats_(
     function = (cpu.batch_stats_as_computed_ if for_normalize and backend == "torch"
                 else implementation(backend).batch_stats_)
     result = function(x, running_mean, running_var, num_batches_tracked, momentum)
-    # As the op's ADInplaceOrView kernel does (both at once: they are given together).
+    # As the op's ADInplaceOrView kernel does, for every mutated argument (the Triton
+    # kernel counts num_batches_tracked too), in one call where they are given together.
     if running_mean is not None and running_var is not None:
-        torch.autograd.graph.increment_version((running_mean, running_var))
+        torch.autograd.graph.increment_version(
+            (running_mean, running_var) if num_batches_tracked is None
+            else (running_mean, running_var, num_batches_tracked)
+        )
     else:
-        for mutated in (running_mean, running_var):
+        for mutated in (running_mean, running_var, num_batches_tracked):
             if mutated is not None:
                 torch.autograd.graph.increment_version(mutated)
     return result
@@ -486,9 +492,7 @@ def call_normalize(
 ) -> tuple[Tensor, Tensor]:
     """``normalize``: (y, activation mask)."""
     if direct(x) and plain(mean, var, weight, bias, residual):
-        if torch.jit.is_tracing() or (torch.is_grad_enabled() and requires_grad(
-            x, weight, bias, residual
-        )):  # (a jit trace records one path for the calls with and without gradients)
+        if torch.is_grad_enabled() and requires_grad(x, weight, bias, residual):
             return _Normalize.apply(x, mean, var, weight, bias, residual,
                                     (eps, use_batch_stats, activation, negative_slope, save_mask,
                                      backend))

@@ -452,3 +452,33 @@ def test_tensor_made_in_forward_stays_off_the_model_and_in_the_graph_module(devi
     assert residual_calls(converted) == ["bn"]
     assert_same_outputs(converted, reference, make_input((2, 4, 5, 5), device=device))
     assert set(vars(fastbn.revert(converted))) == attributes
+
+
+class _Doubled(nn.Module):
+    def forward(self, w):
+        return w * 2
+
+
+def test_sync_convert_leaves_a_parametrized_fastbn_layer_with_a_warning():
+    # A swap carries _parameters over; a parametrized weight is not there and was lost.
+    layer = fastbn.BatchNorm2d(3).eval()
+    torch.nn.utils.parametrize.register_parametrization(layer, "weight", _Doubled())
+    model = nn.Sequential(layer)
+    x = make_input((2, 3, 4, 4))
+    expected = model(x)
+    with pytest.warns(UserWarning, match="weight is not among its parameters"):
+        converted = fastbn.convert(model, sync=True)
+    assert converted[0] is layer
+    assert_matches("output", converted(x), expected)
+
+
+def test_revert_refuses_a_layer_parametrized_after_convert_and_changes_nothing():
+    model = fastbn.convert(nn.Sequential(nn.BatchNorm2d(3), nn.BatchNorm2d(3))).eval()
+    torch.nn.utils.parametrize.register_parametrization(model[1], "weight", _Doubled())
+    x = make_input((2, 3, 4, 4))
+    expected = model(x)
+    first = model[0]
+    with pytest.raises(ValueError, match="weight is not among its parameters"):
+        fastbn.revert(model)
+    assert model[0] is first and isinstance(model[1], fastbn.BatchNorm2d)
+    assert_matches("output", model(x), expected)

@@ -128,3 +128,32 @@ def test_enable_returns_the_previous_setting():
         assert direct_launch.enabled() == (not direct_launch.PROBLEM)
     finally:
         direct_launch.enable(previous)
+
+
+def _noop(x_ptr):  # a kernel body for a JITFunction built by hand (never compiled)
+    pass
+
+
+def test_every_knob_jit_function_run_reads_per_call_is_in_the_key(monkeypatch):
+    """A knob JITFunction.run passes to its binder changes the compiled kernel, so changing
+    it after a direct launch must give another key (the ordinary path), as in Triton."""
+    if direct_launch.PROBLEM:
+        pytest.skip(direct_launch.PROBLEM)
+    from triton import knobs
+    from triton.runtime.jit import JITFunction
+
+    class FakeActive:
+        def get_current_device(self):
+            return 0
+
+    monkeypatch.setattr(direct_launch, "driver", type("FakeDriver", (), {"active": FakeActive()}))
+    kernel = JITFunction(_noop)
+    read_per_call = ["instrumentation_mode"]
+    if hasattr(knobs.compilation, "fpsan_homomorphic_casts"):
+        read_per_call.append("fpsan_homomorphic_casts")
+    for name in read_per_call:
+        before = direct_launch._key(kernel, (None,), ())
+        with knobs.compilation.scope():
+            value = getattr(knobs.compilation, name)
+            setattr(knobs.compilation, name, "fpsan" if isinstance(value, str) else not value)
+            assert direct_launch._key(kernel, (None,), ()) != before, name

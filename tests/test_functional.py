@@ -166,6 +166,16 @@ MISTAKES = [
             "more than 1 value per channel"),
     Mistake("rank_1_input", lambda c, d: {"input": torch.randn(3, device=d)}, "1D input",
             torch_call=torch_module),
+    # torch writes through the shared element; fastbn's update raised part-way, after
+    # counting the step (and, on the Triton backend, updating running_var).
+    Mistake("running_mean_expanded",
+            lambda c, d: {"running_mean": c["running_mean"][:1].expand_as(c["running_mean"])},
+            "running_mean is updated in place in training, but it is an expanded view",
+            torch_call=None, error=RuntimeError),
+    Mistake("running_var_expanded",
+            lambda c, d: {"running_var": c["running_var"][:1].expand_as(c["running_var"])},
+            "running_var is updated in place in training, but it is an expanded view",
+            torch_call=None, error=RuntimeError),
 ]
 
 

@@ -647,3 +647,70 @@ def test_momentum_none_without_a_step_counter_keeps_running_stats_like_torch(dev
     assert_matches("output", fast(x), ref(x))
     for name in ("running_mean", "running_var"):
         assert torch.equal(getattr(fast, name), getattr(ref, name)), name
+
+
+class _Doubled(torch.nn.Module):
+    def forward(self, w):
+        return w * 2
+
+
+@pytest.mark.parametrize("name", ["weight", "bias", "running_var"])
+def test_parametrized_tensor_is_used_like_torchs_forward_uses_it(backend, device, name):
+    # torch.nn.utils.parametrize moves the tensor out of _parameters/_buffers into a property.
+    module = fastbn.BatchNorm2d(3, device=device).eval()
+    torch.nn.utils.parametrize.register_parametrization(module, name, _Doubled())
+    x = make_input((4, 3, 3, 3), device=device)
+    values = {n: getattr(module, n) for n in ("running_mean", "running_var", "weight", "bias")}
+    truth = batch_norm_truth(x, values["running_mean"], values["running_var"], values["weight"],
+                             values["bias"], training=False)
+    assert_close_to_truth("output", module(x), truth["y"])
+
+
+def test_weight_set_as_plain_attribute_by_a_pre_hook_is_used(backend, device):
+    # The pattern of torch.nn.utils.weight_norm: the Parameter is deleted, a pre-hook sets a
+    # plain tensor attribute before each call.
+    module = fastbn.BatchNorm2d(3, device=device)
+    scale = torch.nn.Parameter(torch.full((3,), 3.0, device=device))
+    del module._parameters["weight"]
+    module.register_forward_pre_hook(lambda mod, args: setattr(mod, "weight", scale * 1.5))
+    x = make_input((4, 3, 3, 3), device=device)
+    truth = batch_norm_truth(x, None, None, scale * 1.5, module.bias, training=True)
+    assert_close_to_truth("output", module(x), truth["y"])
+
+
+def test_jit_trace_of_a_training_layer_updates_and_normalizes_like_eager(backend, device):
+    # Training batch statistics under torch.jit.trace (it used to fail with
+    # "unordered_map::at"); the traced module, called on other data, still matches truth.
+    import warnings
+
+    module = fastbn.BatchNorm2d(3, device=device)
+    x = make_input((4, 3, 5, 5), device=device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TracerWarnings from the shape checks
+        traced = torch.jit.trace(module, (x,), check_trace=False)
+    # The trace calls fastbn's ops (a Triton launch inside a traced graph would not replay).
+    assert "fastbn::batch_stats_" in str(traced.graph)
+    assert "fastbn::normalize" in str(traced.graph)
+    before_mean, before_var = module.running_mean.clone(), module.running_var.clone()
+    other = (make_input((4, 3, 5, 5), device=device) * 3 + 2).requires_grad_(True)
+    truth = batch_norm_truth(other, before_mean, before_var, module.weight, module.bias,
+                             training=True)
+    y = traced(other)
+    assert_close_to_truth("output", y, truth["y"])
+    grad_out = torch.randn_like(y)
+    y.backward(grad_out)
+    assert_close_to_truth("grad input", other.grad, grads_truth(truth, grad_out)["x"])
+    assert_close_to_truth("running_mean", module.running_mean, truth["running_mean"])
+    assert_close_to_truth("running_var", module.running_var, truth["running_var"])
+
+
+def test_training_step_bumps_the_version_of_each_tensor_it_changes(backend, device):
+    # As torch's module (num_batches_tracked.add_) and fastbn's op route do; the Triton
+    # kernel's count of num_batches_tracked went without one.
+    module = fastbn.BatchNorm2d(3, device=device)
+    state = dict(module.named_buffers())
+    before = {name: tensor._version for name, tensor in state.items()}
+    module(make_input((4, 3, 3, 3), device=device))
+    assert module.num_batches_tracked.item() == 1
+    for name, tensor in state.items():
+        assert tensor._version > before[name], name

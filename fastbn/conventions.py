@@ -6,10 +6,13 @@ Triton launchers, the ops and the modules must agree on.
   sums run in compute_dtype;
 - the counts: how many values a channel's statistics are taken over, and the unbiasing
   factor of the running variance;
-- the layout of the packed activation bits that the forward saves for the backward.
+- the layout of the packed activation bits that the forward saves for the backward;
+- what every piece of normalize's backward reads (BackwardInputs).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -62,3 +65,21 @@ def mask_shape(x: Tensor) -> tuple[int, int, int]:
     position 8k + j of mask_positions(x)."""
     rows, channels, positions = mask_positions(x).shape
     return rows, channels, -(-positions // 8)
+
+
+class BackwardInputs(NamedTuple):
+    """What every piece of normalize's backward reads (normalize_backward,
+    normalize_grad_sums, normalize_grad_input in fastbn.reference, fastbn.cpu and
+    fastbn.launch): the output's gradient, normalize's tensors and options."""
+
+    grad_out: Tensor
+    x: Tensor
+    mean: Tensor  # the statistics normalize used, [C] STATS_DTYPE
+    var: Tensor
+    weight: Tensor | None
+    bias: Tensor | None
+    residual: Tensor | None  # not needed (may be None) when activation_mask is given
+    activation_mask: Tensor | None  # the forward's packed activation bits (see mask_shape)
+    eps: float
+    activation: str
+    negative_slope: float

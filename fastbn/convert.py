@@ -52,30 +52,20 @@ from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
 from torch.nn import functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from fastbn.modules import (
-    _TORCH_ACTIVATIONS,
-    HOOK_STATE,
-    BatchNorm1d,
-    BatchNorm2d,
-    BatchNorm3d,
-    SyncBatchNorm,
-    _FastBatchNorm,
-    moved_tensors,
+from fastbn.modules import HOOK_STATE, _FastBatchNorm, swap_targets
+from fastbn.swap import (
+    DEFAULT_SLOPE,
+    Activation,
+    Edits,
+    check_module,
+    has_hooks,
+    module_activation,
+    swap,
+    warn,
 )
 
 FUSE_LEVELS = ("none", "safe", "graph")
 
-# An activation as fastbn layers take it: (activation, negative_slope).
-_Activation = tuple[str, float]
-
-_DEFAULT_SLOPE = 0.01
-_ACTIVATION_MODULES: dict[type, str] = {
-    nn.ReLU: "relu",
-    nn.ReLU6: "relu6",
-    nn.LeakyReLU: "leaky_relu",
-    nn.SiLU: "silu",
-    nn.Hardswish: "hardswish",
-}
 # (function, activation, the arguments it takes after the input); `inplace` is irrelevant
 # once fused: the layer writes a fresh output either way.
 _ACTIVATION_FUNCTIONS = (
@@ -93,7 +83,6 @@ _ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
 _ADD_METHODS = ("add", "add_")
 _IN_PLACE_ADDS = (operator.iadd, "add_")
 
-_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 _STATE_DICT_HOOKS = (
     "_state_dict_hooks",
     "_state_dict_pre_hooks",
@@ -103,8 +92,6 @@ _STATE_DICT_HOOKS = (
 _STATE_DICT_METHODS = (
     "_save_to_state_dict", "_load_from_state_dict", "get_extra_state", "set_extra_state",
 )
-_PARAMETERS = ["weight", "bias"]
-_BUFFERS = ["running_mean", "running_var", "num_batches_tracked"]
 # Where a GraphModule keeps the module it replaced (for revert), under GraphModule's own
 # mechanism for attributes that survive deepcopy and pickling.
 _ORIGINAL = "_fastbn_replaced"
@@ -134,15 +121,13 @@ def convert(
     the model is as it was.
     """
     level = _fuse_level(fuse)
-    if not isinstance(module, nn.Module):
-        raise TypeError(f"fastbn.convert: expected an nn.Module, got {type(module).__name__}")
+    check_module(module, "fastbn.convert")
     if process_group is not None and not sync:
         raise ValueError("fastbn.convert: process_group is only used with sync=True")
-    extra = {"process_group": process_group} if sync else {}
-    edits = _Edits()
+    edits = Edits()
     refused: list[str] = []
     try:
-        module, left = _swap(module, _fastbn_classes(sync), extra, edits)
+        module, left = swap(module, swap_targets(sync, process_group), edits)
         if level != "none":
             _fold_sequentials(module, edits)
         if level == "graph":
@@ -153,10 +138,10 @@ def convert(
     except BaseException:
         edits.undo()
         raise
-    _warn("left these BatchNorm layers as they were", left)
-    _warn(
+    warn("left these BatchNorm layers as they were", left, stacklevel=2)
+    warn(
         "did not fuse inside these modules (their BatchNorm layers are swapped, and "
-        "activations in nn.Sequential folded)", refused,
+        "activations in nn.Sequential folded)", refused, stacklevel=2,
     )
     return module
 
@@ -177,9 +162,8 @@ def revert(module: nn.Module) -> nn.Module:
     given an activation after convert that its torch layer would not compute, or a
     parametrization (which the torch layer would lose).
     """
-    if not isinstance(module, nn.Module):
-        raise TypeError(f"fastbn.revert: expected an nn.Module, got {type(module).__name__}")
-    edits = _Edits()
+    check_module(module, "fastbn.revert")
+    edits = Edits()
     try:
         return _revert(module, edits, {})
     except BaseException:
@@ -200,40 +184,11 @@ def _fuse_level(fuse: str | bool) -> str:
     return fuse
 
 
-def _warn(what: str, items: list[str]) -> None:
-    """One warning for a convert call, naming each item."""
-    if items:
-        listed = "; ".join(items)
-        warnings.warn(f"fastbn.convert {what}: {listed}", stacklevel=3)
-
-
-class _Edits:
-    """The assignments into dictionaries (a module's _modules or __dict__) that convert and
-    revert make, so that a failure can undo them in reverse order."""
-
-    _MISSING = object()
-
-    def __init__(self) -> None:
-        self._log: list[tuple[dict, str, Any]] = []
-
-    def set(self, mapping: dict, key: str, value: Any) -> None:
-        self._log.append((mapping, key, mapping.get(key, self._MISSING)))
-        mapping[key] = value
-
-    def undo(self) -> None:
-        for mapping, key, old in reversed(self._log):
-            if old is self._MISSING:
-                del mapping[key]
-            else:
-                mapping[key] = old
-        self._log.clear()
-
-
 def _join(path: str, name: str) -> str:
     return f"{path}.{name}" if path else name
 
 
-def _replace(root: nn.Module, path: str, new: nn.Module, edits: _Edits) -> nn.Module:
+def _replace(root: nn.Module, path: str, new: nn.Module, edits: Edits) -> nn.Module:
     """root with the module at path replaced by new (new itself when path is the root's)."""
     if not path:
         return new
@@ -243,153 +198,10 @@ def _replace(root: nn.Module, path: str, new: nn.Module, edits: _Edits) -> nn.Mo
 
 
 # ---------------------------------------------------------------------------------------------
-# 1. Swap
+# 1. Fold in nn.Sequential ("safe"), after fastbn.swap swapped the layers
 
 
-def _fastbn_classes(sync: bool) -> dict[type[_BatchNorm], type[_FastBatchNorm]]:
-    """The torch BatchNorm classes that convert replaces, each with the fastbn class it uses."""
-    if sync:
-        torch_classes = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
-        return dict.fromkeys(torch_classes, SyncBatchNorm)
-    return {nn.BatchNorm1d: BatchNorm1d, nn.BatchNorm2d: BatchNorm2d, nn.BatchNorm3d: BatchNorm3d}
-
-
-def _swap(
-    root: nn.Module, classes: dict, extra: dict[str, Any], edits: _Edits
-) -> tuple[nn.Module, list[str]]:
-    """root with its swappable layers (itself included) swapped, a layer reachable by two
-    paths for one fastbn layer; and, for each layer left, its path, class and why."""
-    swapped: dict[int, nn.Module] = {}
-    left = []
-    for path, layer in root.named_modules():
-        if isinstance(layer, _BatchNorm):
-            replacement, reason = _replacement(layer, classes, extra)
-            if replacement is not None:
-                swapped[id(layer)] = replacement
-            elif reason:
-                left.append(f"{path or '<root>'} ({type(layer).__name__}): {reason}")
-    for parent in list(root.modules()):
-        for name, child in list(parent._modules.items()):
-            if child is not None and id(child) in swapped:
-                edits.set(parent._modules, name, swapped[id(child)])
-    return swapped.get(id(root), root), left
-
-
-def _replacement(
-    layer: _BatchNorm, classes: dict, extra: dict[str, Any]
-) -> tuple[nn.Module | None, str]:
-    """The fastbn layer that computes what layer does, or None and why not ("" when there
-    is nothing to say: a fastbn layer already)."""
-    for torch_class, fastbn_class in classes.items():
-        if not isinstance(layer, torch_class) or isinstance(layer, fastbn_class):
-            continue
-        if isinstance(layer, _FastBatchNorm):  # fastbn.BatchNorm2d -> fastbn.SyncBatchNorm
-            moved = moved_tensors(layer)
-            if moved:
-                return None, (f"its {', '.join(moved)} is not among its parameters and "
-                              "buffers (a parametrization or a hook moved it)")
-            return fastbn_class.from_torch(
-                layer, activation=layer.activation, negative_slope=layer.negative_slope,
-                **extra,
-            ), ""
-        if list(layer._parameters) != _PARAMETERS or list(layer._buffers) != _BUFFERS:
-            return None, "it holds parameters or buffers of its own"
-        if type(layer)._check_input_dim is not torch_class._check_input_dim:
-            return None, "its class checks its input its own way"
-        if type(layer).forward is torch_class.forward:
-            if layer._modules:
-                return None, "it has submodules"
-            return fastbn_class.from_torch(layer, **extra), ""
-        activation, reason = _norm_act(layer)
-        if reason:
-            return None, reason
-        name, slope = activation
-        if not _computes_norm_then_act(layer, name, slope):
-            return None, "its forward does not compute BatchNorm, then its drop, then its act"
-        return fastbn_class.from_torch(layer, activation=name, negative_slope=slope, **extra), ""
-    if isinstance(layer, nn.SyncBatchNorm):
-        return None, "torch.nn.SyncBatchNorm is swapped with sync=True only"
-    return None, ""
-
-
-def _norm_act(layer: _BatchNorm) -> tuple[tuple[str | None, float], str]:
-    """The activation of a timm-style BatchNormAct layer, whose forward is torch's BatchNorm
-    then its ``drop`` then its ``act`` child, and ""; or why layer is not one fastbn
-    computes."""
-    unknown = (None, _DEFAULT_SLOPE)
-    if set(layer._modules) != {"drop", "act"}:
-        return unknown, "its class has its own forward"
-    drop, act = layer._modules["drop"], layer._modules["act"]
-    if type(drop) is not nn.Identity or _has_hooks(drop):
-        return unknown, f"its drop is {type(drop).__name__}, which fastbn does not compute"
-    if type(act) is nn.Identity and not _has_hooks(act):
-        return unknown, ""
-    activation = _module_activation(act)
-    if activation is None:
-        return unknown, f"its act is {type(act).__name__}, which fastbn does not compute"
-    return activation, ""
-
-
-_PROBE_RANKS = (4, 5, 3, 2)
-
-
-def _computes_norm_then_act(layer: _BatchNorm, activation: str | None, slope: float) -> bool:
-    """Whether layer's own forward computes torch's BatchNorm, then the activation: its
-    children's names and types say what it holds, not what its forward does with them, so
-    both are run on a probe input, in eval and in training, on copies (layer is untouched).
-    A layer on the meta device (no values) is taken at its children's word."""
-    anchor = next(t for t in (layer.weight, layer.running_mean, torch.empty(0))
-                  if t is not None)
-    if anchor.device.type == "meta":
-        return True
-    rank = next((r for r in _PROBE_RANKS if _accepts_rank(layer, r)), None)
-    if rank is None:
-        return False
-    shape = (3, layer.num_features, *[3] * (rank - 2))
-    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
-    x = x.to(device=anchor.device, dtype=anchor.dtype if anchor.is_floating_point() else None)
-    for training in (False, True):
-        own, plain = copy.deepcopy(layer).train(training), copy.deepcopy(layer).train(training)
-        with torch.no_grad():
-            got = own(x)
-            want = _BatchNorm.forward(plain, x)
-            if activation is not None:
-                want = _TORCH_ACTIVATIONS[activation](want, slope)
-        same_buffers = all(
-            a is None or torch.allclose(a.float(), b.float(), equal_nan=True)
-            for a, b in zip(own.buffers(), plain.buffers(), strict=True)
-        )
-        if not (isinstance(got, torch.Tensor) and got.shape == want.shape and same_buffers
-                and torch.allclose(got, want, rtol=1e-4, atol=1e-5, equal_nan=True)):
-            return False
-    return True
-
-
-def _accepts_rank(layer: _BatchNorm, rank: int) -> bool:
-    try:
-        layer._check_input_dim(torch.empty((1,) * rank, device="meta"))
-    except ValueError:
-        return False
-    return True
-
-
-def _has_hooks(module: nn.Module) -> bool:
-    return any(getattr(module, name, None) for name in _HOOKS)
-
-
-def _module_activation(module: nn.Module | None) -> _Activation | None:
-    """The activation an activation module computes; None for other modules or with hooks."""
-    name = _ACTIVATION_MODULES.get(type(module))
-    if name is None or _has_hooks(module):
-        return None
-    return name, float(getattr(module, "negative_slope", _DEFAULT_SLOPE))
-
-
-# ---------------------------------------------------------------------------------------------
-# 2. Fold in nn.Sequential ("safe")
-
-
-def _fold_sequentials(root: nn.Module, edits: _Edits) -> None:
+def _fold_sequentials(root: nn.Module, edits: Edits) -> None:
     """Give each fusible layer the activation module that follows it in an nn.Sequential,
     keeping the module in the layer for revert; its slot becomes nn.Identity."""
     paths = Counter(id(m) for _, m in root.named_modules(remove_duplicate=False))
@@ -398,7 +210,7 @@ def _fold_sequentials(root: nn.Module, edits: _Edits) -> None:
             continue
         layers = list(sequential._modules.items())
         for (_, layer), (name, follower) in zip(layers, layers[1:], strict=False):
-            activation = _module_activation(follower)
+            activation = module_activation(follower)
             # A layer reachable another way would take the activation there too.
             if activation is not None and _fusible(layer) and paths[id(layer)] == 1:
                 edits.set(layer.__dict__, "activation", activation[0])
@@ -411,15 +223,15 @@ def _fusible(module: nn.Module | None) -> bool:
     """A fastbn layer that can take an activation and a residual: none yet, and no hooks
     (they would see the fused output)."""
     return (
-        isinstance(module, _FastBatchNorm) and module.activation is None and not _has_hooks(module)
+        isinstance(module, _FastBatchNorm) and module.activation is None and not has_hooks(module)
     )
 
 
 # ---------------------------------------------------------------------------------------------
-# 3. Revert
+# 2. Revert
 
 
-def _revert(module: nn.Module, edits: _Edits, done: dict[int, nn.Module]) -> nn.Module:
+def _revert(module: nn.Module, edits: Edits, done: dict[int, nn.Module]) -> nn.Module:
     """module as it was before convert; a module reachable by two paths is reverted once."""
     if id(module) in done:
         return done[id(module)]
@@ -440,7 +252,7 @@ def _revert(module: nn.Module, edits: _Edits, done: dict[int, nn.Module]) -> nn.
     return result
 
 
-def _replaced_module(graph_module: nn.Module, original: nn.Module, edits: _Edits) -> nn.Module:
+def _replaced_module(graph_module: nn.Module, original: nn.Module, edits: Edits) -> nn.Module:
     """The module a GraphModule replaced, holding the GraphModule's current tensors and
     training flags (``.to()`` and ``.train()`` reached only the GraphModule's tree)."""
     for path, mirror in graph_module.named_modules(remove_duplicate=False):
@@ -454,7 +266,7 @@ def _replaced_module(graph_module: nn.Module, original: nn.Module, edits: _Edits
     return original
 
 
-def _unfold(sequential: nn.Module, edits: _Edits) -> None:
+def _unfold(sequential: nn.Module, edits: Edits) -> None:
     """Put the activation modules that fastbn layers took over back into their slots."""
     layers = list(sequential._modules.items())
     for (_, layer), (name, follower) in zip(layers, layers[1:], strict=False):
@@ -469,12 +281,12 @@ def _unfold(sequential: nn.Module, edits: _Edits) -> None:
             edits.set(folded.__dict__, "training", follower.training)
             edits.set(sequential._modules, name, folded)
             edits.set(layer.__dict__, "activation", None)  # as _fusible required
-            edits.set(layer.__dict__, "negative_slope", _DEFAULT_SLOPE)
+            edits.set(layer.__dict__, "negative_slope", DEFAULT_SLOPE)
             edits.set(layer.__dict__, "_folded_module", None)
 
 
 # ---------------------------------------------------------------------------------------------
-# 4. Fuse in traced graphs ("graph")
+# 3. Fuse in traced graphs ("graph")
 
 
 class _Untraceable(Exception):
@@ -526,7 +338,7 @@ def _kept_whole(module: nn.Module) -> bool:
     """A module a trace must not inline: its hooks would not fire, its state_dict logic would
     be lost."""
     return not isinstance(module, _BatchNorm) and (
-        _has_hooks(module) or _has_own_state_dict(module)
+        has_hooks(module) or _has_own_state_dict(module)
     )
 
 
@@ -776,15 +588,15 @@ def _fuse_node(graph: fx.Graph, node: fx.Node, modules: dict[str, nn.Module]) ->
 
 def _activation(
     node: fx.Node, source: fx.Node, modules: dict[str, nn.Module]
-) -> _Activation | None:
+) -> Activation | None:
     """The activation node applies to source (its only argument), or None."""
     if node.op == "call_module":
         if node.args != (source,) or node.kwargs:
             return None
-        return _module_activation(modules.get(node.target))
+        return module_activation(modules.get(node.target))
     if node.op == "call_method":
         plain = node.target in _ACTIVATION_METHODS and node.args == (source,) and not node.kwargs
-        return ("relu", _DEFAULT_SLOPE) if plain else None
+        return ("relu", DEFAULT_SLOPE) if plain else None
     if node.op != "call_function" or not node.args or node.args[0] is not source:
         return None
     found = [(name, parameters) for function, name, parameters in _ACTIVATION_FUNCTIONS
@@ -795,7 +607,7 @@ def _activation(
     if len(node.args) > 1 + len(parameters) or not set(node.kwargs) <= set(parameters):
         return None
     options = {**dict(zip(parameters, node.args[1:], strict=False)), **node.kwargs}
-    slope = options.get("negative_slope", _DEFAULT_SLOPE)
+    slope = options.get("negative_slope", DEFAULT_SLOPE)
     if not isinstance(options.get("inplace", False), bool):
         return None
     if isinstance(slope, bool) or not isinstance(slope, (int, float)):

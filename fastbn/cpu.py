@@ -43,7 +43,7 @@ import torch
 from torch import Tensor
 
 from fastbn import reference
-from fastbn.conventions import STATS_DTYPE, compute_dtype, reduced_count
+from fastbn.conventions import STATS_DTYPE, BackwardInputs, compute_dtype, reduced_count
 from fastbn.reference import channel_view, derivative_is_one, like_input, reduced_dims
 from fastbn.reference import update_running_stats_ as update_running_stats_reference
 
@@ -461,22 +461,12 @@ def grad_residual_from(g: Tensor, grad_out: Tensor, x: Tensor, residual: Tensor 
 
 
 def normalize_backward(
-    grad_out: Tensor,
-    x: Tensor,
-    mean: Tensor,
-    var: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    residual: Tensor | None,
-    activation_mask: Tensor | None,
-    eps: float,
-    use_batch_stats: bool,
-    activation: str,
-    negative_slope: float,
-    output_mask: list[bool],
+    inputs: BackwardInputs, use_batch_stats: bool, output_mask: list[bool]
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``reference.normalize_backward`` by torch's CPU backward kernel on g = dy * act'(u)
     when the exactness rule holds: one pass for the sums, one for d input."""
+    (grad_out, x, mean, var, weight, bias, residual, activation_mask, eps, activation,
+     negative_slope) = inputs
     want_input, want_weight, want_bias, want_residual = output_mask
     constants = native_constants(x, mean, var, eps)
     g = None if constants is None else output_grad(
@@ -484,10 +474,7 @@ def normalize_backward(
         negative_slope,
     )
     if g is None:
-        return reference.normalize_backward(
-            grad_out, x, mean, var, weight, bias, residual, activation_mask, eps, use_batch_stats,
-            activation, negative_slope, output_mask,
-        )
+        return reference.normalize_backward(inputs, use_batch_stats, output_mask)
     want_weight = want_weight and weight is not None
     want_bias = want_bias and bias is not None
     grads = native_backward(g, x, constants, weight, use_batch_stats, eps,
@@ -503,31 +490,19 @@ def normalize_backward(
 
 
 def normalize_grad_sums(
-    grad_out: Tensor,
-    x: Tensor,
-    mean: Tensor,
-    var: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    residual: Tensor | None,
-    activation_mask: Tensor | None,
-    eps: float,
-    activation: str,
-    negative_slope: float,
-    output_mask: list[bool],
+    inputs: BackwardInputs, output_mask: list[bool]
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``reference.normalize_grad_sums``: [sum(g), sum(g * x_hat)] (compute dtype) by one
     pass of torch's backward kernel, and d weight, d bias from them."""
+    (grad_out, x, mean, var, weight, bias, residual, activation_mask, eps, activation,
+     negative_slope) = inputs
     constants = native_constants(x, mean, var, eps)
     g = None if constants is None else output_grad(
         grad_out, x, constants, weight, bias, residual, activation_mask, eps, activation,
         negative_slope,
     )
     if g is None:
-        return reference.normalize_grad_sums(
-            grad_out, x, mean, var, weight, bias, residual, activation_mask, eps, activation,
-            negative_slope, output_mask,
-        )
+        return reference.normalize_grad_sums(inputs, output_mask)
     _, sum_g_xhat, sum_g = native_backward(g, x, constants, None, True, eps,
                                            [False, True, True])
     sums = torch.stack([sum_g, sum_g_xhat]).to(compute_dtype(x.dtype))
@@ -540,33 +515,20 @@ def normalize_grad_sums(
 
 
 def normalize_grad_input(
-    grad_out: Tensor,
-    x: Tensor,
-    mean: Tensor,
-    var: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    residual: Tensor | None,
-    activation_mask: Tensor | None,
-    grad_means: Tensor | None,
-    eps: float,
-    use_batch_stats: bool,
-    activation: str,
-    negative_slope: float,
+    inputs: BackwardInputs, grad_means: Tensor | None, use_batch_stats: bool,
     output_mask: list[bool],
 ) -> tuple[Tensor, Tensor]:
     """``reference.normalize_grad_input``: d input = a * g + b * x + c per channel (the
     cheap form of weight * invstd * (g - mean(g) - x_hat * mean(g * x_hat))), two passes."""
+    (grad_out, x, mean, var, weight, bias, residual, activation_mask, eps, activation,
+     negative_slope) = inputs
     constants = native_constants(x, mean, var, eps)
     g = None if constants is None else output_grad(
         grad_out, x, constants, weight, bias, residual, activation_mask, eps, activation,
         negative_slope,
     )
     if g is None or x.dtype != param_dtype(x):
-        return reference.normalize_grad_input(
-            grad_out, x, mean, var, weight, bias, residual, activation_mask, grad_means, eps,
-            use_batch_stats, activation, negative_slope, output_mask,
-        )
+        return reference.normalize_grad_input(inputs, grad_means, use_batch_stats, output_mask)
     grad_input, grad_residual = x.new_empty(0), x.new_empty(0)
     if output_mask[0]:
         invstd = torch.rsqrt(var.to(STATS_DTYPE) + eps)

@@ -42,6 +42,7 @@ from fastbn import direct_launch
 from fastbn.conventions import (
     ACTIVATION_CODES,
     STATS_DTYPE,
+    BackwardInputs,
     compute_dtype,
     mask_shape,
     reduced_count,
@@ -868,19 +869,7 @@ def plan_backward(
 
 
 def normalize_backward(
-    grad_out: Tensor,
-    x: Tensor,
-    mean: Tensor,
-    var: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    residual: Tensor | None,
-    activation_mask: Tensor | None,
-    eps: float,
-    use_batch_stats: bool,
-    activation: str,
-    negative_slope: float,
-    output_mask: list[bool],
+    inputs: BackwardInputs, use_batch_stats: bool, output_mask: list[bool]
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients (d input, d weight, d bias, d residual) of ``normalize``: the sums (which
     write d weight and d bias), then the elementwise gradients, two launches sharing one
@@ -888,24 +877,23 @@ def normalize_backward(
     Unrequested gradients come back empty; d residual comes in the residual's format, or
     x's when the activation mask stood in for it."""
     want_input, want_weight, want_bias, want_residual = output_mask
-    want_weight = want_weight and weight is not None
-    want_bias = want_bias and bias is not None
+    want_weight = want_weight and inputs.weight is not None
+    want_bias = want_bias and inputs.bias is not None
     want_sums = want_weight or want_bias or (want_input and use_batch_stats)
-    grads = _backward(grad_out, x, mean, var, weight, bias, residual, activation_mask, None,
-                      1.0 / max(reduced_count(x), 1), eps, use_batch_stats, activation,
-                      negative_slope, want_input, want_residual, want_sums, want_weight,
-                      want_bias)
+    grads = _backward(inputs, None, 1.0 / max(reduced_count(inputs.x), 1), use_batch_stats,
+                      want_input, want_residual, want_sums, want_weight, want_bias)
     return grads[:4]
 
 
-def _backward(grad_out, x, mean, var, weight, bias, residual, activation_mask, sums,
-              inv_count, eps, use_batch_stats, activation, negative_slope, want_input,
-              want_residual, want_sums, want_weight, want_bias, standalone_sums=False):
+def _backward(inputs, sums, inv_count, use_batch_stats, want_input, want_residual, want_sums,
+              want_weight, want_bias, standalone_sums=False):
     """Every backward entry point: the sums (want_sums; else ``sums`` given or unneeded)
     and d input / d residual, which reads the means ``sums * inv_count``. Returns
     (d input, d weight, d bias, d residual, sums); the sums are [2, C] with
     ``standalone_sums``, else the flat allocation they head (the workspace follows them),
     which the kernels read alike."""
+    (grad_out, x, mean, var, weight, bias, residual, activation_mask, eps, activation,
+     negative_slope) = inputs
     # Custom-op outputs must not alias each other: a fresh tensor for each; ``empty``
     # where the kernels write every element.
     grad_weight = torch.empty_like(weight) if want_weight else x.new_empty(0)
@@ -974,45 +962,21 @@ def _backward(grad_out, x, mean, var, weight, bias, residual, activation_mask, s
 
 
 def normalize_grad_sums(
-    grad_out: Tensor,
-    x: Tensor,
-    mean: Tensor,
-    var: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    residual: Tensor | None,
-    activation_mask: Tensor | None,
-    eps: float,
-    activation: str,
-    negative_slope: float,
-    output_mask: list[bool],
+    inputs: BackwardInputs, output_mask: list[bool]
 ) -> tuple[Tensor, Tensor, Tensor]:
     """[sum(g), sum(g * x_hat)] per channel ([2, C], compute dtype), and d weight / d bias,
     written by the same launch that writes the sums, where ``output_mask`` (weight, bias)
     asks for them (else empty)."""
-    want_weight = output_mask[0] and weight is not None
-    want_bias = output_mask[1] and bias is not None
+    want_weight = output_mask[0] and inputs.weight is not None
+    want_bias = output_mask[1] and inputs.bias is not None
     _, grad_weight, grad_bias, _, sums = _backward(
-        grad_out, x, mean, var, weight, bias, residual, activation_mask, None, 1.0, eps, True,
-        activation, negative_slope, False, False, True, want_weight, want_bias,
+        inputs, None, 1.0, True, False, False, True, want_weight, want_bias,
         standalone_sums=True)  # the op's output: not a view of a workspace
     return sums, grad_weight, grad_bias
 
 
 def normalize_grad_input(
-    grad_out: Tensor,
-    x: Tensor,
-    mean: Tensor,
-    var: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    residual: Tensor | None,
-    activation_mask: Tensor | None,
-    grad_means: Tensor | None,
-    eps: float,
-    use_batch_stats: bool,
-    activation: str,
-    negative_slope: float,
+    inputs: BackwardInputs, grad_means: Tensor | None, use_batch_stats: bool,
     output_mask: list[bool],
 ) -> tuple[Tensor, Tensor]:
     """d input and d residual in one launch, from the per-channel [mean(g), mean(g * x_hat)]
@@ -1020,9 +984,7 @@ def normalize_grad_input(
     does not ask for comes back empty."""
     want_input, want_residual = output_mask
     if not (want_input or want_residual):
-        return x.new_empty(0), x.new_empty(0)
+        return inputs.x.new_empty(0), inputs.x.new_empty(0)
     grad_input, _, _, grad_residual, _ = _backward(
-        grad_out, x, mean, var, weight, bias, residual, activation_mask, grad_means, 1.0, eps,
-        use_batch_stats, activation, negative_slope, want_input, want_residual, False, False,
-        False)
+        inputs, grad_means, 1.0, use_batch_stats, want_input, want_residual, False, False, False)
     return grad_input, grad_residual

@@ -26,6 +26,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from fastbn.conventions import ACTIVATIONS
 from fastbn.distributed import sync_batch_norm, sync_world_size
 from fastbn.functional import batch_norm
+from fastbn.swap import SwapTargets, moved_tensors, swap_model
 
 # torch.fx records these calls as single nodes instead of tracing into them.
 torch.fx.wrap("batch_norm")
@@ -72,15 +73,6 @@ def _take_state(source: torch.nn.Module, target: torch.nn.Module) -> None:
     target._parameters = dict(source._parameters)
     target._buffers = dict(source._buffers)
     target._non_persistent_buffers_set = set(source._non_persistent_buffers_set)
-
-
-def moved_tensors(layer: torch.nn.Module) -> list[str]:
-    """Which of layer's weight, bias, running_mean and running_var are not in its
-    ``_parameters`` / ``_buffers`` (torch.nn.utils.parametrize, or a weight_norm-style hook,
-    moved them): a swap, which carries those dictionaries over, would lose them."""
-    moved = [name for name in ("weight", "bias") if name not in layer._parameters]
-    return moved + [name for name in ("running_mean", "running_var")
-                    if name not in layer._buffers]
 
 
 def _module_call_node(layer: torch.nn.Module, input: torch.fx.Proxy,
@@ -381,9 +373,7 @@ class SyncBatchNorm(_FastBatchNorm):
         """torch.nn.SyncBatchNorm.convert_sync_batchnorm's contract: every BatchNorm layer of
         module (torch's or fastbn's) becomes a fastbn.SyncBatchNorm holding the same
         tensors; the same as ``fastbn.convert(module, fuse="none", sync=True, ...)``."""
-        from fastbn.convert import convert
-
-        return convert(module, fuse="none", sync=True, process_group=process_group)
+        return swap_model(module, swap_targets(True, process_group))
 
     def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
         """activation(SyncBatchNorm(input) + residual)."""
@@ -414,3 +404,19 @@ class SyncBatchNorm(_FastBatchNorm):
             negative_slope=self.negative_slope,
             num_batches_tracked=self.num_batches_tracked if tracking else None,
         )
+
+
+def swap_targets(sync: bool, process_group: Any = None) -> SwapTargets:
+    """What fastbn.convert swaps torch's BatchNorm layers for: the fastbn class of the same
+    rank; with sync=True, a SyncBatchNorm over process_group for every rank and for
+    torch.nn.SyncBatchNorm."""
+    if sync:
+        torch_classes = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d,
+                         torch.nn.SyncBatchNorm)
+        classes = dict.fromkeys(torch_classes, SyncBatchNorm)
+        extra = {"process_group": process_group}
+    else:
+        classes = {torch.nn.BatchNorm1d: BatchNorm1d, torch.nn.BatchNorm2d: BatchNorm2d,
+                   torch.nn.BatchNorm3d: BatchNorm3d}
+        extra = {}
+    return SwapTargets(classes, _FastBatchNorm, _TORCH_ACTIVATIONS, extra)

@@ -58,6 +58,7 @@ from torch import Tensor
 from torch._C import _functorch
 
 from fastbn import conventions, cpu, reference
+from fastbn.conventions import BackwardInputs
 
 
 def implementation(backend: str) -> ModuleType:
@@ -217,10 +218,9 @@ def _normalize_backward(  # the op's body, also called directly by eager calls (
     output_mask: list[bool],
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return implementation(backend).normalize_backward(
-        grad_out, x, mean, var, weight, bias, residual, activation_mask, eps, use_batch_stats,
-        activation, negative_slope, output_mask,
-    )
+    inputs = BackwardInputs(grad_out, x, mean, var, weight, bias, residual, activation_mask, eps,
+                            activation, negative_slope)
+    return implementation(backend).normalize_backward(inputs, use_batch_stats, output_mask)
 
 
 normalize_backward = torch.library.custom_op(
@@ -275,11 +275,11 @@ def _normalize_backward_grads(ctx, grad_grad_input, grad_grad_weight, grad_grad_
             batch_mean, batch_var = reference.batch_mean_var(args["x"])
         else:
             batch_mean, batch_var = mean, var
-        return reference.normalize_backward(
+        inputs = BackwardInputs(
             args["grad_out"], args["x"], batch_mean, batch_var, args["weight"], args["bias"],
-            args["residual"], activation_mask, ctx.eps, ctx.use_batch_stats, ctx.activation,
-            ctx.negative_slope, ctx.output_mask,
+            args["residual"], activation_mask, ctx.eps, ctx.activation, ctx.negative_slope,
         )
+        return reference.normalize_backward(inputs, ctx.use_batch_stats, ctx.output_mask)
 
     outputs, vjp = torch.func.vjp(first_backward, *present.values())
     cotangents = tuple(
@@ -324,10 +324,9 @@ def _normalize_grad_sums(
     output_mask: list[bool],
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    return implementation(backend).normalize_grad_sums(
-        grad_out, x, mean, var, weight, bias, residual, activation_mask, eps, activation,
-        negative_slope, output_mask,
-    )
+    inputs = BackwardInputs(grad_out, x, mean, var, weight, bias, residual, activation_mask, eps,
+                            activation, negative_slope)
+    return implementation(backend).normalize_grad_sums(inputs, output_mask)
 
 
 normalize_grad_sums = torch.library.custom_op(
@@ -362,10 +361,10 @@ def _normalize_grad_input(
     output_mask: list[bool],
     backend: str,
 ) -> tuple[Tensor, Tensor]:
-    return implementation(backend).normalize_grad_input(
-        grad_out, x, mean, var, weight, bias, residual, activation_mask, grad_means, eps,
-        use_batch_stats, activation, negative_slope, output_mask,
-    )
+    inputs = BackwardInputs(grad_out, x, mean, var, weight, bias, residual, activation_mask, eps,
+                            activation, negative_slope)
+    return implementation(backend).normalize_grad_input(inputs, grad_means, use_batch_stats,
+                                                        output_mask)
 
 
 normalize_grad_input = torch.library.custom_op(
@@ -519,7 +518,9 @@ def call_normalize_backward(*args: Any) -> tuple[Tensor, Tensor, Tensor, Tensor]
     if transformed() or _functorch.is_functorch_wrapped_tensor(grad_out) or (
         _functorch.is_legacy_batchedtensor(grad_out)  # autograd.grad(is_grads_batched=True)
     ):
-        return reference.normalize_backward(*args[:-1])
+        *tensors, eps, use_batch_stats, activation, negative_slope, output_mask, _ = args
+        inputs = BackwardInputs(*tensors, eps, activation, negative_slope)
+        return reference.normalize_backward(inputs, use_batch_stats, output_mask)
     return _call(normalize_backward, _normalize_backward, args, 8,
                  eager=not torch.is_grad_enabled())
 

@@ -1,7 +1,9 @@
 """Pure-PyTorch BatchNorm: the CPU fallback and the oracle the kernels are tested against.
 
 The five functions here have the same signatures as their twins in ``fastbn.launch``
-(the Triton launchers), so the backend choice is one switch in ``fastbn.ops``:
+(the Triton launchers) and ``fastbn.cpu``, so the backend choice is one switch in
+``fastbn.ops``; the backward's three take normalize's tensors and options as one
+``BackwardInputs``:
 
 - ``batch_stats_``          per-channel batch mean and biased variance, and the in-place
                             running-statistics update;
@@ -27,6 +29,7 @@ from fastbn.conventions import (  # noqa: F401  (re-exported for callers of the 
     ACTIVATIONS,
     SIGN_ACTIVATIONS,
     STATS_DTYPE,
+    BackwardInputs,
     compute_dtype,
     mask_positions,
     mask_shape,
@@ -259,18 +262,7 @@ def normalize(
 
 
 def normalize_grad_sums(
-    grad_out: Tensor,
-    x: Tensor,
-    mean: Tensor,
-    var: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    residual: Tensor | None,
-    activation_mask: Tensor | None,
-    eps: float,
-    activation: str,
-    negative_slope: float,
-    output_mask: list[bool],
+    inputs: BackwardInputs, output_mask: list[bool]
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The per-channel sums of the backward, and the parameter gradients they are.
 
@@ -278,25 +270,12 @@ def normalize_grad_sums(
     d weight = sum(g * x_hat) and d bias = sum(g) where ``output_mask`` (weight, bias) asks
     for them (else empty tensors); g and x_hat as in ``normalize_backward``.
     """
-    g, x_hat, _ = output_grad(grad_out, x, mean, var, weight, bias, residual, activation_mask,
-                              eps, activation, negative_slope)
-    return grad_sums(g, x_hat, x, weight, bias, output_mask)
+    g, x_hat, _ = output_grad(inputs)
+    return grad_sums(g, x_hat, inputs.x, inputs.weight, inputs.bias, output_mask)
 
 
 def normalize_grad_input(
-    grad_out: Tensor,
-    x: Tensor,
-    mean: Tensor,
-    var: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    residual: Tensor | None,
-    activation_mask: Tensor | None,
-    grad_means: Tensor | None,
-    eps: float,
-    use_batch_stats: bool,
-    activation: str,
-    negative_slope: float,
+    inputs: BackwardInputs, grad_means: Tensor | None, use_batch_stats: bool,
     output_mask: list[bool],
 ) -> tuple[Tensor, Tensor]:
     """The elementwise gradients (d input, d residual) of ``normalize``, given the means.
@@ -306,31 +285,19 @@ def normalize_grad_input(
     rank). Only d input with ``use_batch_stats`` reads it. ``output_mask`` is (input, residual);
     a gradient it does not ask for comes back as an empty tensor.
     """
-    g, x_hat, scale = output_grad(grad_out, x, mean, var, weight, bias, residual,
-                                  activation_mask, eps, activation, negative_slope)
-    return grad_input_residual(g, x_hat, scale, grad_out, x, residual, grad_means, use_batch_stats,
-                               output_mask)
+    g, x_hat, scale = output_grad(inputs)
+    return grad_input_residual(g, x_hat, scale, inputs, grad_means, use_batch_stats, output_mask)
 
 
-def output_grad(
-    grad_out: Tensor,
-    x: Tensor,
-    mean: Tensor,
-    var: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    residual: Tensor | None,
-    activation_mask: Tensor | None,
-    eps: float,
-    activation: str,
-    negative_slope: float,
-) -> tuple[Tensor, Tensor, Tensor]:
+def output_grad(inputs: BackwardInputs) -> tuple[Tensor, Tensor, Tensor]:
     """(g, x_hat, scale) in the compute dtype: g = grad_out * act'(u), x_hat = (x - mean) *
     invstd, and scale = weight * invstd per channel.
 
     act'(u) comes from ``activation_mask`` when given (the forward's packed bits; the
     residual is then not needed), else from u recomputed from x (and the residual).
     """
+    (grad_out, x, mean, var, weight, bias, residual, activation_mask, eps, activation,
+     negative_slope) = inputs
     hi, lo, invstd, scale, shift = channel_constants(x, mean, var, weight, bias, eps)
     x_hat = (x.to(invstd.dtype) - channel_view(hi, x)) * channel_view(invstd, x) - channel_view(
         lo * invstd, x
@@ -362,11 +329,11 @@ def grad_sums(
 
 
 def grad_input_residual(
-    g: Tensor, x_hat: Tensor, scale: Tensor, grad_out: Tensor, x: Tensor,
-    residual: Tensor | None, grad_means: Tensor | None, use_batch_stats: bool,
-    output_mask: list[bool],
+    g: Tensor, x_hat: Tensor, scale: Tensor, inputs: BackwardInputs,
+    grad_means: Tensor | None, use_batch_stats: bool, output_mask: list[bool],
 ) -> tuple[Tensor, Tensor]:
     """``normalize_grad_input`` from g, x_hat and scale."""
+    grad_out, x, residual = inputs.grad_out, inputs.x, inputs.residual
     grad_input, grad_residual = x.new_empty(0), x.new_empty(0)
     if output_mask[0]:
         if use_batch_stats:
@@ -383,19 +350,7 @@ def grad_input_residual(
 
 
 def normalize_backward(
-    grad_out: Tensor,
-    x: Tensor,
-    mean: Tensor,
-    var: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    residual: Tensor | None,
-    activation_mask: Tensor | None,
-    eps: float,
-    use_batch_stats: bool,
-    activation: str,
-    negative_slope: float,
-    output_mask: list[bool],
+    inputs: BackwardInputs, use_batch_stats: bool, output_mask: list[bool]
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients (d input, d weight, d bias, d residual) of ``normalize``: the sums of
     ``normalize_grad_sums``, then the elementwise gradients of ``normalize_grad_input``.
@@ -409,15 +364,14 @@ def normalize_backward(
     A gradient that ``output_mask`` does not ask for comes back as an empty tensor.
     """
     want_input, want_weight, want_bias, want_residual = output_mask
-    g, x_hat, scale = output_grad(grad_out, x, mean, var, weight, bias, residual,
-                                  activation_mask, eps, activation, negative_slope)
+    g, x_hat, scale = output_grad(inputs)
+    x = inputs.x
     grad_means, grad_weight, grad_bias = None, x.new_empty(0), x.new_empty(0)
     if want_weight or want_bias or (want_input and use_batch_stats):
-        sums, grad_weight, grad_bias = grad_sums(g, x_hat, x, weight, bias,
+        sums, grad_weight, grad_bias = grad_sums(g, x_hat, x, inputs.weight, inputs.bias,
                                                  [want_weight, want_bias])
         grad_means = sums / max(reduced_count(x), 1)  # (an empty batch's sums are 0)
     grad_input, grad_residual = grad_input_residual(
-        g, x_hat, scale, grad_out, x, residual, grad_means, use_batch_stats,
-        [want_input, want_residual],
+        g, x_hat, scale, inputs, grad_means, use_batch_stats, [want_input, want_residual]
     )
     return grad_input, grad_weight, grad_bias, grad_residual

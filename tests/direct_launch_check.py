@@ -88,6 +88,7 @@ def plans():
     normalize plan again with x 4 bytes past a 16-byte boundary (the same plan, another
     specialisation: it must not take the aligned call's direct launch)."""
     from fastbn import launch
+    from fastbn.conventions import BackwardInputs
 
     x = torch.randn(4, 8, 5, 5)
     w, b = torch.randn(8), torch.randn(8)
@@ -95,12 +96,15 @@ def plans():
     with launch.recording() as records:
         mean, var = launch.batch_stats_(x, rm, rv, nbt, 0.1)
         launch.normalize(x, mean, var, w, b, None, 1e-5, "relu", 0.01, False)
-        launch.normalize_backward(torch.randn_like(x), x, mean, var, w, b, None, None, 1e-5,
-                                  True, "relu", 0.01, [True, True, True, False])
+        launch.normalize_backward(
+            BackwardInputs(torch.randn_like(x), x, mean, var, w, b, None, None, 1e-5, "relu", 0.01),
+            True, [True, True, True, False])
         # A slice too large for one program: the backward's sums, then d input.
         large = torch.randn(4, 8, 48, 48)
-        launch.normalize_backward(torch.randn_like(large), large, mean, var, w, b, None, None,
-                                  1e-5, True, "relu", 0.01, [True, True, True, False])
+        launch.normalize_backward(
+            BackwardInputs(torch.randn_like(large), large, mean, var, w, b, None, None, 1e-5,
+                           "relu", 0.01),
+            True, [True, True, True, False])
     names = ("stats", "normalize", "backward_one_launch", "backward_sums",
              "backward_grad_input")
     cases = [(name, *record) for name, record in zip(names, records, strict=True)]

@@ -41,6 +41,7 @@ from triton.runtime.jit import create_function_from_signature
 
 from fastbn import launch
 from fastbn.bench.shapes import SUITES
+from fastbn.conventions import BackwardInputs
 from fastbn.reference import SIGN_ACTIVATIONS
 
 KERNEL_NAMES = (
@@ -105,12 +106,10 @@ def run_config(dtype, layout, batch, activation, residual, affine, track, moment
             launch.normalize(x, running_mean, running_var, weight, bias, z, 1e-5, activation,
                              0.01, False)
         grad = make(x.shape, dtype, layout)
+        inputs = BackwardInputs(grad, x, mean, var, weight, bias, z, mask, 1e-5, activation, 0.01)
         for batch_stats in (True, False) if eval_too else (True,):
-            launch.normalize_backward(grad, x, mean, var, weight, bias, z, mask, 1e-5,
-                                      batch_stats, activation, 0.01,
-                                      [True, affine, affine, residual])
-        launch.normalize_backward(grad, x, mean, var, weight, bias, z, mask, 1e-5, True,
-                                  activation, 0.01, [False, affine, affine, False])
+            launch.normalize_backward(inputs, batch_stats, [True, affine, affine, residual])
+        launch.normalize_backward(inputs, True, [False, affine, affine, False])
     finally:
         launch.needs_int64 = launch_needs_int64
         launch.clear_plans()

@@ -297,3 +297,17 @@ def test_convert_sync_batchnorm_classmethod_is_torchs_contract():
     assert [type(converted[i]) for i in (1, 3, 5)] == [fastbn.SyncBatchNorm] * 3
     assert converted[1].process_group is group
     assert converted[1].activation is None and type(converted[2]) is torch.nn.ReLU
+
+
+class DoublingBatchNorm2d(torch.nn.BatchNorm2d):
+    def forward(self, input):
+        return super().forward(input) * 2
+
+
+def test_convert_sync_batchnorm_warns_at_its_caller_naming_the_layers_it_leaves():
+    model = torch.nn.Sequential(DoublingBatchNorm2d(3), torch.nn.BatchNorm2d(3))
+    with pytest.warns(UserWarning, match=r"left these BatchNorm layers as they were: "
+                      r"0 \(DoublingBatchNorm2d\): its class has its own forward") as record:
+        converted = fastbn.SyncBatchNorm.convert_sync_batchnorm(model)
+    assert [type(layer) for layer in converted] == [DoublingBatchNorm2d, fastbn.SyncBatchNorm]
+    assert [w.filename for w in record] == [__file__]

@@ -23,6 +23,7 @@ from helpers import (
 
 import fastbn
 from fastbn import launch, reference
+from fastbn.conventions import BackwardInputs
 
 pytestmark = pytest.mark.skipif(
     bool(fastbn.backend.triton_problem()), reason="the Triton kernels cannot run here"
@@ -328,8 +329,8 @@ def test_backward_computes_only_what_the_mask_asks(mask, batch_stats):
     bias = torch.rand(4, device=DEVICE)
     z = torch.randn_like(x)
     grad_out = torch.randn_like(x)
-    args = (grad_out, x, mean, var, weight, bias, z, None, 1e-5, batch_stats, "leaky_relu", 0.1,
-            mask)
+    args = (BackwardInputs(grad_out, x, mean, var, weight, bias, z, None, 1e-5, "leaky_relu", 0.1),
+            batch_stats, mask)
     ours = launch.normalize_backward(*args)
     expected = reference.normalize_backward(*args)
     for wanted, mine, theirs in zip(mask, ours, expected, strict=True):
@@ -379,11 +380,11 @@ def test_backward_from_the_mask_equals_backward_from_the_residual(activation, la
     z = torch.randn_like(x)
     _, mask = launch.normalize(x, mean, var, weight, bias, z, 1e-5, activation, 0.1, True)
     grad_out = torch.randn_like(x)
-    common = (1e-5, True, activation, 0.1, [True, True, True, True])
-    from_mask = launch.normalize_backward(grad_out, x, mean, var, weight, bias, None, mask,
-                                          *common)
-    from_residual = launch.normalize_backward(grad_out, x, mean, var, weight, bias, z, None,
-                                              *common)
+    options, flags = (1e-5, activation, 0.1), (True, [True, True, True, True])
+    from_mask = launch.normalize_backward(
+        BackwardInputs(grad_out, x, mean, var, weight, bias, None, mask, *options), *flags)
+    from_residual = launch.normalize_backward(
+        BackwardInputs(grad_out, x, mean, var, weight, bias, z, None, *options), *flags)
     atol, rtol = tolerance(torch.float32)
     for a, b in zip(from_mask, from_residual, strict=True):
         torch.testing.assert_close(a, b, atol=atol, rtol=rtol)

@@ -8,5 +8,7 @@
 - ``timing``    CUDA-event and CPU timers, the copy bandwidth;
 - ``runner``    the check-then-time loop and its long-format rows;
 - ``report``    progress, the table, geometric means, JSON and the plot;
+- ``meta``      what every result file records first (command, device, versions);
+- ``extra``     ``--plan`` (``plan``) and ``--suite host`` (``host``);
 - ``cli``       the command line.
 """

@@ -5,10 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import importlib.metadata
-import platform
 import re
-import shlex
 import sys
 import textwrap
 import time
@@ -19,6 +16,8 @@ import torch
 
 import fastbn
 from fastbn.backend import resolve_backend, triton_problem
+from fastbn.bench.extra import run_extra
+from fastbn.bench.meta import run_meta
 from fastbn.bench.model import model_json, model_steps, model_table
 from fastbn.bench.modes import MODES
 from fastbn.bench.problem import TOLERANCE
@@ -266,26 +265,6 @@ def choose_points(parser: argparse.ArgumentParser, args: argparse.Namespace, dev
     return suite.name, restyle(suite.points, args.dtypes, args.layouts, args.fusion)
 
 
-def device_name(device: torch.device) -> str:
-    """The GPU's name, or the CPU's model name where the system says it."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "cpu"
-
-
-def package_version(name: str) -> str | None:
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
 def fastbn_backend(device: torch.device, notes: list[str]) -> str:
     """The backend fastbn.batch_norm picks on ``device`` under "auto"; a note when it matters."""
     try:
@@ -351,8 +330,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.plan or args.suite == "host":
-        from fastbn.bench.extra import run_extra
-
         return run_extra(parser, args, argv, device)
     defaults = DEFAULTS[device.type]
     suite, points = choose_points(parser, args, device.type)
@@ -366,17 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     backend = fastbn_backend(device, notes)
     copy_gbps, copy_bytes = copy_bandwidth(device)
     meta = {
-        "command": shlex.join(["python", "-m", "fastbn.bench", *argv]),
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "suite": suite,
-        "device": {"type": device.type, "name": device_name(device)},
-        "versions": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "triton": package_version("triton"),
-            "fastbn": fastbn.__version__,
-            "cuda": torch.version.cuda,
-        },
+        **run_meta(argv, suite, device),
         "fastbn_backend": backend,
         "copy_bandwidth": {"gbps": copy_gbps, "bytes": copy_bytes},
         "timing": {"warmup": warmup, "reps": reps},

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 import fastbn
-from fastbn import direct_launch
+from fastbn import backend, direct_launch
 
 # (shape, dtype): tiny layers, and on a GPU ResNet-50's last layer at batch 32 in bf16.
 HOST_POINTS = (((2, 2048, 1, 1), torch.float32), ((4, 64, 8, 8), torch.float32),
@@ -59,8 +59,7 @@ def _no_op(*args, **kwargs) -> None:
 def no_op_launches() -> Iterator[None]:
     """Every fastbn kernel's launch is a no-op inside (the kernels' modules patched), and
     the triton backend takes CPU tensors (its check for the interpreter answers yes)."""
-    from fastbn import backend
-    from fastbn.kernels import backward, forward
+    from fastbn.kernels import backward, forward  # here: importing them needs triton
 
     patched = [(backend, "runs_in_interpreter", backend.runs_in_interpreter)]
     backend.runs_in_interpreter = lambda: True
@@ -161,9 +160,8 @@ def host_rows(device: torch.device, calls: int | None = None,
         # a shared machine waiting for a pool of them measures the neighbours.
         torch.set_num_threads(1)
     launches = contextlib.nullcontext() if device.type == "cuda" else no_op_launches()
-    backend = fastbn.use_backend("triton")
     rows = []
-    with launches, backend:
+    with launches, fastbn.use_backend("triton"):
         for shape, dtype in points:
             for case in CASES:
                 providers = {provider: (_calls(case, provider, shape, dtype, device),

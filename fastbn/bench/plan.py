@@ -14,6 +14,7 @@ import torch
 
 from fastbn.bench.shapes import Point, shape_label
 from fastbn.bench.traffic import compulsory_bytes
+from fastbn.conventions import BackwardInputs
 
 PLAN_MODES = ("forward-train", "forward-eval", "backward")
 DTYPE_OF = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -54,9 +55,9 @@ def point_launches(point: Point) -> dict[str, list]:
                          activation, 0.0, False)
     plans["forward-eval"] = [planned for planned, _, _ in records]
     with launch.recording() as records:
-        launch.normalize_backward(torch.empty_like(x), x, mean, var, weight, bias, residual,
-                                  mask if save_mask else None, 1e-5, True, activation, 0.0,
-                                  [True, True, True, save_mask])
+        inputs = BackwardInputs(torch.empty_like(x), x, mean, var, weight, bias, residual,
+                                mask if save_mask else None, 1e-5, activation, 0.0)
+        launch.normalize_backward(inputs, True, [True, True, True, save_mask])
     plans["backward"] = [planned for planned, _, _ in records]
     return plans
 

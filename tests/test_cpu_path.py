@@ -267,13 +267,27 @@ def test_nan_running_variance_in_eval_propagates():
 @pytest.mark.parametrize("shape", [(2, 3, 5, 7), (3, 2, 4, 4), (13, 3), (2, 3, 9),
                                    (2, 2, 3, 3, 3)], ids=str)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
-def test_packed_mask_matches_the_oracles_bit_for_bit(shape, channels_last):
+@pytest.mark.parametrize("rows_min", [None, 0], ids=["default_size_rule", "rows_path"])
+def test_packed_mask_matches_the_oracles_bit_for_bit(shape, channels_last, rows_min,
+                                                     monkeypatch):
+    """Both sides of ROWS_MASK_MIN: channels-innermost masks packed in their own layout
+    (pack_rows, unpack_rows) or through the positions view give the oracle's bytes."""
+    if rows_min is not None:
+        monkeypatch.setattr(cpu, "ROWS_MASK_MIN", rows_min)
     bits = make_input(shape, seed=3, channels_last=channels_last) > 0
     assert torch.equal(cpu.pack_bits(bits.clone()), reference.pack_bits(bits))
     mask = reference.pack_bits(bits)
-    indicator = cpu.mask_indicator(mask, bits.float() if not channels_last else
-                                   layout(bits.float(), "channels_last"))
-    assert torch.equal(indicator > 0, bits)
+    x = bits.float() if not channels_last else layout(bits.float(), "channels_last")
+    indicator = cpu.mask_indicator(mask, x)
+    assert torch.equal(indicator > 0, bits) and indicator.stride() == x.stride()
+
+
+def test_large_channels_last_mask_takes_the_rows_path():
+    """At ROWS_MASK_MIN elements a channels_last mask is packed in its own layout."""
+    bits = make_input((2, 16, 32, 32), seed=3, channels_last=True) > 0
+    assert bits.numel() >= cpu.ROWS_MASK_MIN and cpu.fast_layout(bits) == "rows"
+    assert torch.equal(cpu.pack_rows(bits), reference.pack_bits(bits))
+    assert torch.equal(cpu.pack_bits(bits.clone()), reference.pack_bits(bits))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -208,7 +208,7 @@ def accept_kernel_statistics_(
     The one acceptance test and state update of both routes that use torch's kernel (the
     eager ``native_training_forward`` and the ops' ``kernel_batch_stats_``): given the same
     scratch they accept alike and write the same bits."""
-    mean, unbiased_var = scratch
+    mean, unbiased_var = scratch.unbind()  # (unbind: a tuple without Tensor.__iter__)
     if not within_ratio(mean, unbiased_var, 0.0, STATS_RATIO):
         return False
     if num_batches_tracked is not None:

@@ -14,7 +14,11 @@ same results to the dtype's precision, by doing less work:
   pass, ``x * scale + shift``; ``torch.addcmul`` when channels are innermost), then the
   residual and the activation in place on the output;
 - the backward by ``aten.native_batch_norm_backward``: one pass for the two sums, one for
-  d input.
+  d input;
+- a plain eager training call without activation where torch's kernel gives the statistics
+  anyway: one ``torch.native_batch_norm`` (``native_training_forward``), with the ops'
+  route computing the same bits (``kernel_batch_stats_``, ``normalize_batch``,
+  ``kernel_invstd``).
 
 The exactness rule. ``x * scale + shift`` with shift = bias - mean * scale, and torch's
 statistics kernel, which rounds the mean to float32, both move the output by about
@@ -145,13 +149,18 @@ def mean_var(x: Tensor) -> tuple[Tensor, Tensor]:
     - otherwise (float32 NCHW, where torch's kernel is a slow scalar loop; float64; a large
       mean): one-pass pilot sums, whose mean pilot + mean(t) is exact in float64;
     - when neither holds (far pilot): the reference's two passes."""
-    layout = fast_layout(x)
-    if layout is None or reduced_count(x) == 0:
+    if fast_layout(x) is None or reduced_count(x) == 0:
         return reference.batch_mean_var(x)
-    if x.dtype != torch.float64 and (layout == "rows" or x.dtype != torch.float32):
+    if native_statistics(x):
         mean, var = native_mean_var(x)
         if within_ratio(mean, var, 0.0, STATS_RATIO):
             return mean, var
+    return exact_mean_var(x)
+
+
+def exact_mean_var(x: Tensor) -> tuple[Tensor, Tensor]:
+    """``mean_var`` without torch's statistics kernel (fast layouts, count > 0): one-pass
+    pilot sums, else the reference's two passes."""
     sums = pilot_sums(x)
     if sums is None:
         return reference.batch_mean_var(x)
@@ -162,6 +171,119 @@ def mean_var(x: Tensor) -> tuple[Tensor, Tensor]:
     if within_ratio(mean, var, 0.0, STATS_RATIO):
         return mean, var
     return pilot.to(STATS_DTYPE) + shifted_mean.to(STATS_DTYPE), var.to(STATS_DTYPE)
+
+
+def native_statistics(x: Tensor) -> bool:
+    """Whether ``mean_var`` takes x's statistics from torch's kernel when the rule holds:
+    float16/bfloat16 of a fast layout, float32 with channels innermost."""
+    layout = fast_layout(x)
+    return layout is not None and x.dtype != torch.float64 and (
+        layout == "rows" or x.dtype != torch.float32)
+
+
+def float32_or_none(*tensors: Tensor | None) -> bool:
+    """Whether every tensor given (None aside) is float32: what torch's kernels take beside
+    a ``native_statistics`` input without a conversion."""
+    for t in tensors:  # noqa: SIM110 (a loop: no generator on the hot path)
+        if t is not None and t.dtype != torch.float32:
+            return False
+    return True
+
+
+def kernel_running_scratch(x: Tensor) -> Tensor:
+    """Zeroed float32 (2, C) running buffers for torch's statistics kernel: with momentum 1
+    it writes x's float32 mean into row 0 and the unbiased variance into row 1
+    (sum / (count - 1), rounded once), exactly: 1 * v + 0 * 0 = v."""
+    return x.new_zeros((2, x.shape[1]), dtype=torch.float32)
+
+
+def accept_kernel_statistics_(
+    scratch: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
+    num_batches_tracked: Tensor | None, momentum: float | None,
+) -> bool:
+    """Whether the statistics torch's kernel wrote into ``kernel_running_scratch`` pass the
+    rule, max |mean| / std <= STATS_RATIO (std unbiased); if so, the state changes as
+    ``update_state_`` changes it, from the scratch rows. Nothing changes otherwise.
+
+    The one acceptance test and state update of both routes that use torch's kernel (the
+    eager ``native_training_forward`` and the ops' ``kernel_batch_stats_``): given the same
+    scratch they accept alike and write the same bits."""
+    mean, unbiased_var = scratch.unbind()  # (unbind: a tuple without Tensor.__iter__)
+    if not within_ratio(mean, unbiased_var, 0.0, STATS_RATIO):
+        return False
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+    if running_mean is not None and running_var is not None:
+        lerp_running_stats_(running_mean, running_var, num_batches_tracked, mean, unbiased_var,
+                            momentum)
+    return True
+
+
+def kernel_batch_stats_(
+    x: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
+    num_batches_tracked: Tensor | None, momentum: float | None,
+) -> tuple[Tensor, Tensor] | None:
+    """``batch_stats_as_computed_`` by torch's statistics kernel, for a
+    ``native_statistics`` input with float32 running buffers (or none): float32 (mean, var),
+    the state changed by ``accept_kernel_statistics_``; None with nothing changed when the
+    rule fails."""
+    scratch = kernel_running_scratch(x)
+    mean, var = torch.batch_norm_update_stats(x, scratch[0], scratch[1], 1.0)
+    if not accept_kernel_statistics_(scratch, running_mean, running_var, num_batches_tracked,
+                                     momentum):
+        return None
+    return mean, var
+
+
+def kernel_invstd(var: Tensor, eps: float) -> Tensor:
+    """1 / sqrt(var + eps) as torch's CPU training kernel computes it (save_invstd): in
+    float64, rounded once to var's dtype."""
+    return (var.double() + eps).sqrt_().reciprocal_().to(var.dtype)
+
+
+def native_training_forward(
+    x: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    residual: Tensor | None,
+    momentum: float | None,
+    eps: float,
+    num_batches_tracked: Tensor | None,
+) -> Tensor | None:
+    """BatchNorm(x) + residual with batch statistics for an eager call without activation
+    that ``serves_natively``: one ``torch.native_batch_norm`` (differentiated by torch
+    itself: no Python in the backward), the residual added in place.
+
+    The same bits as the ops' route (batch_stats_, normalize, normalize_backward), which
+    for these calls runs the same kernels on the same values: its statistics and state
+    update are ``kernel_batch_stats_``'s (one acceptance test and update,
+    ``accept_kernel_statistics_``), its output ``kernel_training_output``'s, its backward
+    torch's backward kernel with ``kernel_invstd`` and the gradient in x's format (the
+    hook here does that conversion for torch's own backward). None, with nothing changed,
+    when the statistics fail the rule: the caller takes the exact path."""
+    scratch = kernel_running_scratch(x)
+    y, _, _ = torch.native_batch_norm(x, weight, bias, scratch[0], scratch[1], True, 1.0, eps)
+    if not accept_kernel_statistics_(scratch, running_mean, running_var, num_batches_tracked,
+                                     momentum):
+        return None
+    y = same_format(y, x)  # (torch's strides differ from empty_like's on size-1 dimensions)
+    if residual is not None:
+        y.add_(residual)
+    if y.requires_grad:
+        strides = x.stride()
+        y.register_hook(lambda grad: None if grad.stride() == strides else like_input(grad, x))
+    return y
+
+
+def serves_natively(
+    x: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
+    weight: Tensor | None, bias: Tensor | None,
+) -> bool:
+    """Whether a training call without activation on x may be ``native_training_forward``:
+    torch's statistics kernel for x, every per-channel tensor in float32."""
+    return native_statistics(x) and float32_or_none(running_mean, running_var, weight, bias)
 
 
 def batch_mean_var(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -187,14 +309,24 @@ def update_running_stats_(
             running_mean, running_var, num_batches_tracked, mean, var, count, momentum
         )
         return
+    lerp_running_stats_(running_mean, running_var, num_batches_tracked, mean.float(),
+                        var.float() * reference.unbiasing_factor(count), momentum)
+
+
+def lerp_running_stats_(
+    running_mean: Tensor, running_var: Tensor, num_batches_tracked: Tensor | None,
+    mean: Tensor, unbiased_var: Tensor, momentum: float | None,
+) -> None:
+    """The float32 running buffers lerped towards float32 batch statistics by the factor
+    momentum, or 1 / num_batches_tracked (on the device) for momentum=None."""
     if momentum is None:
         if num_batches_tracked is None:
             raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
         factor: float | Tensor = num_batches_tracked.reciprocal().to(torch.float32)
     else:
         factor = momentum
-    running_mean.lerp_(mean.float(), factor)
-    running_var.lerp_(var.float() * reference.unbiasing_factor(count), factor)
+    running_mean.lerp_(mean, factor)
+    running_var.lerp_(unbiased_var, factor)
 
 
 def batch_stats_(
@@ -204,10 +336,10 @@ def batch_stats_(
     num_batches_tracked: Tensor | None,
     momentum: float | None,
 ) -> tuple[Tensor, Tensor]:
-    """``reference.batch_stats_`` (STATS_DTYPE statistics) by ``batch_mean_var``."""
-    mean, var = batch_mean_var(x)
-    update_state_(x, running_mean, running_var, num_batches_tracked, momentum, mean, var)
-    return mean, var
+    """``reference.batch_stats_`` (STATS_DTYPE statistics) from ``batch_stats_as_computed_``."""
+    mean, var = batch_stats_as_computed_(x, running_mean, running_var, num_batches_tracked,
+                                         momentum)
+    return mean.to(STATS_DTYPE), var.to(STATS_DTYPE)
 
 
 def batch_stats_as_computed_(
@@ -216,8 +348,17 @@ def batch_stats_as_computed_(
 ) -> tuple[Tensor, Tensor]:
     """``batch_stats_`` with the statistics as ``mean_var`` gives them (the compute dtype
     where that is exact enough), for a caller that hands them to ``normalize`` only (an
-    eager training forward): no conversions to float64 and back."""
-    mean, var = mean_var(x)
+    eager training forward): no conversions to float64 and back. Where torch's kernel
+    gives the statistics and float32 running buffers (or none) take its update, by
+    ``kernel_batch_stats_`` (as the eager ``native_training_forward`` does)."""
+    if native_statistics(x) and float32_or_none(running_mean, running_var):
+        stats = kernel_batch_stats_(x, running_mean, running_var, num_batches_tracked,
+                                    momentum)
+        if stats is not None:
+            return stats
+        mean, var = exact_mean_var(x)
+    else:
+        mean, var = mean_var(x)
     update_state_(x, running_mean, running_var, num_batches_tracked, momentum, mean, var)
     return mean, var
 
@@ -305,11 +446,64 @@ added there too, as torch's eager add does (one more rounding of the input dtype
 the dtype's tolerance); other activations on low-precision input take the exact path."""
 
 
+ROWS_MASK_MIN = 1 << 15
+"""From this many elements on, a channels-innermost tensor's mask is packed and unpacked in
+its own layout (``pack_rows``, ``unpack_rows``): 16 small ops on 1/8 of the bytes and one
+transpose of the packed bytes, instead of a transposing copy of every byte, about twice as
+fast on a (8, 64, 56, 56) channels_last input; below it their per-op cost dominates."""
+
+
+def rows_view(t: Tensor) -> Tensor:
+    """The (rows, positions, C) view of a channels-innermost t (``fast_layout`` "rows"): the
+    layout of ``mask_positions`` with its last two dimensions swapped, contiguous."""
+    if t.dim() == 2:
+        return t.unsqueeze(0)
+    return t.permute(0, *range(2, t.dim()), 1).flatten(1, -2)
+
+
+def pack_rows(bits: Tensor) -> Tensor:
+    """``reference.pack_bits`` of a channels-innermost bits, bit for bit: byte k of a channel
+    is the sum of its positions 8k + j times 2^j (eight adds on (rows, bytes, C) slices,
+    contiguous along C), then one transpose of the packed bytes to the mask's layout."""
+    view = rows_view(bits)
+    rows, positions, channels = view.shape
+    padding = -positions % 8
+    if padding:
+        padded = view.new_zeros((rows, positions + padding, channels))
+        padded[:, :positions] = view
+        view = padded
+    groups = view.view(torch.uint8).view(rows, -1, 8, channels)
+    packed = groups[:, :, 0].clone()
+    for j in range(1, 8):
+        packed.add_(groups[:, :, j], alpha=1 << j)
+    return packed.transpose(1, 2).contiguous()
+
+
+def unpack_rows(mask: Tensor, x: Tensor) -> Tensor:
+    """``mask_indicator`` for a channels-innermost x: the packed bytes transposed to
+    (rows, bytes, C), eight shifts into a (rows, bytes, 8, C) buffer (x's layout), one
+    converting copy."""
+    rows, channels, _ = mask.shape
+    words = mask.transpose(1, 2).contiguous()
+    flags = words.new_empty((rows, words.shape[1], 8, channels))
+    for j in range(8):
+        torch.bitwise_right_shift(words, j, out=flags[:, :, j])
+    flags = flags.bitwise_and_(1).flatten(1, 2)[:, :rows_view(x).shape[1]]
+    if x.dim() == 2:
+        flags = flags[0]
+    else:
+        flags = flags.unflatten(1, x.shape[2:]).permute(0, x.dim() - 1, *range(1, x.dim() - 1))
+    return torch.empty_like(x).copy_(flags)
+
+
 def pack_bits(bits: Tensor) -> Tensor:
-    """``reference.pack_bits``, bit for bit, by one multiply per 8 positions: the packed byte
+    """``reference.pack_bits``, bit for bit: ``pack_rows`` for a large channels-innermost
+    bits; else by one multiply per 8 positions: the packed byte
     is the top byte of each product, read out as a strided view (little-endian). In place on
     ``bits`` (a temporary of the caller's, which this consumes) when its positions are
     contiguous and a multiple of 8; else after one copy into a padded buffer."""
+    if bits.numel() >= ROWS_MASK_MIN and fast_layout(bits) == "rows":
+        return pack_rows(bits)
     view = reference.mask_positions(bits)
     rows, channels, positions = view.shape
     padding = -positions % 8
@@ -370,6 +564,44 @@ def normalize(
     return y, x.new_empty(0, dtype=torch.uint8) if mask is None else mask
 
 
+def kernel_training_output(
+    x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None,
+    eps: float,
+) -> Tensor | None:
+    """x normalized by torch's CPU training kernel, when (mean, var) are bit for bit the
+    statistics that kernel takes from x (what ``kernel_batch_stats_`` returned): then its
+    output is that of these statistics, ``native_training_forward``'s bits (torch's
+    training kernel rounds its constants differently from its eval kernel). None
+    otherwise (other statistics, e.g. SyncBatchNorm's global ones). It recomputes the
+    statistics: one pass more than ``normalize``, paid on the ops' route only (traced
+    calls), which must give the eager route's bits."""
+    if not within_ratio(mean, var, 0.0, STATS_RATIO):
+        return None  # never statistics kernel_batch_stats_ accepted: no pass spent
+    y, kernel_mean, kernel_invstd_ = torch.native_batch_norm(x, weight, bias, None, None, True,
+                                                             0.0, eps)
+    mean, var = mean.to(torch.float32), var.to(torch.float32)
+    if not (torch.equal(kernel_mean, mean) and torch.equal(kernel_invstd_,
+                                                            kernel_invstd(var, eps))):
+        return None
+    return same_format(y, x)
+
+
+def normalize_batch(
+    x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None,
+    residual: Tensor | None, eps: float, activation: str, negative_slope: float,
+    save_mask: bool,
+) -> tuple[Tensor, Tensor]:
+    """``normalize`` where (mean, var) are x's batch statistics (``use_batch_stats``): for a
+    call ``native_training_forward`` could serve, ``kernel_training_output`` plus the
+    residual in place, its bits; else ``normalize``."""
+    if activation == "none" and serves_natively(x, None, None, weight, bias):
+        y = kernel_training_output(x, mean, var, weight, bias, eps)
+        if y is not None:
+            return y if residual is None else y.add_(residual), x.new_empty(0, dtype=torch.uint8)
+    return normalize(x, mean, var, weight, bias, residual, eps, activation, negative_slope,
+                     save_mask)
+
+
 _BYTE_TO_WORD = 0x0101010101010101
 """Multiplying a byte (< 256, so without carries) by this copies it into all 8 bytes."""
 _BIT_J_OF_BYTE_J = 0x8040201008040201 - (1 << 64)
@@ -380,7 +612,10 @@ of a mask byte, each 0 or 2^j."""
 def mask_indicator(mask: Tensor, x: Tensor) -> Tensor:
     """The packed activation mask unpacked to x's dtype and memory format: positive where the
     bit is set (derivative_is_one), 0 elsewhere. Each mask byte becomes an int64 holding its
-    8 positions as bytes (two in-place integer ops), then one converting copy."""
+    8 positions as bytes (two in-place integer ops), then one converting copy; for a large
+    channels-innermost x, ``unpack_rows``."""
+    if x.numel() >= ROWS_MASK_MIN and fast_layout(x) == "rows":
+        return unpack_rows(mask, x)
     words = mask.to(torch.int64).mul_(_BYTE_TO_WORD).bitwise_and_(_BIT_J_OF_BYTE_J)
     flags = words.view(torch.uint8)[..., :reference.mask_positions(x).shape[-1]]
     flags = flags[0].t() if x.dim() == 2 else flags.reshape(x.shape)
@@ -446,7 +681,7 @@ def native_backward(
     g = g if g.stride() == x.stride() and g.dtype == x.dtype else like_input(g, x)
     if use_batch_stats:
         return torch.ops.aten.native_batch_norm_backward.default(
-            g, x, weight, None, None, mean, torch.rsqrt(var + eps), True, eps, mask
+            g, x, weight, None, None, mean, kernel_invstd(var, eps), True, eps, mask
         )
     return torch.ops.aten.native_batch_norm_backward.default(
         g, x, weight, mean, var, None, None, False, eps, mask

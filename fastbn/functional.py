@@ -13,7 +13,7 @@ import numbers
 import torch
 from torch import Tensor
 
-from fastbn import ops
+from fastbn import cpu, ops
 from fastbn.backend import resolve_backend
 from fastbn.conventions import ACTIVATIONS, SIGN_ACTIVATIONS
 from fastbn.reference import activation_forward
@@ -85,6 +85,16 @@ def batch_norm(
                 None if t is None else t.resolve_neg() for t in (input, weight, bias, residual)
             )
     backend = resolve_backend(input)
+    if training and activation_name == "none" and backend == "torch" and cpu.serves_natively(
+        input, running_mean, running_var, weight, bias
+    ) and _eager_plain(input, running_mean, running_var, weight, bias, residual,
+                       num_batches_tracked):
+        output = cpu.native_training_forward(input, running_mean, running_var, weight, bias,
+                                             residual, momentum, eps, num_batches_tracked)
+        if output is not None:
+            if running_mean is not None and running_var is not None:
+                torch.autograd.graph.increment_version((running_mean, running_var))
+            return output
     if training:
         mean, var = ops.call_batch_stats_(
             input.detach(), running_mean, running_var, num_batches_tracked, momentum, backend,
@@ -98,6 +108,12 @@ def batch_norm(
         negative_slope, save_mask, backend,
     )
     return output
+
+
+def _eager_plain(input: Tensor, *tensors: Tensor | None) -> bool:
+    """Whether the call runs eagerly on plain tensors (``ops.direct``, ``ops.plain``), outside
+    a torch.jit trace (which records the ops)."""
+    return ops.direct(input) and ops.plain(*tensors) and not torch.jit.is_tracing()
 
 
 def _negative(*tensors: Tensor | None) -> bool:

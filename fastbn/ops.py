@@ -125,15 +125,19 @@ def normalize(
     save_mask: bool,
     backend: str,
 ) -> tuple[Tensor, Tensor]:
-    return normalized(x, mean, var, weight, bias, residual, eps, activation, negative_slope,
-                      save_mask, backend)
+    return normalized(x, mean, var, weight, bias, residual, eps, use_batch_stats, activation,
+                      negative_slope, save_mask, backend)
 
 
-def normalized(x, mean, var, weight, bias, residual, eps, activation, negative_slope,
-               save_mask, backend):
+def normalized(x, mean, var, weight, bias, residual, eps, use_batch_stats, activation,
+               negative_slope, save_mask, backend):
     """The backend's normalize, its output in torch's memory format: the body of the op,
-    of its eager autograd Function and of the eager call without a backward."""
-    y, activation_mask = implementation(backend).normalize(
+    of its eager autograd Function and of the eager call without a backward. With batch
+    statistics the "torch" backend's is ``cpu.normalize_batch`` (the bits of the eager
+    ``cpu.native_training_forward`` where that serves)."""
+    function = (cpu.normalize_batch if use_batch_stats and backend == "torch"
+                else implementation(backend).normalize)
+    y, activation_mask = function(
         x, mean, var, weight, bias, residual, eps, activation, negative_slope, save_mask
     )
     return in_output_format(y, x), activation_mask
@@ -465,8 +469,8 @@ class _Normalize(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, mean, var, weight, bias, residual, options):
         eps, use_batch_stats, activation, negative_slope, save_mask, backend = options
-        output = normalized(x, mean, var, weight, bias, residual, eps, activation,
-                            negative_slope, save_mask, backend)
+        output = normalized(x, mean, var, weight, bias, residual, eps, use_batch_stats,
+                            activation, negative_slope, save_mask, backend)
         _normalize_setup_context(ctx, (x, mean, var, weight, bias, residual, *options), output)
         return output
 
@@ -496,8 +500,8 @@ def call_normalize(
                                     (eps, use_batch_stats, activation, negative_slope, save_mask,
                                      backend))
         # No backward can follow (inference, eval under no_grad): no autograd node to build.
-        return normalized(x, mean, var, weight, bias, residual, eps, activation,
-                          negative_slope, save_mask, backend)
+        return normalized(x, mean, var, weight, bias, residual, eps, use_batch_stats,
+                          activation, negative_slope, save_mask, backend)
     return normalize(x, mean, var, weight, bias, residual, eps, use_batch_stats, activation,
                      negative_slope, save_mask, backend)
 

@@ -136,6 +136,46 @@ def test_eager_statistics_are_float32_only_where_the_rule_allows(dtype, channels
     assert_close_to_truth("var", var, truth.var((0, 2, 3), unbiased=False), dtype=torch.float32)
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("offset", [3.0, 1e4], ids=["rule_holds", "rule_fails"])
+def test_plain_training_forward_is_torchs_kernel_only_where_the_rule_holds(channels_last,
+                                                                         offset):
+    """bfloat16 (torch's statistics kernel): with |mean| / std <= STATS_RATIO one
+    torch.native_batch_norm serves the call, differentiated by torch; beyond it nothing
+    changes and the call goes on to the exact path."""
+    x = make_input((4, 3, 6, 5), torch.bfloat16, offset=offset,
+                   channels_last=channels_last).requires_grad_(True)
+    z = make_input((4, 3, 6, 5), torch.bfloat16, seed=2, channels_last=channels_last)
+    running_mean, running_var = torch.zeros(3), torch.ones(3)
+    steps = torch.tensor(4)
+    y = cpu.native_training_forward(x, running_mean, running_var, None, None, z, None, 1e-5,
+                                    steps)
+    if offset > cpu.STATS_RATIO:
+        assert y is None
+        assert torch.equal(running_mean, torch.zeros(3))
+        assert torch.equal(running_var, torch.ones(3)) and int(steps) == 4
+        return
+    truth = batch_norm_truth(x, torch.zeros(3), torch.ones(3), None, None, True, None,
+                             residual=z, num_batches_tracked=5)
+    assert type(y.grad_fn).__name__ == "AddBackward0"  # in place on torch's own node
+    assert y.stride() == torch.empty_like(x).stride() and int(steps) == 5
+    assert_close_to_truth("output", y, truth["y"])
+    assert_close_to_truth("running_mean", running_mean, truth["running_mean"])
+    assert_close_to_truth("running_var", running_var, truth["running_var"])
+
+
+def test_batch_normalize_of_other_statistics_is_not_torchs_training_kernel():
+    """SyncBatchNorm hands normalize global statistics with use_batch_stats: they are not
+    x's own, so the training kernel's output (which recomputes x's) is not used."""
+    x = make_input((4, 3, 6, 5), torch.bfloat16, channels_last=True)
+    mean, var = cpu.batch_mean_var(x)
+    other_mean = mean + 0.25
+    y, _ = cpu.normalize_batch(x, other_mean, var, None, None, None, 1e-5, "none", 0.0, False)
+    expected, _ = cpu.normalize(x, other_mean, var, None, None, None, 1e-5, "none", 0.0, False)
+    assert cpu.kernel_training_output(x, other_mean, var, None, None, 1e-5) is None
+    assert torch.equal(y, expected)
+
+
 def test_pilot_far_from_the_mean_falls_back_to_two_passes():
     """The channel's first element 1e3 standard deviations out: one-pass sums would cancel;
     the variance still matches the truth."""
@@ -227,13 +267,27 @@ def test_nan_running_variance_in_eval_propagates():
 @pytest.mark.parametrize("shape", [(2, 3, 5, 7), (3, 2, 4, 4), (13, 3), (2, 3, 9),
                                    (2, 2, 3, 3, 3)], ids=str)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
-def test_packed_mask_matches_the_oracles_bit_for_bit(shape, channels_last):
+@pytest.mark.parametrize("rows_min", [None, 0], ids=["default_size_rule", "rows_path"])
+def test_packed_mask_matches_the_oracles_bit_for_bit(shape, channels_last, rows_min,
+                                                     monkeypatch):
+    """Both sides of ROWS_MASK_MIN: channels-innermost masks packed in their own layout
+    (pack_rows, unpack_rows) or through the positions view give the oracle's bytes."""
+    if rows_min is not None:
+        monkeypatch.setattr(cpu, "ROWS_MASK_MIN", rows_min)
     bits = make_input(shape, seed=3, channels_last=channels_last) > 0
     assert torch.equal(cpu.pack_bits(bits.clone()), reference.pack_bits(bits))
     mask = reference.pack_bits(bits)
-    indicator = cpu.mask_indicator(mask, bits.float() if not channels_last else
-                                   layout(bits.float(), "channels_last"))
-    assert torch.equal(indicator > 0, bits)
+    x = bits.float() if not channels_last else layout(bits.float(), "channels_last")
+    indicator = cpu.mask_indicator(mask, x)
+    assert torch.equal(indicator > 0, bits) and indicator.stride() == x.stride()
+
+
+def test_large_channels_last_mask_takes_the_rows_path():
+    """At ROWS_MASK_MIN elements a channels_last mask is packed in its own layout."""
+    bits = make_input((2, 16, 32, 32), seed=3, channels_last=True) > 0
+    assert bits.numel() >= cpu.ROWS_MASK_MIN and cpu.fast_layout(bits) == "rows"
+    assert torch.equal(cpu.pack_rows(bits), reference.pack_bits(bits))
+    assert torch.equal(cpu.pack_bits(bits.clone()), reference.pack_bits(bits))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

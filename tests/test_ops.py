@@ -21,28 +21,38 @@ CASES = {
     "train_silu_residual": dict(training=True, activation="silu", residual=True),
     "eval_leaky_relu_residual": dict(training=False, activation="leaky_relu", residual=True),
     "train_no_affine_channels_last": dict(training=True, affine=False, channels_last=True),
+    "train_bf16_residual": dict(training=True, residual=True, dtype=torch.bfloat16),
+    "train_bf16_channels_last_nchw_grad": dict(training=True, channels_last=True,
+                                               dtype=torch.bfloat16, grad_channels_last=False),
+    "train_momentum_none_channels_last": dict(training=True, channels_last=True, momentum=None),
 }
 
 
-def run(device, training, activation=None, residual=False, affine=True, channels_last=False):
-    """Output, gradients and running statistics of one fastbn.batch_norm call."""
-    x = make_input((3, 4, 5, 6), seed=1, channels_last=channels_last, device=device)
+def run(device, training, activation=None, residual=False, affine=True, channels_last=False,
+        dtype=torch.float32, grad_channels_last=None, momentum=0.1):
+    """Output, gradients and running statistics of one fastbn.batch_norm call (grad_out in
+    x's memory format unless grad_channels_last says otherwise)."""
+    x = make_input((3, 4, 5, 6), dtype, seed=1, channels_last=channels_last, device=device)
     leaves = {"x": x.requires_grad_(True)}
     if affine:
         leaves["weight"] = torch.linspace(0.5, 1.5, 4, device=device).requires_grad_(True)
         leaves["bias"] = torch.linspace(-0.2, 0.2, 4, device=device).requires_grad_(True)
     if residual:
-        leaves["residual"] = make_input((3, 4, 5, 6), seed=2, channels_last=channels_last,
+        leaves["residual"] = make_input((3, 4, 5, 6), dtype, seed=2,
+                                        channels_last=channels_last,
                                         device=device).requires_grad_(True)
     running_mean = torch.full((4,), 0.1, device=device)
     running_var = torch.full((4,), 1.5, device=device)
+    steps = torch.tensor(3, device=device)
     y = fastbn.batch_norm(
         leaves["x"], running_mean, running_var, leaves.get("weight"), leaves.get("bias"),
-        training, 0.1, 1e-5, residual=leaves.get("residual"), activation=activation,
+        training, momentum, 1e-5, residual=leaves.get("residual"), activation=activation,
+        num_batches_tracked=steps,
     )
-    grad_out = make_input(y.shape, seed=3, channels_last=channels_last, device=device)
+    grad_format = channels_last if grad_channels_last is None else grad_channels_last
+    grad_out = make_input(y.shape, dtype, seed=3, channels_last=grad_format, device=device)
     grads = torch.autograd.grad(y, list(leaves.values()), grad_out)
-    return [y, *grads, running_mean, running_var]
+    return [y, *grads, running_mean, running_var, steps]
 
 
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())

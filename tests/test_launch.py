@@ -122,6 +122,44 @@ def test_backward_is_one_launch_where_a_slice_fits_one_program(shape, dtype, lay
     assert backward_kernels(shape, dtype, layout, fusion) == expected
 
 
+def train_forward_kernel(shape, dtype, layout="nchw", fusion="none"):
+    """The kernel of the one-launch training forward of a module with this input (planned
+    on meta tensors), or None where it takes the statistics launch and normalize."""
+    x = torch.empty(shape, dtype={"bf16": torch.bfloat16, "fp32": torch.float32}[dtype],
+                    device="meta")
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    g = launch.geometry(x)
+    residual = fusion == "add_relu"
+    plan = launch.plan_train_forward(g, g, g if residual else None, x.dtype, True, True,
+                                     "none" if fusion == "none" else "relu", residual, True,
+                                     False, True)
+    return None if plan is None else plan.launch.kernel
+
+
+@pytest.mark.parametrize(
+    "shape,dtype,layout,fusion,expected",
+    [
+        # The backward's rule: a channel's whole (N, S) slice fits one program.
+        ((32, 2048, 7, 7), "bf16", "nchw", "none", "slice_forward_kernel"),
+        ((32, 2048, 7, 7), "bf16", "nchw", "relu", "slice_forward_kernel"),
+        ((32, 1024, 14, 14), "bf16", "nchw", "none", "slice_forward_kernel"),
+        ((32, 512, 7, 7), "bf16", "nchw", "add_relu", "slice_forward_kernel"),  # bits
+        ((256, 4096), "bf16", "nchw", "none", "slice_forward_kernel"),
+        ((256, 4096), "fp32", "nchw", "none", "slice_forward_kernel"),
+        ((32, 1024, 14, 14), "bf16", "nchw", "add_relu", None),  # a third stream
+        ((32, 512, 28, 28), "bf16", "nchw", "none", None),
+        ((256, 2048, 7, 7), "bf16", "nchw", "none", None),
+        ((32, 2048, 7, 7), "bf16", "channels_last", "none", None),
+        ((64, 8, 2, 2), "bf16", "nchw", "add_relu", None),  # rows shorter than a bits byte
+    ],
+    ids=str,
+)
+def test_training_forward_is_one_launch_where_a_slice_fits_one_program(shape, dtype, layout,
+                                                                       fusion, expected):
+    assert train_forward_kernel(shape, dtype, layout, fusion) == expected
+
+
 def test_momentum_none_counts_the_step_in_the_same_launch():
     records, forward_ops, _ = module_step(torch.randn(16, 3, 33, 33, device=DEVICE),
                                           backward=False, momentum=None)
@@ -257,6 +295,9 @@ def test_grids_stay_within_cuda_limits_for_huge_shapes(shape, layout, dtype):
     backward = launch.plan_backward(g, g, g, g, g, dtype, True, True, "silu", False, True,
                                     True, True, True)
     plans += [p for p in (backward.sums, backward.grad_input, backward.one_launch) if p]
+    forward = launch.plan_train_forward(g, g, None, dtype, True, True, "relu", False, True,
+                                        False, True)
+    plans += [forward.launch] if forward else []
     for planned in plans:
         assert len(planned.grid) == 1 and 1 <= planned.grid[0] <= 2**31 - 1, planned.kernel
         assert planned.constexprs["USE_INT64"] == (x.numel() + launch.FLAT_ELEMENTS >= 2**31)

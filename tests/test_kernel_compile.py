@@ -45,7 +45,7 @@ def check(reports: list[dict]) -> None:
     assert reports, "no kernel was compiled"
     kernels = {(r["kernel"], r["arch"]) for r in reports}
     for name in ("partial_stats_kernel", "normalize_kernel", "partial_grad_sums_kernel",
-                 "grad_input_kernel", "slice_backward_kernel"):
+                 "grad_input_kernel", "slice_backward_kernel", "slice_forward_kernel"):
         assert (name, 90) in kernels and (name, 80) in kernels, name
     spilling = [r for r in reports if r["spill_bytes"]]
     assert not spilling, f"register spills: {spilling}"

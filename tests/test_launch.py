@@ -64,26 +64,29 @@ def _module_step(x, training, backward, **kwargs):
 
 ONE_LAUNCH = ["slice_backward_kernel"]
 TWO_LAUNCHES = ["partial_grad_sums_kernel", "grad_input_kernel"]
+ONE_LAUNCH_FORWARD = ["slice_forward_kernel"]
+TWO_LAUNCH_FORWARD = ["partial_stats_kernel", "normalize_kernel"]
 
 
 @pytest.mark.parametrize(
-    "shape,layout,backward",
-    [((4, 3, 8, 8), "contiguous", ONE_LAUNCH),
-     ((16, 3, 33, 33), "contiguous", TWO_LAUNCHES),  # chunked sums
-     ((4, 64, 7, 7), "contiguous", ONE_LAUNCH),
-     ((129, 43, 7, 7), "contiguous", TWO_LAUNCHES),  # flat d input
-     ((8, 5, 6, 6), "channels_last", ONE_LAUNCH),
-     ((8, 5, 40, 40), "channels_last", TWO_LAUNCHES)],
+    "shape,layout,forward,backward",
+    [((4, 3, 8, 8), "contiguous", ONE_LAUNCH_FORWARD, ONE_LAUNCH),
+     ((16, 3, 33, 33), "contiguous", TWO_LAUNCH_FORWARD, TWO_LAUNCHES),  # chunked sums
+     ((4, 64, 7, 7), "contiguous", ONE_LAUNCH_FORWARD, ONE_LAUNCH),
+     ((129, 43, 7, 7), "contiguous", TWO_LAUNCH_FORWARD, TWO_LAUNCHES),  # flat d input
+     ((8, 5, 6, 6), "channels_last", ONE_LAUNCH_FORWARD, ONE_LAUNCH),
+     ((8, 5, 40, 40), "channels_last", TWO_LAUNCH_FORWARD, TWO_LAUNCHES)],
     ids=["one_chunk", "chunked", "flat_slice", "flat", "channels_last_slice",
          "channels_last"])
-def test_training_step_is_two_launches_forward_and_at_most_two_backward(shape, layout,
-                                                                        backward):
+def test_training_step_is_at_most_two_launches_forward_and_two_backward(shape, layout,
+                                                                        forward, backward):
+    """One launch each way where a channel block's slice fits one program."""
     x = torch.randn(shape, device=DEVICE)
     if layout == "channels_last":
         x = x.to(memory_format=torch.channels_last)
     records, forward_ops, backward_ops = module_step(x)
     kernels = [planned.kernel for planned, _, _ in records]
-    assert kernels == ["partial_stats_kernel", "normalize_kernel", *backward]
+    assert kernels == [*forward, *backward]
     # num_batches_tracked is counted by the statistics launch; the backward fills nothing.
     assert device_work(forward_ops) == [] and device_work(backward_ops) == []
 
@@ -160,11 +163,12 @@ def test_training_forward_is_one_launch_where_a_slice_fits_one_program(shape, dt
     assert train_forward_kernel(shape, dtype, layout, fusion) == expected
 
 
-def test_momentum_none_counts_the_step_in_the_same_launch():
-    records, forward_ops, _ = module_step(torch.randn(16, 3, 33, 33, device=DEVICE),
-                                          backward=False, momentum=None)
-    assert [planned.kernel for planned, _, _ in records] == ["partial_stats_kernel",
-                                                              "normalize_kernel"]
+@pytest.mark.parametrize("shape,forward", [((16, 3, 33, 33), TWO_LAUNCH_FORWARD),
+                                           ((4, 3, 8, 8), ONE_LAUNCH_FORWARD)], ids=str)
+def test_momentum_none_counts_the_step_in_the_same_launch(shape, forward):
+    records, forward_ops, _ = module_step(torch.randn(shape, device=DEVICE), backward=False,
+                                          momentum=None)
+    assert [planned.kernel for planned, _, _ in records] == forward
     assert device_work(forward_ops) == []
 
 
@@ -176,7 +180,8 @@ def test_eval_forward_is_one_launch():
 
 
 def test_absent_tensors_travel_as_none():
-    x = torch.randn(4, 3, 8, 8, device=DEVICE)
+    x = torch.randn(2, 3, 24, 24, device=DEVICE).to(memory_format=torch.channels_last)
+    # (one chunk; too large a slice: 4 channels x 2048 padded positions)
     records, _, _ = module_step(x, affine=False, track_running_stats=False, backward=False)
     stats, normalize = records
     _, tensors, _ = stats
@@ -185,12 +190,22 @@ def test_absent_tensors_travel_as_none():
     assert normalize[0].constexprs["HAS_WEIGHT"] is False and normalize[1][5] is None
 
 
+def test_absent_tensors_travel_as_none_to_the_one_launch_forward():
+    x = torch.randn(4, 3, 8, 8, device=DEVICE)
+    records, _, _ = module_step(x, affine=False, track_running_stats=False, backward=False)
+    ((planned, tensors, _),) = records
+    assert planned.kernel == "slice_forward_kernel"
+    # residual; running statistics, num_batches_tracked, tickets; weight, bias; bits
+    assert tensors[2] is None and tensors[5:] == (None,) * 7
+    assert planned.constexprs["HAS_WEIGHT"] is False
+
+
 def test_plans_are_cached_per_call_signature():
     x = torch.randn(4, 3, 8, 8, device=DEVICE)
     module_step(x)
-    before = launch.plan_normalize.cache_info().hits
+    before = launch.plan_train_forward.cache_info().hits
     module_step(torch.randn_like(x))
-    assert launch.plan_normalize.cache_info().hits > before
+    assert launch.plan_train_forward.cache_info().hits > before
 
 
 # ---------------------------------------------------------------------------------------------

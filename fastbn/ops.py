@@ -648,8 +648,11 @@ def call_normalize_backward(*args: Any) -> tuple[Tensor, Tensor, Tensor, Tensor]
     again (grad mode on inside a backward means create_graph=True). Under vmap (batched
     gradients) the reference formulas, which every transform can run, whatever the backend."""
     grad_out = args[0]
-    if transformed() or _functorch.is_functorch_wrapped_tensor(grad_out) or (
-        _functorch.is_legacy_batchedtensor(grad_out)  # autograd.grad(is_grads_batched=True)
+    # (Never while compiling, which traces this from _TrainForward.backward: dynamo cannot
+    # trace the functorch queries, and a compiled region sees no functorch wrappers.)
+    if not torch.compiler.is_compiling() and (
+        transformed() or _functorch.is_functorch_wrapped_tensor(grad_out)
+        or _functorch.is_legacy_batchedtensor(grad_out)  # autograd.grad(is_grads_batched=True)
     ):
         return reference.normalize_backward(*args[:-1])
     return _call(normalize_backward, _normalize_backward, args, 8,

@@ -169,8 +169,8 @@ def main() -> int:
         report["cases"][name] = {"ordinary": ordinary, "ordinary_runs": ordinary_runs,
                                  "first_then_direct": both, "runs": direct_runs}
 
-    # A module's second training step: three launches (the forward's two, and one backward:
-    # the slice fits one program), all direct.
+    # A module's second training step: two launches (one forward, one backward: the slice
+    # fits one program), all direct.
     import fastbn
     from fastbn import backend
 

@@ -616,7 +616,14 @@ def call_batch_norm_train_(x: Tensor, running_mean, running_var, num_batches_tra
     then ``call_normalize``."""
     eager = direct(x) and plain(running_mean, running_var, num_batches_tracked, weight, bias,
                                 residual)
-    if eager and backend == "torch":
+    # A tensor subclass among weight, bias and the residual alone (a TwoTensor weight) runs
+    # an op once per component: the running statistics would take the batch that often. Then
+    # the statistics op sees the plain tensors only, as torch's own kernel would.
+    if (eager and backend == "torch") or (
+        not torch.compiler.is_compiling()
+        and plain(x, running_mean, running_var, num_batches_tracked)
+        and not plain(weight, bias, residual)
+    ):
         mean, var = call_batch_stats_(x.detach(), running_mean, running_var,
                                       num_batches_tracked, momentum, backend,
                                       for_normalize=True)

@@ -1,6 +1,8 @@
 """Host side of the Triton kernels: views, tiles, grids, workspaces, heuristics.
 
-The five public functions have the signatures of their twins in ``fastbn.reference``.
+The five public functions have the signatures of their twins in ``fastbn.reference``;
+a sixth, ``batch_norm_train_``, is the training forward in one call (the torch backend
+runs its batch_stats_ then its normalize instead: ``fastbn.ops.trained``).
 Nothing here synchronises with the device: shapes, strides and flags decide every grid
 and kernel variant, and the workspaces come from torch's caching allocator.
 

@@ -95,18 +95,17 @@ def batch_norm(
             if running_mean is not None and running_var is not None:
                 torch.autograd.graph.increment_version((running_mean, running_var))
             return output
+    save_mask = saves_activation_mask(activation_name, input, weight, bias, residual)
     if training:
-        mean, var = ops.call_batch_stats_(
-            input.detach(), running_mean, running_var, num_batches_tracked, momentum, backend,
-            for_normalize=True,
+        output, _ = ops.call_batch_norm_train_(
+            input, running_mean, running_var, num_batches_tracked, momentum, weight, bias,
+            residual, eps, activation_name, negative_slope, save_mask, backend,
         )
     else:
-        mean, var = running_mean, running_var
-    save_mask = saves_activation_mask(activation_name, input, weight, bias, residual)
-    output, _ = ops.call_normalize(
-        input, mean, var, weight, bias, residual, eps, training, activation_name,
-        negative_slope, save_mask, backend,
-    )
+        output, _ = ops.call_normalize(
+            input, running_mean, running_var, weight, bias, residual, eps, False,
+            activation_name, negative_slope, save_mask, backend,
+        )
     return output
 
 

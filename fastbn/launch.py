@@ -1,6 +1,8 @@
 """Host side of the Triton kernels: views, tiles, grids, workspaces, heuristics.
 
-The five public functions have the signatures of their twins in ``fastbn.reference``.
+The five public functions have the signatures of their twins in ``fastbn.reference``;
+a sixth, ``batch_norm_train_``, is the training forward in one call (the torch backend
+runs its batch_stats_ then its normalize instead: ``fastbn.ops.trained``).
 Nothing here synchronises with the device: shapes, strides and flags decide every grid
 and kernel variant, and the workspaces come from torch's caching allocator.
 
@@ -20,7 +22,8 @@ functions take shapes and strides, not tensors, so launches can be planned for a
 without memory or a GPU (``python -m fastbn.bench --plan``, the grid-limit tests).
 
 Launches per call: training statistics 1, normalize 1, backward 2 (sums, then d input),
-or 1 where a channel block's slice fits one program; no fills. Each launch runs on its
+or 1 where a channel block's slice fits one program; the training forward
+(``batch_norm_train_``) 1 where the slice fits, else those 2; no fills. Each launch runs on its
 tensors' device (``device_guard``) and that device's current stream, which is where Triton
 launches.
 """
@@ -530,7 +533,8 @@ def _flat(geometries: tuple[Geometry, ...], view: View) -> bool:
 
 def clear_plans() -> None:
     """Forget every cached plan (after a heuristic changed)."""
-    for plan in (plan_batch_stats, plan_normalize, plan_backward, tiling, slice_tiling):
+    for plan in (plan_batch_stats, plan_normalize, plan_train_forward, plan_backward, tiling,
+                 slice_tiling):
         plan.cache_clear()
 
 
@@ -725,6 +729,99 @@ def normalize(
         )
     copy_back(y, out)
     return out, activation_mask
+
+
+@functools.lru_cache(maxsize=4096)
+def plan_train_forward(x: Geometry, y: Geometry, residual: Geometry | None, dtype: torch.dtype,
+                       has_weight: bool, has_bias: bool, activation: str, save_mask: bool,
+                       update_running: bool, cumulative: bool,
+                       increment_step: bool) -> StatsPlan | None:
+    """The one-launch training forward (slice_forward_kernel) for tensors of these
+    geometries, or None where a channel block's slice does not fit one program (the rule
+    of slice_tiling, the backward's), or where activation bits are written and a sample's
+    row is shorter than a byte's 8 positions: then the statistics launch and normalize's."""
+    geometries = (x, y) if residual is None else (x, y, residual)
+    view = _plan_view(geometries, save_mask)
+    strides = tuple(s for g in (x, y, residual or x) for s in _view_strides(g, view.folded))
+    tiles = slice_tiling(view, strides[2], dtype, 2 + (residual is not None) + save_mask)
+    if tiles is None or (save_mask and tiles.block_s < 8):
+        return None
+    numel = math.prod(x[0])
+    size = _element_size(dtype)
+    bits_stride_n, bits_stride_c = act_bits_strides(view)
+    running_bytes = 16 * view.channels if update_running else 0
+    launch = KernelLaunch(
+        "forward", "slice_forward_kernel", check_grid(tiles.channel_blocks),
+        (view.channels, view.positions, view.batch, *strides, bits_stride_n, bits_stride_c),
+        dict(BLOCK_N=tiles.block_n, BLOCK_S=tiles.block_s, BLOCK_C=tiles.block_c,
+             COMPUTE_DTYPE=kernel_compute_dtype(dtype), UPDATE_RUNNING=update_running,
+             CUMULATIVE=cumulative, INCREMENT_STEP=increment_step, HAS_WEIGHT=has_weight,
+             HAS_BIAS=has_bias, HAS_RESIDUAL=residual is not None,
+             ACTIVATION=ACTIVATION_CODES[activation], WRITE_ACT_BITS=save_mask,
+             ROW=known_row(view, strides), USE_INT64=needs_int64(geometries),
+             num_warps=tiles.num_warps),
+        bytes_read=numel * size * (2 if residual is not None else 1) + 16 * view.channels
+        + running_bytes,
+        bytes_written=numel * size + 16 * view.channels + running_bytes
+        + (view.batch * view.channels * bits_stride_c if save_mask else 0),
+    )
+    return StatsPlan(launch, 0, tiles.channel_blocks + 1 if cumulative and increment_step
+                     else 0)
+
+
+def batch_norm_train_(
+    x: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    num_batches_tracked: Tensor | None,
+    momentum: float | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    residual: Tensor | None,
+    eps: float,
+    activation: str,
+    negative_slope: float,
+    save_mask: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The training forward, (y, mean, var, activation mask) of ``batch_stats_`` then
+    ``normalize`` with the running statistics and num_batches_tracked updated as
+    ``batch_stats_`` updates them: in one launch where a channel block's slice fits one
+    program (plan_train_forward; its statistics by an exact two-pass, so not bitwise
+    those of the statistics launch), else in those two."""
+    update = running_mean is not None and running_var is not None
+    x_read, gx = _readable(x)
+    residual_read, gr = _readable(residual)
+    out = torch.empty_like(x)
+    y, gy = _writable(out)
+    plan = None if x.numel() == 0 else plan_train_forward(
+        gx, gy, gr, x.dtype, weight is not None, bias is not None, activation, save_mask,
+        update, update and momentum is None, num_batches_tracked is not None)
+    if plan is None:
+        mean, var = batch_stats_(x, running_mean, running_var, num_batches_tracked, momentum)
+        out, activation_mask = normalize(x, mean, var, weight, bias, residual, eps, activation,
+                                         negative_slope, save_mask)
+        return out, mean, var, activation_mask
+    channels = x.shape[1]
+    count = reduced_count(x)
+    mean = torch.empty(channels, dtype=STATS_DTYPE, device=x.device)
+    var = torch.empty(channels, dtype=STATS_DTYPE, device=x.device)
+    activation_mask = (x.new_empty(mask_shape(x), dtype=torch.uint8) if save_mask
+                       else no_mask(x.device))
+    running = (writable_vector(running_mean), writable_vector(running_var)) if update else (
+        None, None)
+    with device_guard(x.device):
+        tickets = counters(x.device, plan.counters) if plan.counters else None
+        plan.launch(
+            (x_read, y, residual_read, mean, var, *running, num_batches_tracked, tickets,
+             per_channel(weight), per_channel(bias), activation_mask if save_mask else None),
+            (0.0 if momentum is None else float(momentum), unbiasing_factor(count),
+             float(count), eps, negative_slope),
+        )
+    if update:
+        copy_back(running[0], running_mean)
+        copy_back(running[1], running_var)
+    copy_back(y, out)
+    return out, mean, var, activation_mask
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """fastbn's torch custom ops: the single boundary that autograd and torch.compile see.
 
-Five ops, each dispatching on its ``backend`` argument ("torch" -> ``fastbn.cpu``, the fast
+Six ops, each dispatching on its ``backend`` argument ("torch" -> ``fastbn.cpu``, the fast
 PyTorch implementation, which falls back to the explicit-formula oracle ``fastbn.reference``
 where it must; "triton" -> ``fastbn.launch``; the three modules share these signatures):
 
@@ -19,6 +19,15 @@ where it must; "triton" -> ``fastbn.launch``; the three modules share these sign
     -> (d input, d weight, d bias, d residual), each empty when the mask does not ask for it.
     Differentiable again (double backward), by differentiating the PyTorch formulas of
     ``fastbn.reference.normalize_backward`` with torch.func.vjp.
+
+``fastbn::batch_norm_train_(x, running_mean?, running_var?, num_batches_tracked?, momentum?,
+weight?, bias?, residual?, eps, ...)`` -> (y, mean, var, activation mask). Mutating: the
+training forward, ``batch_stats_`` then ``normalize`` with use_batch_stats in one op (in one
+launch on the kernels where a channel block's slice fits one program). torch.library gives
+a mutating op no autograd formula, so callers reach it through ``call_batch_norm_train_``,
+whose ``autograd.Function`` (``_TrainForward``) puts normalize's backward around it;
+torch.compile traces that Function. SyncBatchNorm keeps the separate ops: it reduces its
+statistics across ranks in between.
 
 ``normalize_backward`` is the composition of two pieces, exposed as ops of their own for
 SyncBatchNorm (``fastbn.distributed``), which sums across ranks in between. Neither has an
@@ -199,6 +208,59 @@ def _normalize_grads(ctx, grad_out, _grad_mask):
 
 
 normalize.register_autograd(_normalize_grads, setup_context=_normalize_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# batch_norm_train_: the training forward in one op
+# ---------------------------------------------------------------------------------------------
+
+
+def trained(  # the op's body, also called directly by eager calls (_train_forward)
+    x: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    num_batches_tracked: Optional[Tensor],
+    momentum: Optional[float],
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    residual: Optional[Tensor],
+    eps: float,
+    activation: str,
+    negative_slope: float,
+    save_mask: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The backend's training forward, y in torch's output format: the body of the op and
+    of the eager call. The kernels have one of their own (one launch where a channel
+    block's slice fits one program); the torch backend runs its batch_stats_ then its
+    normalize."""
+    module = implementation(backend)
+    if backend == "triton":
+        y, mean, var, activation_mask = module.batch_norm_train_(
+            x, running_mean, running_var, num_batches_tracked, momentum, weight, bias,
+            residual, eps, activation, negative_slope, save_mask)
+    else:
+        mean, var = module.batch_stats_(x, running_mean, running_var, num_batches_tracked,
+                                        momentum)
+        y, activation_mask = module.normalize(x, mean, var, weight, bias, residual, eps,
+                                              activation, negative_slope, save_mask)
+    return in_output_format(y, x), mean, var, activation_mask
+
+
+batch_norm_train_ = torch.library.custom_op(
+    "fastbn::batch_norm_train_", trained,
+    mutates_args=("running_mean", "running_var", "num_batches_tracked"),
+)
+
+
+@batch_norm_train_.register_fake
+def _batch_norm_train_fake(x, running_mean, running_var, num_batches_tracked, momentum, weight,
+                           bias, residual, eps, activation, negative_slope, save_mask, backend):
+    mean, var = _batch_stats_fake(x, running_mean, running_var, num_batches_tracked, momentum,
+                                  backend)
+    y, activation_mask = _normalize_fake(x, mean, var, weight, bias, residual, eps, True,
+                                         activation, negative_slope, save_mask, backend)
+    return y, mean, var, activation_mask
 
 
 # ---------------------------------------------------------------------------------------------
@@ -446,8 +508,15 @@ def call_batch_stats_(
     function = (cpu.batch_stats_as_computed_ if for_normalize and backend == "torch"
                 else implementation(backend).batch_stats_)
     result = function(x, running_mean, running_var, num_batches_tracked, momentum)
-    # As the op's ADInplaceOrView kernel does, for every mutated argument (the Triton
-    # kernel counts num_batches_tracked too), in one call where they are given together.
+    count_mutations(running_mean, running_var, num_batches_tracked)
+    return result
+
+
+def count_mutations(running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                    num_batches_tracked: Optional[Tensor]) -> None:
+    """Bump the version counters of the running statistics and step count after an eager
+    call changed them, as the mutating ops' ADInplaceOrView kernels do (the Triton kernel
+    counts num_batches_tracked too), in one call where they are given together."""
     if running_mean is not None and running_var is not None:
         torch.autograd.graph.increment_version(
             (running_mean, running_var) if num_batches_tracked is None
@@ -457,7 +526,6 @@ def call_batch_stats_(
         for mutated in (running_mean, running_var, num_batches_tracked):
             if mutated is not None:
                 torch.autograd.graph.increment_version(mutated)
-    return result
 
 
 class _Normalize(torch.autograd.Function):
@@ -506,6 +574,82 @@ def call_normalize(
                      negative_slope, save_mask, backend)
 
 
+class _TrainForward(torch.autograd.Function):
+    """The training forward's autograd: ``batch_norm_train_`` (a mutating op, which
+    torch.library gives no autograd formula) inside, normalize's backward with batch
+    statistics outside, so gradients reach x, weight, bias and the residual only. The
+    tensors come in normalize's argument order (running statistics where its mean and var
+    are), so normalize's context and formula serve as they are; the options are one tuple
+    (momentum, eps, activation, negative_slope, save_mask, backend, eager), ``eager`` saying
+    whether the forward runs the op's body (see ``direct``) or the op."""
+
+    @staticmethod
+    def forward(ctx, x, running_mean, running_var, weight, bias, residual, num_batches_tracked,
+                options):
+        momentum, eps, activation, negative_slope, save_mask, backend, eager = options
+        y, mean, var, activation_mask = _train_forward(
+            x, running_mean, running_var, num_batches_tracked, momentum, weight, bias, residual,
+            eps, activation, negative_slope, save_mask, backend, eager)
+        _normalize_setup_context(
+            ctx, (x, mean, var, weight, bias, residual, eps, True, activation, negative_slope,
+                  save_mask, backend), (y, activation_mask))
+        return y, activation_mask
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_mask):
+        # x, running_mean, running_var, weight, bias, residual; num_batches_tracked, options
+        return (*_normalize_grads(ctx, grad_out, grad_mask)[:6], None, None)
+
+
+def _train_forward(x, running_mean, running_var, num_batches_tracked, momentum, weight, bias,
+                   residual, eps, activation, negative_slope, save_mask, backend, eager):
+    """(y, mean, var, activation mask) by the op's body (``eager``: version counters bumped
+    here) or by the op."""
+    if not eager:
+        return batch_norm_train_(x, running_mean, running_var, num_batches_tracked, momentum,
+                                 weight, bias, residual, eps, activation, negative_slope,
+                                 save_mask, backend)
+    result = trained(x, running_mean, running_var, num_batches_tracked, momentum, weight, bias,
+                     residual, eps, activation, negative_slope, save_mask, backend)
+    count_mutations(running_mean, running_var, num_batches_tracked)
+    return result
+
+
+def call_batch_norm_train_(x: Tensor, running_mean, running_var, num_batches_tracked, momentum,
+                           weight, bias, residual, eps, activation, negative_slope, save_mask,
+                           backend) -> tuple[Tensor, Tensor]:
+    """The training forward with batch statistics, running statistics updated in place:
+    (y, activation mask), differentiable in y as ``normalize`` with use_batch_stats. An
+    eager call on the "torch" backend is ``call_batch_stats_`` (its statistics as computed)
+    then ``call_normalize``."""
+    eager = direct(x) and plain(running_mean, running_var, num_batches_tracked, weight, bias,
+                                residual)
+    # A tensor subclass among weight, bias and the residual alone (a TwoTensor weight) runs
+    # an op once per component: the running statistics would take the batch that often. Then
+    # the statistics op sees the plain tensors only, as torch's own kernel would.
+    if (eager and backend == "torch") or (
+        not torch.compiler.is_compiling()
+        and plain(x, running_mean, running_var, num_batches_tracked)
+        and not plain(weight, bias, residual)
+    ):
+        mean, var = call_batch_stats_(x.detach(), running_mean, running_var,
+                                      num_batches_tracked, momentum, backend,
+                                      for_normalize=True)
+        return call_normalize(x, mean, var, weight, bias, residual, eps, True, activation,
+                              negative_slope, save_mask, backend)
+    if (eager and torch.jit.is_tracing()) or (torch.is_grad_enabled() and requires_grad(
+        x, weight, bias, residual
+    )):
+        return _TrainForward.apply(
+            x, running_mean, running_var, weight, bias, residual, num_batches_tracked,
+            (momentum, eps, activation, negative_slope, save_mask, backend, eager))
+    # No backward can follow: no autograd node to build.
+    y, _, _, activation_mask = _train_forward(
+        x, running_mean, running_var, num_batches_tracked, momentum, weight, bias, residual,
+        eps, activation, negative_slope, save_mask, backend, eager)
+    return y, activation_mask
+
+
 def requires_grad(*tensors: Optional[Tensor]) -> bool:
     """Whether some tensor given requires a gradient."""
     for t in tensors:  # noqa: SIM110 (a loop: no generator on the hot path)
@@ -519,8 +663,11 @@ def call_normalize_backward(*args: Any) -> tuple[Tensor, Tensor, Tensor, Tensor]
     again (grad mode on inside a backward means create_graph=True). Under vmap (batched
     gradients) the reference formulas, which every transform can run, whatever the backend."""
     grad_out = args[0]
-    if transformed() or _functorch.is_functorch_wrapped_tensor(grad_out) or (
-        _functorch.is_legacy_batchedtensor(grad_out)  # autograd.grad(is_grads_batched=True)
+    # (Never while compiling, which traces this from _TrainForward.backward: dynamo cannot
+    # trace the functorch queries, and a compiled region sees no functorch wrappers.)
+    if not torch.compiler.is_compiling() and (
+        transformed() or _functorch.is_functorch_wrapped_tensor(grad_out)
+        or _functorch.is_legacy_batchedtensor(grad_out)  # autograd.grad(is_grads_batched=True)
     ):
         *tensors, eps, use_batch_stats, activation, negative_slope, output_mask, _ = args
         inputs = BackwardInputs(*tensors, eps, activation, negative_slope)

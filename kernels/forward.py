@@ -47,9 +47,11 @@ from .tiling import (
     flat_tile,
     known_row,
     load_rows_as_run,
+    load_values,
     load_x_and_residual,
     program_item,
     program_tile,
+    slice_tile,
     tile_offsets,
     tile_start,
 )
@@ -143,7 +145,7 @@ def finish_statistics(
     INCREMENT_STEP: tl.constexpr,
 ):
     """Write the batch mean and biased variance (float64), update the running statistics,
-    and count the step (see the module docstring)."""
+    and count the step (see the module docstring); returns the mean and variance written."""
     mean = anchor.to(tl.float64) + anchored_mean.to(tl.float64)
     var = (m2 / count).to(tl.float64)
     var = tl.where(var < 0, 0.0, var)  # rounding can leave M2 a hair below 0; NaN stays
@@ -176,6 +178,7 @@ def finish_statistics(
                 tl.store(counters_ptr + num_blocks, 0)
         elif block == 0:
             tl.store(num_batches_tracked_ptr, steps + 1)
+    return mean, var
 
 
 @triton.jit
@@ -288,10 +291,21 @@ def channel_constants(c, c_mask, mean_ptr, var_ptr, weight_ptr, bias_ptr, eps,
     scale = invstd * weight and shift = bias - lo * scale, the pre-activation is
     (x - hi) * scale + shift.
     """
-    mean = tl.load(mean_ptr + c, mask=c_mask, other=0).to(tl.float64)
+    mean = tl.load(mean_ptr + c, mask=c_mask, other=0)
+    var = tl.load(var_ptr + c, mask=c_mask, other=1)
+    return constants_of_statistics(c, c_mask, mean, var, weight_ptr, bias_ptr, eps,
+                                   COMPUTE_DTYPE, HAS_WEIGHT, HAS_BIAS)
+
+
+@triton.jit
+def constants_of_statistics(c, c_mask, mean, var, weight_ptr, bias_ptr, eps,
+                            COMPUTE_DTYPE: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                            HAS_BIAS: tl.constexpr):
+    """channel_constants from the statistics' values (as stored, or as about to be)."""
+    mean = mean.to(tl.float64)
     hi = mean.to(COMPUTE_DTYPE)
     lo = (mean - hi.to(tl.float64)).to(COMPUTE_DTYPE)
-    var = tl.load(var_ptr + c, mask=c_mask, other=1).to(COMPUTE_DTYPE)
+    var = var.to(COMPUTE_DTYPE)
     invstd = tl.math.rsqrt(var + tl.full([], eps, COMPUTE_DTYPE))
     scale = invstd
     if HAS_WEIGHT:
@@ -316,14 +330,22 @@ def pre_activation(x, hi, scale, shift, residual, HAS_RESIDUAL: tl.constexpr):
 
 
 @triton.jit
+def pack_act_bits(u, tile_mask, ACTIVATION: tl.constexpr, BLOCK_C: tl.constexpr,
+                  COLUMNS: tl.constexpr):
+    """derivative_is_one(u) of a [BLOCK_C, COLUMNS] tile (0 where masked), packed 8
+    consecutive columns to a byte: [BLOCK_C, COLUMNS // 8], bit j of byte k column 8k + j."""
+    bits = (derivative_is_one(u, ACTIVATION) & tile_mask).to(tl.int32)
+    groups = tl.reshape(bits, [BLOCK_C, COLUMNS // 8, 8])
+    return tl.sum(groups << tl.arange(0, 8)[None, None, :], axis=2)
+
+
+@triton.jit
 def store_act_bits(act_bits_ptr, u, n, s0, c, c_mask, tile_mask, act_bits_stride_n,
                    act_bits_stride_c, ACTIVATION: tl.constexpr, BLOCK_S: tl.constexpr,
                    BLOCK_C: tl.constexpr):
     """Pack derivative_is_one(u) of a tile into the uint8 activation bits [rows, C, S8]:
     bit j of byte k is position 8k + j (BLOCK_S and s0 are multiples of 8)."""
-    bits = (derivative_is_one(u, ACTIVATION) & tile_mask).to(tl.int32)
-    groups = tl.reshape(bits, [BLOCK_C, BLOCK_S // 8, 8])
-    packed = tl.sum(groups << tl.arange(0, 8)[None, None, :], axis=2)
+    packed = pack_act_bits(u, tile_mask, ACTIVATION, BLOCK_C, BLOCK_S)
     byte = s0 // 8 + tl.arange(0, BLOCK_S // 8)
     byte_mask = c_mask[:, None] & (byte < act_bits_stride_c)[None, :]
     offsets = n * act_bits_stride_n + c[:, None] * act_bits_stride_c + byte[None, :]
@@ -398,3 +420,79 @@ def normalize_kernel(
         if WRITE_ACT_BITS:
             store_act_bits(act_bits_ptr, u, n, s0, c, c_mask, mask, act_bits_stride_n,
                            act_bits_stride_c, ACTIVATION, BLOCK_S, BLOCK_C)
+
+
+@triton.jit
+def slice_forward_kernel(
+    x_ptr, y_ptr, residual_ptr,  # [N, C, S] views: x, residual (HAS_RESIDUAL) read; y written
+    mean_ptr, var_ptr,  # [C] float64 batch mean and biased variance, written
+    running_mean_ptr, running_var_ptr,  # [C] updated in place (UPDATE_RUNNING)
+    num_batches_tracked_ptr,  # [1] int64 step counter, incremented (INCREMENT_STEP)
+    counters_ptr,  # [channel blocks + 1] int32 tickets, 0 between calls (CUMULATIVE)
+    weight_ptr, bias_ptr,  # [C] affine parameters (None unless HAS_WEIGHT / HAS_BIAS)
+    act_bits_ptr,  # [N, C, cdiv(S, 8)] uint8 activation bits, written (WRITE_ACT_BITS)
+    C, S, batch,  # the view's channels, positions per sample and samples
+    x_stride_n, x_stride_c, x_stride_s,  # the views' element strides
+    y_stride_n, y_stride_c, y_stride_s,
+    r_stride_n, r_stride_c, r_stride_s,
+    act_bits_stride_n, act_bits_stride_c,  # C * cdiv(S, 8) and cdiv(S, 8)
+    momentum: tl.float64, unbias: tl.float64,  # update factor (unless CUMULATIVE); M/(M-1)
+    count: tl.float64,  # M = batch * S values per channel
+    eps: tl.float64, negative_slope: tl.float64,
+    BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,  # the slice's tile
+    COMPUTE_DTYPE: tl.constexpr,
+    UPDATE_RUNNING: tl.constexpr, CUMULATIVE: tl.constexpr, INCREMENT_STEP: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    ACTIVATION: tl.constexpr,
+    WRITE_ACT_BITS: tl.constexpr,  # BLOCK_S is then a multiple of 8
+    ROW: tl.constexpr,  # > 0: every tensor's rows are ROW contiguous elements
+    USE_INT64: tl.constexpr,
+):
+    """The whole training forward of one channel block, its [N, S] slice held as one tile
+    (tiling.slice_tile): the statistics by an exact two-pass over the registers (the mean,
+    then the sums of the deviations d = x - mean and of d^2, the first correcting the mean
+    and M2 for its rounding), the running update and the step (finish_statistics), then
+    y and the activation bits from the same registers, with the constants the statistics
+    stored give (so a backward that recomputes u sees exactly this u)."""
+    S = known_row(S, ROW)
+    x_stride_c = known_row(x_stride_c, ROW)
+    y_stride_c = known_row(y_stride_c, ROW)
+    r_stride_c = known_row(r_stride_c, ROW)
+    n, s, c, c_mask, mask = slice_tile(C, S, batch, BLOCK_N, BLOCK_S, BLOCK_C, USE_INT64)
+    x = load_values(x_ptr, tile_offsets(n, s, c, x_stride_n, x_stride_c, x_stride_s), mask,
+                    COMPUTE_DTYPE)  # the whole slice, held until y is written
+    count = tl.full([], count, COMPUTE_DTYPE)
+    rough_mean = tl.sum(x, axis=1) / count
+    d = tl.where(mask, x - rough_mean[:, None], 0.0)
+    sum_d = tl.sum(d, axis=1)
+    m2 = centered_m2(tl.sum(d * d, axis=1), sum_d, count)
+    # A non-finite rough mean makes every d non-finite: its correction is then left out,
+    # so an inf channel keeps the mean inf (as torch's), not inf + NaN.
+    mean, var = finish_statistics(
+        tl.program_id(0), tl.num_programs(0), c, c_mask, rough_mean,
+        finite_or_zero(sum_d / count), m2, count, mean_ptr, var_ptr, running_mean_ptr,
+        running_var_ptr, num_batches_tracked_ptr, counters_ptr, momentum, unbias,
+        COMPUTE_DTYPE, UPDATE_RUNNING, CUMULATIVE, INCREMENT_STEP,
+    )
+    hi, lo, invstd, scale, shift = constants_of_statistics(
+        c, c_mask, mean, var, weight_ptr, bias_ptr, eps, COMPUTE_DTYPE, HAS_WEIGHT, HAS_BIAS)
+    residual = x
+    if HAS_RESIDUAL:
+        residual = load_values(residual_ptr,
+                               tile_offsets(n, s, c, r_stride_n, r_stride_c, r_stride_s), mask,
+                               COMPUTE_DTYPE)
+    u = pre_activation(x, hi[:, None], scale[:, None], shift[:, None], residual, HAS_RESIDUAL)
+    y = activation_forward(u, ACTIVATION, negative_slope)
+    tl.store(y_ptr + tile_offsets(n, s, c, y_stride_n, y_stride_c, y_stride_s),
+             y.to(y_ptr.dtype.element_ty), mask=mask)
+    if WRITE_ACT_BITS:  # byte k of the slice: sample k // (BLOCK_S // 8), byte k % that
+        packed = pack_act_bits(u, mask, ACTIVATION, BLOCK_C, BLOCK_N * BLOCK_S)
+        k = tl.arange(0, BLOCK_N * BLOCK_S // 8)
+        sample = k // (BLOCK_S // 8)
+        byte = k % (BLOCK_S // 8)
+        if USE_INT64:
+            sample = sample.to(tl.int64)
+        byte_mask = c_mask[:, None] & ((sample < batch) & (byte < act_bits_stride_c))[None, :]
+        offsets = (sample[None, :] * act_bits_stride_n + c[:, None] * act_bits_stride_c
+                   + byte[None, :])
+        tl.store(act_bits_ptr + offsets, packed.to(tl.uint8), mask=byte_mask)

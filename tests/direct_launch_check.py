@@ -99,14 +99,16 @@ def plans():
         launch.normalize_backward(
             BackwardInputs(torch.randn_like(x), x, mean, var, w, b, None, None, 1e-5, "relu", 0.01),
             True, [True, True, True, False])
+        launch.batch_norm_train_(x, rm, rv, nbt, None, w, b, None, 1e-5, "relu", 0.01,
+                                 False)  # the slice fits one program: the one-launch forward
         # A slice too large for one program: the backward's sums, then d input.
         large = torch.randn(4, 8, 48, 48)
         launch.normalize_backward(
             BackwardInputs(torch.randn_like(large), large, mean, var, w, b, None, None, 1e-5,
                            "relu", 0.01),
             True, [True, True, True, False])
-    names = ("stats", "normalize", "backward_one_launch", "backward_sums",
-             "backward_grad_input")
+    names = ("stats", "normalize", "backward_one_launch", "train_forward_one_launch",
+             "backward_sums", "backward_grad_input")
     cases = [(name, *record) for name, record in zip(names, records, strict=True)]
     _, plan, tensors, floats = cases[1]
     misaligned = torch.randn(x.numel() + 1)[1:].view(x.shape)
@@ -147,7 +149,7 @@ def main() -> int:
 
     for module in launch.KERNEL_MODULES.values():
         for name in ("partial_stats_kernel", "normalize_kernel", "slice_backward_kernel",
-                     "partial_grad_sums_kernel", "grad_input_kernel"):
+                     "slice_forward_kernel", "partial_grad_sums_kernel", "grad_input_kernel"):
             if hasattr(module, name):
                 counted(getattr(module, name))
 
@@ -171,8 +173,8 @@ def main() -> int:
         report["cases"][name] = {"ordinary": ordinary, "ordinary_runs": ordinary_runs,
                                  "first_then_direct": both, "runs": direct_runs}
 
-    # A module's second training step: three launches (the forward's two, and one backward:
-    # the slice fits one program), all direct.
+    # A module's second training step: two launches (one forward, one backward: the slice
+    # fits one program), all direct.
     import fastbn
     from fastbn import backend
 

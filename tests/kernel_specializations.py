@@ -46,7 +46,7 @@ from fastbn.reference import SIGN_ACTIVATIONS
 
 KERNEL_NAMES = (
     "partial_stats_kernel", "normalize_kernel", "partial_grad_sums_kernel", "grad_input_kernel",
-    "slice_backward_kernel",
+    "slice_backward_kernel", "slice_forward_kernel",
 )
 # Kernels that stream whole tensors: these must vectorise their loads where the alignment
 # allows.
@@ -77,8 +77,9 @@ def make(shape, dtype, layout):
 
 def run_config(dtype, layout, batch, activation, residual, affine, track, momentum, use_int64,
                shape=None, eval_too=True):
-    """One forward (training and eval) and backward of every launcher for one configuration
-    (x of ``shape``, else (batch, 64, 8, 8))."""
+    """One forward (training, in two launches and through batch_norm_train_, and eval) and
+    backward of every launcher for one configuration (x of ``shape``, else (batch, 64, 8,
+    8))."""
     launch_needs_int64 = launch.needs_int64
     if use_int64:
         launch.needs_int64 = lambda geometries: True
@@ -102,6 +103,8 @@ def run_config(dtype, layout, batch, activation, residual, affine, track, moment
         _, mask = launch.normalize(x, mean, var, weight, bias, z, 1e-5, activation, 0.01,
                                    save_mask)
         mask = mask if save_mask else None
+        launch.batch_norm_train_(x, running_mean, running_var, nbt, momentum, weight, bias, z,
+                                 1e-5, activation, 0.01, save_mask)
         if eval_too and track:
             launch.normalize(x, running_mean, running_var, weight, bias, z, 1e-5, activation,
                              0.01, False)

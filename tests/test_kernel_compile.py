@@ -45,7 +45,7 @@ def check(reports: list[dict]) -> None:
     assert reports, "no kernel was compiled"
     kernels = {(r["kernel"], r["arch"]) for r in reports}
     for name in ("partial_stats_kernel", "normalize_kernel", "partial_grad_sums_kernel",
-                 "grad_input_kernel", "slice_backward_kernel"):
+                 "grad_input_kernel", "slice_backward_kernel", "slice_forward_kernel"):
         assert (name, 90) in kernels and (name, 80) in kernels, name
     spilling = [r for r in reports if r["spill_bytes"]]
     assert not spilling, f"register spills: {spilling}"
@@ -66,13 +66,14 @@ def test_every_specialization_compiles_for_sm90_and_sm80():
     """The flag matrix at 64x8x8, and every kind of launch the bench's resnet50, bn1d and
     video suites make in bf16 (their fp16 compiles alike; fp32 is in the flag matrix and
     in the slow test), among them 14x14 rows made known (ROW = 196: 8-byte vectors) in
-    the statistics, the mask-writing normalize, both backward sums and the one-launch
-    backward, and the statistics' runs of rows (RUN: 16-byte vectors at 7x7)."""
+    the statistics, the mask-writing normalize, both backward sums, the one-launch
+    backward and the one-launch forward, and the statistics' runs of rows (RUN: 16-byte
+    vectors at 7x7)."""
     reports = compile_specializations("--suite-dtypes", "bf16")
     check(reports)
     rows = {r["kernel"] for r in reports if r["row"] == 196 and r["vector_loads"]}
     assert rows >= {"partial_stats_kernel", "normalize_kernel", "partial_grad_sums_kernel",
-                    "slice_backward_kernel"}, rows
+                    "slice_backward_kernel", "slice_forward_kernel"}, rows
     # 7x7 statistics: rows of 49 align to nothing, their runs of 32 rows to 16 bytes.
     runs = [r for r in reports if r["run"] and r["aligned"]]
     assert runs and all(r["vector_loads"] for r in runs), runs

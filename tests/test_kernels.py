@@ -568,3 +568,155 @@ def test_non_finite_values_propagate_like_torch(case, shape, momentum):
                                   results["torch"], strict=True):
         torch.testing.assert_close(mine, theirs, atol=atol, rtol=rtol, equal_nan=True,
                                    msg=lambda m, what=what: f"{what}: {m}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The one-launch training forward (launch.batch_norm_train_)
+# ---------------------------------------------------------------------------------------------
+TRAIN_FORWARD_FLAGS = [dict(), dict(affine=False), dict(bias=False), dict(track=False),
+                       dict(momentum=None), dict(activation="silu", residual=True),
+                       dict(activation="relu6"), dict(activation="leaky_relu", residual=True),
+                       dict(activation="relu", residual=True, save_mask=True),
+                       dict(activation="hardswish", residual=True)]
+
+
+def train_forward(x, affine=True, bias=True, track=True, momentum=0.1, residual=False,
+                  activation=None, save_mask=False, seed=1):
+    """launch.batch_norm_train_ on x, the kernels it launched, and the float64 truth."""
+    gen = torch.Generator().manual_seed(seed)
+    channels = x.shape[1]
+    param_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+
+    def vector(scale, shift):
+        return (torch.rand(channels, generator=gen) * scale + shift).to(param_dtype).to(DEVICE)
+
+    weight = vector(1.0, 0.5) if affine else None
+    bias_t = vector(1.0, -0.5) if affine and bias else None
+    running_mean = vector(0.2, -0.1) if track else None
+    running_var = vector(0.5, 0.75) if track else None
+    z = torch.randn(x.shape, generator=gen).to(x.dtype).to(DEVICE) if residual else None
+    nbt = torch.tensor(4, device=DEVICE) if track else None
+    rm = None if running_mean is None else running_mean.clone()
+    rv = None if running_var is None else running_var.clone()
+    with launch.recording() as records:  # planned, not run: the kernels it would launch
+        launch.batch_norm_train_(x, rm, rv, None if nbt is None else nbt.clone(), momentum,
+                                 weight, bias_t, z, 1e-5, activation or "none", 0.01,
+                                 save_mask)
+    y, mean, var, mask = launch.batch_norm_train_(
+        x, rm, rv, nbt, momentum, weight, bias_t, z, 1e-5, activation or "none", 0.01,
+        save_mask)
+    truth = batch_norm_truth(x, running_mean, running_var, weight, bias_t, True, momentum,
+                             1e-5, z, activation, num_batches_tracked=5)
+    return dict(y=y, mean=mean, var=var, mask=mask, running_mean=rm, running_var=rv,
+                num_batches_tracked=nbt, kernels=[p.kernel for p, _, _ in records],
+                weight=weight, bias=bias_t, residual=z), truth
+
+
+def check_train_forward(result, truth, x, activation=None, save_mask=False):
+    """y, the batch statistics, the running statistics and the step count against the
+    float64 truth; the activation bits those of u recomputed from the statistics."""
+    dtype = x.dtype
+    assert_close_to_truth("y", result["y"], truth["y"].to(dtype), dtype=dtype)
+    assert result["y"].stride() == torch.empty_like(x).stride()
+    x64 = x.double().cpu()
+    dims = [0, *range(2, x.dim())]
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    assert_close_to_truth("mean", result["mean"], x64.mean(dims), dtype=compute)
+    assert_close_to_truth("var", result["var"], x64.var(dims, unbiased=False), dtype=compute)
+    if truth["running_mean"] is not None:
+        assert_close_to_truth("running_mean", result["running_mean"], truth["running_mean"],
+                              dtype=compute)
+        assert_close_to_truth("running_var", result["running_var"], truth["running_var"],
+                              dtype=compute)
+        assert result["num_batches_tracked"].item() == 5
+    if save_mask:
+        hi, _, _, scale, shift = reference.channel_constants(
+            x, result["mean"], result["var"], result["weight"], result["bias"], 1e-5)
+        u = reference.pre_activation(x, hi, scale, shift, result["residual"])
+        assert result["mask"].shape == reference.mask_shape(x)
+        assert torch.equal(result["mask"], reference.pack_bits(
+            reference.derivative_is_one(u, activation)))
+    else:
+        assert result["mask"].numel() == 0
+
+
+ONE_LAUNCH_FORWARD = ["slice_forward_kernel"]
+TWO_LAUNCH_FORWARD = ["partial_stats_kernel", "normalize_kernel"]
+FORWARD_PATHS = [("one_launch", (3, 4, 5, 5), "contiguous"),
+                 ("one_launch", (3, 4, 5, 5), "channels_last"),
+                 ("one_launch", (37, 6), "contiguous"),
+                 ("one_launch", (3, 5, 40), "sliced_channels"),
+                 ("two_launches", (3, 4, 60, 60), "contiguous"),
+                 ("two_launches", (3, 4, 30, 30), "channels_last")]
+
+
+@pytest.mark.parametrize("path,shape,layout", FORWARD_PATHS, ids=str)
+@pytest.mark.parametrize("flags", TRAIN_FORWARD_FLAGS,
+                         ids=lambda f: ",".join(f"{k}={v}" for k, v in f.items()) or "plain")
+def test_training_forward_in_one_launch_and_in_two(path, shape, layout, flags):
+    """Both forward plans with every flag: one program per channel block holding its whole
+    slice, or the statistics then normalize."""
+    x = make_input(shape, layout=layout, mean=2.0)
+    result, truth = train_forward(x, **flags)
+    assert result["kernels"] == (ONE_LAUNCH_FORWARD if path == "one_launch"
+                                 else TWO_LAUNCH_FORWARD)
+    check_train_forward(result, truth, x, flags.get("activation"), flags.get("save_mask"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_one_launch_training_forward_in_every_dtype(dtype, layout):
+    x = make_input((3, 6, 4, 4), dtype=dtype, layout=layout)
+    flags = dict(activation="relu", residual=True, save_mask=True)
+    result, truth = train_forward(x, **flags)
+    assert result["kernels"] == ONE_LAUNCH_FORWARD
+    check_train_forward(result, truth, x, "relu", True)
+
+
+def test_one_launch_forward_statistics_survive_a_large_mean():
+    """The two-pass over registers: mean 1e4, spread 1, in float32."""
+    x = make_input((4, 3, 5, 5), mean=1e4)
+    result, truth = train_forward(x)
+    assert result["kernels"] == ONE_LAUNCH_FORWARD
+    check_train_forward(result, truth, x)
+
+
+def test_one_launch_forward_is_bitwise_reproducible():
+    x = make_input((5, 3, 7, 7), layout="channels_last")
+    first, _ = train_forward(x, activation="relu", residual=True, save_mask=True)
+    second, _ = train_forward(x, activation="relu", residual=True, save_mask=True)
+    for name in ("y", "mean", "var", "mask", "running_mean", "running_var"):
+        assert torch.equal(first[name], second[name]), name
+
+
+@pytest.mark.parametrize("case", NON_FINITE)
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_one_launch_forward_propagates_non_finite_values_like_torch(case, momentum):
+    x = _poison(make_input((4, 3, 5, 5)), case)
+    rm, rv = torch.zeros(3, device=DEVICE), torch.ones(3, device=DEVICE)
+    nbt = torch.tensor(4, device=DEVICE)
+    y, _, _, _ = launch.batch_norm_train_(x, rm, rv, nbt, momentum, None, None, None, 1e-5,
+                                          "none", 0.01, False)
+    trm, trv = torch.zeros(3), torch.ones(3)
+    expected = F.batch_norm(x.cpu(), trm, trv, None, None, True,
+                            1 / 5 if momentum is None else momentum)
+    atol, rtol = tolerance(torch.float32)
+    for what, mine, theirs in (("y", y, expected), ("running_mean", rm, trm),
+                               ("running_var", rv, trv)):
+        torch.testing.assert_close(mine.cpu(), theirs, atol=atol, rtol=rtol, equal_nan=True,
+                                   msg=lambda m, what=what: f"{what}: {m}")
+    assert nbt.item() == 5
+
+
+def test_one_launch_forward_then_backward_matches_the_truth():
+    """The statistics the one-launch forward writes serve the one-launch backward."""
+    x = make_input((3, 4, 5, 5))
+    result, truth = train_forward(x, activation="relu", residual=True, save_mask=True)
+    grad_out = torch.randn_like(x)
+    grads = launch.normalize_backward(
+        BackwardInputs(grad_out, x, result["mean"], result["var"], result["weight"],
+                       result["bias"], None, result["mask"], 1e-5, "relu", 0.01),
+        True, [True, True, True, True])
+    truth_grads = grads_truth(truth, grad_out)
+    for name, mine in zip(("x", "weight", "bias", "residual"), grads, strict=True):
+        assert_close_to_truth(f"grad {name}", mine, truth_grads[name], dtype=torch.float32)

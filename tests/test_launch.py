@@ -64,26 +64,29 @@ def _module_step(x, training, backward, **kwargs):
 
 ONE_LAUNCH = ["slice_backward_kernel"]
 TWO_LAUNCHES = ["partial_grad_sums_kernel", "grad_input_kernel"]
+ONE_LAUNCH_FORWARD = ["slice_forward_kernel"]
+TWO_LAUNCH_FORWARD = ["partial_stats_kernel", "normalize_kernel"]
 
 
 @pytest.mark.parametrize(
-    "shape,layout,backward",
-    [((4, 3, 8, 8), "contiguous", ONE_LAUNCH),
-     ((16, 3, 33, 33), "contiguous", TWO_LAUNCHES),  # chunked sums
-     ((4, 64, 7, 7), "contiguous", ONE_LAUNCH),
-     ((129, 43, 7, 7), "contiguous", TWO_LAUNCHES),  # flat d input
-     ((8, 5, 6, 6), "channels_last", ONE_LAUNCH),
-     ((8, 5, 40, 40), "channels_last", TWO_LAUNCHES)],
+    "shape,layout,forward,backward",
+    [((4, 3, 8, 8), "contiguous", ONE_LAUNCH_FORWARD, ONE_LAUNCH),
+     ((16, 3, 33, 33), "contiguous", TWO_LAUNCH_FORWARD, TWO_LAUNCHES),  # chunked sums
+     ((4, 64, 7, 7), "contiguous", ONE_LAUNCH_FORWARD, ONE_LAUNCH),
+     ((129, 43, 7, 7), "contiguous", TWO_LAUNCH_FORWARD, TWO_LAUNCHES),  # flat d input
+     ((8, 5, 6, 6), "channels_last", ONE_LAUNCH_FORWARD, ONE_LAUNCH),
+     ((8, 5, 40, 40), "channels_last", TWO_LAUNCH_FORWARD, TWO_LAUNCHES)],
     ids=["one_chunk", "chunked", "flat_slice", "flat", "channels_last_slice",
          "channels_last"])
-def test_training_step_is_two_launches_forward_and_at_most_two_backward(shape, layout,
-                                                                        backward):
+def test_training_step_is_at_most_two_launches_forward_and_two_backward(shape, layout,
+                                                                        forward, backward):
+    """One launch each way where a channel block's slice fits one program."""
     x = torch.randn(shape, device=DEVICE)
     if layout == "channels_last":
         x = x.to(memory_format=torch.channels_last)
     records, forward_ops, backward_ops = module_step(x)
     kernels = [planned.kernel for planned, _, _ in records]
-    assert kernels == ["partial_stats_kernel", "normalize_kernel", *backward]
+    assert kernels == [*forward, *backward]
     # num_batches_tracked is counted by the statistics launch; the backward fills nothing.
     assert device_work(forward_ops) == [] and device_work(backward_ops) == []
 
@@ -122,11 +125,50 @@ def test_backward_is_one_launch_where_a_slice_fits_one_program(shape, dtype, lay
     assert backward_kernels(shape, dtype, layout, fusion) == expected
 
 
-def test_momentum_none_counts_the_step_in_the_same_launch():
-    records, forward_ops, _ = module_step(torch.randn(16, 3, 33, 33, device=DEVICE),
-                                          backward=False, momentum=None)
-    assert [planned.kernel for planned, _, _ in records] == ["partial_stats_kernel",
-                                                              "normalize_kernel"]
+def train_forward_kernel(shape, dtype, layout="nchw", fusion="none"):
+    """The kernel of the one-launch training forward of a module with this input (planned
+    on meta tensors), or None where it takes the statistics launch and normalize."""
+    x = torch.empty(shape, dtype={"bf16": torch.bfloat16, "fp32": torch.float32}[dtype],
+                    device="meta")
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    g = launch.geometry(x)
+    residual = fusion == "add_relu"
+    plan = launch.plan_train_forward(g, g, g if residual else None, x.dtype, True, True,
+                                     "none" if fusion == "none" else "relu", residual, True,
+                                     False, True)
+    return None if plan is None else plan.launch.kernel
+
+
+@pytest.mark.parametrize(
+    "shape,dtype,layout,fusion,expected",
+    [
+        # The backward's rule: a channel's whole (N, S) slice fits one program.
+        ((32, 2048, 7, 7), "bf16", "nchw", "none", "slice_forward_kernel"),
+        ((32, 2048, 7, 7), "bf16", "nchw", "relu", "slice_forward_kernel"),
+        ((32, 1024, 14, 14), "bf16", "nchw", "none", "slice_forward_kernel"),
+        ((32, 512, 7, 7), "bf16", "nchw", "add_relu", "slice_forward_kernel"),  # bits
+        ((256, 4096), "bf16", "nchw", "none", "slice_forward_kernel"),
+        ((256, 4096), "fp32", "nchw", "none", "slice_forward_kernel"),
+        ((32, 1024, 14, 14), "bf16", "nchw", "add_relu", None),  # a third stream
+        ((32, 512, 28, 28), "bf16", "nchw", "none", None),
+        ((256, 2048, 7, 7), "bf16", "nchw", "none", None),
+        ((32, 2048, 7, 7), "bf16", "channels_last", "none", None),
+        ((64, 8, 2, 2), "bf16", "nchw", "add_relu", None),  # rows shorter than a bits byte
+    ],
+    ids=str,
+)
+def test_training_forward_is_one_launch_where_a_slice_fits_one_program(shape, dtype, layout,
+                                                                       fusion, expected):
+    assert train_forward_kernel(shape, dtype, layout, fusion) == expected
+
+
+@pytest.mark.parametrize("shape,forward", [((16, 3, 33, 33), TWO_LAUNCH_FORWARD),
+                                           ((4, 3, 8, 8), ONE_LAUNCH_FORWARD)], ids=str)
+def test_momentum_none_counts_the_step_in_the_same_launch(shape, forward):
+    records, forward_ops, _ = module_step(torch.randn(shape, device=DEVICE), backward=False,
+                                          momentum=None)
+    assert [planned.kernel for planned, _, _ in records] == forward
     assert device_work(forward_ops) == []
 
 
@@ -138,7 +180,8 @@ def test_eval_forward_is_one_launch():
 
 
 def test_absent_tensors_travel_as_none():
-    x = torch.randn(4, 3, 8, 8, device=DEVICE)
+    x = torch.randn(2, 3, 24, 24, device=DEVICE).to(memory_format=torch.channels_last)
+    # (one chunk; too large a slice: 4 channels x 2048 padded positions)
     records, _, _ = module_step(x, affine=False, track_running_stats=False, backward=False)
     stats, normalize = records
     _, tensors, _ = stats
@@ -147,12 +190,22 @@ def test_absent_tensors_travel_as_none():
     assert normalize[0].constexprs["HAS_WEIGHT"] is False and normalize[1][5] is None
 
 
+def test_absent_tensors_travel_as_none_to_the_one_launch_forward():
+    x = torch.randn(4, 3, 8, 8, device=DEVICE)
+    records, _, _ = module_step(x, affine=False, track_running_stats=False, backward=False)
+    ((planned, tensors, _),) = records
+    assert planned.kernel == "slice_forward_kernel"
+    # residual; running statistics, num_batches_tracked, tickets; weight, bias; bits
+    assert tensors[2] is None and tensors[5:] == (None,) * 7
+    assert planned.constexprs["HAS_WEIGHT"] is False
+
+
 def test_plans_are_cached_per_call_signature():
     x = torch.randn(4, 3, 8, 8, device=DEVICE)
     module_step(x)
-    before = launch.plan_normalize.cache_info().hits
+    before = launch.plan_train_forward.cache_info().hits
     module_step(torch.randn_like(x))
-    assert launch.plan_normalize.cache_info().hits > before
+    assert launch.plan_train_forward.cache_info().hits > before
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,6 +310,9 @@ def test_grids_stay_within_cuda_limits_for_huge_shapes(shape, layout, dtype):
     backward = launch.plan_backward(g, g, g, g, g, dtype, True, True, "silu", False, True,
                                     True, True, True)
     plans += [p for p in (backward.sums, backward.grad_input, backward.one_launch) if p]
+    forward = launch.plan_train_forward(g, g, None, dtype, True, True, "relu", False, True,
+                                        False, True)
+    plans += [forward.launch] if forward else []
     for planned in plans:
         assert len(planned.grid) == 1 and 1 <= planned.grid[0] <= 2**31 - 1, planned.kernel
         assert planned.constexprs["USE_INT64"] == (x.numel() + launch.FLAT_ELEMENTS >= 2**31)

@@ -94,3 +94,6 @@ def test_ops_pass_opcheck(backend, device, activation, save_mask):
                      mask if save_mask else None, 1e-5, True, activation, 0.01,
                      [True, True, True, True], backend)
     torch.library.opcheck(ops.normalize_backward, backward_args)
+    train_args = (x, running_mean, running_var, torch.tensor(2, device=device), 0.1, weight,
+                  bias, residual, 1e-5, activation, 0.01, save_mask, backend)
+    torch.library.opcheck(ops.batch_norm_train_, train_args)

@@ -46,9 +46,9 @@ def point_launches(point: Point) -> dict[str, list]:
     save_mask = residual is not None
     plans: dict[str, list] = {}
     with launch.recording() as records:
-        mean, var = launch.batch_stats_(x, running_mean, running_var, steps, 0.1)
-        _, mask = launch.normalize(x, mean, var, weight, bias, residual, 1e-5, activation,
-                                   0.0, save_mask)
+        _, mean, var, mask = launch.batch_norm_train_(x, running_mean, running_var, steps, 0.1,
+                                                      weight, bias, residual, 1e-5, activation,
+                                                      0.0, save_mask)
     plans["forward-train"] = [planned for planned, _, _ in records]
     with launch.recording() as records:
         launch.normalize(x, running_mean, running_var, weight, bias, residual, 1e-5,

@@ -627,7 +627,10 @@ def call_batch_norm_train_(x: Tensor, running_mean, running_var, num_batches_tra
     # A tensor subclass among weight, bias and the residual alone (a TwoTensor weight) runs
     # an op once per component: the running statistics would take the batch that often. Then
     # the statistics op sees the plain tensors only, as torch's own kernel would.
-    if (eager and backend == "torch") or (
+    # Under torch.jit.trace too: a trace records an autograd.Function as a node that reruns
+    # its Python forward besides the op inside, which would update the running statistics
+    # twice per replay; the separate ops have registered autograd formulas instead.
+    if (eager and backend == "torch") or torch._C._is_tracing() or (
         not torch.compiler.is_compiling()
         and plain(x, running_mean, running_var, num_batches_tracked)
         and not plain(weight, bias, residual)
@@ -637,9 +640,7 @@ def call_batch_norm_train_(x: Tensor, running_mean, running_var, num_batches_tra
                                       for_normalize=True)
         return call_normalize(x, mean, var, weight, bias, residual, eps, True, activation,
                               negative_slope, save_mask, backend)
-    if (eager and torch.jit.is_tracing()) or (torch.is_grad_enabled() and requires_grad(
-        x, weight, bias, residual
-    )):
+    if torch.is_grad_enabled() and requires_grad(x, weight, bias, residual):
         return _TrainForward.apply(
             x, running_mean, running_var, weight, bias, residual, num_batches_tracked,
             (momentum, eps, activation, negative_slope, save_mask, backend, eager))

@@ -52,9 +52,9 @@ def make_input(shape, dtype=torch.float32, layout="contiguous", mean=0.0, seed=0
     return x.to(DEVICE)
 
 
-def run_batch_norm(x, training=True, affine=True, bias=True, track=True, momentum=0.1,
-                   residual=False, activation=None, grad_layout=None, seed=1):
-    """fastbn (triton backend) and torch on the same call; returns both and the truth."""
+def draw_call_tensors(x, affine, bias, track, residual, seed):
+    """The generator (for what the caller draws next), weight, bias, running mean and
+    variance, and residual of a call on x, drawn in that order from ``seed``."""
     gen = torch.Generator().manual_seed(seed)
     channels = x.shape[1]
     param_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -67,6 +67,14 @@ def run_batch_norm(x, training=True, affine=True, bias=True, track=True, momentu
     running_mean = vector(0.2, -0.1) if track else None
     running_var = vector(0.5, 0.75) if track else None
     z = torch.randn(x.shape, generator=gen).to(x.dtype).to(DEVICE) if residual else None
+    return gen, weight, bias_t, running_mean, running_var, z
+
+
+def run_batch_norm(x, training=True, affine=True, bias=True, track=True, momentum=0.1,
+                   residual=False, activation=None, grad_layout=None, seed=1):
+    """fastbn (triton backend) and torch on the same call; returns both and the truth."""
+    gen, weight, bias_t, running_mean, running_var, z = draw_call_tensors(
+        x, affine, bias, track, residual, seed)
     grad_out = torch.randn(x.shape, generator=gen).to(x.dtype).to(DEVICE)
     if grad_layout == "contiguous":
         grad_out = grad_out.contiguous()
@@ -583,18 +591,8 @@ TRAIN_FORWARD_FLAGS = [dict(), dict(affine=False), dict(bias=False), dict(track=
 def train_forward(x, affine=True, bias=True, track=True, momentum=0.1, residual=False,
                   activation=None, save_mask=False, seed=1):
     """launch.batch_norm_train_ on x, the kernels it launched, and the float64 truth."""
-    gen = torch.Generator().manual_seed(seed)
-    channels = x.shape[1]
-    param_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-
-    def vector(scale, shift):
-        return (torch.rand(channels, generator=gen) * scale + shift).to(param_dtype).to(DEVICE)
-
-    weight = vector(1.0, 0.5) if affine else None
-    bias_t = vector(1.0, -0.5) if affine and bias else None
-    running_mean = vector(0.2, -0.1) if track else None
-    running_var = vector(0.5, 0.75) if track else None
-    z = torch.randn(x.shape, generator=gen).to(x.dtype).to(DEVICE) if residual else None
+    gen, weight, bias_t, running_mean, running_var, z = draw_call_tensors(
+        x, affine, bias, track, residual, seed)
     nbt = torch.tensor(4, device=DEVICE) if track else None
     rm = None if running_mean is None else running_mean.clone()
     rv = None if running_var is None else running_var.clone()

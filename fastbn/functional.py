@@ -87,13 +87,12 @@ def batch_norm(
     backend = resolve_backend(input)
     if training and activation_name == "none" and backend == "torch" and cpu.serves_natively(
         input, running_mean, running_var, weight, bias
-    ) and _eager_plain(input, running_mean, running_var, weight, bias, residual,
-                       num_batches_tracked):
+    ) and ops.direct(input) and ops.plain(running_mean, running_var, weight, bias, residual,
+                                          num_batches_tracked):
         output = cpu.native_training_forward(input, running_mean, running_var, weight, bias,
                                              residual, momentum, eps, num_batches_tracked)
         if output is not None:
-            if running_mean is not None and running_var is not None:
-                torch.autograd.graph.increment_version((running_mean, running_var))
+            ops.count_mutations(running_mean, running_var, num_batches_tracked)
             return output
     save_mask = saves_activation_mask(activation_name, input, weight, bias, residual)
     if training:
@@ -107,12 +106,6 @@ def batch_norm(
             activation_name, negative_slope, save_mask, backend,
         )
     return output
-
-
-def _eager_plain(input: Tensor, *tensors: Tensor | None) -> bool:
-    """Whether the call runs eagerly on plain tensors (``ops.direct``, ``ops.plain``), outside
-    a torch.jit trace (which records the ops)."""
-    return ops.direct(input) and ops.plain(*tensors) and not torch.jit.is_tracing()
 
 
 def _negative(*tensors: Tensor | None) -> bool:

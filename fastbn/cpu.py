@@ -754,7 +754,7 @@ def normalize_grad_input(
     output_mask: list[bool],
 ) -> tuple[Tensor, Tensor]:
     """``reference.normalize_grad_input``: d input = a * g + b * x + c per channel (the
-    cheap form of weight * invstd * (g - mean(g) - x_hat * mean(g * x_hat))), two passes."""
+    cheap form of ``reference.normalize_backward``'s d input), two passes."""
     (grad_out, x, mean, var, weight, bias, residual, activation_mask, eps, activation,
      negative_slope) = inputs
     constants = native_constants(x, mean, var, eps)

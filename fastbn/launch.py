@@ -970,7 +970,7 @@ def normalize_backward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients (d input, d weight, d bias, d residual) of ``normalize``: the sums (which
     write d weight and d bias), then the elementwise gradients, two launches sharing one
-    plan and one workspace; see the kernels' module docstring for the formulas.
+    plan and one workspace; the formulas are ``reference.normalize_backward``'s.
     Unrequested gradients come back empty; d residual comes in the residual's format, or
     x's when the activation mask stood in for it."""
     want_input, want_weight, want_bias, want_residual = output_mask

@@ -630,13 +630,11 @@ def call_batch_norm_train_(x: Tensor, running_mean, running_var, num_batches_tra
     # Under torch.jit.trace too: a trace records an autograd.Function as a node that reruns
     # its Python forward besides the op inside, which would update the running statistics
     # twice per replay; the separate ops have registered autograd formulas instead.
-    if (eager and backend == "torch") or (
-        not torch.compiler.is_compiling() and torch._C._is_tracing()
-    ) or (
-        not torch.compiler.is_compiling()
-        and plain(x, running_mean, running_var, num_batches_tracked)
-        and not plain(weight, bias, residual)
-    ):
+    if (eager and backend == "torch") or (not torch.compiler.is_compiling() and (
+        torch._C._is_tracing()
+        or (plain(x, running_mean, running_var, num_batches_tracked)
+            and not plain(weight, bias, residual))
+    )):
         mean, var = call_batch_stats_(x.detach(), running_mean, running_var,
                                       num_batches_tracked, momentum, backend,
                                       for_normalize=True)

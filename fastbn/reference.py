@@ -267,8 +267,8 @@ def normalize_grad_sums(
     """The per-channel sums of the backward, and the parameter gradients they are.
 
     Returns sums = [sum(g), sum(g * x_hat)] as one [2, C] tensor in the compute dtype, then
-    d weight = sum(g * x_hat) and d bias = sum(g) where ``output_mask`` (weight, bias) asks
-    for them (else empty tensors); g and x_hat as in ``normalize_backward``.
+    d weight and d bias (``normalize_backward``'s formulas) where ``output_mask`` (weight,
+    bias) asks for them (else empty tensors).
     """
     g, x_hat, _ = output_grad(inputs)
     return grad_sums(g, x_hat, inputs.x, inputs.weight, inputs.bias, output_mask)

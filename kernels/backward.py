@@ -1,11 +1,8 @@
 """BatchNorm backward kernels: per-channel gradient sums, then the input gradient.
 
-With u = (x - mean) * invstd * weight + bias + residual the forward's pre-activation,
-g = grad_out * act'(u), x_hat = (x - mean) * invstd and sums over the M values of a channel:
-
-    d weight = sum(g * x_hat)        d bias = sum(g)        d residual = g
-    d input  = weight * invstd * g                                          (running stats)
-    d input  = weight * invstd * (g - sum(g) / M - x_hat * sum(g * x_hat) / M)  (batch stats)
+The gradients of ``fastbn.reference.normalize_backward``, whose docstring states the
+formulas: from g = grad_out * act'(u) and x_hat = (x - mean) * invstd, the per-channel sums
+sum(g) and sum(g * x_hat) (which are d bias and d weight), then d input and d residual.
 
 Two launches in general:
 

@@ -1,12 +1,13 @@
 """The case table: one description of a BatchNorm call, and one side-by-side runner.
 
-A ``Case`` says what is called: shape, dtype, layout, flags (weight, bias, running
-statistics, momentum), fusion (residual, activation) and training. ``draw`` makes its
-seeded tensors, pre-activations kept away from the activation's kinks; ``run_side_by_side``
-runs fastbn and torch on the same tensors and ``assert_results_match_truth`` holds every
-result of fastbn against the float64 truth (and twice torch's error) with the tolerances of
-helpers.TOLERANCES. The kernel, module, fusion, gradcheck and numerics tests draw their
-calls from here, so adding a case to a test is one line of its table.
+A ``Case`` says what is called: shape, dtype, layouts (of x, grad_out and the residual),
+flags (weight, bias, running statistics, momentum), fusion (residual, activation) and
+training. ``draw`` makes its seeded tensors (``draw_away_from_kinks``: pre-activations kept
+away from the activation's kinks); ``run_side_by_side`` runs fastbn and torch on the same
+tensors and ``assert_results_match_truth`` holds every result of fastbn against the float64
+truth (and twice torch's error) with the tolerances of helpers.TOLERANCES. The kernel,
+module, fusion, gradcheck and numerics tests draw their calls from here, so adding a case
+to a test is one line of its table.
 """
 
 from __future__ import annotations
@@ -19,10 +20,12 @@ import torch
 import torch.nn.functional as F
 from helpers import (
     LOW_PRECISION,
+    ROUNDING_MARGIN,
     activation64,
     assert_close_to_truth,
     away_from_kinks,
     batch_norm_truth,
+    channel_spreads,
     grads_truth,
     make_input,
 )
@@ -34,6 +37,14 @@ EPS = 1e-5
 SLOPE = 0.2  # leaky_relu's negative slope in every case (not torch's default 0.01)
 COUNTER = 4  # num_batches_tracked before a call: the module has seen four batches
 LEAVES = ("x", "weight", "bias", "residual")
+STATE = ("running_mean", "running_var", "num_batches_tracked")
+MEMORY_FORMATS = ("contiguous", "channels_last")
+LAYOUTS = (*MEMORY_FORMATS, "sliced_channels", "strided_positions",
+           "strided_rows", "transposed", "expanded")
+"""How a tensor of the case lies in memory (``laid_out_input``): the two memory formats,
+strided views that the launchers read in place (sliced_channels, strided_positions) or copy
+(strided_rows), a 2-D (N, C) stored as (C, N) (transposed), and, for grad_out only, one
+value broadcast to every element with every stride 0 (expanded: y.sum().backward())."""
 
 
 @dataclass(frozen=True)
@@ -42,7 +53,9 @@ class Case:
 
     shape: tuple[int, ...]
     dtype: torch.dtype = torch.float32
-    channels_last: bool = False  # channels innermost in memory (helpers.make_input)
+    layout: str = "contiguous"  # x's, one of LAYOUTS
+    grad_layout: str | None = None  # grad_out's; None: x's
+    residual_layout: str | None = None  # the residual's; None: x's
     weight: bool = True
     bias: bool = True
     running_stats: bool = True  # running_mean and running_var given
@@ -54,17 +67,28 @@ class Case:
     spread: float = 1.0  # of x's values (helpers.make_input)
     offset: float = 0.0
 
+    def __post_init__(self) -> None:
+        layouts = (self.layout, self.grad_layout or self.layout,
+                   self.residual_layout or self.layout)
+        assert set(layouts) <= set(LAYOUTS), f"unknown layout in {layouts}"
+        assert "expanded" not in layouts[::2], "only grad_out can be expanded"
+
     def but(self, **changes) -> Case:
         """This case with some fields changed."""
         return dataclasses.replace(self, **changes)
 
     @property
     def id(self) -> str:
-        """A pytest id naming every field that differs from the default."""
+        """A pytest id naming every field that differs from the default (grad_out's layout,
+        and the residual's where there is one, where they differ from x's)."""
         parts = ["x".join(map(str, self.shape)), str(self.dtype).removeprefix("torch.")]
         defaults = Case(self.shape)
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
+            if field.name in ("grad_layout", "residual_layout") and value == self.layout:
+                value = None
+            if field.name == "residual_layout" and not self.residual:
+                value = None
             if field.name in ("shape", "dtype") or value == getattr(defaults, field.name):
                 continue
             parts.append(field.name if value is True else f"{field.name}={value}")
@@ -84,37 +108,70 @@ def cases(*table: Case) -> pytest.MarkDecorator:
     return pytest.mark.parametrize("case", [c.param() for c in table])
 
 
+def laid_out_input(shape: tuple[int, ...], dtype: torch.dtype, layout: str, *, seed: int,
+                   device: torch.device, spread: float = 1.0, offset: float = 0.0) -> Tensor:
+    """helpers.make_input's values (channels innermost for channels_last) in a layout of
+    LAYOUTS; the strided views are views of a larger tensor on the device."""
+    x = make_input(shape, dtype, seed=seed, channels_last=layout == "channels_last",
+                   device=device, spread=spread, offset=offset)
+    if layout in ("contiguous", "channels_last"):
+        return x
+    if layout == "transposed":
+        assert x.dim() == 2, "transposed is a layout of (N, C)"
+        return x.t().contiguous().t()
+    if layout == "expanded":
+        return x.flatten()[:1].view([1] * x.dim()).expand(x.shape)
+    every = slice(None)
+    wide, view = {
+        # not dense but flattenable: channels 1 .. C of C + 3
+        "sliced_channels": ((x.shape[0], x.shape[1] + 3, *x.shape[2:]),
+                            (every, slice(1, x.shape[1] + 1))),
+        # the spatial dimensions flatten to one stride of 2
+        "strided_positions": ((*x.shape[:-1], 2 * x.shape[-1]), (..., slice(None, None, 2))),
+        # every other row: the spatial dimensions do not flatten
+        "strided_rows": ((*x.shape[:2], 2 * x.shape[2], *x.shape[3:]),
+                         (every, every, slice(None, None, 2))),
+    }[layout]
+    return x.new_zeros(wide)[view].copy_(x)
+
+
 def draw(case: Case, device: torch.device, seed: int = 0) -> dict[str, Tensor | None]:
     """The case's tensors from seed: x, grad_out, and each of weight, bias, running_mean,
     running_var, num_batches_tracked (COUNTER) and residual the case has, else None."""
     generator = torch.Generator().manual_seed(seed + 100)
     channels = case.shape[1]
 
-    def vector(scale: float, shift: float, uniform: bool = False) -> Tensor:
+    def vector(scale: float | Tensor, shift: float | Tensor, uniform: bool = False) -> Tensor:
         values = (torch.rand if uniform else torch.randn)(channels, generator=generator)
         return (values * scale + shift).to(device=device, dtype=parameter_dtype(case.dtype))
 
-    def like_x(offset: int) -> Tensor:
-        return make_input(case.shape, case.dtype, seed=seed + offset,
-                          channels_last=case.channels_last, device=device)
+    spreads = channel_spreads(channels, case.spread).float()
+
+    def like_x(offset: int, layout: str | None) -> Tensor:
+        return laid_out_input(case.shape, case.dtype, layout or case.layout, seed=seed + offset,
+                              device=device)
 
     tensors = {
-        "x": make_input(case.shape, case.dtype, seed=seed, channels_last=case.channels_last,
-                        device=device, spread=case.spread, offset=case.offset),
+        "x": laid_out_input(case.shape, case.dtype, case.layout, seed=seed, device=device,
+                            spread=case.spread, offset=case.offset),
         "weight": vector(0.5, 1.0) if case.weight else None,
         "bias": vector(0.5, 0.0) if case.bias else None,
-        "running_mean": vector(0.3, 0.0) if case.running_stats else None,
-        "running_var": vector(1.0, 0.5, uniform=True) if case.running_stats else None,
-        "residual": like_x(500) if case.residual else None,
-        "grad_out": like_x(1000),
+        # near x's own statistics, as a trained model's are: eval normalizes x to a few units
+        "running_mean": vector(0.3 * spreads, case.offset) if case.running_stats else None,
+        "running_var": (vector(spreads**2, 0.5 * spreads**2, uniform=True) if case.running_stats
+                        else None),
+        "residual": like_x(500, case.residual_layout) if case.residual else None,
+        "grad_out": like_x(1000, case.grad_layout),
     }
     counter = (torch.tensor(COUNTER, device=device) if case.running_stats and case.counter
                else None)
     return tensors | {"num_batches_tracked": counter}
 
 
-def draw_away_from_kinks(case: Case, device: torch.device) -> dict[str, Tensor | None]:
-    """``draw`` at the first seed whose pre-activations avoid the activation's kinks."""
+def draw_away_from_kinks(case: Case, device: torch.device,
+                         margin: float = 1e-3) -> dict[str, Tensor | None]:
+    """``draw`` at the first seed whose pre-activations lie margin or more from the
+    activation's kinks (helpers.away_from_kinks)."""
     def pre_activation(tensors):
         return batch_norm_truth(
             tensors["x"], tensors["running_mean"], tensors["running_var"], tensors["weight"],
@@ -122,12 +179,12 @@ def draw_away_from_kinks(case: Case, device: torch.device) -> dict[str, Tensor |
         )["y"]
 
     return away_from_kinks(lambda seed: draw(case, device, seed), pre_activation,
-                           case.activation)
+                           case.activation, margin)
 
 
 def truth_of(case: Case, tensors: dict) -> tuple[dict, dict]:
     """The float64 truth of the case's call on tensors (with the step counter's value after
-    it), and its gradients for grad_out."""
+    it), and its gradients for grad_out (none when grad_out is None)."""
     counter = tensors["num_batches_tracked"]
     counter_after = None if counter is None else int(counter) + int(case.training)
     truth = batch_norm_truth(
@@ -135,7 +192,9 @@ def truth_of(case: Case, tensors: dict) -> tuple[dict, dict]:
         tensors["bias"], case.training, case.momentum, EPS, tensors["residual"],
         case.activation, SLOPE, num_batches_tracked=counter_after,
     )
-    return truth | {"num_batches_tracked": counter_after}, grads_truth(truth, tensors["grad_out"])
+    grad_out = tensors["grad_out"]
+    grads = {} if grad_out is None else grads_truth(truth, grad_out)
+    return truth | {"num_batches_tracked": counter_after}, grads
 
 
 def fastbn_call(case: Case, leaves: dict, state: dict) -> Tensor:
@@ -162,15 +221,29 @@ def torch_call(case: Case, leaves: dict, state: dict) -> Tensor:
     return activation64(u, case.activation, SLOPE)
 
 
+def copy_of(t: Tensor | None) -> Tensor | None:
+    """A copy of t with t's strides (``clone`` makes a view that is not dense contiguous)."""
+    if t is None:
+        return None
+    return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device).copy_(t)
+
+
+def fresh_state(tensors: dict) -> dict:
+    """Copies of the running statistics and the step counter (None where the case has none)."""
+    return {name: copy_of(tensors[name]) for name in STATE}
+
+
 def run(call, case: Case, tensors: dict) -> dict:
-    """call on fresh leaves and fresh state: output, gradients (for grad_out) and state."""
-    leaves = {name: tensors[name].detach().clone().requires_grad_(True)
+    """call on fresh leaves (in the tensors' layouts) and fresh state: output, gradients for
+    grad_out (none, and leaves that require none, when grad_out is None) and state."""
+    grad_out = tensors["grad_out"]
+    leaves = {name: copy_of(tensors[name]).requires_grad_(grad_out is not None)
               for name in LEAVES if tensors[name] is not None}
-    state = {name: None if tensors[name] is None else tensors[name].clone()
-             for name in ("running_mean", "running_var", "num_batches_tracked")}
+    state = fresh_state(tensors)
     y = call(case, leaves, state)
-    grads = torch.autograd.grad(y, list(leaves.values()), tensors["grad_out"])
-    return {"y": y.detach(), "grads": dict(zip(leaves, grads, strict=True)), **state}
+    grads = {} if grad_out is None else dict(zip(
+        leaves, torch.autograd.grad(y, list(leaves.values()), grad_out), strict=True))
+    return {"y": y.detach(), "grads": grads, **state}
 
 
 def memory_formats(t: Tensor) -> tuple[bool, bool, bool]:
@@ -211,10 +284,13 @@ def assert_results_match_truth(label: str, ours: dict, theirs: dict, truth: dict
         )
 
 
-def run_side_by_side(case: Case, device: torch.device) -> tuple[dict, dict, dict]:
-    """fastbn (on the active backend) and torch on the case's tensors, fastbn's results held
-    against the truth; returns fastbn's results, torch's and the truth for further checks."""
-    tensors = draw_away_from_kinks(case, device)
+def run_side_by_side(case: Case, device: torch.device,
+                     tensors: dict | None = None) -> tuple[dict, dict, dict]:
+    """fastbn (on the active backend) and torch on tensors (by default the case's, drawn
+    away from the kinks), fastbn's results held against the truth; returns fastbn's
+    results, torch's and the truth for further checks."""
+    if tensors is None:
+        tensors = draw_away_from_kinks(case, device, ROUNDING_MARGIN)
     truth, grad_truth = truth_of(case, tensors)
     ours, theirs = run(fastbn_call, case, tensors), run(torch_call, case, tensors)
     leaves = {name: tensors[name] for name in LEAVES if tensors[name] is not None}

@@ -9,17 +9,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from cases import Case, cases, run_side_by_side
+from cases import MEMORY_FORMATS, Case, cases, run_side_by_side
 from helpers import ACTIVATIONS, activation64, make_input
 
 import fastbn
 
 FUSED = Case((3, 4, 5, 6), running_stats=False, spread=2.0)
 FUSED_CASES = [
-    FUSED.but(dtype=dtype, channels_last=channels_last, residual=residual, activation=activation)
+    FUSED.but(dtype=dtype, layout=layout, residual=residual, activation=activation)
     for activation in ACTIVATIONS
     for residual in (False, True)
-    for channels_last in (False, True)
+    for layout in MEMORY_FORMATS
     for dtype in (torch.float32, torch.bfloat16)
 ]
 

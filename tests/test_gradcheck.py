@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from cases import LEAVES, Case, cases, draw_away_from_kinks, fastbn_call
+from cases import LEAVES, Case, cases, draw_away_from_kinks, fastbn_call, fresh_state
 from conftest import ON_GPU
 from helpers import ACTIVATIONS, make_input
 
@@ -39,9 +39,7 @@ def checked_call(case: Case, device) -> tuple:
     leaves = {name: float64_leaf(tensors[name]) for name in LEAVES if tensors[name] is not None}
 
     def function(*values):
-        state = {name: None if tensors[name] is None else tensors[name].clone()
-                 for name in ("running_mean", "running_var", "num_batches_tracked")}
-        return fastbn_call(case, dict(zip(leaves, values, strict=True)), state)
+        return fastbn_call(case, dict(zip(leaves, values, strict=True)), fresh_state(tensors))
 
     return function, tuple(leaves.values())
 
@@ -102,9 +100,9 @@ def test_batch_norm_gradients_through_activation(backend, device, check, case):
 
 
 @CHECK_PAIRS
-@cases(*(GRAD.but(shape=SHAPES[rank], channels_last=channels_last, activation="silu")
-         for rank, channels_last in [(2, False), (3, False), (3, True), (5, False), (4, True),
-                                     (5, True)]))
+@cases(*(GRAD.but(shape=SHAPES[rank], layout=layout, activation="silu")
+         for rank, layout in [(2, "contiguous"), (3, "contiguous"), (3, "channels_last"),
+                              (5, "contiguous"), (4, "channels_last"), (5, "channels_last")]))
 def test_batch_norm_gradients_in_each_rank_and_layout(backend, device, check, case):
     run_check(check, backend, *checked_call(case, device))
 

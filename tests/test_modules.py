@@ -13,9 +13,11 @@ import pytest
 import torch
 from cases import (
     COUNTER,
+    MEMORY_FORMATS,
     Case,
     assert_results_match_truth,
     cases,
+    laid_out_input,
     memory_formats,
     parameter_dtype,
 )
@@ -134,10 +136,9 @@ def assert_train_then_eval_matches_truth(fast, ref, case: Case, device):
     """STEPS training calls, then one eval call, each on the case's inputs and held against
     the truth."""
     def inputs(seed):
-        x = make_input(case.shape, case.dtype, seed=seed, channels_last=case.channels_last,
-                       device=device)
-        grad_out = make_input(case.shape, case.dtype, seed=seed + 1000,
-                              channels_last=case.channels_last, device=device)
+        x = laid_out_input(case.shape, case.dtype, case.layout, seed=seed, device=device)
+        grad_out = laid_out_input(case.shape, case.dtype, case.grad_layout or case.layout,
+                                  seed=seed + 1000, device=device)
         return x, grad_out
 
     fast.train()
@@ -172,18 +173,18 @@ def odd_cases():
         (2, 3, 5, 3, 7),
     ]:
         dtype = torch.float64 if shape[0] * math.prod(shape[2:]) == 2 else torch.float32
-        for channels_last in (False, True) if len(shape) > 2 else (False,):
-            yield Case(shape, dtype, channels_last)
+        for layout in MEMORY_FORMATS if len(shape) > 2 else ("contiguous",):
+            yield Case(shape, dtype, layout)
 
 
 MODULE_CASES = [
     # each dtype and memory format
-    *(Case((4, 3, 5, 6), dtype, channels_last) for dtype in DTYPES
-      for channels_last in (False, True)),
+    *(Case((4, 3, 5, 6), dtype, layout) for dtype in DTYPES for layout in MEMORY_FORMATS),
     # BatchNorm1d and 3d in each layout
-    *(Case(shape, dtype, channels_last) for dtype in (torch.float32, torch.float16)
-      for shape, channels_last in [((6, 3), False), ((4, 3, 7), False), ((4, 3, 7), True),
-                                   ((2, 3, 3, 4, 5), False), ((2, 3, 3, 4, 5), True)]),
+    *(Case(shape, dtype, layout) for dtype in (torch.float32, torch.float16)
+      for shape, layout in [((6, 3), "contiguous"), ((4, 3, 7), "contiguous"),
+                            ((4, 3, 7), "channels_last"), ((2, 3, 3, 4, 5), "contiguous"),
+                            ((2, 3, 3, 4, 5), "channels_last")]),
     # each option: momentum, affine (with and without bias), tracking
     *(Case((3, 3, 4, 5), momentum=momentum, weight=weight, bias=bias, running_stats=tracked)
       for momentum in (0.1, None) for weight, bias in ((True, True), (True, False), (False, False))

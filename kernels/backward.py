@@ -107,19 +107,19 @@ def output_grad_tile(
 
 @triton.jit
 def output_grad_window(
-    offsets, numel, row_mask, in_row, s, hi, lo, invstd, scale, shift,
+    offsets, readable, mask, s, hi, lo, invstd, scale, shift,
     grad_out_ptr, x_ptr, residual_ptr, act_bits_ptr, act_bits_rows, negative_slope,
     COMPUTE_DTYPE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr,
     USE_ACT_BITS: tl.constexpr,
 ):
     """g and x_hat (see output_grad) on rows read through windows (tiling.row_windows) of
-    contiguous tensors, which share the offsets; act_bits_rows: each row's first byte."""
-    mask = row_mask & in_row
-    x = load_window(x_ptr, offsets, numel, row_mask, in_row, COMPUTE_DTYPE)
+    contiguous tensors, which share the offsets (readable, mask: see load_window);
+    act_bits_rows: each row's first byte."""
+    x = load_window(x_ptr, offsets, readable, mask, COMPUTE_DTYPE)
     residual = x
     if HAS_RESIDUAL:
-        residual = load_window(residual_ptr, offsets, numel, row_mask, in_row, COMPUTE_DTYPE)
-    g = load_window(grad_out_ptr, offsets, numel, row_mask, in_row, COMPUTE_DTYPE)
+        residual = load_window(residual_ptr, offsets, readable, mask, COMPUTE_DTYPE)
+    g = load_window(grad_out_ptr, offsets, readable, mask, COMPUTE_DTYPE)
     bits = mask
     if USE_ACT_BITS:
         bits = act_bits_at(act_bits_ptr, act_bits_rows, tl.where(mask, s, 0), mask)
@@ -211,11 +211,12 @@ def partial_grad_sums_kernel(
     for t in range(tile_begin, tile_end):
         n, s0 = tile_start(t, tiles_per_n, BLOCK_S, USE_INT64)
         if VECTOR > 0:  # tile t is sample n's rows
-            offsets, s, in_row, _, _ = row_windows(
+            offsets, s, in_row, readable, _, _ = row_windows(
                 n * x_stride_n + c[:, None] * x_stride_c, tl.arange(0, BLOCK_S)[None, :], S,
-                BLOCK_S, VECTOR)
+                numel, BLOCK_S, VECTOR)
             g, x_hat = output_grad_window(
-                offsets, numel, c_mask[:, None], in_row, s, hi, lo, invstd, scale, shift,
+                offsets, c_mask[:, None] & readable, c_mask[:, None] & in_row, s, hi, lo,
+                invstd, scale, shift,
                 grad_out_ptr, x_ptr, residual_ptr, act_bits_ptr,
                 n * act_bits_stride_n + c[:, None] * act_bits_stride_c, negative_slope,
                 COMPUTE_DTYPE, HAS_RESIDUAL, ACTIVATION, USE_ACT_BITS,
@@ -392,13 +393,13 @@ def slice_backward_kernel(
     gr_offsets = tile_offsets(n, s, c, gr_stride_n, gr_stride_c, gr_stride_s)
     if VECTOR > 0:  # the whole slice, held until d input is written
         row_mask = c_mask[:, None] & (n < batch)
-        offsets, s, in_row, whole, _ = row_windows(
+        offsets, s, in_row, readable, whole, _ = row_windows(
             n * x_stride_n + c[:, None] * x_stride_c, tl.arange(0, BLOCK_N * BLOCK_S)[None, :],
-            S, BLOCK_S, VECTOR)
+            S, numel, BLOCK_S, VECTOR)
         mask = row_mask & in_row
         whole = row_mask & whole
         g, x_hat = output_grad_window(
-            offsets, numel, row_mask, in_row, s, hi, lo, invstd, scale, shift, grad_out_ptr,
+            offsets, row_mask & readable, mask, s, hi, lo, invstd, scale, shift, grad_out_ptr,
             x_ptr, residual_ptr, act_bits_ptr,
             n * act_bits_stride_n + c[:, None] * act_bits_stride_c, negative_slope,
             COMPUTE_DTYPE, HAS_RESIDUAL, ACTIVATION, USE_ACT_BITS,

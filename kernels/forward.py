@@ -435,19 +435,18 @@ def normalize_kernel(
         window_shift = 0
         if VECTOR > 0:  # one tile per row (s0 == 0)
             row_mask = c_mask[:, None]
-            offsets, _, in_row, whole, window_shift = row_windows(
+            offsets, _, in_row, readable, whole, window_shift = row_windows(
                 n * x_stride_n + c[:, None] * x_stride_c, tl.arange(0, BLOCK_S)[None, :],
-                known_row(S, ROW), BLOCK_S, VECTOR)
-            x = load_window(x_ptr, offsets, numel, row_mask, in_row, COMPUTE_DTYPE)
+                known_row(S, ROW), numel, BLOCK_S, VECTOR)
+            u_mask = row_mask & in_row
+            x = load_window(x_ptr, offsets, row_mask & readable, u_mask, COMPUTE_DTYPE)
             residual = x
             if HAS_RESIDUAL:
-                residual = load_window(residual_ptr, offsets, numel, row_mask, in_row,
+                residual = load_window(residual_ptr, offsets, row_mask & readable, u_mask,
                                        COMPUTE_DTYPE)
-            u = store_normalized(y_ptr, offsets, x, residual, row_mask & in_row,
-                                 row_mask & whole,
+            u = store_normalized(y_ptr, offsets, x, residual, u_mask, row_mask & whole,
                                  hi[:, None], scale[:, None], shift[:, None], negative_slope,
                                  HAS_RESIDUAL, ACTIVATION, VECTOR)
-            u_mask = row_mask & in_row
         else:
             u = normalize_values(
                 x_ptr, y_ptr, residual_ptr,
@@ -511,14 +510,15 @@ def slice_forward_kernel(
     window_shift = 0
     if VECTOR > 0:
         row_mask = c_mask[:, None] & (n < batch)
-        x_offsets, _, in_row, whole, window_shift = row_windows(
+        x_offsets, _, in_row, readable, whole, window_shift = row_windows(
             n * x_stride_n + c[:, None] * x_stride_c, tl.arange(0, BLOCK_N * BLOCK_S)[None, :],
-            S, BLOCK_S, VECTOR)
+            S, numel, BLOCK_S, VECTOR)
         y_offsets = x_offsets
         r_offsets = x_offsets
         mask = row_mask & in_row
         whole = row_mask & whole
-        x = load_window(x_ptr, x_offsets, numel, row_mask, in_row, COMPUTE_DTYPE)
+        readable = row_mask & readable
+        x = load_window(x_ptr, x_offsets, readable, mask, COMPUTE_DTYPE)
     else:
         x = load_values(x_ptr, x_offsets, mask, COMPUTE_DTYPE)
     # x: the whole slice, held until y is written
@@ -540,8 +540,7 @@ def slice_forward_kernel(
     residual = x
     if HAS_RESIDUAL:
         if VECTOR > 0:
-            residual = load_window(residual_ptr, r_offsets, numel, row_mask, in_row,
-                                   COMPUTE_DTYPE)
+            residual = load_window(residual_ptr, r_offsets, readable, mask, COMPUTE_DTYPE)
         else:
             residual = load_values(residual_ptr, r_offsets, mask, COMPUTE_DTYPE)
     u = store_normalized(y_ptr, y_offsets, x, residual, mask, whole, hi[:, None],

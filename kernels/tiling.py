@@ -94,13 +94,16 @@ def load_rows_as_run(ptr, n, c0, C, S, stride_n, mask, BLOCK_S: tl.constexpr,
 
 
 @triton.jit
-def row_windows(row_start, column, S, BLOCK_S: tl.constexpr, VECTOR: tl.constexpr):
-    """The windows through which rows of S elements starting at offsets row_start load:
-    window k takes columns k * BLOCK_S .. of ``column``, and begins at the VECTOR-aligned
-    offset at or below its row's start (S + VECTOR - 1 <= BLOCK_S, so it covers the row).
+def row_windows(row_start, column, S, numel, BLOCK_S: tl.constexpr, VECTOR: tl.constexpr):
+    """The windows through which rows of S elements starting at offsets row_start (of
+    tensors of numel elements) load: window k takes columns k * BLOCK_S .. of ``column``,
+    and begins at the VECTOR-aligned offset at or below its row's start
+    (S + VECTOR - 1 <= BLOCK_S, so it covers the row).
     Returns each column's element offset, its position s in its row (valid where in_row),
-    in_row, whether its whole VECTOR lies in the row (what a vector store may write, as
-    store_rows takes it), and the row's shift (its start minus its window's)."""
+    in_row, whether its VECTOR overlaps the row within the tensor (what a vector load
+    reads: load_window), whether its whole VECTOR lies in the row (what a vector store
+    may write, as store_rows takes it), and the row's shift (its start minus its
+    window's)."""
     base = (row_start // VECTOR) * VECTOR
     shift = row_start - base
     w = column % BLOCK_S
@@ -108,20 +111,19 @@ def row_windows(row_start, column, S, BLOCK_S: tl.constexpr, VECTOR: tl.constexp
     in_row = (s >= 0) & (s < S)
     # In whole vectors, compared per VECTOR columns, so the compiler sees the mask constant
     # along each vector.
-    vector = column // VECTOR
-    first = (column // BLOCK_S) * (BLOCK_S // VECTOR)
-    whole = ((vector >= first + (shift + VECTOR - 1) // VECTOR)
-             & (vector < first + (shift + S) // VECTOR))
-    return base + w, s, in_row, whole, shift
+    vector = column // VECTOR - (column // BLOCK_S) * (BLOCK_S // VECTOR)
+    whole = (vector >= (shift + VECTOR - 1) // VECTOR) & (vector < (shift + S) // VECTOR)
+    offsets = base + w
+    readable = (vector < (shift + S + VECTOR - 1) // VECTOR) & (offsets < numel)
+    return offsets, s, in_row, readable, whole, shift
 
 
 @triton.jit
-def load_window(ptr, offsets, numel, row_mask, in_row, COMPUTE_DTYPE: tl.constexpr):
-    """A tensor's values at window offsets (row_windows) in COMPUTE_DTYPE, 0 outside the
-    rows: the load itself is masked only by row_mask and the tensor's numel elements, so
-    it stays a vector load."""
-    values = load_values(ptr, offsets, row_mask & (offsets < numel), COMPUTE_DTYPE)
-    return tl.where(row_mask & in_row, values, 0)
+def load_window(ptr, offsets, readable, mask, COMPUTE_DTYPE: tl.constexpr):
+    """A tensor's values at window offsets (row_windows) in COMPUTE_DTYPE, 0 outside mask
+    (the rows): the load itself is masked by ``readable`` (whole vectors), so it stays a
+    vector load."""
+    return tl.where(mask, load_values(ptr, offsets, readable, COMPUTE_DTYPE), 0)
 
 
 @triton.jit

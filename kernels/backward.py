@@ -25,6 +25,8 @@ every gradient from the values it holds: no workspace, no ticket.
 act'(u) comes from the activation bits the forward stored (USE_ACT_BITS: one bit per
 element, packed 8 per byte), or from u recomputed from x (and the residual).
 Math runs in COMPUTE_DTYPE; x - mean is taken as (x - hi) - lo (see forward.channel_constants).
+With VECTOR (contiguous tensors whose rows carry no 16-byte alignment) the sums and the
+one-launch kernel read each row through an aligned window (tiling.row_windows).
 """
 
 import triton

@@ -29,7 +29,9 @@ Nothing clamps with max/min, whose PTX drops NaN.
 ``normalize_kernel`` then writes y = act((x - mean) * invstd * weight + bias + residual),
 one tile per program, or (FLAT) one flat slice of contiguous tensors per program, and
 (WRITE_ACT_BITS) the activation bits: one bit per element, whether act'(u) is 1, for the
-backward; eval uses the same kernel with the running statistics.
+backward; eval uses the same kernel with the running statistics. With VECTOR (contiguous
+tensors whose rows carry no 16-byte alignment) normalize and slice_forward_kernel read
+and write each row through an aligned window (tiling.row_windows).
 
 Sums and elementwise math run in COMPUTE_DTYPE (float32, or float64 for float64 input).
 The batch mean and variance are stored as float64: the mean is assembled exactly as

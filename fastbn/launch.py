@@ -69,11 +69,13 @@ from fastbn.kernels import forward as forward_kernels
 # - Elementwise calls whose tensors are all contiguous NCHW with S not a multiple of 16
 #   (14x14, 7x7: rows carry no 16-byte alignment, so tiles would load scalars) walk the
 #   flat range instead (FLAT): FLAT_ELEMENTS per program, FLAT_ELEMENTS_PER_THREAD per
-#   thread (each element also holds its channel's constants). Where they cannot (the
-#   mask-writing normalize, mixed layouts), tiles of rows that load element by element
-#   (scalar_rows) are half as large, in half the warps: every element has its own
-#   addresses, and triton 3.6 gives the 7x7 mask-writing normalize 146 registers at 16
-#   elements per thread, too many for two 8-warp programs per SM.
+#   thread (each element also holds its channel's constants). The mask-writing
+#   normalize cannot (a byte of bits holds 8 positions of one row): it reads rows through
+#   windows (VECTOR, below) at 4096-value tiles, 70-89 registers at 8 warps (sm_90,
+#   triton 3.6 and 3.9). Where neither applies (mixed layouts), tiles of rows that load
+#   element by element (scalar_rows) are half as large, in half the warps: every element
+#   has its own addresses, and triton 3.6 gave the 7x7 mask-writing normalize 146
+#   registers at 16 elements per thread, too many for two 8-warp programs per SM.
 # - Tile kernels over rows of S contiguous elements in every tensor, S even but not a
 #   multiple of 16 (14x14: 196), get S as the constexpr ROW (known_row): the compiler then
 #   knows the rows' alignment (4 elements at 196: 8-byte bfloat16, 16-byte float32

@@ -69,16 +69,26 @@ from fastbn.kernels import forward as forward_kernels
 # - Elementwise calls whose tensors are all contiguous NCHW with S not a multiple of 16
 #   (14x14, 7x7: rows carry no 16-byte alignment, so tiles would load scalars) walk the
 #   flat range instead (FLAT): FLAT_ELEMENTS per program, FLAT_ELEMENTS_PER_THREAD per
-#   thread (each element also holds its channel's constants). Where they cannot (the
-#   mask-writing normalize, mixed layouts), tiles of rows that load element by element
-#   (scalar_rows) are half as large, in half the warps: every element has its own
-#   addresses, and triton 3.6 gives the 7x7 mask-writing normalize 146 registers at 16
-#   elements per thread, too many for two 8-warp programs per SM.
+#   thread (each element also holds its channel's constants). The mask-writing
+#   normalize cannot (a byte of bits holds 8 positions of one row): it reads rows through
+#   windows (VECTOR, below) at 4096-value tiles, 70-89 registers at 8 warps (sm_90,
+#   triton 3.6 and 3.9). Where neither applies (mixed layouts), tiles of rows that load
+#   element by element (scalar_rows) are half as large, in half the warps: every element
+#   has its own addresses, and triton 3.6 gave the 7x7 mask-writing normalize 146
+#   registers at 16 elements per thread, too many for two 8-warp programs per SM.
 # - Tile kernels over rows of S contiguous elements in every tensor, S even but not a
 #   multiple of 16 (14x14: 196), get S as the constexpr ROW (known_row): the compiler then
 #   knows the rows' alignment (4 elements at 196: 8-byte bfloat16, 16-byte float32
 #   vectors), which Triton's hints (multiples of 16 only) do not give. Odd rows (7x7)
-#   align to nothing: those reductions load scalars.
+#   align to nothing.
+# - Where every tensor of a call is contiguous and S is not a multiple of a 16-byte
+#   vector, the mask-writing normalize, the backward sums and the one-launch kernels read
+#   each row through a window from the aligned offset below its start (VECTOR, see
+#   row_vector and tiling.row_windows): 16-byte loads, and 16-byte stores of the vectors
+#   inside a row (its ragged ends element by element), at 7x7 and 14x14 too; the
+#   statistics load runs of rows instead (RUN). Windows need a tile as long as a row plus
+#   a vector (64 positions at 7x7, 256 at 14x14), and cost no registers over tiles of
+#   rows: a row's elements share one aligned address.
 # - The reductions split each channel block's tiles into chunks so that about
 #   REDUCTION_PROGRAMS programs run: the chunking depends on the shape only, not on the
 #   GPU, so results are bitwise the same on every GPU model. 512 programs are about four
@@ -346,10 +356,10 @@ def elementwise_tiling(view: View, stride_s: int, dtype: torch.dtype,
                   min_block_s)
 
 
-def scalar_rows(view: View, strides: tuple[int, ...], row: int) -> bool:
+def scalar_rows(view: View, strides: tuple[int, ...], row: int, vector: bool = False) -> bool:
     """Whether a tile kernel's rows load element by element: rows along S whose length
-    and strides carry no alignment (not a multiple of 16, and no ROW)."""
-    return (not view.folded and strides[2] == 1 and row == 0
+    and strides carry no alignment (not a multiple of 16, no ROW, no windows)."""
+    return (not view.folded and strides[2] == 1 and row == 0 and not vector
             and any(stride % 16 for stride in strides[1::3]))
 
 
@@ -402,6 +412,22 @@ def rows_as_run(view: View, strides: tuple[int, int, int], tiles: Tiling) -> int
             or tiles.tiles_per_n != 1):
         return 0
     return _power_of_two_covering(tiles.block_c * positions, MAX_PROGRAMS)
+
+
+def row_vector(view: View, geometries: tuple[Geometry, ...], dtype: torch.dtype,
+               block_s: int) -> int:
+    """VECTOR of a tile kernel whose tiles are BLOCK_S positions long: the elements of a
+    16-byte vector where every tensor of the call is contiguous, rows are unfolded and
+    S is not a multiple of it (7x7, 14x14 in bfloat16: the rows carry no 16-byte
+    alignment), and a window of BLOCK_S elements from the aligned offset below a row's
+    start covers the row (S + VECTOR - 1 <= BLOCK_S: one tile per row); else 0 (see
+    tiling.row_windows)."""
+    vector = VECTOR_BYTES // _element_size(dtype)
+    positions = view.positions
+    if (view.folded or positions % vector == 0 or positions + vector - 1 > block_s
+            or not all(_contiguous(g) for g in geometries if g is not None)):
+        return 0
+    return vector
 
 
 def check_grid(programs: int) -> tuple[int]:
@@ -645,10 +671,12 @@ def copy_back(written: Tensor, target: Tensor) -> None:
 def _elementwise_launch(kernel: str, module: str, geometries: tuple[Geometry, ...],
                         view: View, strides: tuple[int, ...], dtype: torch.dtype,
                         min_block_s: int, flat_ok: bool, act_bits_bytes: int, bytes_read: int,
-                        bytes_written: int, constexprs: dict) -> KernelLaunch:
+                        bytes_written: int, constexprs: dict,
+                        windows: bool = False) -> KernelLaunch:
     """An elementwise launch over ``view``: flat slices (where ``flat_ok`` and the
-    heuristics say so) or 2-D tiles at least ``min_block_s`` long; ``strides`` are the
-    views' (stride_n, stride_c, stride_s) in kernel order."""
+    heuristics say so) or 2-D tiles at least ``min_block_s`` long, whose rows the kernel
+    reads through windows where ``windows`` (it takes VECTOR) and row_vector allows;
+    ``strides`` are the views' (stride_n, stride_c, stride_s) in kernel order."""
     channels, positions = view.channels, view.positions
     numel = view.batch * channels * positions
     bits_strides = (channels * act_bits_bytes, act_bits_bytes)
@@ -658,16 +686,19 @@ def _elementwise_launch(kernel: str, module: str, geometries: tuple[Geometry, ..
         ints = (channels, positions, numel, *strides, *bits_strides, 1, grid[0])
         constexprs = dict(constexprs, BLOCK_S=FLAT_ELEMENTS, BLOCK_C=1, FLAT=True, ROW=0,
                           num_warps=_power_of_two_covering(FLAT_ELEMENTS // (32 * per_thread),
-                                                          8))
+                                                          8), **({"VECTOR": 0} if windows else {}))
     else:
         row = known_row(view, strides)
-        tiles = elementwise_tiling(view, strides[2], dtype, min_block_s,
-                                   scalar_rows(view, strides, row))
+        tiles = elementwise_tiling(view, strides[2], dtype, min_block_s)
+        vector = row_vector(view, geometries, dtype, tiles.block_s) if windows else 0
+        if scalar_rows(view, strides, row, bool(vector)):
+            tiles = elementwise_tiling(view, strides[2], dtype, min_block_s, True)
         grid = check_grid(tiles.num_tiles * tiles.channel_blocks)
         ints = (channels, positions, numel, *strides, *bits_strides, tiles.tiles_per_n,
                 tiles.num_tiles)
         constexprs = dict(constexprs, BLOCK_S=tiles.block_s, BLOCK_C=tiles.block_c,
-                          FLAT=False, ROW=row, num_warps=tiles.num_warps)
+                          FLAT=False, ROW=row, num_warps=tiles.num_warps,
+                          **({"VECTOR": vector} if windows else {}))
     return KernelLaunch(module, kernel, grid, ints, constexprs, bytes_read, bytes_written)
 
 
@@ -693,6 +724,7 @@ def plan_normalize(x: Geometry, y: Geometry, residual: Geometry | None, dtype: t
              HAS_BIAS=has_bias, HAS_RESIDUAL=residual is not None,
              ACTIVATION=ACTIVATION_CODES[activation], WRITE_ACT_BITS=save_mask,
              USE_INT64=use_int64),
+        windows=True,
     )
 
 
@@ -752,14 +784,16 @@ def plan_train_forward(x: Geometry, y: Geometry, residual: Geometry | None, dtyp
     running_bytes = 16 * view.channels if update_running else 0
     launch = KernelLaunch(
         "forward", "slice_forward_kernel", check_grid(tiles.channel_blocks),
-        (view.channels, view.positions, view.batch, *strides, bits_stride_n, bits_stride_c),
+        (view.channels, view.positions, view.batch, numel, *strides, bits_stride_n,
+         bits_stride_c),
         dict(BLOCK_N=tiles.block_n, BLOCK_S=tiles.block_s, BLOCK_C=tiles.block_c,
              COMPUTE_DTYPE=kernel_compute_dtype(dtype), UPDATE_RUNNING=update_running,
              CUMULATIVE=cumulative, INCREMENT_STEP=increment_step, HAS_WEIGHT=has_weight,
              HAS_BIAS=has_bias, HAS_RESIDUAL=residual is not None,
              ACTIVATION=ACTIVATION_CODES[activation], WRITE_ACT_BITS=save_mask,
-             ROW=known_row(view, strides), USE_INT64=needs_int64(geometries),
-             num_warps=tiles.num_warps),
+             ROW=known_row(view, strides),
+             VECTOR=row_vector(view, geometries, dtype, tiles.block_s),
+             USE_INT64=needs_int64(geometries), num_warps=tiles.num_warps),
         bytes_read=numel * size * (2 if residual is not None else 1) + 16 * view.channels
         + running_bytes,
         bytes_written=numel * size + 16 * view.channels + running_bytes
@@ -923,11 +957,13 @@ def plan_backward(
                                 for s in _view_strides(g, view.folded))
             one_launch = KernelLaunch(
                 "backward", "slice_backward_kernel", check_grid(tiles.channel_blocks),
-                (view.channels, view.positions, view.batch, *strides, *out_strides,
+                (view.channels, view.positions, view.batch, numel, *strides, *out_strides,
                  bits_stride_n, bits_stride_c),
                 dict(flags, **outputs_flags, BLOCK_N=tiles.block_n, BLOCK_S=tiles.block_s,
                      BLOCK_C=tiles.block_c, WRITE_GRAD_WEIGHT=write_grad_weight,
                      WRITE_GRAD_BIAS=write_grad_bias, ROW=known_row(view, (*strides, *out_strides)),
+                     VECTOR=row_vector(view, (grad_out, x, residual, *outputs), dtype,
+                                       tiles.block_s),
                      num_warps=tiles.num_warps),
                 bytes_read=reads + 32 * view.channels,
                 bytes_written=len(outputs) * numel * size + 16 * view.channels,
@@ -943,11 +979,12 @@ def plan_backward(
         counters_ = tiles.channel_blocks if chunks > 1 else 0
         sums = KernelLaunch(
             "backward", "partial_grad_sums_kernel", check_grid(chunks * tiles.channel_blocks),
-            (view.channels, view.positions, *strides, bits_stride_n, bits_stride_c,
+            (view.channels, view.positions, numel, *strides, bits_stride_n, bits_stride_c,
              tiles.tiles_per_n, tiles.num_tiles, per_chunk, chunks),
             dict(flags, BLOCK_S=tiles.block_s, BLOCK_C=tiles.block_c, CHUNKED=chunks > 1,
                  MERGE_CHUNKS=merge_chunks(tiles, chunks), WRITE_GRAD_WEIGHT=write_grad_weight,
                  WRITE_GRAD_BIAS=write_grad_bias, ROW=known_row(view, strides),
+                 VECTOR=row_vector(view, (grad_out, x, residual), dtype, tiles.block_s),
                  num_warps=tiles.num_warps),
             bytes_read=reads + workspace * acc_size + 32 * view.channels,
             bytes_written=workspace * acc_size + 16 * view.channels,

@@ -22,6 +22,8 @@ every gradient from the values it holds: no workspace, no ticket.
 act'(u) comes from the activation bits the forward stored (USE_ACT_BITS: one bit per
 element, packed 8 per byte), or from u recomputed from x (and the residual).
 Math runs in COMPUTE_DTYPE; x - mean is taken as (x - hi) - lo (see forward.channel_constants).
+With VECTOR (contiguous tensors whose rows carry no 16-byte alignment) the sums and the
+one-launch kernel read each row through an aligned window (tiling.row_windows).
 """
 
 import triton
@@ -34,10 +36,13 @@ from .tiling import (
     flat_tile,
     known_row,
     load_values,
+    load_window,
     load_x_and_residual,
     program_item,
     program_tile,
+    row_windows,
     slice_tile,
+    store_rows,
     tile_offsets,
     tile_start,
 )
@@ -100,6 +105,29 @@ def output_grad_tile(
 
 
 @triton.jit
+def output_grad_window(
+    offsets, readable, mask, s, hi, lo, invstd, scale, shift,
+    grad_out_ptr, x_ptr, residual_ptr, act_bits_ptr, act_bits_rows, negative_slope,
+    COMPUTE_DTYPE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr,
+    USE_ACT_BITS: tl.constexpr,
+):
+    """g and x_hat (see output_grad) on rows read through windows (tiling.row_windows) of
+    contiguous tensors, which share the offsets (readable, mask: see load_window);
+    act_bits_rows: each row's first byte."""
+    x = load_window(x_ptr, offsets, readable, mask, COMPUTE_DTYPE)
+    residual = x
+    if HAS_RESIDUAL:
+        residual = load_window(residual_ptr, offsets, readable, mask, COMPUTE_DTYPE)
+    g = load_window(grad_out_ptr, offsets, readable, mask, COMPUTE_DTYPE)
+    bits = mask
+    if USE_ACT_BITS:
+        bits = act_bits_at(act_bits_ptr, act_bits_rows, tl.where(mask, s, 0), mask)
+    return output_grad(x, g, residual, bits, mask, hi[:, None], lo[:, None], invstd[:, None],
+                       scale[:, None], shift[:, None], negative_slope, HAS_RESIDUAL,
+                       ACTIVATION, USE_ACT_BITS)
+
+
+@triton.jit
 def store_parameter_grads(c, c_mask, sum_g, sum_g_xhat, sums_ptr, grad_weight_ptr,
                           grad_bias_ptr, C, WRITE_GRAD_WEIGHT: tl.constexpr,
                           WRITE_GRAD_BIAS: tl.constexpr):
@@ -144,6 +172,7 @@ def partial_grad_sums_kernel(
     sums_ptr,  # [2, C] final sum(g), sum(g * x_hat), written
     grad_weight_ptr, grad_bias_ptr,  # [C] written (None unless WRITE_GRAD_*)
     C, S,
+    numel,  # N * C * S (VECTOR)
     g_stride_n, g_stride_c, g_stride_s,  # element strides of the [N, C, S] views
     x_stride_n, x_stride_c, x_stride_s,
     r_stride_n, r_stride_c, r_stride_s,
@@ -158,6 +187,7 @@ def partial_grad_sums_kernel(
     MERGE_CHUNKS: tl.constexpr,  # partial sums added by one tree step
     WRITE_GRAD_WEIGHT: tl.constexpr, WRITE_GRAD_BIAS: tl.constexpr,
     ROW: tl.constexpr,  # > 0: every tensor's rows are ROW contiguous elements
+    VECTOR: tl.constexpr,  # > 0: contiguous tensors, rows read through windows (one tile each)
     USE_INT64: tl.constexpr,
 ):
     """sum(g) and sum(g * x_hat) over one chunk of tiles for one channel block; the final
@@ -179,16 +209,27 @@ def partial_grad_sums_kernel(
     tile_end = tl.minimum(tile_begin + tiles_per_chunk, num_tiles)
     for t in range(tile_begin, tile_end):
         n, s0 = tile_start(t, tiles_per_n, BLOCK_S, USE_INT64)
-        s = s0 + tl.arange(0, BLOCK_S)
-        mask = c_mask[:, None] & (s < S)[None, :]
-        g, x_hat = output_grad_tile(
-            n, s, c, mask, hi, lo, invstd, scale, shift,
-            grad_out_ptr, g_stride_n, g_stride_c, g_stride_s,
-            x_ptr, x_stride_n, x_stride_c, x_stride_s,
-            residual_ptr, r_stride_n, r_stride_c, r_stride_s,
-            act_bits_ptr, act_bits_stride_n, act_bits_stride_c,
-            negative_slope, COMPUTE_DTYPE, HAS_RESIDUAL, ACTIVATION, USE_ACT_BITS,
-        )
+        if VECTOR > 0:  # tile t is sample n's rows
+            offsets, s, in_row, readable, _, _ = row_windows(
+                n * x_stride_n + c[:, None] * x_stride_c, tl.arange(0, BLOCK_S)[None, :], S,
+                numel, BLOCK_S, VECTOR)
+            g, x_hat = output_grad_window(
+                offsets, c_mask[:, None] & readable, c_mask[:, None] & in_row, s, hi, lo,
+                invstd, scale, shift,
+                grad_out_ptr, x_ptr, residual_ptr, act_bits_ptr,
+                n * act_bits_stride_n + c[:, None] * act_bits_stride_c, negative_slope,
+                COMPUTE_DTYPE, HAS_RESIDUAL, ACTIVATION, USE_ACT_BITS,
+            )
+        else:
+            s = s0 + tl.arange(0, BLOCK_S)
+            mask = c_mask[:, None] & (s < S)[None, :]
+            g, x_hat = output_grad_tile(
+                n, s, c, mask, hi, lo, invstd, scale, shift, grad_out_ptr, g_stride_n,
+                g_stride_c, g_stride_s, x_ptr, x_stride_n, x_stride_c, x_stride_s,
+                residual_ptr, r_stride_n, r_stride_c, r_stride_s, act_bits_ptr,
+                act_bits_stride_n, act_bits_stride_c, negative_slope, COMPUTE_DTYPE,
+                HAS_RESIDUAL, ACTIVATION, USE_ACT_BITS,
+            )
         sum_g += g
         sum_g_xhat += g * x_hat
     chunk_sum_g = tl.sum(sum_g, axis=1)
@@ -210,21 +251,20 @@ def partial_grad_sums_kernel(
 
 
 @triton.jit
-def store_input_grads(g, x_hat, scale, mean_g, mean_g_xhat, mask, grad_input_ptr, gi_offsets,
-                      grad_residual_ptr, gr_offsets, BATCH_STATS: tl.constexpr,
-                      WRITE_GRAD_INPUT: tl.constexpr, WRITE_GRAD_RESIDUAL: tl.constexpr):
+def store_input_grads(g, x_hat, scale, mean_g, mean_g_xhat, mask, whole, grad_input_ptr,
+                      gi_offsets, grad_residual_ptr, gr_offsets, BATCH_STATS: tl.constexpr,
+                      WRITE_GRAD_INPUT: tl.constexpr, WRITE_GRAD_RESIDUAL: tl.constexpr,
+                      VECTOR: tl.constexpr):
     """Write d input (from the means sum(g) / M and sum(g * x_hat) / M with BATCH_STATS)
-    and d residual = g; scale and the means broadcast to g's shape."""
+    and d residual = g; scale and the means broadcast to g's shape (tiling.store_rows:
+    whole, VECTOR)."""
     if WRITE_GRAD_INPUT:
         centered = g
         if BATCH_STATS:
             centered = g - mean_g - x_hat * mean_g_xhat
-        grad_input = centered * scale
-        tl.store(grad_input_ptr + gi_offsets, grad_input.to(grad_input_ptr.dtype.element_ty),
-                 mask=mask)
+        store_rows(grad_input_ptr, gi_offsets, centered * scale, mask, whole, VECTOR)
     if WRITE_GRAD_RESIDUAL:
-        tl.store(grad_residual_ptr + gr_offsets, g.to(grad_residual_ptr.dtype.element_ty),
-                 mask=mask)
+        store_rows(grad_residual_ptr, gr_offsets, g, mask, whole, VECTOR)
 
 
 @triton.jit
@@ -305,9 +345,9 @@ def grad_input_kernel(
         if not FLAT:
             mean_g = mean_g[:, None]
             mean_g_xhat = mean_g_xhat[:, None]
-    store_input_grads(g, x_hat, scale, mean_g, mean_g_xhat, mask, grad_input_ptr, gi_offsets,
-                      grad_residual_ptr, gr_offsets, BATCH_STATS, WRITE_GRAD_INPUT,
-                      WRITE_GRAD_RESIDUAL)
+    store_input_grads(g, x_hat, scale, mean_g, mean_g_xhat, mask, mask, grad_input_ptr,
+                      gi_offsets, grad_residual_ptr, gr_offsets, BATCH_STATS, WRITE_GRAD_INPUT,
+                      WRITE_GRAD_RESIDUAL, 0)
 
 
 @triton.jit
@@ -318,6 +358,7 @@ def slice_backward_kernel(
     grad_input_ptr, grad_residual_ptr,  # [N, C, S] views written (None unless WRITE_GRAD_*)
     sums_ptr, grad_weight_ptr, grad_bias_ptr,  # [2, C] sums; [C] (WRITE_GRAD_*): written
     C, S, batch,  # the view's channels, positions per sample and samples
+    numel,  # batch * C * S (VECTOR)
     g_stride_n, g_stride_c, g_stride_s, x_stride_n, x_stride_c, x_stride_s,  # views' strides
     r_stride_n, r_stride_c, r_stride_s,
     gi_stride_n, gi_stride_c, gi_stride_s, gr_stride_n, gr_stride_c, gr_stride_s,
@@ -330,6 +371,7 @@ def slice_backward_kernel(
     WRITE_GRAD_INPUT: tl.constexpr, WRITE_GRAD_RESIDUAL: tl.constexpr,
     WRITE_GRAD_WEIGHT: tl.constexpr, WRITE_GRAD_BIAS: tl.constexpr,
     ROW: tl.constexpr,  # > 0: every tensor's rows are ROW contiguous elements
+    VECTOR: tl.constexpr,  # > 0: contiguous tensors, rows read through windows
     USE_INT64: tl.constexpr,
 ):
     """The whole backward of one channel block, its [N, S] slice held as one tile: the
@@ -345,20 +387,37 @@ def slice_backward_kernel(
         c, c_mask, mean_ptr, var_ptr, weight_ptr, bias_ptr, eps, COMPUTE_DTYPE, HAS_WEIGHT,
         HAS_BIAS,
     )
-    g, x_hat = output_grad_tile(  # the whole slice, held until d input is written
-        n, s, c, mask, hi, lo, invstd, scale, shift, grad_out_ptr, g_stride_n, g_stride_c,
-        g_stride_s, x_ptr, x_stride_n, x_stride_c, x_stride_s, residual_ptr, r_stride_n,
-        r_stride_c, r_stride_s, act_bits_ptr, act_bits_stride_n, act_bits_stride_c,
-        negative_slope, COMPUTE_DTYPE, HAS_RESIDUAL, ACTIVATION, USE_ACT_BITS,
-    )
+    whole = mask
+    gi_offsets = tile_offsets(n, s, c, gi_stride_n, gi_stride_c, gi_stride_s)
+    gr_offsets = tile_offsets(n, s, c, gr_stride_n, gr_stride_c, gr_stride_s)
+    if VECTOR > 0:  # the whole slice, held until d input is written
+        row_mask = c_mask[:, None] & (n < batch)
+        offsets, s, in_row, readable, whole, _ = row_windows(
+            n * x_stride_n + c[:, None] * x_stride_c, tl.arange(0, BLOCK_N * BLOCK_S)[None, :],
+            S, numel, BLOCK_S, VECTOR)
+        mask = row_mask & in_row
+        whole = row_mask & whole
+        g, x_hat = output_grad_window(
+            offsets, row_mask & readable, mask, s, hi, lo, invstd, scale, shift, grad_out_ptr,
+            x_ptr, residual_ptr, act_bits_ptr,
+            n * act_bits_stride_n + c[:, None] * act_bits_stride_c, negative_slope,
+            COMPUTE_DTYPE, HAS_RESIDUAL, ACTIVATION, USE_ACT_BITS,
+        )
+        gi_offsets = offsets
+        gr_offsets = offsets
+    else:
+        g, x_hat = output_grad_tile(  # the whole slice, held until d input is written
+            n, s, c, mask, hi, lo, invstd, scale, shift, grad_out_ptr, g_stride_n, g_stride_c,
+            g_stride_s, x_ptr, x_stride_n, x_stride_c, x_stride_s, residual_ptr, r_stride_n,
+            r_stride_c, r_stride_s, act_bits_ptr, act_bits_stride_n, act_bits_stride_c,
+            negative_slope, COMPUTE_DTYPE, HAS_RESIDUAL, ACTIVATION, USE_ACT_BITS,
+        )
     sum_g = tl.sum(g, axis=1)
     sum_g_xhat = tl.sum(g * x_hat, axis=1)
     store_parameter_grads(c, c_mask, sum_g, sum_g_xhat, sums_ptr, grad_weight_ptr,
                           grad_bias_ptr, C, WRITE_GRAD_WEIGHT, WRITE_GRAD_BIAS)
     inv_count = tl.full([], inv_count, COMPUTE_DTYPE)
     store_input_grads(g, x_hat, scale[:, None], (sum_g * inv_count)[:, None],
-                      (sum_g_xhat * inv_count)[:, None], mask, grad_input_ptr,
-                      tile_offsets(n, s, c, gi_stride_n, gi_stride_c, gi_stride_s),
-                      grad_residual_ptr,
-                      tile_offsets(n, s, c, gr_stride_n, gr_stride_c, gr_stride_s),
-                      BATCH_STATS, WRITE_GRAD_INPUT, WRITE_GRAD_RESIDUAL)
+                      (sum_g_xhat * inv_count)[:, None], mask, whole, grad_input_ptr,
+                      gi_offsets, grad_residual_ptr, gr_offsets, BATCH_STATS, WRITE_GRAD_INPUT,
+                      WRITE_GRAD_RESIDUAL, VECTOR)

@@ -29,7 +29,9 @@ Nothing clamps with max/min, whose PTX drops NaN.
 ``normalize_kernel`` then writes y = act((x - mean) * invstd * weight + bias + residual),
 one tile per program, or (FLAT) one flat slice of contiguous tensors per program, and
 (WRITE_ACT_BITS) the activation bits: one bit per element, whether act'(u) is 1, for the
-backward; eval uses the same kernel with the running statistics.
+backward; eval uses the same kernel with the running statistics. With VECTOR (contiguous
+tensors whose rows carry no 16-byte alignment) normalize and slice_forward_kernel read
+and write each row through an aligned window (tiling.row_windows).
 
 Sums and elementwise math run in COMPUTE_DTYPE (float32, or float64 for float64 input).
 The batch mean and variance are stored as float64: the mean is assembled exactly as
@@ -48,12 +50,16 @@ from .tiling import (
     known_row,
     load_rows_as_run,
     load_values,
+    load_window,
     load_x_and_residual,
     program_item,
     program_tile,
+    row_windows,
     slice_tile,
+    store_rows,
     tile_offsets,
     tile_start,
+    window_to_positions,
 )
 
 
@@ -330,22 +336,30 @@ def pre_activation(x, hi, scale, shift, residual, HAS_RESIDUAL: tl.constexpr):
 
 
 @triton.jit
-def pack_act_bits(u, tile_mask, ACTIVATION: tl.constexpr, BLOCK_C: tl.constexpr,
-                  COLUMNS: tl.constexpr):
-    """derivative_is_one(u) of a [BLOCK_C, COLUMNS] tile (0 where masked), packed 8
-    consecutive columns to a byte: [BLOCK_C, COLUMNS // 8], bit j of byte k column 8k + j."""
-    bits = (derivative_is_one(u, ACTIVATION) & tile_mask).to(tl.int32)
+def pack_act_bits(u, u_mask, tile_mask, window_shift, ACTIVATION: tl.constexpr,
+                  BLOCK_C: tl.constexpr, COLUMNS: tl.constexpr, BLOCK_S: tl.constexpr,
+                  VECTOR: tl.constexpr):
+    """derivative_is_one(u) of a [BLOCK_C, COLUMNS] tile (0 where masked: u_mask for u,
+    tile_mask for the positions), packed 8 consecutive columns to a byte:
+    [BLOCK_C, COLUMNS // 8], bit j of byte k column 8k + j. With windows (VECTOR > 0;
+    tiling.row_windows, each row's window_shift) the bits first move to their positions."""
+    bits = (derivative_is_one(u, ACTIVATION) & u_mask).to(tl.int32)
+    if VECTOR > 0:
+        bits = window_to_positions(bits, window_shift, BLOCK_C, COLUMNS, BLOCK_S)
+    bits = tl.where(tile_mask, bits, 0)
     groups = tl.reshape(bits, [BLOCK_C, COLUMNS // 8, 8])
     return tl.sum(groups << tl.arange(0, 8)[None, None, :], axis=2)
 
 
 @triton.jit
-def store_act_bits(act_bits_ptr, u, n, s0, c, c_mask, tile_mask, act_bits_stride_n,
-                   act_bits_stride_c, ACTIVATION: tl.constexpr, BLOCK_S: tl.constexpr,
-                   BLOCK_C: tl.constexpr):
+def store_act_bits(act_bits_ptr, u, u_mask, window_shift, n, s0, c, c_mask, tile_mask,
+                   act_bits_stride_n, act_bits_stride_c, ACTIVATION: tl.constexpr,
+                   BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, VECTOR: tl.constexpr):
     """Pack derivative_is_one(u) of a tile into the uint8 activation bits [rows, C, S8]:
-    bit j of byte k is position 8k + j (BLOCK_S and s0 are multiples of 8)."""
-    packed = pack_act_bits(u, tile_mask, ACTIVATION, BLOCK_C, BLOCK_S)
+    bit j of byte k is position 8k + j (BLOCK_S and s0 are multiples of 8; u_mask,
+    window_shift, VECTOR: see pack_act_bits)."""
+    packed = pack_act_bits(u, u_mask, tile_mask, window_shift, ACTIVATION, BLOCK_C, BLOCK_S,
+                           BLOCK_S, VECTOR)
     byte = s0 // 8 + tl.arange(0, BLOCK_S // 8)
     byte_mask = c_mask[:, None] & (byte < act_bits_stride_c)[None, :]
     offsets = n * act_bits_stride_n + c[:, None] * act_bits_stride_c + byte[None, :]
@@ -360,9 +374,19 @@ def normalize_values(x_ptr, y_ptr, residual_ptr, x_offsets, y_offsets, r_offsets
     residual) at their offsets; hi, scale and shift broadcast to the offsets' shape."""
     x, residual = load_x_and_residual(x_ptr, residual_ptr, x_offsets, r_offsets, mask,
                                       HAS_RESIDUAL, COMPUTE_DTYPE)
+    return store_normalized(y_ptr, y_offsets, x, residual, mask, mask, hi, scale, shift,
+                            negative_slope, HAS_RESIDUAL, ACTIVATION, 0)
+
+
+@triton.jit
+def store_normalized(y_ptr, y_offsets, x, residual, mask, whole, hi, scale, shift,
+                     negative_slope, HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr,
+                     VECTOR: tl.constexpr):
+    """Store y = act(u) of loaded x (and residual) where mask (tiling.store_rows: whole,
+    VECTOR) and return the pre-activation u."""
     u = pre_activation(x, hi, scale, shift, residual, HAS_RESIDUAL)
-    y = activation_forward(u, ACTIVATION, negative_slope)
-    tl.store(y_ptr + y_offsets, y.to(y_ptr.dtype.element_ty), mask=mask)
+    store_rows(y_ptr, y_offsets, activation_forward(u, ACTIVATION, negative_slope), mask,
+               whole, VECTOR)
     return u
 
 
@@ -387,6 +411,7 @@ def normalize_kernel(
     ACTIVATION: tl.constexpr, WRITE_ACT_BITS: tl.constexpr,
     FLAT: tl.constexpr,  # every tensor contiguous: walk the flat range (no WRITE_ACT_BITS)
     ROW: tl.constexpr,  # > 0: every tensor's rows are ROW contiguous elements (not FLAT)
+    VECTOR: tl.constexpr,  # > 0: contiguous tensors, rows read through windows (not FLAT)
     USE_INT64: tl.constexpr,
 ):
     """y = act((x - mean) * invstd * weight + bias + residual) on one tile."""
@@ -409,17 +434,35 @@ def normalize_kernel(
             c, c_mask, mean_ptr, var_ptr, weight_ptr, bias_ptr, eps, COMPUTE_DTYPE,
             HAS_WEIGHT, HAS_BIAS,
         )
-        u = normalize_values(
-            x_ptr, y_ptr, residual_ptr,
-            tile_offsets(n, s, c, x_stride_n, x_stride_c, x_stride_s),
-            tile_offsets(n, s, c, y_stride_n, y_stride_c, y_stride_s),
-            tile_offsets(n, s, c, r_stride_n, r_stride_c, r_stride_s), mask,
-            hi[:, None], scale[:, None], shift[:, None], negative_slope, COMPUTE_DTYPE,
-            HAS_RESIDUAL, ACTIVATION,
-        )
+        window_shift = 0
+        if VECTOR > 0:  # one tile per row (s0 == 0)
+            row_mask = c_mask[:, None]
+            offsets, _, in_row, readable, whole, window_shift = row_windows(
+                n * x_stride_n + c[:, None] * x_stride_c, tl.arange(0, BLOCK_S)[None, :],
+                known_row(S, ROW), numel, BLOCK_S, VECTOR)
+            u_mask = row_mask & in_row
+            x = load_window(x_ptr, offsets, row_mask & readable, u_mask, COMPUTE_DTYPE)
+            residual = x
+            if HAS_RESIDUAL:
+                residual = load_window(residual_ptr, offsets, row_mask & readable, u_mask,
+                                       COMPUTE_DTYPE)
+            u = store_normalized(y_ptr, offsets, x, residual, u_mask, row_mask & whole,
+                                 hi[:, None], scale[:, None], shift[:, None], negative_slope,
+                                 HAS_RESIDUAL, ACTIVATION, VECTOR)
+        else:
+            u = normalize_values(
+                x_ptr, y_ptr, residual_ptr,
+                tile_offsets(n, s, c, x_stride_n, x_stride_c, x_stride_s),
+                tile_offsets(n, s, c, y_stride_n, y_stride_c, y_stride_s),
+                tile_offsets(n, s, c, r_stride_n, r_stride_c, r_stride_s), mask,
+                hi[:, None], scale[:, None], shift[:, None], negative_slope, COMPUTE_DTYPE,
+                HAS_RESIDUAL, ACTIVATION,
+            )
+            u_mask = mask
         if WRITE_ACT_BITS:
-            store_act_bits(act_bits_ptr, u, n, s0, c, c_mask, mask, act_bits_stride_n,
-                           act_bits_stride_c, ACTIVATION, BLOCK_S, BLOCK_C)
+            store_act_bits(act_bits_ptr, u, u_mask, window_shift, n, s0, c, c_mask, mask,
+                           act_bits_stride_n, act_bits_stride_c, ACTIVATION, BLOCK_S, BLOCK_C,
+                           VECTOR)
 
 
 @triton.jit
@@ -432,6 +475,7 @@ def slice_forward_kernel(
     weight_ptr, bias_ptr,  # [C] affine parameters (None unless HAS_WEIGHT / HAS_BIAS)
     act_bits_ptr,  # [N, C, cdiv(S, 8)] uint8 activation bits, written (WRITE_ACT_BITS)
     C, S, batch,  # the view's channels, positions per sample and samples
+    numel,  # batch * C * S (VECTOR)
     x_stride_n, x_stride_c, x_stride_s,  # the views' element strides
     y_stride_n, y_stride_c, y_stride_s,
     r_stride_n, r_stride_c, r_stride_s,
@@ -446,6 +490,7 @@ def slice_forward_kernel(
     ACTIVATION: tl.constexpr,
     WRITE_ACT_BITS: tl.constexpr,  # BLOCK_S is then a multiple of 8
     ROW: tl.constexpr,  # > 0: every tensor's rows are ROW contiguous elements
+    VECTOR: tl.constexpr,  # > 0: contiguous tensors, rows read through windows
     USE_INT64: tl.constexpr,
 ):
     """The whole training forward of one channel block, its [N, S] slice held as one tile
@@ -458,9 +503,27 @@ def slice_forward_kernel(
     x_stride_c = known_row(x_stride_c, ROW)
     y_stride_c = known_row(y_stride_c, ROW)
     r_stride_c = known_row(r_stride_c, ROW)
-    n, s, c, c_mask, mask = slice_tile(C, S, batch, BLOCK_N, BLOCK_S, BLOCK_C, USE_INT64)
-    x = load_values(x_ptr, tile_offsets(n, s, c, x_stride_n, x_stride_c, x_stride_s), mask,
-                    COMPUTE_DTYPE)  # the whole slice, held until y is written
+    n, s, c, c_mask, tile_mask = slice_tile(C, S, batch, BLOCK_N, BLOCK_S, BLOCK_C, USE_INT64)
+    x_offsets = tile_offsets(n, s, c, x_stride_n, x_stride_c, x_stride_s)
+    y_offsets = tile_offsets(n, s, c, y_stride_n, y_stride_c, y_stride_s)
+    r_offsets = tile_offsets(n, s, c, r_stride_n, r_stride_c, r_stride_s)
+    mask = tile_mask
+    whole = mask
+    window_shift = 0
+    if VECTOR > 0:
+        row_mask = c_mask[:, None] & (n < batch)
+        x_offsets, _, in_row, readable, whole, window_shift = row_windows(
+            n * x_stride_n + c[:, None] * x_stride_c, tl.arange(0, BLOCK_N * BLOCK_S)[None, :],
+            S, numel, BLOCK_S, VECTOR)
+        y_offsets = x_offsets
+        r_offsets = x_offsets
+        mask = row_mask & in_row
+        whole = row_mask & whole
+        readable = row_mask & readable
+        x = load_window(x_ptr, x_offsets, readable, mask, COMPUTE_DTYPE)
+    else:
+        x = load_values(x_ptr, x_offsets, mask, COMPUTE_DTYPE)
+    # x: the whole slice, held until y is written
     count = tl.full([], count, COMPUTE_DTYPE)
     rough_mean = tl.sum(x, axis=1) / count
     d = tl.where(mask, x - rough_mean[:, None], 0.0)
@@ -478,15 +541,16 @@ def slice_forward_kernel(
         c, c_mask, mean, var, weight_ptr, bias_ptr, eps, COMPUTE_DTYPE, HAS_WEIGHT, HAS_BIAS)
     residual = x
     if HAS_RESIDUAL:
-        residual = load_values(residual_ptr,
-                               tile_offsets(n, s, c, r_stride_n, r_stride_c, r_stride_s), mask,
-                               COMPUTE_DTYPE)
-    u = pre_activation(x, hi[:, None], scale[:, None], shift[:, None], residual, HAS_RESIDUAL)
-    y = activation_forward(u, ACTIVATION, negative_slope)
-    tl.store(y_ptr + tile_offsets(n, s, c, y_stride_n, y_stride_c, y_stride_s),
-             y.to(y_ptr.dtype.element_ty), mask=mask)
+        if VECTOR > 0:
+            residual = load_window(residual_ptr, r_offsets, readable, mask, COMPUTE_DTYPE)
+        else:
+            residual = load_values(residual_ptr, r_offsets, mask, COMPUTE_DTYPE)
+    u = store_normalized(y_ptr, y_offsets, x, residual, mask, whole, hi[:, None],
+                         scale[:, None], shift[:, None], negative_slope, HAS_RESIDUAL,
+                         ACTIVATION, VECTOR)
     if WRITE_ACT_BITS:  # byte k of the slice: sample k // (BLOCK_S // 8), byte k % that
-        packed = pack_act_bits(u, mask, ACTIVATION, BLOCK_C, BLOCK_N * BLOCK_S)
+        packed = pack_act_bits(u, mask, tile_mask, window_shift, ACTIVATION, BLOCK_C,
+                               BLOCK_N * BLOCK_S, BLOCK_S, VECTOR)
         k = tl.arange(0, BLOCK_N * BLOCK_S // 8)
         sample = k // (BLOCK_S // 8)
         byte = k % (BLOCK_S // 8)

@@ -14,6 +14,14 @@ an item being a tile (elementwise kernels) or a chunk of tiles (reductions).
 ``slice_tile`` is the one-program walk: a channel block's whole [N, S] slice as one tile
 (the one-launch backward, whose program keeps it in registers).
 
+``row_windows`` reads rows that carry no alignment (NCHW at 7x7 or 14x14: S = 49, 196)
+with full-width vectors: each row through the window of BLOCK_S elements that starts at
+the VECTOR-aligned offset at or below the row's start, every tensor of the call being
+contiguous (so the window's other elements are the neighbouring rows', valid memory).
+Columns outside the row are masked off after the load; stores write the vectors that lie
+wholly inside the row as vectors and the row's ragged ends element by element
+(store_rows).
+
 ``flat_tile`` is the other walk, for elementwise kernels whose tensors are all contiguous
 [N, C, S]: BLOCK consecutive elements, each with its channel computed, so loads and stores
 are full-width vectors whatever S is (S = 49 rows carry no alignment).
@@ -83,6 +91,68 @@ def load_rows_as_run(ptr, n, c0, C, S, stride_n, mask, BLOCK_S: tl.constexpr,
     index = tl.arange(0, BLOCK_C)[:, None] * S + tl.where(s < S, s, 0)[None, :]
     tile = tl.gather(run, tl.reshape(index, [BLOCK_C * BLOCK_S]), 0)
     return tl.where(mask, tl.reshape(tile, [BLOCK_C, BLOCK_S]), 0)
+
+
+@triton.jit
+def row_windows(row_start, column, S, numel, BLOCK_S: tl.constexpr, VECTOR: tl.constexpr):
+    """The windows through which rows of S elements starting at offsets row_start (of
+    tensors of numel elements) load: window k takes columns k * BLOCK_S .. of ``column``,
+    and begins at the VECTOR-aligned offset at or below its row's start
+    (S + VECTOR - 1 <= BLOCK_S, so it covers the row).
+    Returns each column's element offset, its position s in its row (valid where in_row),
+    in_row, whether its VECTOR overlaps the row within the tensor (what a vector load
+    reads: load_window), whether its whole VECTOR lies in the row (what a vector store
+    may write, as store_rows takes it), and the row's shift (its start minus its
+    window's)."""
+    base = (row_start // VECTOR) * VECTOR
+    shift = row_start - base
+    w = column % BLOCK_S
+    s = w - shift
+    in_row = (s >= 0) & (s < S)
+    # In whole vectors, compared per VECTOR columns, so the compiler sees the mask constant
+    # along each vector.
+    vector = column // VECTOR - (column // BLOCK_S) * (BLOCK_S // VECTOR)
+    whole = (vector >= (shift + VECTOR - 1) // VECTOR) & (vector < (shift + S) // VECTOR)
+    offsets = base + w
+    readable = (vector < (shift + S + VECTOR - 1) // VECTOR) & (offsets < numel)
+    return offsets, s, in_row, readable, whole, shift
+
+
+@triton.jit
+def load_window(ptr, offsets, readable, mask, COMPUTE_DTYPE: tl.constexpr):
+    """A tensor's values at window offsets (row_windows) in COMPUTE_DTYPE, 0 outside mask
+    (the rows): the load itself is masked by ``readable`` (whole vectors), so it stays a
+    vector load."""
+    return tl.where(mask, load_values(ptr, offsets, readable, COMPUTE_DTYPE), 0)
+
+
+@triton.jit
+def store_rows(ptr, offsets, values, mask, whole, VECTOR: tl.constexpr):
+    """Store values (cast to ptr's dtype) where mask; with windows (VECTOR > 0) in two
+    stores: where whole (the part of mask made of whole vectors, a mask constant along
+    each vector, so the store vectorises), then the rest of mask (the rows' ragged ends)."""
+    values = values.to(ptr.dtype.element_ty)
+    if VECTOR > 0:
+        tl.store(ptr + offsets, values, mask=whole)
+        tl.store(ptr + offsets, values, mask=mask & ~whole)
+    else:
+        tl.store(ptr + offsets, values, mask=mask)
+
+
+@triton.jit
+def window_to_positions(values, shift, BLOCK_C: tl.constexpr, COLUMNS: tl.constexpr,
+                        BLOCK_S: tl.constexpr):
+    """values of a [BLOCK_C, COLUMNS] window tile (row_windows; each row's shift) moved
+    so that column j holds position j % BLOCK_S of its row, where that is s < S (mask the
+    others). Gathered within each window: a gather along a whole long row costs ptxas far
+    more registers."""
+    position = tl.arange(0, COLUMNS)[None, :] % BLOCK_S
+    index = tl.broadcast_to(tl.where(position + shift < BLOCK_S, position + shift, position),
+                            [BLOCK_C, COLUMNS])
+    rows: tl.constexpr = BLOCK_C * (COLUMNS // BLOCK_S)
+    moved = tl.gather(tl.reshape(values, [rows, BLOCK_S]), tl.reshape(index, [rows, BLOCK_S]),
+                      1)
+    return tl.reshape(moved, [BLOCK_C, COLUMNS])
 
 
 @triton.jit

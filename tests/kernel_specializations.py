@@ -11,8 +11,10 @@ Triton's JIT would specialise it on a GPU (value-1 integers become constants, 16
 integers and pointers get divisibility hints), the repeats dropped, compiled to cubin
 with ``triton.compile`` for each architecture, and reported as one JSON line: kernel,
 architecture, registers, spill bytes, whether the PTX has vectorised global loads (and
-which global loads it has), the row length ROW the launch made known and the run RUN
-of consecutive rows it loads (0: none), and
+which global loads it has), whether it has 16-byte loads and stores (and which global
+stores), the row length ROW the launch made known, the run RUN of consecutive rows it
+loads and the vector VECTOR of its row windows (0: none), whether it reads or writes
+activation bits, and
 whether the alignment allows vectors (see alignment_allows_vectors). Needs triton without
 TRITON_INTERPRET.
 The quick matrix varies every flag across the dtypes and layouts, compiled for sm_90, and
@@ -56,6 +58,9 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 LAYOUTS = ("contiguous", "channels_last")
 SUITE_NAMES = ("resnet50", "bn1d", "video")
 BENCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# A 16-byte global load or store of a tensor (%s: ld or st): 4 x 32 bits, or 2 x 64 (not
+# the .cg loads of the chunk merges).
+FULL_WIDTH = r"%s\.global\.(v4\.b32|v2\.b64)"
 
 
 def record_launches(configs) -> list:
@@ -168,10 +173,14 @@ def alignment_allows_vectors(kernel, args, kwargs) -> bool:
     least): a FLAT walk; runs of consecutive rows (RUN) that start 16-byte aligned; rows of
     a known length ROW (launch.known_row) whose alignment covers 8 bytes (S = 196: 4
     elements, 8 bytes of bfloat16); or every stride argument other than 0 and 1 a
-    multiple of 16 (Triton's divisibility hint), so rows start aligned."""
+    multiple of 16 (Triton's divisibility hint), so rows start aligned; windows (VECTOR,
+    tiling.row_windows) where numel is a multiple of 16, so the load mask is constant
+    along each vector."""
     if kwargs.get("FLAT"):
         return True
     bound = dict(zip(kernel.arg_names, args, strict=False))
+    if kwargs.get("VECTOR"):  # windows from aligned offsets, masked by numel (a 16-multiple)
+        return bound["numel"] % 16 == 0
     if kwargs.get("RUN"):  # runs start at multiples of BLOCK_C elements past a row n
         return (bound["stride_n"] % 16 == 0
                 and kwargs["BLOCK_C"] * bound["x_ptr"].element_size() >= 16)
@@ -271,11 +280,16 @@ def main(argv=None) -> int:
             key = specialization_key(kernel, signature, constexprs, attrs, args.exact)
             if key not in seen:
                 seen.add(key)
+                launch_facts = {
+                    "aligned": alignment_allows_vectors(kernel, kernel_args, kwargs),
+                    "row": kwargs.get("ROW", 0), "run": kwargs.get("RUN", 0),
+                    "vector": kwargs.get("VECTOR", 0),
+                    "act_bits": bool(kwargs.get("USE_ACT_BITS") or kwargs.get("WRITE_ACT_BITS")),
+                }
                 jobs.append((arch, target, kernel, signature, constexprs, attrs, options,
-                             alignment_allows_vectors(kernel, kernel_args, kwargs),
-                             kwargs.get("ROW", 0), kwargs.get("RUN", 0)))
+                             launch_facts))
     for (arch, target, kernel, signature, constexprs, attrs, options,
-         aligned, row, run) in jobs[shard::shards]:
+         launch_facts) in jobs[shard::shards]:
         compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs),
                                   target=target, options=options.__dict__)
         ptx = compiled.asm["ptx"]
@@ -284,10 +298,11 @@ def main(argv=None) -> int:
             "arch": arch,
             "streaming": kernel.__name__ in STREAMING_KERNELS,
             "vector_loads": bool(re.search(r"ld\.global(\.\w+)*\.v[248]\.", ptx)),
+            "full_width_loads": bool(re.search(FULL_WIDTH % "ld", ptx)),
+            "full_width_stores": bool(re.search(FULL_WIDTH % "st", ptx)),
+            "global_stores": sorted(set(re.findall(r"st\.global(?:\.\w+)*", ptx))),
             "global_loads": sorted(set(re.findall(r"ld\.global(?:\.\w+)*", ptx))),
-            "aligned": aligned,
-            "row": row,
-            "run": run,
+            **launch_facts,
             "num_warps": options.num_warps,
             "nan_dropping_minmax": bool(re.search(r"\b(max|min)\.f(32|64)\b", ptx)),
             "constexprs": {str(k): str(v) for k, v in constexprs.items()},

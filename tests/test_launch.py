@@ -423,3 +423,58 @@ def test_tile_kernels_know_rows_whose_length_carries_alignment(shape, layout, ro
                                 True, True, True, True).sums
     assert [p.constexprs["ROW"] for p in (stats, masked, sums)] == [row] * 3
     assert stats.constexprs["RUN"] == run
+
+
+def _window_plans(x, residual=None):
+    """VECTOR of the mask-writing normalize, the one-launch forward and backward (None
+    where the slice does not fit one program) and the backward sums, for x (and a
+    residual) of these geometries."""
+    g, r = launch.geometry(x), None if residual is None else launch.geometry(residual)
+    masked = launch.plan_normalize(g, g, r, x.dtype, None if r is None else x.dtype, True,
+                                   True, "relu", True)
+    forward = launch.plan_train_forward(g, g, r, x.dtype, True, True, "none", False, True,
+                                        False, True)
+    one = launch.plan_backward(g, g, None, g, None, x.dtype, True, True, "relu", True, True,
+                               True, True, True).one_launch
+    sums = launch.plan_backward(g, g, None, None, None, x.dtype, True, True, "relu", True,
+                                True, True, True, True).sums
+    return [None if p is None else p.constexprs["VECTOR"]
+            for p in (masked, forward and forward.launch, one, sums)]
+
+
+@pytest.mark.parametrize(
+    "shape,dtype,vector",
+    [((32, 256, 7, 7), torch.bfloat16, 8), ((32, 2048, 7, 7), torch.float16, 8),
+     ((32, 512, 7, 7), torch.float32, 4), ((32, 1024, 14, 14), torch.bfloat16, 8),
+     ((32, 256, 14, 14), torch.float32, 0),  # 196 = 49 * 4: rows align to 16 bytes (ROW)
+     ((32, 512, 28, 28), torch.bfloat16, 0),  # 784 = 16 * 49: Triton's own hint
+     ((8, 16, 13, 5), torch.float64, 2)],
+    ids=str,
+)
+def test_contiguous_rows_without_alignment_are_read_through_windows(shape, dtype, vector):
+    """VECTOR: every tensor contiguous and S not a multiple of a 16-byte vector: rows
+    read through aligned windows, a tile as long as a row and a vector (64 at 7x7, 256 at
+    14x14); 14x14 slices of 32 samples are too large for one program with a third stream
+    (the activation bits), so the backward is two launches there."""
+    x = torch.empty(shape, dtype=dtype, device="meta")
+    plans = _window_plans(x)
+    assert [v for v in plans if v is not None] == [vector] * sum(v is not None for v in plans)
+    assert plans[3] == vector and plans[0] == vector
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "sliced_channels", "residual_channels_last"])
+def test_no_windows_unless_every_tensor_is_contiguous(layout):
+    """A window reads past its row into the neighbouring rows' memory: only where every
+    tensor of the call is contiguous."""
+    x = torch.empty((32, 256, 7, 7), dtype=torch.bfloat16, device="meta")
+    residual = None
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    elif layout == "sliced_channels":
+        x = torch.empty((32, 512, 7, 7), dtype=torch.bfloat16, device="meta")[:, :256]
+    else:
+        residual = torch.empty_like(x).to(memory_format=torch.channels_last)
+    plans = _window_plans(x, residual)
+    # The backward plans read no residual: with a channels_last one only the forward's lose
+    # their windows.
+    assert not any(plans if residual is None else plans[:2]), plans

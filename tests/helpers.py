@@ -105,8 +105,11 @@ def make_input(
     device: torch.device | None = None,
     spread: float = 1.0,
     offset: float = 0.0,
+    scaled_channels: bool = True,
 ) -> Tensor:
-    """Seeded values offset + spread * (1 + c / 4) * randn in channel c, in dtype on device.
+    """Seeded values offset + spread * (1 + c / 4) * randn in channel c, in dtype on device
+    (offset + spread * randn in every channel with scaled_channels=False: an output gradient,
+    whose scale the gradient tolerances assume to be about one).
 
     Each channel has its own scale, so a mix-up of channels changes the results. The values
     are centred on offset (0 by default): the error of any fp32 implementation grows with
@@ -117,7 +120,7 @@ def make_input(
     generator = torch.Generator().manual_seed(seed)
     n, channels, *spatial = shape
     values = torch.randn(n, *spatial, channels, generator=generator, dtype=torch.float64)
-    values = values * channel_spreads(channels, spread) + offset
+    values = values * (channel_spreads(channels, spread) if scaled_channels else spread) + offset
     x = values.movedim(-1, 1)
     if not channels_last:
         x = x.contiguous()

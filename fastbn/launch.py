@@ -147,7 +147,7 @@ Geometry = tuple[tuple[int, ...], tuple[int, ...]]
 
 
 def geometry(t: Tensor) -> Geometry:
-    return tuple(t.shape), t.stride()
+    return t.shape, t.stride()  # (a torch.Size is a tuple: tuple() of it would cost more)
 
 
 @functools.lru_cache(maxsize=4096)

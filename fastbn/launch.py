@@ -803,14 +803,15 @@ def batch_norm_train_(
         return out, mean, var, activation_mask
     channels = x.shape[1]
     count = reduced_count(x)
-    mean = torch.empty(channels, dtype=STATS_DTYPE, device=x.device)
-    var = torch.empty(channels, dtype=STATS_DTYPE, device=x.device)
+    device = x.device  # (a new torch.device per read)
+    mean = torch.empty(channels, dtype=STATS_DTYPE, device=device)
+    var = torch.empty(channels, dtype=STATS_DTYPE, device=device)
     activation_mask = (x.new_empty(mask_shape(x), dtype=torch.uint8) if save_mask
-                       else no_mask(x.device))
+                       else no_mask(device))
     running = (writable_vector(running_mean), writable_vector(running_var)) if update else (
         None, None)
-    with device_guard(x.device):
-        tickets = counters(x.device, plan.counters) if plan.counters else None
+    with device_guard(device):
+        tickets = counters(device, plan.counters) if plan.counters else None
         plan.launch(
             (x_read, y, residual_read, mean, var, *running, num_batches_tracked, tickets,
              per_channel(weight), per_channel(bias), activation_mask if save_mask else None),
@@ -999,9 +1000,10 @@ def _backward(inputs, sums, inv_count, use_batch_stats, want_input, want_residua
     grad_residual = (torch.empty_like(x if residual is None else residual) if want_residual
                      else x.new_empty(0))
     acc = compute_dtype(x.dtype)
+    device = x.device  # (a new torch.device per read)
     if x.numel() == 0:
         if want_sums:
-            sums = torch.zeros((2, x.shape[1]), dtype=acc, device=x.device)
+            sums = torch.zeros((2, x.shape[1]), dtype=acc, device=device)
         return grad_input, grad_weight.zero_(), grad_bias.zero_(), grad_residual, sums
     # The residual matters only through the activation's derivative, and not at all when
     # the activation bits record that derivative.
@@ -1022,15 +1024,14 @@ def _backward(inputs, sums, inv_count, use_batch_stats, want_input, want_residua
     act_bits = activation_mask if use_act_bits else None
     grad_weight_out = grad_weight if want_weight else None
     grad_bias_out = grad_bias if want_bias else None
-    with device_guard(x.device):
+    with device_guard(device):
         if want_sums:
             if standalone_sums:
-                sums = torch.empty((2, x.shape[1]), dtype=acc, device=x.device)
-                partial = (torch.empty(plan.workspace, dtype=acc, device=x.device)
+                sums = torch.empty((2, x.shape[1]), dtype=acc, device=device)
+                partial = (torch.empty(plan.workspace, dtype=acc, device=device)
                            if plan.workspace else None)
             else:  # one allocation: the [2, C] sums (flat), then the partial-sum workspace
-                sums = torch.empty(2 * x.shape[1] + plan.workspace, dtype=acc,
-                                   device=x.device)
+                sums = torch.empty(2 * x.shape[1] + plan.workspace, dtype=acc, device=device)
                 partial = sums[2 * x.shape[1]:] if plan.workspace else None
         if plan.one_launch is not None:
             plan.one_launch(
@@ -1039,7 +1040,7 @@ def _backward(inputs, sums, inv_count, use_batch_stats, want_input, want_residua
                 (eps, negative_slope, inv_count),
             )
         if plan.sums is not None:
-            tickets = counters(x.device, plan.counters) if plan.counters else None
+            tickets = counters(device, plan.counters) if plan.counters else None
             plan.sums(
                 (grad_out, x_read, residual_read, mean, var, weight, bias, act_bits, partial,
                  tickets, sums, grad_weight_out, grad_bias_out),

@@ -197,6 +197,14 @@ def _keep_for_backward(ctx, x, mean, var, weight, bias, residual, activation_mas
 
 
 def _normalize_grads(ctx, grad_out, _grad_mask):
+    # One gradient per op argument: x, mean, var, weight, bias, residual, then six non-tensors.
+    return (*_gradients(ctx, grad_out), None, None, None, None, None, None)
+
+
+def _gradients(ctx, grad_out):
+    """(d x, None, None, d weight, d bias, d residual) of normalize's backward, None for what
+    autograd does not ask for: the gradients of its six tensor arguments, also those of the
+    eager Functions (x, running_mean, running_var, weight, bias, residual)."""
     x, mean, var, weight, bias, residual, activation_mask = ctx.saved_tensors
     needs = ctx.needs_input_grad
     has_residual, eps, use_batch_stats, activation, slope, backend = ctx.options
@@ -205,11 +213,8 @@ def _normalize_grads(ctx, grad_out, _grad_mask):
         grad_out, x, mean, var, weight, bias, residual, activation_mask, eps, use_batch_stats,
         activation, slope, mask, backend,
     )
-    # One gradient per op argument: x, mean, var, weight, bias, residual, then six non-tensors;
-    # None for what the mask did not ask for (its tensors are empty).
     return (grad_input if mask[0] else None, None, None, grad_weight if mask[1] else None,
-            grad_bias if mask[2] else None, grad_residual if mask[3] else None,
-            None, None, None, None, None, None)
+            grad_bias if mask[2] else None, grad_residual if mask[3] else None)
 
 
 normalize.register_autograd(_normalize_grads, setup_context=_normalize_setup_context)
@@ -550,7 +555,7 @@ class _Normalize(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, grad_mask):
-        return _normalize_grads(ctx, grad_out, grad_mask)[:7]  # x .. residual, then options
+        return (*_gradients(ctx, grad_out), None)  # x .. residual, then options
 
 
 def _eager_apply(function: type) -> Any:
@@ -620,7 +625,7 @@ class _TrainForward(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out, grad_mask):
         # x, running_mean, running_var, weight, bias, residual; num_batches_tracked, options
-        return (*_normalize_grads(ctx, grad_out, grad_mask)[:6], None, None)
+        return (*_gradients(ctx, grad_out), None, None)
 
 
 _apply_train_forward = _eager_apply(_TrainForward)
@@ -696,10 +701,10 @@ def call_normalize_backward(*args: Any) -> tuple[Tensor, Tensor, Tensor, Tensor]
     grad_out = args[0]
     # (Never while compiling, which traces this from _TrainForward.backward: dynamo cannot
     # trace the functorch queries, and a compiled region sees no functorch wrappers.)
-    if not torch.compiler.is_compiling() and (
-        transformed() or _functorch.is_functorch_wrapped_tensor(grad_out)
-        or _functorch.is_legacy_batchedtensor(grad_out)  # autograd.grad(is_grads_batched=True)
-    ):
+    if torch.compiler.is_compiling():
+        return normalize_backward(*args)
+    if (transformed() or _functorch.is_functorch_wrapped_tensor(grad_out)
+            or _functorch.is_legacy_batchedtensor(grad_out)):  # autograd.grad(is_grads_batched)
         *tensors, eps, use_batch_stats, activation, negative_slope, output_mask, _ = args
         inputs = BackwardInputs(*tensors, eps, activation, negative_slope)
         return reference.normalize_backward(inputs, use_batch_stats, output_mask)

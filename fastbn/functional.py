@@ -188,8 +188,9 @@ def check_arguments(
             f"{ACTIVATIONS[1:]}"
         )
     shape = input.shape
+    numel = input.numel()
     if training and whole_batch and len(shape) >= 1 and (
-        input.numel() == shape[1] if len(shape) >= 2 and shape[1] > 0
+        numel == shape[1] if len(shape) >= 2 and shape[1] > 0
         else shape[0] * math.prod(shape[2:]) == 1
     ):  # torch's test: N * prod(spatial) == 1, on the shape (so also for a 1 x 0 input)
         raise ValueError(
@@ -215,7 +216,7 @@ def check_arguments(
                 "batch_norm: num_batches_tracked must be a one-element integer tensor, got "
                 f"shape {tuple(num_batches_tracked.shape)} and dtype {num_batches_tracked.dtype}"
             )
-    if input.numel() == 0:
+    if numel == 0:
         return True
     if len(shape) < 2:
         raise ValueError(f"batch_norm: expected 2D or higher input (got {len(shape)}D input)")
@@ -227,8 +228,9 @@ def check_arguments(
         )
     channels = shape[1]
     allowed = _PARAMETER_DTYPES[dtype]
+    per_channel_shape = (channels,)
     for tensor in (weight, bias, running_mean, running_var):
-        if tensor is not None and (tensor.device != device or tensor.shape != (channels,)
+        if tensor is not None and (tensor.device != device or tensor.shape != per_channel_shape
                                    or tensor.dtype not in allowed):
             _raise_per_channel(weight, bias, running_mean, running_var, device, channels, dtype,
                                allowed)
@@ -251,7 +253,8 @@ def check_arguments(
             f"batch_norm: {name} is updated in place in training, but it is an expanded view "
             "(stride 0: its elements share one memory location); pass a tensor of its own"
         )
-    if torch.is_grad_enabled():  # torch's autograd refuses them (no derivative is defined)
+    if torch.is_grad_enabled() and ops.requires_grad(running_mean, running_var):
+        # torch's autograd refuses them (no derivative is defined)
         for name, tensor in (("running_mean", running_mean), ("running_var", running_var)):
             if tensor is not None and tensor.requires_grad:
                 raise RuntimeError(

@@ -157,7 +157,7 @@ Geometry = tuple[tuple[int, ...], tuple[int, ...]]
 
 
 def geometry(t: Tensor) -> Geometry:
-    return tuple(t.shape), t.stride()
+    return t.shape, t.stride()  # (a torch.Size is a tuple: tuple() of it would cost more)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -257,11 +257,25 @@ def _readable(t: Tensor | None) -> tuple[Tensor | None, Geometry | None]:
     """readable(t) and its geometry (None for None), each computed once."""
     if t is None:
         return None, None
-    g = geometry(t)
+    copy, g = kernel_geometry(geometry(t))
+    return (t.contiguous() if copy else t), g
+
+
+@functools.lru_cache(maxsize=4096)
+def kernel_geometry(g: Geometry) -> tuple[bool, Geometry]:
+    """(whether the kernels need a contiguous copy or stand-in of a tensor of geometry g,
+    the geometry they see): g itself when they can use its strides."""
     if _spatial_stride(g) is not None:
-        return t, g
-    t = t.contiguous()
-    return t, geometry(t)
+        return False, g
+    return True, (g[0], torch.empty(g[0], device="meta").stride())
+
+
+@functools.lru_cache(maxsize=4096)
+def output_geometry(g: Geometry) -> tuple[bool, Geometry]:
+    """kernel_geometry of ``torch.empty_like`` of a tensor of geometry g (its strides are
+    those of g where g is dense, else of the format g suggests)."""
+    like = torch.empty_like(torch.empty_strided(g[0], g[1], device="meta"))
+    return kernel_geometry(geometry(like))
 
 
 def writable(out: Tensor) -> Tensor:
@@ -272,11 +286,13 @@ def writable(out: Tensor) -> Tensor:
 
 def _writable(out: Tensor) -> tuple[Tensor, Geometry]:
     """writable(out) and its geometry."""
-    g = geometry(out)
-    if _spatial_stride(g) is not None:
-        return out, g
-    out = torch.empty(out.shape, dtype=out.dtype, device=out.device)
-    return out, geometry(out)
+    standin, g = kernel_geometry(geometry(out))
+    return (stand_in(out) if standin else out), g
+
+
+def stand_in(out: Tensor) -> Tensor:
+    """The contiguous tensor the kernels write in out's place (see writable)."""
+    return torch.empty(out.shape, dtype=out.dtype, device=out.device)
 
 
 def per_channel(t: Tensor | None) -> Tensor | None:
@@ -560,7 +576,7 @@ def _flat(geometries: tuple[Geometry, ...], view: View) -> bool:
 def clear_plans() -> None:
     """Forget every cached plan (after a heuristic changed)."""
     for plan in (plan_batch_stats, plan_normalize, plan_train_forward, plan_backward, tiling,
-                 slice_tiling):
+                 slice_tiling, normalize_setup, train_forward_setup, backward_setup):
         plan.cache_clear()
 
 
@@ -747,12 +763,14 @@ def normalize(
                        else no_mask(x.device))
     if x.numel() == 0:
         return out, activation_mask.zero_()
-    (x, gx), (residual, gr) = _readable(x), _readable(residual)
-    y, gy = _writable(out)
-    launch = plan_normalize(
-        gx, gy, gr, x.dtype, None if residual is None else residual.dtype, weight is not None,
-        bias is not None, activation, save_mask,
+    copy_x, copy_residual, standin, launch = normalize_setup(
+        geometry(x), None if residual is None else geometry(residual), x.dtype,
+        None if residual is None else residual.dtype, weight is not None, bias is not None,
+        activation, save_mask,
     )
+    x = x.contiguous() if copy_x else x
+    residual = residual.contiguous() if copy_residual else residual
+    y = stand_in(out) if standin else out
     with device_guard(x.device):
         launch(
             (x, y, residual, per_channel(mean), per_channel(var), per_channel(weight),
@@ -761,6 +779,36 @@ def normalize(
         )
     copy_back(y, out)
     return out, activation_mask
+
+
+@functools.lru_cache(maxsize=4096)
+def normalize_setup(x: Geometry, residual: Geometry | None, dtype: torch.dtype,
+                    residual_dtype: torch.dtype | None, has_weight: bool, has_bias: bool,
+                    activation: str, save_mask: bool) -> tuple[bool, bool, bool, KernelLaunch]:
+    """normalize's work per call signature, done once: whether x and the residual are read
+    through contiguous copies and y written through a stand-in (see readable, writable),
+    and the launch for the geometries the kernel then sees."""
+    copy_x, gx = kernel_geometry(x)
+    copy_residual, gr = (False, None) if residual is None else kernel_geometry(residual)
+    standin, gy = output_geometry(x)
+    return copy_x, copy_residual, standin, plan_normalize(
+        gx, gy, gr, dtype, residual_dtype, has_weight, has_bias, activation, save_mask)
+
+
+@functools.lru_cache(maxsize=4096)
+def train_forward_setup(x: Geometry, residual: Geometry | None, dtype: torch.dtype,
+                        has_weight: bool, has_bias: bool, activation: str, save_mask: bool,
+                        update_running: bool, cumulative: bool, increment_step: bool
+                        ) -> tuple[bool, bool, bool, StatsPlan | None]:
+    """batch_norm_train_'s work per call signature, as normalize_setup's, with
+    plan_train_forward's plan (None also for an x without elements)."""
+    copy_x, gx = kernel_geometry(x)
+    copy_residual, gr = (False, None) if residual is None else kernel_geometry(residual)
+    standin, gy = output_geometry(x)
+    plan = None if math.prod(x[0]) == 0 else plan_train_forward(
+        gx, gy, gr, dtype, has_weight, has_bias, activation, save_mask, update_running,
+        cumulative, increment_step)
+    return copy_x, copy_residual, standin, plan
 
 
 @functools.lru_cache(maxsize=4096)
@@ -823,13 +871,14 @@ def batch_norm_train_(
     program (plan_train_forward; its statistics by an exact two-pass, so not bitwise
     those of the statistics launch), else in those two."""
     update = running_mean is not None and running_var is not None
-    x_read, gx = _readable(x)
-    residual_read, gr = _readable(residual)
+    copy_x, copy_residual, standin, plan = train_forward_setup(
+        geometry(x), None if residual is None else geometry(residual), x.dtype,
+        weight is not None, bias is not None, activation, save_mask, update,
+        update and momentum is None, num_batches_tracked is not None)
+    x_read = x.contiguous() if copy_x else x
+    residual_read = residual.contiguous() if copy_residual else residual
     out = torch.empty_like(x)
-    y, gy = _writable(out)
-    plan = None if x.numel() == 0 else plan_train_forward(
-        gx, gy, gr, x.dtype, weight is not None, bias is not None, activation, save_mask,
-        update, update and momentum is None, num_batches_tracked is not None)
+    y = stand_in(out) if standin else out
     if plan is None:
         mean, var = batch_stats_(x, running_mean, running_var, num_batches_tracked, momentum)
         out, activation_mask = normalize(x, mean, var, weight, bias, residual, eps, activation,
@@ -837,14 +886,15 @@ def batch_norm_train_(
         return out, mean, var, activation_mask
     channels = x.shape[1]
     count = reduced_count(x)
-    mean = torch.empty(channels, dtype=STATS_DTYPE, device=x.device)
-    var = torch.empty(channels, dtype=STATS_DTYPE, device=x.device)
+    device = x.device  # (a new torch.device per read)
+    mean = torch.empty(channels, dtype=STATS_DTYPE, device=device)
+    var = torch.empty(channels, dtype=STATS_DTYPE, device=device)
     activation_mask = (x.new_empty(mask_shape(x), dtype=torch.uint8) if save_mask
-                       else no_mask(x.device))
+                       else no_mask(device))
     running = (writable_vector(running_mean), writable_vector(running_var)) if update else (
         None, None)
-    with device_guard(x.device):
-        tickets = counters(x.device, plan.counters) if plan.counters else None
+    with device_guard(device):
+        tickets = counters(device, plan.counters) if plan.counters else None
         plan.launch(
             (x_read, y, residual_read, mean, var, *running, num_batches_tracked, tickets,
              per_channel(weight), per_channel(bias), activation_mask if save_mask else None),
@@ -1002,6 +1052,30 @@ def plan_backward(
     return BackwardPlan(sums, grad, workspace, counters_)
 
 
+@functools.lru_cache(maxsize=4096)
+def backward_setup(
+    grad_out: Geometry, x: Geometry, residual: Geometry | None, read_residual: bool,
+    want_input: bool, want_residual: bool, dtype: torch.dtype, has_weight: bool, has_bias: bool,
+    activation: str, use_act_bits: bool, use_batch_stats: bool, want_sums: bool,
+    write_grad_weight: bool, write_grad_bias: bool,
+) -> tuple[tuple[bool, ...], BackwardPlan]:
+    """The backward's work per call signature, done once: whether grad_out, x and the
+    residual (read where ``read_residual``) are read through contiguous copies, whether d
+    input and d residual (``torch.empty_like`` of x, and of the residual or x) are written
+    through stand-ins (see readable, writable), and plan_backward's plan for the geometries
+    the kernels then see."""
+    copy_grad_out, g = kernel_geometry(grad_out)
+    copy_x, gx = kernel_geometry(x)
+    copy_residual, gr = kernel_geometry(residual) if read_residual else (False, None)
+    standin_input, gi = output_geometry(x) if want_input else (False, None)
+    standin_residual, gres = (output_geometry(x if residual is None else residual)
+                              if want_residual else (False, None))
+    plan = plan_backward(g, gx, gr, gi, gres, dtype, has_weight, has_bias, activation,
+                         use_act_bits, use_batch_stats, want_sums, write_grad_weight,
+                         write_grad_bias)
+    return (copy_grad_out, copy_x, copy_residual, standin_input, standin_residual), plan
+
+
 def normalize_backward(
     inputs: BackwardInputs, use_batch_stats: bool, output_mask: list[bool]
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -1036,38 +1110,41 @@ def _backward(inputs, sums, inv_count, use_batch_stats, want_input, want_residua
     grad_residual = (torch.empty_like(x if residual is None else residual) if want_residual
                      else x.new_empty(0))
     acc = compute_dtype(x.dtype)
+    device = x.device  # (a new torch.device per read)
     if x.numel() == 0:
         if want_sums:
-            sums = torch.zeros((2, x.shape[1]), dtype=acc, device=x.device)
+            sums = torch.zeros((2, x.shape[1]), dtype=acc, device=device)
         return grad_input, grad_weight.zero_(), grad_bias.zero_(), grad_residual, sums
     # The residual matters only through the activation's derivative, and not at all when
     # the activation bits record that derivative.
     use_act_bits = activation_mask is not None
-    grad_out, g_geometry = _readable(grad_out)
-    x_read, x_geometry = _readable(x)
-    residual_read, r_geometry = _readable(
-        residual if activation != "none" and not use_act_bits else None)
-    gi, gi_geometry = _writable(grad_input) if want_input else (None, None)
-    gr, gr_geometry = _writable(grad_residual) if want_residual else (None, None)
-    plan = plan_backward(
-        g_geometry, x_geometry, r_geometry, gi_geometry, gr_geometry, x.dtype,
-        weight is not None, bias is not None, activation, use_act_bits, use_batch_stats,
-        want_sums, want_weight, want_bias,
+    read_residual = residual is not None and activation != "none" and not use_act_bits
+    copies, plan = backward_setup(
+        geometry(grad_out), geometry(x), None if residual is None else geometry(residual),
+        read_residual, want_input, want_residual, x.dtype, weight is not None, bias is not None,
+        activation, use_act_bits, use_batch_stats, want_sums, want_weight, want_bias,
     )
+    copy_grad_out, copy_x, copy_residual, standin_input, standin_residual = copies
+    grad_out = grad_out.contiguous() if copy_grad_out else grad_out
+    x_read = x.contiguous() if copy_x else x
+    residual_read = None if not read_residual else (
+        residual.contiguous() if copy_residual else residual)
+    gi = None if not want_input else stand_in(grad_input) if standin_input else grad_input
+    gr = None if not want_residual else (
+        stand_in(grad_residual) if standin_residual else grad_residual)
     mean, var = per_channel(mean), per_channel(var)
     weight, bias = per_channel(weight), per_channel(bias)
     act_bits = activation_mask if use_act_bits else None
     grad_weight_out = grad_weight if want_weight else None
     grad_bias_out = grad_bias if want_bias else None
-    with device_guard(x.device):
+    with device_guard(device):
         if want_sums:
             if standalone_sums:
-                sums = torch.empty((2, x.shape[1]), dtype=acc, device=x.device)
-                partial = (torch.empty(plan.workspace, dtype=acc, device=x.device)
+                sums = torch.empty((2, x.shape[1]), dtype=acc, device=device)
+                partial = (torch.empty(plan.workspace, dtype=acc, device=device)
                            if plan.workspace else None)
             else:  # one allocation: the [2, C] sums (flat), then the partial-sum workspace
-                sums = torch.empty(2 * x.shape[1] + plan.workspace, dtype=acc,
-                                   device=x.device)
+                sums = torch.empty(2 * x.shape[1] + plan.workspace, dtype=acc, device=device)
                 partial = sums[2 * x.shape[1]:] if plan.workspace else None
         if plan.one_launch is not None:
             plan.one_launch(
@@ -1076,7 +1153,7 @@ def _backward(inputs, sums, inv_count, use_batch_stats, want_input, want_residua
                 (eps, negative_slope, inv_count),
             )
         if plan.sums is not None:
-            tickets = counters(x.device, plan.counters) if plan.counters else None
+            tickets = counters(device, plan.counters) if plan.counters else None
             plan.sums(
                 (grad_out, x_read, residual_read, mean, var, weight, bias, act_bits, partial,
                  tickets, sums, grad_weight_out, grad_bias_out),

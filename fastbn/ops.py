@@ -179,32 +179,42 @@ def _normalize_setup_context(ctx, inputs, output):
     - the residual for silu/hardswish with a residual (their derivative needs u)."""
     (x, mean, var, weight, bias, residual, eps, use_batch_stats, activation, slope, save_mask,
      backend) = inputs
-    activation_mask = output[1] if save_mask else None
-    ctx.mark_non_differentiable(output[1])
-    ctx.save_for_backward(x, mean, var, weight, bias,
-                          None if save_mask else residual, activation_mask)
-    ctx.has_residual = residual is not None
-    ctx.eps = eps
-    ctx.use_batch_stats = use_batch_stats
-    ctx.activation = activation
-    ctx.negative_slope = slope
-    ctx.backend = backend
+    _keep_for_backward(ctx, x, mean, var, weight, bias, residual, output[1], eps,
+                       use_batch_stats, activation, slope, save_mask, backend)
+
+
+def _keep_for_backward(ctx, x, mean, var, weight, bias, residual, activation_mask, eps,
+                       use_batch_stats, activation, slope, save_mask, backend):
+    """_normalize_setup_context's work on its arguments one by one: the eager Functions'
+    forwards call it so, with no tuple built and taken apart per call. The options travel
+    as one attribute (one store and one load per call instead of six)."""
+    ctx.mark_non_differentiable(activation_mask)
+    if save_mask:
+        ctx.save_for_backward(x, mean, var, weight, bias, None, activation_mask)
+    else:
+        ctx.save_for_backward(x, mean, var, weight, bias, residual, None)
+    ctx.options = (residual is not None, eps, use_batch_stats, activation, slope, backend)
 
 
 def _normalize_grads(ctx, grad_out, _grad_mask):
+    # One gradient per op argument: x, mean, var, weight, bias, residual, then six non-tensors.
+    return (*_gradients(ctx, grad_out), None, None, None, None, None, None)
+
+
+def _gradients(ctx, grad_out):
+    """(d x, None, None, d weight, d bias, d residual) of normalize's backward, None for what
+    autograd does not ask for: the gradients of its six tensor arguments, also those of the
+    eager Functions (x, running_mean, running_var, weight, bias, residual)."""
     x, mean, var, weight, bias, residual, activation_mask = ctx.saved_tensors
     needs = ctx.needs_input_grad
-    mask = [needs[0], needs[3], needs[4], needs[5] and ctx.has_residual]
-    grads = call_normalize_backward(
-        grad_out, x, mean, var, weight, bias, residual, activation_mask, ctx.eps,
-        ctx.use_batch_stats, ctx.activation, ctx.negative_slope, mask, ctx.backend,
+    has_residual, eps, use_batch_stats, activation, slope, backend = ctx.options
+    mask = [needs[0], needs[3], needs[4], needs[5] and has_residual]
+    grad_input, grad_weight, grad_bias, grad_residual = call_normalize_backward(
+        grad_out, x, mean, var, weight, bias, residual, activation_mask, eps, use_batch_stats,
+        activation, slope, mask, backend,
     )
-    grad_input, grad_weight, grad_bias, grad_residual = (
-        grad if wanted else None for grad, wanted in zip(grads, mask, strict=True)
-    )
-    # One gradient per op argument: x, mean, var, weight, bias, residual, then six non-tensors.
-    return (grad_input, None, None, grad_weight, grad_bias, grad_residual,
-            None, None, None, None, None, None)
+    return (grad_input if mask[0] else None, None, None, grad_weight if mask[1] else None,
+            grad_bias if mask[2] else None, grad_residual if mask[3] else None)
 
 
 normalize.register_autograd(_normalize_grads, setup_context=_normalize_setup_context)
@@ -539,12 +549,30 @@ class _Normalize(torch.autograd.Function):
         eps, use_batch_stats, activation, negative_slope, save_mask, backend = options
         output = normalized(x, mean, var, weight, bias, residual, eps, use_batch_stats,
                             activation, negative_slope, save_mask, backend)
-        _normalize_setup_context(ctx, (x, mean, var, weight, bias, residual, *options), output)
+        _keep_for_backward(ctx, x, mean, var, weight, bias, residual, output[1], eps,
+                           use_batch_stats, activation, negative_slope, save_mask, backend)
         return output
 
     @staticmethod
     def backward(ctx, grad_out, grad_mask):
-        return _normalize_grads(ctx, grad_out, grad_mask)[:7]  # x .. residual, then options
+        return (*_gradients(ctx, grad_out), None)  # x .. residual, then options
+
+
+def _eager_apply(function: type) -> Any:
+    """``function.apply`` for eager calls: the C method that autograd.Function.apply ends in,
+    without its Python layer (a check for functorch transforms, which an eager call is never
+    under, and the unwrapping of dead functorch wrappers, which the eager callers do for their
+    own arguments: ``_live``)."""
+    return super(torch.autograd.Function, function).apply
+
+
+def _live(t: Optional[Tensor]) -> Optional[Tensor]:
+    """t, unwrapped when it is a dead functorch wrapper (one that outlived its transform),
+    as autograd.Function.apply unwraps its arguments: such a tensor has no storage."""
+    return t if t is None else _functorch.unwrap_if_dead(t)
+
+
+_apply_normalize = _eager_apply(_Normalize)
 
 
 def call_normalize(
@@ -564,9 +592,9 @@ def call_normalize(
     """``normalize``: (y, activation mask)."""
     if direct(x) and plain(mean, var, weight, bias, residual):
         if torch.is_grad_enabled() and requires_grad(x, weight, bias, residual):
-            return _Normalize.apply(x, mean, var, weight, bias, residual,
-                                    (eps, use_batch_stats, activation, negative_slope, save_mask,
-                                     backend))
+            return _apply_normalize(
+                _live(x), _live(mean), _live(var), _live(weight), _live(bias), _live(residual),
+                (eps, use_batch_stats, activation, negative_slope, save_mask, backend))
         # No backward can follow (inference, eval under no_grad): no autograd node to build.
         return normalized(x, mean, var, weight, bias, residual, eps, use_batch_stats,
                           activation, negative_slope, save_mask, backend)
@@ -590,15 +618,17 @@ class _TrainForward(torch.autograd.Function):
         y, mean, var, activation_mask = _train_forward(
             x, running_mean, running_var, num_batches_tracked, momentum, weight, bias, residual,
             eps, activation, negative_slope, save_mask, backend, eager)
-        _normalize_setup_context(
-            ctx, (x, mean, var, weight, bias, residual, eps, True, activation, negative_slope,
-                  save_mask, backend), (y, activation_mask))
+        _keep_for_backward(ctx, x, mean, var, weight, bias, residual, activation_mask, eps, True,
+                           activation, negative_slope, save_mask, backend)
         return y, activation_mask
 
     @staticmethod
     def backward(ctx, grad_out, grad_mask):
         # x, running_mean, running_var, weight, bias, residual; num_batches_tracked, options
-        return (*_normalize_grads(ctx, grad_out, grad_mask)[:6], None, None)
+        return (*_gradients(ctx, grad_out), None, None)
+
+
+_apply_train_forward = _eager_apply(_TrainForward)
 
 
 def _train_forward(x, running_mean, running_var, num_batches_tracked, momentum, weight, bias,
@@ -630,7 +660,8 @@ def call_batch_norm_train_(x: Tensor, running_mean, running_var, num_batches_tra
     # Under torch.jit.trace too: a trace records an autograd.Function as a node that reruns
     # its Python forward besides the op inside, which would update the running statistics
     # twice per replay; the separate ops have registered autograd formulas instead.
-    if (eager and backend == "torch") or (not torch.compiler.is_compiling() and (
+    # (An eager call is neither: direct excludes tracing, plain every subclass.)
+    if (backend == "torch") if eager else (not torch.compiler.is_compiling() and (
         torch._C._is_tracing()
         or (plain(x, running_mean, running_var, num_batches_tracked)
             and not plain(weight, bias, residual))
@@ -640,10 +671,14 @@ def call_batch_norm_train_(x: Tensor, running_mean, running_var, num_batches_tra
                                       for_normalize=True)
         return call_normalize(x, mean, var, weight, bias, residual, eps, True, activation,
                               negative_slope, save_mask, backend)
+    options = (momentum, eps, activation, negative_slope, save_mask, backend, eager)
     if torch.is_grad_enabled() and requires_grad(x, weight, bias, residual):
-        return _TrainForward.apply(
-            x, running_mean, running_var, weight, bias, residual, num_batches_tracked,
-            (momentum, eps, activation, negative_slope, save_mask, backend, eager))
+        if eager:
+            return _apply_train_forward(
+                _live(x), _live(running_mean), _live(running_var), _live(weight), _live(bias),
+                _live(residual), _live(num_batches_tracked), options)
+        return _TrainForward.apply(x, running_mean, running_var, weight, bias, residual,
+                                   num_batches_tracked, options)
     # No backward can follow: no autograd node to build.
     y, _, _, activation_mask = _train_forward(
         x, running_mean, running_var, num_batches_tracked, momentum, weight, bias, residual,
@@ -666,15 +701,16 @@ def call_normalize_backward(*args: Any) -> tuple[Tensor, Tensor, Tensor, Tensor]
     grad_out = args[0]
     # (Never while compiling, which traces this from _TrainForward.backward: dynamo cannot
     # trace the functorch queries, and a compiled region sees no functorch wrappers.)
-    if not torch.compiler.is_compiling() and (
-        transformed() or _functorch.is_functorch_wrapped_tensor(grad_out)
-        or _functorch.is_legacy_batchedtensor(grad_out)  # autograd.grad(is_grads_batched=True)
-    ):
+    if torch.compiler.is_compiling():
+        return normalize_backward(*args)
+    if (transformed() or _functorch.is_functorch_wrapped_tensor(grad_out)
+            or _functorch.is_legacy_batchedtensor(grad_out)):  # autograd.grad(is_grads_batched)
         *tensors, eps, use_batch_stats, activation, negative_slope, output_mask, _ = args
         inputs = BackwardInputs(*tensors, eps, activation, negative_slope)
         return reference.normalize_backward(inputs, use_batch_stats, output_mask)
-    return _call(normalize_backward, _normalize_backward, args, 8,
-                 eager=not torch.is_grad_enabled())
+    if torch.is_grad_enabled():
+        return normalize_backward(*args)
+    return _call(normalize_backward, _normalize_backward, args, 8)
 
 
 def call_normalize_grad_sums(*args: Any) -> tuple[Tensor, Tensor, Tensor]:
@@ -687,11 +723,11 @@ def call_normalize_grad_input(*args: Any) -> tuple[Tensor, Tensor]:
     return _call(normalize_grad_input, _normalize_grad_input, args, 9)
 
 
-def _call(op: Any, body: Any, args: tuple, tensors: int, eager: bool = True) -> Any:
+def _call(op: Any, body: Any, args: tuple, tensors: int) -> Any:
     """op(*args), whose first ``tensors`` arguments are the (optional) tensors; for an eager
     call (see ``direct``) on plain tensors, the op's body ``body(*args)`` without the
     dispatcher."""
-    if eager and direct(args[0]) and plain(*args[1:tensors]):
+    if direct(args[0]) and plain(*args[1:tensors]):
         return body(*args)
     return op(*args)
 

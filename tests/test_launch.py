@@ -203,9 +203,12 @@ def test_absent_tensors_travel_as_none_to_the_one_launch_forward():
 def test_plans_are_cached_per_call_signature():
     x = torch.randn(4, 3, 8, 8, device=DEVICE)
     module_step(x)
-    before = launch.plan_train_forward.cache_info().hits
+    setups = launch.train_forward_setup.cache_info().hits
+    plans = launch.plan_train_forward.cache_info().misses
     module_step(torch.randn_like(x))
-    assert launch.plan_train_forward.cache_info().hits > before
+    # The call's setup (copies, stand-ins and plan) comes from the cache: nothing planned anew.
+    assert launch.train_forward_setup.cache_info().hits > setups
+    assert launch.plan_train_forward.cache_info().misses == plans
 
 
 # ---------------------------------------------------------------------------------------------

@@ -463,19 +463,17 @@ def rows_view(t: Tensor) -> Tensor:
 
 def pack_rows(bits: Tensor) -> Tensor:
     """``reference.pack_bits`` of a channels-innermost bits, bit for bit: byte k of a channel
-    is the sum of its positions 8k + j times 2^j (eight adds on (rows, bytes, C) slices,
-    contiguous along C), then one transpose of the packed bytes to the mask's layout."""
-    view = rows_view(bits)
+    is the sum of its positions 8k + j times 2^j (one copy and seven adds of the strided
+    (rows, bytes, C) slices of positions j, j + 8, ..., contiguous along C; a last byte
+    short of 8 positions takes only the slices that reach it, so no padded copy), then one
+    transpose of the packed bytes to the mask's layout."""
+    view = rows_view(bits).view(torch.uint8)
     rows, positions, channels = view.shape
-    padding = -positions % 8
-    if padding:
-        padded = view.new_zeros((rows, positions + padding, channels))
-        padded[:, :positions] = view
-        view = padded
-    groups = view.view(torch.uint8).view(rows, -1, 8, channels)
-    packed = groups[:, :, 0].clone()
-    for j in range(1, 8):
-        packed.add_(groups[:, :, j], alpha=1 << j)
+    packed = view.new_empty((rows, -(-positions // 8), channels))
+    packed.copy_(view[:, 0::8])
+    for j in range(1, min(8, positions)):
+        source = view[:, j::8]
+        packed[:, :source.shape[1]].add_(source, alpha=1 << j)
     return packed.transpose(1, 2).contiguous()
 
 

@@ -282,6 +282,23 @@ def test_packed_mask_matches_the_oracles_bit_for_bit(shape, channels_last, rows_
     assert torch.equal(indicator > 0, bits) and indicator.stride() == x.stride()
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_positive_is_u_greater_than_zero_with_nans_by_sign(dtype):
+    """The mask's bits: u > 0 on every non-NaN value (-0.0, subnormals and infinities
+    included), and a NaN counts as positive exactly when its sign bit is clear."""
+    tiny = torch.finfo(dtype).smallest_normal / 4  # a subnormal
+    values = [-float("inf"), -1.0, -tiny, -0.0, 0.0, tiny, 1.0, float("inf")]
+    u = torch.tensor(values * 3, dtype=dtype)
+    nans = torch.full((2,), float("nan"), dtype=dtype)
+    bits = nans.view(cpu._SAME_WIDTH_INT[dtype])
+    bits[1] += torch.iinfo(bits.dtype).min  # the sign bit set (negation may drop it)
+    u = torch.cat([u, nans])
+    expected = (u > 0) | (torch.isnan(u) & ~torch.signbit(u))
+    assert torch.equal(cpu.positive(u, "relu"), expected)
+    assert torch.equal(cpu.positive(u, "leaky_relu"), expected)
+    assert expected[-2] and not expected[-1]
+
+
 def test_large_channels_last_mask_takes_the_rows_path():
     """At ROWS_MASK_MIN elements a channels_last mask is packed in its own layout."""
     bits = make_input((2, 16, 32, 32), seed=3, channels_last=True) > 0

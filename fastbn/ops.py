@@ -206,6 +206,11 @@ def _gradients(ctx, grad_out):
     autograd does not ask for: the gradients of its six tensor arguments, also those of the
     eager Functions (x, running_mean, running_var, weight, bias, residual)."""
     x, mean, var, weight, bias, residual, activation_mask = ctx.saved_tensors
+    # The eager Functions set_materialize_grads(False): autograd would otherwise zero-fill a
+    # gradient for the non-differentiable mask on every call. y's gradient is then None
+    # only when y's consumers gave it none: zero, as autograd would have made it.
+    if grad_out is None:
+        grad_out = torch.zeros_like(x)
     needs = ctx.needs_input_grad
     has_residual, eps, use_batch_stats, activation, slope, backend = ctx.options
     mask = [needs[0], needs[3], needs[4], needs[5] and has_residual]
@@ -551,6 +556,7 @@ class _Normalize(torch.autograd.Function):
                             activation, negative_slope, save_mask, backend)
         _keep_for_backward(ctx, x, mean, var, weight, bias, residual, output[1], eps,
                            use_batch_stats, activation, negative_slope, save_mask, backend)
+        ctx.set_materialize_grads(False)  # see _gradients
         return output
 
     @staticmethod
@@ -620,6 +626,8 @@ class _TrainForward(torch.autograd.Function):
             eps, activation, negative_slope, save_mask, backend, eager)
         _keep_for_backward(ctx, x, mean, var, weight, bias, residual, activation_mask, eps, True,
                            activation, negative_slope, save_mask, backend)
+        if eager:
+            ctx.set_materialize_grads(False)  # see _gradients
         return y, activation_mask
 
     @staticmethod

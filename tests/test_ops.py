@@ -97,3 +97,38 @@ def test_ops_pass_opcheck(backend, device, activation, save_mask):
     train_args = (x, running_mean, running_var, torch.tensor(2, device=device), 0.1, weight,
                   bias, residual, 1e-5, activation, 0.01, save_mask, backend)
     torch.library.opcheck(ops.batch_norm_train_, train_args)
+
+
+class _NoGradient(torch.autograd.Function):
+    """The identity, whose backward gives its input no gradient (None)."""
+
+    @staticmethod
+    def forward(ctx, t):
+        return t.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None
+
+
+@pytest.mark.parametrize("activation,residual", [(None, False), ("relu", True)])
+def test_an_output_given_no_gradient_backpropagates_zero_as_through_the_op(
+        activation, residual, monkeypatch):
+    # The eager Functions leave gradients unmaterialized (no zero fill for the mask output):
+    # y's own gradient None must still give what the op route, which materializes, gives.
+    def grads():
+        x = make_input((3, 4, 5, 6), torch.float32, seed=1).requires_grad_(True)
+        weight = torch.linspace(0.5, 1.5, 4).requires_grad_(True)
+        z = make_input((3, 4, 5, 6), torch.float32, seed=2).requires_grad_(True) \
+            if residual else None
+        y = fastbn.batch_norm(x, None, None, weight, None, True, 0.1, 1e-5, residual=z,
+                              activation=activation)
+        leaves = [x, weight] if z is None else [x, weight, z]
+        return torch.autograd.grad(_NoGradient.apply(y).sum() + x.sum(), leaves)
+
+    eager = grads()
+    monkeypatch.setattr(ops, "direct", lambda x: False)
+    through_ops = grads()
+    assert torch.equal(eager[0], torch.ones(3, 4, 5, 6))
+    for mine, theirs in zip(eager, through_ops, strict=True):
+        assert torch.equal(mine, theirs)

@@ -43,6 +43,8 @@ statistics back would be a device sync there.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -273,10 +275,25 @@ def native_training_forward(
     y = same_format(y, x)  # (torch's strides differ from empty_like's on size-1 dimensions)
     if residual is not None:
         y.add_(residual)
-    if y.requires_grad:
-        strides = x.stride()
-        y.register_hook(lambda grad: None if grad.stride() == strides else like_input(grad, x))
+    if y.requires_grad:  # (a pre-hook on y's node: cheaper per call than Tensor.register_hook)
+        y.grad_fn.register_prehook(grad_in_format_hook(x))
     return y
+
+
+def grad_in_format_hook(
+    x: Tensor,
+) -> Callable[[tuple[Tensor | None, ...]], tuple[Tensor | None, ...] | None]:
+    """A pre-hook for the autograd node of an output shaped like x that hands the node its
+    output's gradient in x's memory format (None: unchanged where it has it already)."""
+    strides = x.stride()
+
+    def hook(grads: tuple[Tensor | None, ...]) -> tuple[Tensor | None, ...] | None:
+        grad = grads[0]
+        if grad is None or grad.stride() == strides:
+            return None
+        return (like_input(grad, x), *grads[1:])
+
+    return hook
 
 
 def serves_natively(

@@ -43,6 +43,8 @@ statistics back would be a device sync there.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -77,7 +79,7 @@ _BITS_TO_BYTE = 0x0102040810204080
 def fast_layout(x: Tensor) -> str | None:
     """"planes" for contiguous (N, C, *S), "rows" when channels are innermost
     (channels_last, channels_last_3d, a contiguous (N, C) matrix), else None."""
-    if x.device.type != "cpu" or x.numel() == 0:
+    if not x.is_cpu or x.numel() == 0:  # (is_cpu: no device object built per call)
         return None
     if x.dim() == 2:
         return "rows" if x.is_contiguous() else None
@@ -91,11 +93,12 @@ def fast_layout(x: Tensor) -> str | None:
 
 def within_ratio(mean: Tensor, var: Tensor, eps: float, ratio: float) -> bool:
     """max |mean| / sqrt(var + eps) <= ratio over the channels, as min(var - mean^2 / ratio^2)
-    >= -eps in three C-element ops; False for NaN or Inf (amin propagates NaN).
+    >= -eps in three C-element ops; False for NaN or Inf (min propagates NaN; the full
+    reduction min(), cheaper per call than amin()).
 
     Reads C-element CPU tensors on the host: no device involved (fast_layout keeps every
     other device on the reference path)."""
-    return torch.addcmul(var, mean, mean, value=-1.0 / ratio**2).amin().item() >= -eps
+    return torch.addcmul(var, mean, mean, value=-1.0 / ratio**2).min().item() >= -eps
 
 
 STATS_RATIO = FAST_RATIO[torch.float32]
@@ -190,15 +193,16 @@ def float32_or_none(*tensors: Tensor | None) -> bool:
     return True
 
 
-def kernel_running_scratch(x: Tensor) -> Tensor:
-    """Zeroed float32 (2, C) running buffers for torch's statistics kernel: with momentum 1
-    it writes x's float32 mean into row 0 and the unbiased variance into row 1
-    (sum / (count - 1), rounded once), exactly: 1 * v + 0 * 0 = v."""
-    return x.new_zeros((2, x.shape[1]), dtype=torch.float32)
+def kernel_running_scratch(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Zeroed float32 running buffers (mean, var: the rows of one (2, C) tensor) for torch's
+    statistics kernel: with momentum 1 it writes x's float32 mean into the first and the
+    unbiased variance into the second (sum / (count - 1), rounded once), exactly:
+    1 * v + 0 * 0 = v."""
+    return x.new_zeros((2, x.shape[1]), dtype=torch.float32).unbind()
 
 
 def accept_kernel_statistics_(
-    scratch: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
+    scratch: tuple[Tensor, Tensor], running_mean: Tensor | None, running_var: Tensor | None,
     num_batches_tracked: Tensor | None, momentum: float | None,
 ) -> bool:
     """Whether the statistics torch's kernel wrote into ``kernel_running_scratch`` pass the
@@ -208,7 +212,7 @@ def accept_kernel_statistics_(
     The one acceptance test and state update of both routes that use torch's kernel (the
     eager ``native_training_forward`` and the ops' ``kernel_batch_stats_``): given the same
     scratch they accept alike and write the same bits."""
-    mean, unbiased_var = scratch.unbind()  # (unbind: a tuple without Tensor.__iter__)
+    mean, unbiased_var = scratch
     if not within_ratio(mean, unbiased_var, 0.0, STATS_RATIO):
         return False
     if num_batches_tracked is not None:
@@ -228,7 +232,7 @@ def kernel_batch_stats_(
     the state changed by ``accept_kernel_statistics_``; None with nothing changed when the
     rule fails."""
     scratch = kernel_running_scratch(x)
-    mean, var = torch.batch_norm_update_stats(x, scratch[0], scratch[1], 1.0)
+    mean, var = torch.batch_norm_update_stats(x, *scratch, 1.0)
     if not accept_kernel_statistics_(scratch, running_mean, running_var, num_batches_tracked,
                                      momentum):
         return None
@@ -264,17 +268,32 @@ def native_training_forward(
     hook here does that conversion for torch's own backward). None, with nothing changed,
     when the statistics fail the rule: the caller takes the exact path."""
     scratch = kernel_running_scratch(x)
-    y, _, _ = torch.native_batch_norm(x, weight, bias, scratch[0], scratch[1], True, 1.0, eps)
+    y, _, _ = torch.native_batch_norm(x, weight, bias, *scratch, True, 1.0, eps)
     if not accept_kernel_statistics_(scratch, running_mean, running_var, num_batches_tracked,
                                      momentum):
         return None
     y = same_format(y, x)  # (torch's strides differ from empty_like's on size-1 dimensions)
     if residual is not None:
         y.add_(residual)
-    if y.requires_grad:
-        strides = x.stride()
-        y.register_hook(lambda grad: None if grad.stride() == strides else like_input(grad, x))
+    if y.requires_grad:  # (a pre-hook on y's node: cheaper per call than Tensor.register_hook)
+        y.grad_fn.register_prehook(grad_in_format_hook(x))
     return y
+
+
+def grad_in_format_hook(
+    x: Tensor,
+) -> Callable[[tuple[Tensor | None, ...]], tuple[Tensor | None, ...] | None]:
+    """A pre-hook for the autograd node of an output shaped like x that hands the node its
+    output's gradient in x's memory format (None: unchanged where it has it already)."""
+    strides = x.stride()
+
+    def hook(grads: tuple[Tensor | None, ...]) -> tuple[Tensor | None, ...] | None:
+        grad = grads[0]
+        if grad is None or grad.stride() == strides:
+            return None
+        return (like_input(grad, x), *grads[1:])
+
+    return hook
 
 
 def serves_natively(

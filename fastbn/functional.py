@@ -178,6 +178,8 @@ def check_arguments(
         if value is not None and not isinstance(value, Tensor):
             _raise_not_tensor(running_mean, running_var, weight, bias, residual,
                               num_batches_tracked)
+    if type(training) is not bool:  # torch's argument parser takes a bool only
+        raise TypeError(f"batch_norm: training must be a bool, got {type(training).__name__}")
     if type(momentum) is not float and momentum is not None:  # (the common case, fast)
         _check_number("momentum", momentum, none_allowed=True)
     if type(eps) is not float:
@@ -234,6 +236,8 @@ def check_arguments(
                                    or tensor.dtype not in allowed):
             _raise_per_channel(weight, bias, running_mean, running_var, device, channels, dtype,
                                allowed)
+    if len(allowed) > 1:  # float16/bfloat16 input: its dtype or float32, but one for all
+        _check_one_parameter_dtype(weight, bias, running_mean, running_var, dtype)
     if not training:  # torch names the missing one, a RuntimeError
         for name, tensor in (("running_mean", running_mean), ("running_var", running_var)):
             if tensor is None:
@@ -309,6 +313,22 @@ def _raise_per_channel(weight, bias, running_mean, running_var, device: torch.de
             raise RuntimeError(
                 f"batch_norm: {name} has dtype {tensor.dtype}, but a {dtype} input needs "
                 f"it in {' or '.join(sorted(str(d) for d in allowed))}"
+            )
+
+
+def _check_one_parameter_dtype(weight, bias, running_mean, running_var,
+                               dtype: torch.dtype) -> None:
+    """The RuntimeError torch raises for per-channel tensors of a float16/bfloat16 input that
+    mix the input's dtype and float32 (its kernels take one or the other for all of them)."""
+    per_channel = {"weight": weight, "bias": bias, "running_mean": running_mean,
+                   "running_var": running_var}
+    given = [(name, t.dtype) for name, t in per_channel.items() if t is not None]
+    for name, other in given[1:]:
+        if other != given[0][1]:
+            raise RuntimeError(
+                f"batch_norm: {given[0][0]} has dtype {given[0][1]} but {name} has dtype "
+                f"{other}; with a {dtype} input the per-channel tensors must all be {dtype} "
+                "or all be torch.float32"
             )
 
 

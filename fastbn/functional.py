@@ -231,13 +231,18 @@ def check_arguments(
     channels = shape[1]
     allowed = _PARAMETER_DTYPES[dtype]
     per_channel_shape = (channels,)
+    first_dtype, mixed = None, False  # float16/bfloat16 input: its dtype or float32, one for all
     for tensor in (weight, bias, running_mean, running_var):
-        if tensor is not None and (tensor.device != device or tensor.shape != per_channel_shape
-                                   or tensor.dtype not in allowed):
+        if tensor is None:
+            continue
+        if (tensor.device != device or tensor.shape != per_channel_shape
+                or tensor.dtype not in allowed):
             _raise_per_channel(weight, bias, running_mean, running_var, device, channels, dtype,
                                allowed)
-    if len(allowed) > 1:  # float16/bfloat16 input: its dtype or float32, but one for all
-        _check_one_parameter_dtype(weight, bias, running_mean, running_var, dtype)
+        first_dtype = tensor.dtype if first_dtype is None else first_dtype
+        mixed = mixed or tensor.dtype != first_dtype
+    if mixed:  # (after every tensor's own checks, which name the first mistake)
+        _raise_mixed_dtypes(weight, bias, running_mean, running_var, dtype)
     if not training:  # torch names the missing one, a RuntimeError
         for name, tensor in (("running_mean", running_mean), ("running_var", running_var)):
             if tensor is None:
@@ -293,14 +298,18 @@ def _raise_not_tensor(running_mean, running_var, weight, bias, residual,
             )
 
 
+def _per_channel(weight, bias, running_mean, running_var) -> dict:
+    """The per-channel arguments by name, in the order the checks name them."""
+    return {"weight": weight, "bias": bias, "running_mean": running_mean,
+            "running_var": running_var}
+
+
 def _raise_per_channel(weight, bias, running_mean, running_var, device: torch.device,
                        channels: int, dtype: torch.dtype, allowed: frozenset) -> None:
     """The RuntimeError for the first per-channel tensor that is not a 1-D tensor of
     ``channels`` elements on ``device`` in one of the ``allowed`` dtypes (those of an input
     of ``dtype``): its device, then its shape, then its dtype."""
-    per_channel = {"weight": weight, "bias": bias, "running_mean": running_mean,
-                   "running_var": running_var}
-    for name, tensor in per_channel.items():
+    for name, tensor in _per_channel(weight, bias, running_mean, running_var).items():
         if tensor is None:
             continue
         _check_same_device(name, tensor, device)
@@ -316,17 +325,17 @@ def _raise_per_channel(weight, bias, running_mean, running_var, device: torch.de
             )
 
 
-def _check_one_parameter_dtype(weight, bias, running_mean, running_var,
-                               dtype: torch.dtype) -> None:
+def _raise_mixed_dtypes(weight, bias, running_mean, running_var, dtype: torch.dtype) -> None:
     """The RuntimeError torch raises for per-channel tensors of a float16/bfloat16 input that
-    mix the input's dtype and float32 (its kernels take one or the other for all of them)."""
-    per_channel = {"weight": weight, "bias": bias, "running_mean": running_mean,
-                   "running_var": running_var}
-    given = [(name, t.dtype) for name, t in per_channel.items() if t is not None]
+    mix the input's dtype and float32 (its kernels take one or the other for all of them),
+    naming the first given and the first that differs from it."""
+    given = [(name, t.dtype) for name, t in
+             _per_channel(weight, bias, running_mean, running_var).items() if t is not None]
+    first_name, first_dtype = given[0]
     for name, other in given[1:]:
-        if other != given[0][1]:
+        if other != first_dtype:
             raise RuntimeError(
-                f"batch_norm: {given[0][0]} has dtype {given[0][1]} but {name} has dtype "
+                f"batch_norm: {first_name} has dtype {first_dtype} but {name} has dtype "
                 f"{other}; with a {dtype} input the per-channel tensors must all be {dtype} "
                 "or all be torch.float32"
             )

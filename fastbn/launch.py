@@ -281,13 +281,8 @@ def output_geometry(g: Geometry) -> tuple[bool, Geometry]:
 def writable(out: Tensor) -> Tensor:
     """out when the kernels can write it through its strides, else a contiguous stand-in
     whose values the caller copies into out afterwards."""
-    return _writable(out)[0]
-
-
-def _writable(out: Tensor) -> tuple[Tensor, Geometry]:
-    """writable(out) and its geometry."""
-    standin, g = kernel_geometry(geometry(out))
-    return (stand_in(out) if standin else out), g
+    standin, _ = kernel_geometry(geometry(out))
+    return stand_in(out) if standin else out
 
 
 def stand_in(out: Tensor) -> Tensor:
@@ -788,11 +783,18 @@ def normalize_setup(x: Geometry, residual: Geometry | None, dtype: torch.dtype,
     """normalize's work per call signature, done once: whether x and the residual are read
     through contiguous copies and y written through a stand-in (see readable, writable),
     and the launch for the geometries the kernel then sees."""
-    copy_x, gx = kernel_geometry(x)
-    copy_residual, gr = (False, None) if residual is None else kernel_geometry(residual)
-    standin, gy = output_geometry(x)
+    (copy_x, gx), (copy_residual, gr), (standin, gy) = forward_geometries(x, residual)
     return copy_x, copy_residual, standin, plan_normalize(
         gx, gy, gr, dtype, residual_dtype, has_weight, has_bias, activation, save_mask)
+
+
+def forward_geometries(x: Geometry, residual: Geometry | None
+                       ) -> tuple[tuple[bool, Geometry], ...]:
+    """kernel_geometry of x and of the residual ((False, None) without one), and
+    output_geometry of y = empty_like(x): what a forward's kernels read and write."""
+    return (kernel_geometry(x),
+            (False, None) if residual is None else kernel_geometry(residual),
+            output_geometry(x))
 
 
 @functools.lru_cache(maxsize=4096)
@@ -802,9 +804,7 @@ def train_forward_setup(x: Geometry, residual: Geometry | None, dtype: torch.dty
                         ) -> tuple[bool, bool, bool, StatsPlan | None]:
     """batch_norm_train_'s work per call signature, as normalize_setup's, with
     plan_train_forward's plan (None also for an x without elements)."""
-    copy_x, gx = kernel_geometry(x)
-    copy_residual, gr = (False, None) if residual is None else kernel_geometry(residual)
-    standin, gy = output_geometry(x)
+    (copy_x, gx), (copy_residual, gr), (standin, gy) = forward_geometries(x, residual)
     plan = None if math.prod(x[0]) == 0 else plan_train_forward(
         gx, gy, gr, dtype, has_weight, has_bias, activation, save_mask, update_running,
         cumulative, increment_step)

@@ -15,10 +15,11 @@ same results to the dtype's precision, by doing less work:
   residual and the activation in place on the output;
 - the backward by ``aten.native_batch_norm_backward``: one pass for the two sums, one for
   d input;
-- a plain eager training call without activation where torch's kernel gives the statistics
-  anyway: one ``torch.native_batch_norm`` (``native_training_forward``), with the ops'
-  route computing the same bits (``kernel_batch_stats_``, ``normalize_batch``,
-  ``kernel_invstd``).
+- an eager training call where torch's kernel gives the statistics anyway, without
+  activation or with one of NATIVE_ACTIVATIONS: one ``torch.native_batch_norm``, the
+  residual and the activation in place on its output (``native_training_forward``: torch's
+  own autograd nodes, no Python in the backward), with the ops' route computing the same
+  bits (``kernel_batch_stats_``, ``normalize_batch``, ``kernel_invstd``).
 
 The exactness rule. ``x * scale + shift`` with shift = bias - mean * scale, and torch's
 statistics kernel, which rounds the mean to float32, both move the output by about
@@ -255,29 +256,48 @@ def native_training_forward(
     momentum: float | None,
     eps: float,
     num_batches_tracked: Tensor | None,
+    activation: str = "none",
+    negative_slope: float = 0.0,
 ) -> Tensor | None:
-    """BatchNorm(x) + residual with batch statistics for an eager call without activation
-    that ``serves_natively``: one ``torch.native_batch_norm`` (differentiated by torch
-    itself: no Python in the backward), the residual added in place.
+    """activation(BatchNorm(x) + residual) with batch statistics for an eager call that
+    ``serves_natively``: one ``torch.native_batch_norm``, the residual added and the
+    activation applied in place on its output (``epilogue_``), each step recorded by
+    torch's autograd (NativeBatchNormBackward0, AddBackward0, ReluBackward0 or
+    LeakyReluBackward1, the last from the output: no Python in the backward, no mask and
+    no recomputation).
 
-    The same bits as the ops' route (batch_stats_, normalize, normalize_backward), which
-    for these calls runs the same kernels on the same values: its statistics and state
-    update are ``kernel_batch_stats_``'s (one acceptance test and update,
-    ``accept_kernel_statistics_``), its output ``kernel_training_output``'s, its backward
-    torch's backward kernel with ``kernel_invstd`` and the gradient in x's format (the
-    hook here does that conversion for torch's own backward). None, with nothing changed,
-    when the statistics fail the rule: the caller takes the exact path."""
+    The same bits as the ops' route (batch_stats_, normalize_batch, normalize_backward),
+    which for these calls runs the same kernels on the same values: its statistics and
+    state update are ``kernel_batch_stats_``'s (one acceptance test and update,
+    ``accept_kernel_statistics_``), its output ``kernel_training_output``'s with the same
+    epilogue, its backward the activation's backward and torch's backward kernel with
+    ``kernel_invstd`` on the gradient in x's format (the hook here does that conversion at
+    the first node, so every backward kernel after it sees x's format). None, with
+    nothing changed, when the statistics fail the rule: the caller takes the exact path."""
     scratch = kernel_running_scratch(x)
     y, _, _ = torch.native_batch_norm(x, weight, bias, *scratch, True, 1.0, eps)
     if not accept_kernel_statistics_(scratch, running_mean, running_var, num_batches_tracked,
                                      momentum):
         return None
     y = same_format(y, x)  # (torch's strides differ from empty_like's on size-1 dimensions)
-    if residual is not None:
-        y.add_(residual)
+    y, _ = epilogue_(y, x, residual, activation, negative_slope, False)
     if y.requires_grad:  # (a pre-hook on y's node: cheaper per call than Tensor.register_hook)
         y.grad_fn.register_prehook(grad_in_format_hook(x))
     return y
+
+
+def epilogue_(
+    y: Tensor, x: Tensor, residual: Tensor | None, activation: str, negative_slope: float,
+    save_mask: bool,
+) -> tuple[Tensor, Tensor | None]:
+    """y + residual, then the activation, in place on the normalized y (x's dtype), and the
+    packed activation mask of the pre-activation when save_mask (else None): the one
+    epilogue of ``normalize``, ``normalize_batch`` and ``native_training_forward`` (where
+    autograd records its in-place steps)."""
+    if residual is not None:
+        y.add_(residual)
+    mask = pack_bits(positive(y, activation)) if save_mask else None
+    return same_format(activation_(y, activation, negative_slope), x), mask
 
 
 def grad_in_format_hook(
@@ -296,12 +316,35 @@ def grad_in_format_hook(
     return hook
 
 
+NATIVE_ACTIVATIONS = ("none", "relu", "leaky_relu")
+"""Activations ``native_training_forward`` applies in place (relu_, leaky_relu_), torch's
+autograd differentiating them from the output (threshold_backward: zero where the output
+is <= 0; leaky_relu_backward: the slope where it is not > 0, with negative_slope >= 0,
+which keeps the output's sign). Both give ``reference.activation_derivative`` at 0, -0.0,
++-inf and on subnormals; leaky_relu's also at NaN. At a NaN pre-activation (u is NaN only
+when the residual, the weight or the bias holds a NaN or an inf: the rule has x's
+statistics finite) relu's passes the gradient (NaN <= 0 is false) where
+``reference.derivative_is_one`` is False: torch's convention, which this module's backward
+without a residual (threshold_backward on the recomputed u) already follows.
+
+Not relu6: torch's hardtanh_backward at NaN depends on where the element lies (the
+gradient passes in the kernel's scalar tail, not in its vectorized body), no convention
+at all. silu and hardswish need u in their backward. Those stay on the ops' route."""
+
+
 def serves_natively(
     x: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
-    weight: Tensor | None, bias: Tensor | None,
+    weight: Tensor | None, bias: Tensor | None, activation: str = "none",
+    negative_slope: float = 0.0,
 ) -> bool:
-    """Whether a training call without activation on x may be ``native_training_forward``:
-    torch's statistics kernel for x, every per-channel tensor in float32."""
+    """Whether a training call on x may be ``native_training_forward``: an activation of
+    NATIVE_ACTIVATIONS that runs after the output's one rounding (ROUNDING_COMMUTES for
+    float16/bfloat16 input; leaky_relu with negative_slope >= 0), torch's statistics kernel
+    for x, every per-channel tensor in float32."""
+    if activation not in NATIVE_ACTIVATIONS or (
+        activation not in ROUNDING_COMMUTES and x.dtype != torch.float32
+    ) or (activation == "leaky_relu" and not negative_slope >= 0):
+        return False
     return native_statistics(x) and float32_or_none(running_mean, running_var, weight, bias)
 
 
@@ -580,11 +623,8 @@ def normalize(
     if constants is None or (low_precision and activation not in ROUNDING_COMMUTES):
         return reference.normalize(x, mean, var, weight, bias, residual, eps, activation,
                                    negative_slope, save_mask)
-    y = affine_output(x, *constants, weight, bias, eps)
-    if residual is not None:
-        y.add_(residual)
-    mask = pack_bits(positive(y, activation)) if save_mask else None
-    y = same_format(activation_(y, activation, negative_slope), x)
+    y, mask = epilogue_(affine_output(x, *constants, weight, bias, eps), x, residual,
+                        activation, negative_slope, save_mask)
     return y, x.new_empty(0, dtype=torch.uint8) if mask is None else mask
 
 
@@ -616,14 +656,26 @@ def normalize_batch(
     save_mask: bool,
 ) -> tuple[Tensor, Tensor]:
     """``normalize`` where (mean, var) are x's batch statistics (``use_batch_stats``): for a
-    call ``native_training_forward`` could serve, ``kernel_training_output`` plus the
-    residual in place, its bits; else ``normalize``."""
-    if activation == "none" and serves_natively(x, None, None, weight, bias):
-        y = kernel_training_output(x, mean, var, weight, bias, eps)
-        if y is not None:
-            return y if residual is None else y.add_(residual), x.new_empty(0, dtype=torch.uint8)
-    return normalize(x, mean, var, weight, bias, residual, eps, activation, negative_slope,
-                     save_mask)
+    call ``native_training_forward`` could serve, ``batch_output`` and the same epilogue,
+    its bits; else ``normalize``."""
+    y = batch_output(x, mean, var, weight, bias, eps, activation, negative_slope)
+    if y is None:
+        return normalize(x, mean, var, weight, bias, residual, eps, activation, negative_slope,
+                         save_mask)
+    y, mask = epilogue_(y, x, residual, activation, negative_slope, save_mask)
+    return y, x.new_empty(0, dtype=torch.uint8) if mask is None else mask
+
+
+def batch_output(
+    x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None,
+    eps: float, activation: str, negative_slope: float,
+) -> Tensor | None:
+    """``kernel_training_output`` for a call ``native_training_forward`` could serve (its
+    normalized output, before the epilogue), else None: what ``normalize_batch``
+    normalizes with, and what the backward recomputes u with for these calls."""
+    if not serves_natively(x, None, None, weight, bias, activation, negative_slope):
+        return None
+    return kernel_training_output(x, mean, var, weight, bias, eps)
 
 
 _BYTE_TO_WORD = 0x0101010101010101
@@ -670,10 +722,13 @@ def output_grad(
     eps: float,
     activation: str,
     negative_slope: float,
+    use_batch_stats: bool,
 ) -> Tensor | None:
     """g = grad_out * act'(u) in x's dtype (grad_out itself without an activation), or None
     when it cannot be formed exactly there (silu/hardswish/leaky_relu on low-precision
-    input: act'(u) * dy would round to x's dtype)."""
+    input: act'(u) * dy would round to x's dtype). u, where the mask does not stand in for
+    it, is recomputed as the forward computed it (``batch_output`` with batch statistics:
+    the same side of every kink)."""
     if activation == "none":
         return grad_out
     low_precision = x.dtype != param_dtype(x)
@@ -684,7 +739,10 @@ def output_grad(
         if activation == "leaky_relu":
             return ACTIVATION_BACKWARD["leaky_relu"](grad_out, indicator, negative_slope)
         return ACTIVATION_BACKWARD["relu"](grad_out, indicator, negative_slope)
-    u = affine_output(x, *constants, weight, bias, eps)
+    u = batch_output(x, *constants, weight, bias, eps, activation, negative_slope
+                     ) if use_batch_stats else None
+    if u is None:
+        u = affine_output(x, *constants, weight, bias, eps)
     if residual is not None:
         u.add_(residual)
     if activation in ACTIVATION_BACKWARD:
@@ -730,7 +788,7 @@ def normalize_backward(
     constants = native_constants(x, mean, var, eps)
     g = None if constants is None else output_grad(
         grad_out, x, constants, weight, bias, residual, activation_mask, eps, activation,
-        negative_slope,
+        negative_slope, use_batch_stats,
     )
     if g is None:
         return reference.normalize_backward(inputs, use_batch_stats, output_mask)
@@ -758,7 +816,7 @@ def normalize_grad_sums(
     constants = native_constants(x, mean, var, eps)
     g = None if constants is None else output_grad(
         grad_out, x, constants, weight, bias, residual, activation_mask, eps, activation,
-        negative_slope,
+        negative_slope, True,
     )
     if g is None:
         return reference.normalize_grad_sums(inputs, output_mask)
@@ -784,7 +842,7 @@ def normalize_grad_input(
     constants = native_constants(x, mean, var, eps)
     g = None if constants is None else output_grad(
         grad_out, x, constants, weight, bias, residual, activation_mask, eps, activation,
-        negative_slope,
+        negative_slope, use_batch_stats,
     )
     if g is None or x.dtype != param_dtype(x):
         return reference.normalize_grad_input(inputs, grad_means, use_batch_stats, output_mask)

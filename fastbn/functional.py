@@ -85,12 +85,13 @@ def batch_norm(
                 None if t is None else t.resolve_neg() for t in (input, weight, bias, residual)
             )
     backend = resolve_backend(input)
-    if training and activation_name == "none" and backend == "torch" and cpu.serves_natively(
-        input, running_mean, running_var, weight, bias
+    if training and backend == "torch" and cpu.serves_natively(
+        input, running_mean, running_var, weight, bias, activation_name, negative_slope
     ) and ops.direct(input) and ops.plain(running_mean, running_var, weight, bias, residual,
                                           num_batches_tracked):
         output = cpu.native_training_forward(input, running_mean, running_var, weight, bias,
-                                             residual, momentum, eps, num_batches_tracked)
+                                             residual, momentum, eps, num_batches_tracked,
+                                             activation_name, negative_slope)
         if output is not None:
             ops.count_mutations(running_mean, running_var, num_batches_tracked)
             return output

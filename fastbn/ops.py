@@ -257,8 +257,9 @@ def trained(  # the op's body, also called directly by eager calls (_train_forwa
     else:
         mean, var = module.batch_stats_(x, running_mean, running_var, num_batches_tracked,
                                         momentum)
-        y, activation_mask = module.normalize(x, mean, var, weight, bias, residual, eps,
-                                              activation, negative_slope, save_mask)
+        # (normalize_batch: the eager native_training_forward's bits where that serves)
+        y, activation_mask = module.normalize_batch(x, mean, var, weight, bias, residual, eps,
+                                                    activation, negative_slope, save_mask)
     return in_output_format(y, x), mean, var, activation_mask
 
 

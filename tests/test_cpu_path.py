@@ -13,6 +13,7 @@ from helpers import (
     DTYPES,
     LOW_PRECISION,
     assert_close_to_truth,
+    away_from_kinks,
     batch_norm_truth,
     grads_truth,
     make_input,
@@ -384,3 +385,214 @@ def test_results_are_bitwise_reproducible():
         runs.append([y, rm, rv, *torch.autograd.grad(y, [x, z], torch.ones_like(y))])
     for first, second in zip(*runs, strict=True):
         assert torch.equal(first, second)
+
+
+# The native route with an activation: torch.native_batch_norm, the residual and the
+# activation in place, differentiated by torch's own nodes (cpu.native_training_forward).
+
+NATIVE_NODES = {None: ("NativeBatchNormBackward0", "AddBackward0"),
+                "relu": ("ReluBackward0",), "leaky_relu": ("LeakyReluBackward1",)}
+"""The autograd node a natively served call's output has, per activation."""
+
+
+def fused_leaves(shape, dtype, channels_last, residual, seed=0, offset=0.5):
+    """x, the residual (or None), weight, bias: leaves of a fused call."""
+    x = make_input(shape, dtype, seed=seed, offset=offset,
+                   channels_last=channels_last).requires_grad_(True)
+    z = make_input(shape, dtype, seed=seed + 1, channels_last=channels_last
+                   ).requires_grad_(True) if residual else None
+    weight = torch.linspace(1.5, 3.0, shape[1]).requires_grad_(True)
+    bias = torch.linspace(-0.3, 0.4, shape[1]).requires_grad_(True)
+    return x, z, weight, bias
+
+
+def fused_step(x, z, weight, bias, activation, grad_out, negative_slope=0.01):
+    """Output, running statistics, step counter and every gradient of one training call."""
+    running_mean, running_var = torch.zeros(x.shape[1]), torch.ones(x.shape[1])
+    steps = torch.tensor(2)
+    y = fastbn.batch_norm(x, running_mean, running_var, weight, bias, True, None, 1e-5,
+                          residual=z, activation=activation, negative_slope=negative_slope,
+                          num_batches_tracked=steps)
+    leaves = [t for t in (x, weight, bias, z) if t is not None]
+    grads = torch.autograd.grad(y, leaves, grad_out)
+    return type(y.grad_fn).__name__, [y, running_mean, running_var, steps, *grads]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("activation", [None, "relu", "relu6", "leaky_relu"])
+def test_native_route_and_the_ops_route_give_the_same_bits(activation, residual,
+                                                           channels_last, dtype, monkeypatch):
+    """The eager call (torch's nodes where it serves natively) and the ops' route (what
+    torch.compile and export trace: normalize_batch, normalize_backward) agree bit for bit
+    on the output, the state and every gradient; the native route serves exactly the
+    calls serves_natively names (not float32 NCHW, leaky_relu on bfloat16, relu6)."""
+    shape = (3, 4, 5, 6)
+    x, z, weight, bias = fused_leaves(shape, dtype, channels_last, residual)
+    grad_out = make_input(shape, dtype, seed=9, channels_last=channels_last)
+    native = cpu.serves_natively(x, None, None, weight, bias, activation or "none", 0.01)
+    assert native == (cpu.native_statistics(x) and activation != "relu6" and (
+        dtype == torch.float32 or activation != "leaky_relu"))
+    node, eager = fused_step(x, z, weight, bias, activation, grad_out)
+    assert (node in NATIVE_NODES.get(activation, ())) == native, node
+    monkeypatch.setattr(ops, "direct", lambda x: False)
+    _, through_ops = fused_step(x, z, weight, bias, activation, grad_out)
+    for mine, theirs in zip(eager, through_ops, strict=True):
+        assert torch.equal(mine, theirs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("activation", ["relu", "leaky_relu"])
+def test_native_fused_training_step_matches_truth(activation, residual, dtype):
+    """Output, running statistics and every gradient of a natively served fused call
+    (channels_last: torch's statistics kernel for float32 too) within the dtype's tolerance
+    of the float64 truth, pre-activations kept off the kinks by more than the dtype's
+    rounding."""
+    if dtype == torch.bfloat16 and activation == "leaky_relu":
+        pytest.skip("leaky_relu does not commute with the bfloat16 rounding: the ops' route")
+    shape = (2, 3, 5, 4)
+    margin = 2e-2 if dtype == torch.bfloat16 else 1e-4
+
+    def pre_activation(leaves):
+        x, z, weight, bias = leaves
+        return batch_norm_truth(x, None, None, weight, bias, True, residual=z)["y"]
+
+    x, z, weight, bias = away_from_kinks(
+        lambda seed: fused_leaves(shape, dtype, True, residual, seed=seed),
+        pre_activation, activation, margin)
+    running_mean, running_var = torch.zeros(3), torch.ones(3)
+    truth = batch_norm_truth(x, running_mean, running_var, weight, bias, True, residual=z,
+                             activation=activation)
+    y = fastbn.batch_norm(x, running_mean, running_var, weight, bias, True, residual=z,
+                          activation=activation)
+    assert type(y.grad_fn).__name__ in NATIVE_NODES[activation]
+    assert y.dtype == dtype and y.stride() == x.stride()
+    assert_close_to_truth("output", y, truth["y"])
+    assert_close_to_truth("running_mean", running_mean, truth["running_mean"])
+    assert_close_to_truth("running_var", running_var, truth["running_var"])
+    grad_out = make_input(shape, dtype, seed=7, channels_last=True, scaled_channels=False)
+    leaves = [t for t in (x, weight, bias, z) if t is not None]
+    grads = torch.autograd.grad(y, leaves, grad_out)
+    expected = grads_truth(truth, grad_out)
+    for name, grad in zip(("x", "weight", "bias", "residual"), grads, strict=False):
+        assert_close_to_truth(f"grad {name}", grad, expected[name], dtype=dtype)
+
+
+def test_native_route_leaves_out_relu6_and_negative_slopes():
+    """relu6 (torch's hardtanh_backward at NaN depends on the element's position), leaky_relu
+    with a negative slope (its output's sign no longer gives the derivative) or on bfloat16
+    (it does not commute with the rounding), silu and hardswish take the ops' route."""
+    x = make_input((3, 4, 5, 6), channels_last=True)
+    assert cpu.serves_natively(x, None, None, None, None, "relu", 0.0)
+    assert cpu.serves_natively(x, None, None, None, None, "leaky_relu", 0.0)
+    for activation, slope in (("relu6", 0.0), ("leaky_relu", -0.5), ("silu", 0.0),
+                              ("hardswish", 0.0)):
+        assert not cpu.serves_natively(x, None, None, None, None, activation, slope)
+    assert not cpu.serves_natively(x.bfloat16(), None, None, None, None, "leaky_relu", 0.01)
+    assert cpu.serves_natively(x.bfloat16(), None, None, None, None, "relu", 0.0)
+
+
+@pytest.mark.parametrize("activation", ["relu", "leaky_relu"])
+def test_native_fused_call_beyond_the_rule_changes_nothing_and_stays_exact(activation):
+    """|mean| / std = 1e4: native_training_forward declines (None, state untouched) and the
+    call takes the exact path, at float32 precision where torch's kernel is not."""
+    x = make_input((4, 3, 6, 5), offset=1e4, channels_last=True)
+    z = make_input((4, 3, 6, 5), seed=2, channels_last=True)
+    running_mean, running_var, steps = torch.zeros(3), torch.ones(3), torch.tensor(4)
+    assert cpu.native_training_forward(x, running_mean, running_var, None, None, z, 0.1, 1e-5,
+                                       steps, activation, 0.01) is None
+    assert torch.equal(running_mean, torch.zeros(3)) and torch.equal(running_var, torch.ones(3))
+    assert int(steps) == 4
+    y = fastbn.batch_norm(x, running_mean, running_var, None, None, True, residual=z,
+                          activation=activation, num_batches_tracked=steps)
+    truth = batch_norm_truth(x, torch.zeros(3), torch.ones(3), None, None, True, residual=z,
+                             activation=activation)
+    assert_close_to_truth("output", y, truth["y"])
+    assert_close_to_truth("running_mean", running_mean, truth["running_mean"])
+    assert int(steps) == 5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("activation,slope", [("relu", 0.0), ("leaky_relu", 0.01),
+                                              ("leaky_relu", 0.0)])
+def test_native_derivative_at_the_kinks_zeros_infinities_and_nan(activation, slope, dtype):
+    """With weight 0 and bias 0 the pre-activation is the residual itself (u = +-0 + z):
+    the residual's gradient is grad_out * act'(z), which must be the reference's derivative
+    at 0, -0.0, +-inf, beside the kinks and on subnormals; at NaN relu passes the gradient
+    (torch's backward: NaN <= 0 is false), leaky_relu gives the slope, as the reference.
+    The forward gives act(z) as the reference does."""
+    if dtype == torch.bfloat16 and activation == "leaky_relu":
+        pytest.skip("leaky_relu does not commute with the bfloat16 rounding: the ops' route")
+    tiny = torch.finfo(dtype).smallest_normal / 4
+    specials = [0.0, -0.0, 6.0, float("inf"), -float("inf"), float("nan"), 1.0, -1.0,
+                tiny, -tiny, 5.96875, 6.0625, 0.0078125, -0.0078125]
+    z = torch.tensor(specials * 2, dtype=dtype).reshape(1, 4, 7, 1).expand(2, 4, 7, 1)
+    z = z.contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    x = make_input(tuple(z.shape), dtype, channels_last=True).requires_grad_(True)
+    weight = torch.zeros(4, requires_grad=True)
+    bias = torch.zeros(4)
+    y = fastbn.batch_norm(x, None, None, weight, bias, True, residual=z, activation=activation,
+                          negative_slope=slope)
+    assert type(y.grad_fn).__name__ in NATIVE_NODES[activation]
+    u = z.detach()
+    expected_y = reference.activation_forward(u, activation, slope)
+    assert torch.equal(y.isnan(), expected_y.isnan())
+    assert torch.equal(y.nan_to_num(), expected_y.nan_to_num())
+    grad_out = torch.full_like(u, 3.0)
+    (grad_z,) = torch.autograd.grad(y, [z], grad_out)
+    derivative = reference.activation_derivative(u, activation, slope)
+    if activation == "relu":
+        derivative = torch.where(u.isnan(), 1.0, derivative).to(dtype)
+    assert torch.equal(grad_z, grad_out * derivative)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("activation", [None, "relu", "leaky_relu"])
+def test_modifying_the_native_output_in_place_raises_as_in_torch(activation, residual, dtype):
+    """The activation's node keeps its output for the backward, as torch's in-place
+    activations (nn.ReLU(inplace=True), nn.LeakyReLU(inplace=True)) do after an unfused
+    BatchNorm: changing the output in place makes the backward raise autograd's version
+    error exactly where it does there (never without an activation)."""
+    if dtype == torch.bfloat16 and activation == "leaky_relu":
+        pytest.skip("leaky_relu does not commute with the bfloat16 rounding: the ops' route")
+
+    def step(function):
+        x = make_input((3, 4, 5, 6), dtype, channels_last=True).requires_grad_(True)
+        z = make_input((3, 4, 5, 6), dtype, seed=1, channels_last=True) if residual else None
+        y = function(x, z)
+        y.mul_(2)
+        try:
+            torch.autograd.grad(y, [x], torch.ones_like(y))
+        except RuntimeError as error:
+            assert "modified by an inplace operation" in str(error)
+            return True
+        return False
+
+    def unfused(x, z):
+        y = F.batch_norm(x, None, None, None, None, True)
+        y = y if z is None else y + z
+        return cpu.activation_(y, activation or "none", 0.01)
+
+    raised = step(lambda x, z: fastbn.batch_norm(x, None, None, None, None, True, residual=z,
+                                                 activation=activation))
+    assert raised == step(unfused)
+    assert raised == (activation is not None)
+
+
+@pytest.mark.parametrize("activation", [None, "relu", "leaky_relu"])
+def test_native_backward_kernel_gets_the_gradient_in_the_inputs_format(activation):
+    """An NCHW grad_out for a channels_last input: the pre-hook hands every backward node
+    after the first, torch's BatchNorm backward kernel included, x's format (a mixed format
+    would take the kernel's slower generic path)."""
+    x, z, weight, bias = fused_leaves((3, 4, 5, 6), torch.float32, True, True)
+    y = fastbn.batch_norm(x, None, None, weight, bias, True, residual=z, activation=activation)
+    node = y.grad_fn
+    while type(node).__name__ != "NativeBatchNormBackward0":
+        node = node.next_functions[0][0]
+    seen = []
+    node.register_prehook(lambda grads: seen.append(grads[0].stride()))
+    grads = torch.autograd.grad(y, [x, weight], make_input(tuple(x.shape), seed=3))
+    assert seen == [x.stride()] and grads[0].stride() == x.stride()

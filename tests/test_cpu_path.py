@@ -596,3 +596,31 @@ def test_native_backward_kernel_gets_the_gradient_in_the_inputs_format(activatio
     node.register_prehook(lambda grads: seen.append(grads[0].stride()))
     grads = torch.autograd.grad(y, [x, weight], make_input(tuple(x.shape), seed=3))
     assert seen == [x.stride()] and grads[0].stride() == x.stride()
+
+
+@pytest.mark.parametrize("activation", [None, "relu", "leaky_relu"])
+def test_native_double_backward_matches_truth(activation):
+    """torch's nodes give the double backward too (NativeBatchNormBackward0's own): the
+    gradient of |d x|^2 through a natively served float32 channels_last call is the float64
+    truth's, pre-activations off the kinks."""
+    shape = (2, 3, 5, 4)
+
+    def pre_activation(leaves):
+        x, z, weight, bias = leaves
+        return batch_norm_truth(x, None, None, weight, bias, True, residual=z)["y"]
+
+    x, z, weight, bias = away_from_kinks(
+        lambda seed: fused_leaves(shape, torch.float32, True, True, seed=seed),
+        pre_activation, activation, 1e-4)
+    grad_out = make_input(shape, seed=7, channels_last=True, scaled_channels=False)
+    y = fastbn.batch_norm(x, None, None, weight, bias, True, residual=z, activation=activation)
+    assert type(y.grad_fn).__name__ in NATIVE_NODES[activation]
+    (grad_x,) = torch.autograd.grad(y, [x], grad_out, create_graph=True)
+    mine = torch.autograd.grad(grad_x.square().sum(), [x, weight])
+    truth = batch_norm_truth(x, None, None, weight, bias, True, residual=z,
+                             activation=activation)
+    (grad_x64,) = torch.autograd.grad(truth["y"], [truth["x"]], grad_out.double(),
+                                      create_graph=True)
+    expected = torch.autograd.grad(grad_x64.square().sum(), [truth["x"], truth["weight"]])
+    for name, grad, grad64 in zip(("x", "weight"), mine, expected, strict=True):
+        assert_close_to_truth(f"grad grad {name}", grad, grad64)

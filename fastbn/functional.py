@@ -246,13 +246,13 @@ def check_arguments(
         dtypes.add(tensor_dtype)
     if len(dtypes) > 1:  # (after every tensor's own checks, which name the first mistake)
         _raise_mixed_dtypes(weight, bias, running_mean, running_var, dtype)
-    if not training:  # torch names the missing one, a RuntimeError
-        for name, tensor in (("running_mean", running_mean), ("running_var", running_var)):
-            if tensor is None:
-                raise RuntimeError(
-                    f"batch_norm: {name} must be defined in evaluation mode (pass "
-                    "training=True to normalize with batch statistics)"
-                )
+    if not training:
+        if running_mean is None or running_var is None:  # torch names it, a RuntimeError
+            name = "running_mean" if running_mean is None else "running_var"
+            raise RuntimeError(
+                f"batch_norm: {name} must be defined in evaluation mode (pass "
+                "training=True to normalize with batch statistics)"
+            )
     elif (running_mean is None) != (running_var is None):
         raise ValueError(
             "batch_norm: running_mean and running_var must be given together or both be None"
@@ -265,7 +265,10 @@ def check_arguments(
             f"batch_norm: {name} is updated in place in training, but it is an expanded view "
             "(stride 0: its elements share one memory location); pass a tensor of its own"
         )
-    if torch.is_grad_enabled() and ops.requires_grad(running_mean, running_var):
+    if torch.is_grad_enabled() and (
+        (running_mean is not None and running_mean.requires_grad)
+        or (running_var is not None and running_var.requires_grad)
+    ):
         # torch's autograd refuses them (no derivative is defined)
         for name, tensor in (("running_mean", running_mean), ("running_var", running_var)):
             if tensor is not None and tensor.requires_grad:

@@ -729,7 +729,7 @@ def call_normalize_backward(*args: Any) -> tuple[Tensor, Tensor, Tensor, Tensor]
     # trace the functorch queries, and a compiled region sees no functorch wrappers.)
     if torch.compiler.is_compiling():
         return normalize_backward(*args)
-    if (transformed() or _functorch.is_functorch_wrapped_tensor(grad_out)
+    if (transform_active() or _functorch.is_functorch_wrapped_tensor(grad_out)
             or _functorch.is_legacy_batchedtensor(grad_out)):  # autograd.grad(is_grads_batched)
         *tensors, eps, use_batch_stats, activation, negative_slope, output_mask, _ = args
         inputs = BackwardInputs(*tensors, eps, activation, negative_slope)

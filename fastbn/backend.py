@@ -37,9 +37,16 @@ class _ThreadChoice(threading.local):
 
 
 _thread = _ThreadChoice()
-# FASTBN_BACKEND as last read, and the name it gives: the environment is read again only
-# in eager code, and only re-parsed when its text changed; traced code reads the cache.
-_environment: tuple[str | None, str] = (None, "auto")
+# FASTBN_BACKEND as last read (the raw value in os.environ's own mapping, None when unset),
+# and the name it gives: the environment is read again on every eager call, and only
+# re-parsed when its value changed; traced code reads the cache. os.environ.get would cost
+# about 1 µs per call (it encodes the key and decodes the value in Python), so the lookup
+# goes to the mapping behind it, os.environ._data (CPython's and PyPy's os module since
+# Python 3.2), with the key encoded once: the same values as os.environ.get, since every
+# write through os.environ (os.environ[...] = ..., monkeypatch.setenv, del) updates it.
+_ENVIRON_DATA: dict = os.environ._data  # type: ignore[attr-defined]
+_ENVIRON_KEY = os.environ.encodekey("FASTBN_BACKEND")  # type: ignore[attr-defined]
+_environment: tuple[object, str | None] = (None, None)  # (no name: not parsed yet)
 _triton_problem: str | None = None  # why the kernels cannot run, once known ("" = they can)
 
 
@@ -68,13 +75,14 @@ def environment_default() -> str:
     nor bakes a read of it into the graph.
     """
     global _environment
-    raw, name = _environment
-    if torch.compiler.is_compiling() and raw is not None:
+    last, name = _environment
+    if name is not None and torch.compiler.is_compiling():
         return name
-    text = os.environ.get("FASTBN_BACKEND", "")
-    if text != raw:
+    raw = _ENVIRON_DATA.get(_ENVIRON_KEY)
+    if name is None or raw != last:
+        text = "" if raw is None else os.environ.decodevalue(raw)  # type: ignore[attr-defined]
         name = _check_name(text, "FASTBN_BACKEND") if text else "auto"
-        _environment = (text, name)
+        _environment = (raw, name)
     return name
 
 

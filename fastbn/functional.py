@@ -68,10 +68,11 @@ def batch_norm(
             input, running_mean, running_var, weight, bias, training, eps, residual,
             activation_name, negative_slope, num_batches_tracked,
         )
-    if not torch.compiler.is_compiling():  # (tracing sees the custom ops and plain tensors)
+    compiling = torch.compiler.is_compiling()  # (asked once: the calls below are told)
+    if not compiling:  # (tracing sees the custom ops and plain tensors)
         negative = _negative(input, weight, bias, residual, running_mean, running_var,
                              num_batches_tracked)  # (one test for the common case: none)
-        if ops.transformed() or (
+        if ops.transform_active() or (
             negative and _negative(running_mean, running_var, num_batches_tracked)
         ):
             return ops.composite_batch_norm(
@@ -96,15 +97,17 @@ def batch_norm(
             ops.count_mutations(running_mean, running_var, num_batches_tracked)
             return output
     save_mask = saves_activation_mask(activation_name, input, weight, bias, residual)
+    eager = not compiling and ops.direct_uncompiled(input) and ops.plain(
+        running_mean, running_var, weight, bias, residual, num_batches_tracked)
     if training:
         output, _ = ops.call_batch_norm_train_(
             input, running_mean, running_var, num_batches_tracked, momentum, weight, bias,
-            residual, eps, activation_name, negative_slope, save_mask, backend,
+            residual, eps, activation_name, negative_slope, save_mask, backend, eager,
         )
     else:
         output, _ = ops.call_normalize(
             input, running_mean, running_var, weight, bias, residual, eps, False,
-            activation_name, negative_slope, save_mask, backend,
+            activation_name, negative_slope, save_mask, backend, eager,
         )
     return output
 
@@ -232,25 +235,25 @@ def check_arguments(
     channels = shape[1]
     allowed = _PARAMETER_DTYPES[dtype]
     per_channel_shape = (channels,)
-    first_dtype, mixed = None, False  # float16/bfloat16 input: its dtype or float32, one for all
+    dtypes = set()  # float16/bfloat16 input: its dtype or float32, one for all
     for tensor in (weight, bias, running_mean, running_var):
         if tensor is None:
             continue
+        tensor_dtype = tensor.dtype
         if (tensor.device != device or tensor.shape != per_channel_shape
-                or tensor.dtype not in allowed):
+                or tensor_dtype not in allowed):
             _raise_per_channel(weight, bias, running_mean, running_var, device, channels, dtype,
                                allowed)
-        first_dtype = tensor.dtype if first_dtype is None else first_dtype
-        mixed = mixed or tensor.dtype != first_dtype
-    if mixed:  # (after every tensor's own checks, which name the first mistake)
+        dtypes.add(tensor_dtype)
+    if len(dtypes) > 1:  # (after every tensor's own checks, which name the first mistake)
         _raise_mixed_dtypes(weight, bias, running_mean, running_var, dtype)
-    if not training:  # torch names the missing one, a RuntimeError
-        for name, tensor in (("running_mean", running_mean), ("running_var", running_var)):
-            if tensor is None:
-                raise RuntimeError(
-                    f"batch_norm: {name} must be defined in evaluation mode (pass "
-                    "training=True to normalize with batch statistics)"
-                )
+    if not training:
+        if running_mean is None or running_var is None:  # torch names it, a RuntimeError
+            name = "running_mean" if running_mean is None else "running_var"
+            raise RuntimeError(
+                f"batch_norm: {name} must be defined in evaluation mode (pass "
+                "training=True to normalize with batch statistics)"
+            )
     elif (running_mean is None) != (running_var is None):
         raise ValueError(
             "batch_norm: running_mean and running_var must be given together or both be None"
@@ -263,7 +266,10 @@ def check_arguments(
             f"batch_norm: {name} is updated in place in training, but it is an expanded view "
             "(stride 0: its elements share one memory location); pass a tensor of its own"
         )
-    if torch.is_grad_enabled() and ops.requires_grad(running_mean, running_var):
+    if torch.is_grad_enabled() and (
+        (running_mean is not None and running_mean.requires_grad)
+        or (running_var is not None and running_var.requires_grad)
+    ):
         # torch's autograd refuses them (no derivative is defined)
         for name, tensor in (("running_mean", running_mean), ("running_var", running_var)):
             if tensor is not None and tensor.requires_grad:

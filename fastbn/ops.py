@@ -480,7 +480,12 @@ def direct(x: Tensor) -> bool:
     ops' fake implementations serve meta tensors on every backend); eager calls run the same
     implementation with the same autograd formulas, without the dispatcher's Python layers.
     """
-    return (type(x) is Tensor and not x.is_meta and not torch.compiler.is_compiling()
+    return not torch.compiler.is_compiling() and direct_uncompiled(x)
+
+
+def direct_uncompiled(x: Tensor) -> bool:
+    """``direct(x)`` for a caller that knows it is not compiling."""
+    return (type(x) is Tensor and not x.is_meta
             and not torch._C._is_tracing())  # (torch.jit.is_tracing, without its script test)
 
 
@@ -499,8 +504,11 @@ def plain(*tensors: Optional[Tensor]) -> bool:
 def transformed() -> bool:
     """Whether a torch.func transform or a forward-AD dual level is active (see the module
     docstring): two cheap reads of interpreter state; never true while compiling."""
-    if torch.compiler.is_compiling():
-        return False
+    return not torch.compiler.is_compiling() and transform_active()
+
+
+def transform_active() -> bool:
+    """``transformed()`` for a caller that knows it is not compiling."""
     return (torch.autograd.forward_ad._current_level >= 0
             or _functorch.peek_interpreter_stack() is not None)
 
@@ -513,12 +521,16 @@ def call_batch_stats_(
     momentum: Optional[float],
     backend: str,
     for_normalize: bool = False,
+    eager: Optional[bool] = None,
 ) -> tuple[Tensor, Tensor]:
     """``batch_stats_``: mean and var, running statistics updated in place. With
     ``for_normalize`` (the caller hands them to ``call_normalize`` only) an eager call on
     the "torch" backend gets them as ``cpu.batch_stats_as_computed_`` gives them, in the
-    compute dtype where that is exact enough, instead of STATS_DTYPE."""
-    if not (direct(x) and plain(running_mean, running_var, num_batches_tracked)):
+    compute dtype where that is exact enough, instead of STATS_DTYPE. ``eager``: as
+    call_normalize's."""
+    if eager is None:
+        eager = direct(x) and plain(running_mean, running_var, num_batches_tracked)
+    if not eager:
         return batch_stats_(x, running_mean, running_var, num_batches_tracked, momentum,
                             backend)
     function = (cpu.batch_stats_as_computed_ if for_normalize and backend == "torch"
@@ -595,9 +607,13 @@ def call_normalize(
     negative_slope: float,
     save_mask: bool,
     backend: str,
+    eager: Optional[bool] = None,
 ) -> tuple[Tensor, Tensor]:
-    """``normalize``: (y, activation mask)."""
-    if direct(x) and plain(mean, var, weight, bias, residual):
+    """``normalize``: (y, activation mask). ``eager`` says whether the call may skip the
+    dispatcher (``direct(x)`` and ``plain`` of the other tensors) where the caller knows."""
+    if eager is None:
+        eager = direct(x) and plain(mean, var, weight, bias, residual)
+    if eager:
         if torch.is_grad_enabled() and requires_grad(x, weight, bias, residual):
             return _apply_normalize(
                 _live(x), _live(mean), _live(var), _live(weight), _live(bias), _live(residual),
@@ -656,13 +672,14 @@ def _train_forward(x, running_mean, running_var, num_batches_tracked, momentum, 
 
 def call_batch_norm_train_(x: Tensor, running_mean, running_var, num_batches_tracked, momentum,
                            weight, bias, residual, eps, activation, negative_slope, save_mask,
-                           backend) -> tuple[Tensor, Tensor]:
+                           backend, eager: Optional[bool] = None) -> tuple[Tensor, Tensor]:
     """The training forward with batch statistics, running statistics updated in place:
     (y, activation mask), differentiable in y as ``normalize`` with use_batch_stats. An
     eager call on the "torch" backend is ``call_batch_stats_`` (its statistics as computed)
-    then ``call_normalize``."""
-    eager = direct(x) and plain(running_mean, running_var, num_batches_tracked, weight, bias,
-                                residual)
+    then ``call_normalize``. ``eager``: as call_normalize's, of all the tensors."""
+    if eager is None:
+        eager = direct(x) and plain(running_mean, running_var, num_batches_tracked, weight,
+                                    bias, residual)
     # A tensor subclass among weight, bias and the residual alone (a TwoTensor weight) runs
     # an op once per component: the running statistics would take the batch that often. Then
     # the statistics op sees the plain tensors only, as torch's own kernel would.
@@ -675,11 +692,12 @@ def call_batch_norm_train_(x: Tensor, running_mean, running_var, num_batches_tra
         or (plain(x, running_mean, running_var, num_batches_tracked)
             and not plain(weight, bias, residual))
     )):
+        known = eager or None  # (else each call asks for its own tensors)
         mean, var = call_batch_stats_(x.detach(), running_mean, running_var,
                                       num_batches_tracked, momentum, backend,
-                                      for_normalize=True)
+                                      for_normalize=True, eager=known)
         return call_normalize(x, mean, var, weight, bias, residual, eps, True, activation,
-                              negative_slope, save_mask, backend)
+                              negative_slope, save_mask, backend, known)
     options = (momentum, eps, activation, negative_slope, save_mask, backend, eager)
     if torch.is_grad_enabled() and requires_grad(x, weight, bias, residual):
         if eager:
@@ -712,7 +730,7 @@ def call_normalize_backward(*args: Any) -> tuple[Tensor, Tensor, Tensor, Tensor]
     # trace the functorch queries, and a compiled region sees no functorch wrappers.)
     if torch.compiler.is_compiling():
         return normalize_backward(*args)
-    if (transformed() or _functorch.is_functorch_wrapped_tensor(grad_out)
+    if (transform_active() or _functorch.is_functorch_wrapped_tensor(grad_out)
             or _functorch.is_legacy_batchedtensor(grad_out)):  # autograd.grad(is_grads_batched)
         *tensors, eps, use_batch_stats, activation, negative_slope, output_mask, _ = args
         inputs = BackwardInputs(*tensors, eps, activation, negative_slope)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 
 import pytest
@@ -56,6 +57,21 @@ def test_use_backend_rejects_an_unknown_name():
 def test_environment_variable_sets_the_default(monkeypatch):
     monkeypatch.setenv("FASTBN_BACKEND", "torch")
     assert current_backend() == "torch"
+
+
+def test_each_call_sees_the_environment_variable_as_it_is_then(monkeypatch):
+    """The value is cached between calls (read cheaply, re-parsed on a change): a change
+    between two calls, through monkeypatch or os.environ itself, shows in the next one."""
+    monkeypatch.setenv("FASTBN_BACKEND", "torch")
+    assert current_backend() == "torch"
+    monkeypatch.setenv("FASTBN_BACKEND", "triton")
+    assert current_backend() == "triton"
+    os.environ["FASTBN_BACKEND"] = "auto"
+    assert current_backend() == "auto"
+    os.environ["FASTBN_BACKEND"] = "torch"
+    assert current_backend() == "torch"
+    del os.environ["FASTBN_BACKEND"]
+    assert current_backend() == "auto"
 
 
 def test_use_backend_overrides_the_environment_variable(monkeypatch):

@@ -232,6 +232,29 @@ def test_output_and_input_grad_take_torchs_memory_formats_for_channels_last_inpu
         assert y.is_contiguous(memory_format=torch.channels_last_3d)
 
 
+def test_attributes_changed_between_calls_take_effect_on_the_next_call(backend, device):
+    """momentum, eps, training and the backend are read on every call (nothing per module is
+    cached): each change between calls shows in the next call's results, against the truth."""
+    fast, ref = make_pair(fastbn.BatchNorm2d, 3, device)
+    changes = [
+        ("first", lambda m: None),
+        ("momentum 0.5", lambda m: setattr(m, "momentum", 0.5)),
+        ("eps 0.1", lambda m: setattr(m, "eps", 0.1)),
+        ("eval", lambda m: m.eval()),
+        ("momentum None", lambda m: (m.train(), setattr(m, "momentum", None))),
+        ("eval, eps 1e-3", lambda m: (m.eval(), setattr(m, "eps", 1e-3))),
+        ("train", lambda m: m.train()),
+    ]
+    other = "torch" if backend == "triton" or fastbn.backend.triton_problem() else "triton"
+    for step, (label, change) in enumerate(changes):
+        change(fast)
+        change(ref)
+        x = make_input((4, 3, 3, 3), seed=step, spread=1 + step, device=device)
+        grad_out = make_input((4, 3, 3, 3), seed=100 + step, device=device)
+        with fastbn.use_backend(other if step % 2 else backend):  # the backend changes too
+            assert_call_matches_truth(label, fast, ref, x, grad_out, training=fast.training)
+
+
 def test_momentum_none_is_cumulative_average(backend, device):
     module = fastbn.BatchNorm2d(3, momentum=None, device=device)
     batches = [make_input((4, 3, 3, 3), seed=s, spread=1 + s, device=device) for s in range(3)]

@@ -37,16 +37,9 @@ class _ThreadChoice(threading.local):
 
 
 _thread = _ThreadChoice()
-# FASTBN_BACKEND as last read (the raw value in os.environ's own mapping, None when unset),
-# and the name it gives: the environment is read again on every eager call, and only
-# re-parsed when its value changed; traced code reads the cache. os.environ.get would cost
-# about 1 µs per call (it encodes the key and decodes the value in Python), so the lookup
-# goes to the mapping behind it, os.environ._data (CPython's and PyPy's os module since
-# Python 3.2), with the key encoded once: the same values as os.environ.get, since every
-# write through os.environ (os.environ[...] = ..., monkeypatch.setenv, del) updates it.
-_ENVIRON_DATA: dict = os.environ._data  # type: ignore[attr-defined]
-_ENVIRON_KEY = os.environ.encodekey("FASTBN_BACKEND")  # type: ignore[attr-defined]
-_environment: tuple[object, str | None] = (None, None)  # (no name: not parsed yet)
+# FASTBN_BACKEND as last read, and the name it gives: the environment is read again only
+# in eager code, and only re-parsed when its text changed; traced code reads the cache.
+_environment: tuple[str | None, str] = (None, "auto")
 _triton_problem: str | None = None  # why the kernels cannot run, once known ("" = they can)
 
 
@@ -75,14 +68,13 @@ def environment_default() -> str:
     nor bakes a read of it into the graph.
     """
     global _environment
-    last, name = _environment
-    if name is not None and torch.compiler.is_compiling():
+    raw, name = _environment
+    if torch.compiler.is_compiling() and raw is not None:
         return name
-    raw = _ENVIRON_DATA.get(_ENVIRON_KEY)
-    if name is None or raw != last:
-        text = "" if raw is None else os.environ.decodevalue(raw)  # type: ignore[attr-defined]
+    text = os.environ.get("FASTBN_BACKEND", "")
+    if text != raw:
         name = _check_name(text, "FASTBN_BACKEND") if text else "auto"
-        _environment = (raw, name)
+        _environment = (text, name)
     return name
 
 

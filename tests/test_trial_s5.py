@@ -1,0 +1,122 @@
+"""Bugs found by the s5 new-user trial of the CPU path (each test is a bug report: it fails
+until the bug is fixed).
+
+1. A fused leaky_relu's output may be modified in place before the backward, as torch's
+   F.leaky_relu's may (its backward saves the input, not the output). The CPU native route
+   applies leaky_relu_ in place, whose autograd node saves the output, so `y.mul_(2)`,
+   `y += 1` or an `nn.ReLU(inplace=True)` after the layer makes the backward raise "one of
+   the variables needed for gradient computation has been modified by an inplace
+   operation"; fp32 NCHW (the autograd-Function route) runs.
+2. The same through fastbn.convert: conv -> BatchNorm2d -> LeakyReLU in an nn.Sequential,
+   then `out += x`, trains as torch's model does (channels_last: the native route).
+3. fuse="graph" rewrites `out = bn(conv(x)); out += x` into `bn(conv(x), residual=x)`:
+   torch.fx records `+=` as `+`, so under autocast a float32 x now promotes the block's
+   output to float32, where torch's in-place add keeps out's bfloat16.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from conftest import DEVICE
+from helpers import assert_close_to_truth, batch_norm_truth, grads_truth, make_input, tolerance
+
+import fastbn
+
+# (shape, channels_last, dtype of x; the per-channel tensors are float32): the CPU native
+# route's cases (channels innermost in float32, bfloat16 any layout), then fp32 NCHW.
+NATIVE_CASES = [
+    ((3, 5, 4, 6), True, torch.float32),
+    ((7, 5), False, torch.float32),
+    ((2, 5, 3, 4, 2), True, torch.float32),
+    ((3, 5, 4, 6), False, torch.bfloat16),
+    ((3, 5, 4, 6), False, torch.float32),
+]
+
+
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize(("shape", "channels_last", "dtype"), NATIVE_CASES, ids=str)
+def test_fused_leaky_relu_output_may_be_modified_in_place_before_backward(
+    shape, channels_last, dtype, residual
+):
+    """y = leaky_relu(BN(x) + z); y.mul_(2); the backward gives the gradients of 2 * y."""
+    x = make_input(shape, dtype, channels_last=channels_last, offset=0.3).requires_grad_(True)
+    z = make_input(shape, dtype, seed=3, channels_last=channels_last) if residual else None
+    channels = shape[1]
+    weight = torch.linspace(0.5, 1.5, channels, device=DEVICE).requires_grad_(True)
+    bias = torch.linspace(-0.3, 0.3, channels, device=DEVICE).requires_grad_(True)
+    running_mean = torch.zeros(channels, device=DEVICE)
+    running_var = torch.ones(channels, device=DEVICE)
+    truth = batch_norm_truth(x, running_mean, running_var, weight, bias, True, residual=z,
+                             activation="leaky_relu", negative_slope=0.1)
+    y = fastbn.batch_norm(x, running_mean, running_var, weight, bias, True, residual=z,
+                          activation="leaky_relu", negative_slope=0.1)
+    y.mul_(2)
+    grad_out = make_input(shape, dtype, seed=7, channels_last=channels_last,
+                          scaled_channels=False)
+    grads = torch.autograd.grad(y, [x, weight, bias], grad_out)
+    expected = grads_truth(truth, 2 * grad_out.double())
+    assert_close_to_truth("output", y, 2 * truth["y"])
+    for name, grad in zip(("x", "weight", "bias"), grads, strict=True):
+        assert_close_to_truth(f"grad {name}", grad, expected[name], dtype=dtype)
+
+
+class LeakyResidual(nn.Module):
+    """A darknet/CSP-style block: conv -> BN -> LeakyReLU in a Sequential, then `out += x`."""
+
+    def __init__(self, channels=4):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1, bias=False),
+                                  nn.BatchNorm2d(channels), nn.LeakyReLU(0.1))
+
+    def forward(self, x):
+        out = self.body(x)
+        out += x
+        return out
+
+
+@pytest.mark.parametrize("fuse", ["safe", "graph"])
+def test_converted_bn_leaky_relu_then_in_place_add_trains_like_torch(fuse):
+    torch.manual_seed(0)
+    model = LeakyResidual().to(DEVICE).to(memory_format=torch.channels_last)
+    reference = copy.deepcopy(model)
+    converted = fastbn.convert(model, fuse=fuse)
+    x = make_input((2, 4, 5, 5), channels_last=True)
+    converted(x).square().sum().backward()
+    reference(x).square().sum().backward()
+    atol, rtol = tolerance(torch.float32)
+    for (name, p), q in zip(reference.named_parameters(), converted.parameters(), strict=True):
+        torch.testing.assert_close(q.grad, p.grad, atol=atol, rtol=rtol, msg=name)
+
+
+class InPlaceInputResidual(nn.Module):
+    """torchvision's `out += identity` with the block's own (float32) input as identity."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        out = self.bn(self.conv(x))
+        out += x
+        return F.relu(out)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_graph_fused_in_place_add_keeps_the_outputs_dtype_under_autocast(training):
+    torch.manual_seed(0)
+    model = InPlaceInputResidual().to(DEVICE).train(training)
+    reference = copy.deepcopy(model)
+    converted = fastbn.convert(model, fuse="graph")
+    x = make_input((2, 4, 6, 6))
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        output, expected = converted(x), reference(x)
+    assert expected.dtype == torch.bfloat16
+    assert output.dtype == expected.dtype
+    atol, rtol = tolerance(torch.bfloat16)
+    torch.testing.assert_close(output, expected, atol=atol, rtol=rtol)

@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from conftest import DEVICE
+from convert_models import InputResidual
 from helpers import assert_close_to_truth, batch_norm_truth, grads_truth, make_input, tolerance
 
 import fastbn
@@ -93,13 +94,8 @@ def test_converted_bn_leaky_relu_then_in_place_add_trains_like_torch(fuse):
         torch.testing.assert_close(q.grad, p.grad, atol=atol, rtol=rtol, msg=name)
 
 
-class InPlaceInputResidual(nn.Module):
+class InPlaceInputResidual(InputResidual):
     """torchvision's `out += identity` with the block's own (float32) input as identity."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(4, 4, 3, padding=1, bias=False)
-        self.bn = nn.BatchNorm2d(4)
 
     def forward(self, x):
         out = self.bn(self.conv(x))

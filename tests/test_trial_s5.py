@@ -116,3 +116,23 @@ def test_graph_fused_in_place_add_keeps_the_outputs_dtype_under_autocast(trainin
     assert output.dtype == expected.dtype
     atol, rtol = tolerance(torch.bfloat16)
     torch.testing.assert_close(output, expected, atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_refused_inference_tensor_running_mean_leaves_the_counter_unchanged(channels_last):
+    """A running_mean made under torch.inference_mode cannot be updated in place outside it:
+    the training call raises torch's RuntimeError (as F.batch_norm does with a weight that
+    requires grad) before anything changes, num_batches_tracked included."""
+    x = make_input((4, 3, 5, 6), channels_last=channels_last)
+    with torch.inference_mode():
+        running_mean = torch.zeros(3, device=DEVICE)
+    running_var = torch.ones(3, device=DEVICE)
+    num_batches_tracked = torch.tensor(0, device=DEVICE)
+    weight = torch.ones(3, device=DEVICE, requires_grad=True)
+    with pytest.raises(RuntimeError):
+        F.batch_norm(x, running_mean, running_var.clone(), weight, None, True)
+    with pytest.raises(RuntimeError):
+        fastbn.batch_norm(x, running_mean, running_var, weight, None, True,
+                          num_batches_tracked=num_batches_tracked)
+    assert num_batches_tracked.item() == 0
+    assert torch.equal(running_var, torch.ones(3, device=DEVICE))

@@ -10,7 +10,8 @@ def state():
     return dict(rm=torch.zeros(C), rv=torch.ones(C), w=torch.nn.Parameter(torch.ones(C)),
                 b=torch.nn.Parameter(torch.zeros(C)), nbt=torch.tensor(0))
 
-def run(label, fn_t, fn_f):
+def run(label, fn_t, fn_f, flagged_only=False):
+    """Print the two outcomes (only when flagged, with flagged_only); return the flag."""
     out = []
     for fn in (fn_t, fn_f):
         s = state()
@@ -24,10 +25,12 @@ def run(label, fn_t, fn_f):
     (rt, ct), (rf, cf) = out
     flag = "" if (rt.split(":")[0] == rf.split(":")[0]) else "  <-- TYPE DIFFERS"
     if rf != "ok" and cf: flag += "  <-- STATE CHANGED ON ERROR"
-    print(f"{label}\n   torch : {rt} changed={ct}\n   fastbn: {rf} changed={cf}{flag}")
+    if flag or not flagged_only:
+        print(f"{label}\n   torch : {rt} changed={ct}\n   fastbn: {rf} changed={cf}{flag}")
+    return flag
 
-x = torch.randn(4, C, 5)
-cases = {
+
+CASES = {  # (fastbn.batch_norm's keyword arguments to override, from the state)
  "rm wrong shape": lambda s: dict(running_mean=torch.zeros(C + 1)),
  "rm 2-D (C,1)": lambda s: dict(running_mean=torch.zeros(C, 1)),
  "weight wrong shape": lambda s: dict(weight=torch.ones(C + 1)),
@@ -57,38 +60,41 @@ cases = {
  "training int 1": lambda s: dict(training=1),
  "input channel 0 nonempty?": lambda s: dict(input=torch.randn(4, 0, 5)),
 }
-for label, mk in cases.items():
-    def call(f, s, mk=mk):
-        kw = dict(input=x, running_mean=s["rm"], running_var=s["rv"], weight=s["w"], bias=s["b"],
-                  training=True, momentum=0.1, eps=1e-5)
-        kw.update(mk(s))
-        inp = kw.pop("input")
-        return f(inp, **kw)
-    run(label, lambda s: call(F.batch_norm, s),
-        lambda s: call(lambda i, **k: fastbn.batch_norm(i, num_batches_tracked=None, **k), s))
 
-# module-level
-print("\n--- modules ---")
-def mod_case(label, make_input, train=True, **kw):
-    res = []
-    for cls in (torch.nn.BatchNorm2d, fastbn.BatchNorm2d):
-        m = cls(C, **kw).train(train)
-        snap = {k: (v.clone(), v._version) for k, v in m.state_dict(keep_vars=True).items()}
-        try:
-            m(make_input()); r = "ok"
-        except Exception as e:
-            r = f"{type(e).__name__}: {str(e)[:90]}"
-        ch = [k for k, v in m.state_dict(keep_vars=True).items() if v._version != snap[k][1] or not torch.equal(v.detach(), snap[k][0].detach())]
-        res.append((r, ch))
-    flag = "" if res[0][0].split(":")[0] == res[1][0].split(":")[0] else "  <-- TYPE DIFFERS"
-    if res[1][0] != "ok" and res[1][1]: flag += "  <-- STATE CHANGED ON ERROR"
-    print(f"{label}\n   torch : {res[0]}\n   fastbn: {res[1]}{flag}")
+if __name__ == "__main__":
+    x = torch.randn(4, C, 5)
+    for label, mk in CASES.items():
+        def call(f, s, mk=mk):
+            kw = dict(input=x, running_mean=s["rm"], running_var=s["rv"], weight=s["w"], bias=s["b"],
+                      training=True, momentum=0.1, eps=1e-5)
+            kw.update(mk(s))
+            inp = kw.pop("input")
+            return f(inp, **kw)
+        run(label, lambda s: call(F.batch_norm, s),
+            lambda s: call(lambda i, **k: fastbn.batch_norm(i, num_batches_tracked=None, **k), s))
 
-mod_case("3-D input to 2d", lambda: torch.randn(4, C, 5))
-mod_case("wrong C", lambda: torch.randn(4, C + 1, 5, 5))
-mod_case("N=1 1x1", lambda: torch.randn(1, C, 1, 1))
-mod_case("int input", lambda: torch.ones(4, C, 5, 5, dtype=torch.int32))
-mod_case("empty N=0", lambda: torch.randn(0, C, 5, 5))
-mod_case("empty wrong C", lambda: torch.randn(0, C + 1, 5, 5))
-mod_case("fp64 input fp32 module", lambda: torch.randn(4, C, 5, 5, dtype=torch.float64))
-mod_case("momentum None wrong C", lambda: torch.randn(4, C + 1, 5, 5), momentum=None)
+    # module-level
+    print("\n--- modules ---")
+    def mod_case(label, make_input, train=True, **kw):
+        res = []
+        for cls in (torch.nn.BatchNorm2d, fastbn.BatchNorm2d):
+            m = cls(C, **kw).train(train)
+            snap = {k: (v.clone(), v._version) for k, v in m.state_dict(keep_vars=True).items()}
+            try:
+                m(make_input()); r = "ok"
+            except Exception as e:
+                r = f"{type(e).__name__}: {str(e)[:90]}"
+            ch = [k for k, v in m.state_dict(keep_vars=True).items() if v._version != snap[k][1] or not torch.equal(v.detach(), snap[k][0].detach())]
+            res.append((r, ch))
+        flag = "" if res[0][0].split(":")[0] == res[1][0].split(":")[0] else "  <-- TYPE DIFFERS"
+        if res[1][0] != "ok" and res[1][1]: flag += "  <-- STATE CHANGED ON ERROR"
+        print(f"{label}\n   torch : {res[0]}\n   fastbn: {res[1]}{flag}")
+
+    mod_case("3-D input to 2d", lambda: torch.randn(4, C, 5))
+    mod_case("wrong C", lambda: torch.randn(4, C + 1, 5, 5))
+    mod_case("N=1 1x1", lambda: torch.randn(1, C, 1, 1))
+    mod_case("int input", lambda: torch.ones(4, C, 5, 5, dtype=torch.int32))
+    mod_case("empty N=0", lambda: torch.randn(0, C, 5, 5))
+    mod_case("empty wrong C", lambda: torch.randn(0, C + 1, 5, 5))
+    mod_case("fp64 input fp32 module", lambda: torch.randn(4, C, 5, 5, dtype=torch.float64))
+    mod_case("momentum None wrong C", lambda: torch.randn(4, C + 1, 5, 5), momentum=None)

@@ -12,6 +12,10 @@ until the bug is fixed).
 3. fuse="graph" rewrites `out = bn(conv(x)); out += x` into `bn(conv(x), residual=x)`:
    torch.fx records `+=` as `+`, so under autocast a float32 x now promotes the block's
    output to float32, where torch's in-place add keeps out's bfloat16.
+4. An inference-tensor running_mean in a training call: the refusal comes after
+   num_batches_tracked was incremented (both CPU routes).
+5. Under torch.utils.checkpoint(use_reentrant=False) the native route without activation
+   updates the running statistics and counter once where torch's BatchNorm does twice.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import torch.nn.functional as F
 from conftest import DEVICE
 from convert_models import InputResidual
 from helpers import assert_close_to_truth, batch_norm_truth, grads_truth, make_input, tolerance
+from torch.utils.checkpoint import checkpoint
 
 import fastbn
 
@@ -136,3 +141,35 @@ def test_refused_inference_tensor_running_mean_leaves_the_counter_unchanged(chan
                           num_batches_tracked=num_batches_tracked)
     assert num_batches_tracked.item() == 0
     assert torch.equal(running_var, torch.ones(3, device=DEVICE))
+
+
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize(("shape", "channels_last"),
+                         [((3, 4, 5, 6), True), ((9, 4), False), ((3, 4, 5, 6), False)], ids=str)
+def test_non_reentrant_checkpoint_updates_the_running_statistics_as_torchs_does(
+    shape, channels_last, residual
+):
+    """torch.utils.checkpoint(use_reentrant=False) runs the forward again in the backward;
+    torch's BatchNorm updates its running statistics and counter in both runs. The CPU
+    native route updates them after torch.native_batch_norm has saved its tensors, so the
+    recomputation, which stops as soon as every saved tensor is back, stops before the
+    update: once, not twice (with relu, whose output is saved last, twice)."""
+    cls = fastbn.BatchNorm2d if len(shape) == 4 else fastbn.BatchNorm1d
+    torch_cls = nn.BatchNorm2d if len(shape) == 4 else nn.BatchNorm1d
+    layer, reference = cls(4).to(DEVICE), torch_cls(4).to(DEVICE)
+    x = make_input(shape, channels_last=channels_last, offset=0.5).requires_grad_(True)
+    z = make_input(shape, seed=2, channels_last=channels_last) if residual else None
+
+    def fastbn_forward(t):
+        return layer(t, z)
+
+    def torch_forward(t):
+        y = reference(t)
+        return y if z is None else y + z
+
+    checkpoint(fastbn_forward, x, use_reentrant=False).sum().backward()
+    checkpoint(torch_forward, x, use_reentrant=False).sum().backward()
+    assert layer.num_batches_tracked.item() == reference.num_batches_tracked.item() == 2
+    atol, rtol = tolerance(torch.float32)
+    torch.testing.assert_close(layer.running_mean, reference.running_mean, atol=atol, rtol=rtol)
+    torch.testing.assert_close(layer.running_var, reference.running_var, atol=atol, rtol=rtol)

@@ -16,6 +16,9 @@ until the bug is fixed).
    num_batches_tracked was incremented (both CPU routes).
 5. Under torch.utils.checkpoint(use_reentrant=False) the native route without activation
    updates the running statistics and counter once where torch's BatchNorm does twice.
+6. channels_last x, a contiguous (NCHW) output gradient: torch.compile's gradients differ
+   from eager's by rounding where the eager backward is not the native route's (float16 /
+   bfloat16 leaky_relu; the exact path at large mean), since its sums follow g's format.
 """
 
 from __future__ import annotations
@@ -173,3 +176,40 @@ def test_non_reentrant_checkpoint_updates_the_running_statistics_as_torchs_does(
     atol, rtol = tolerance(torch.float32)
     torch.testing.assert_close(layer.running_mean, reference.running_mean, atol=atol, rtol=rtol)
     torch.testing.assert_close(layer.running_var, reference.running_var, atol=atol, rtol=rtol)
+
+
+# (dtype, activation, offset): the eager calls on channels_last x whose backward is not the
+# native route's: float16 leaky_relu (not served natively), float32 at mean 1e4 (the rule
+# sends it to the exact path); then a native call, whose hook puts the gradient in x's format.
+FORMAT_CASES = [(torch.float16, "leaky_relu", 0.0), (torch.float32, None, 1e4),
+                (torch.float32, "relu", 1e4), (torch.float32, "relu", 0.0)]
+
+
+@pytest.mark.parametrize(("dtype", "activation", "offset"), FORMAT_CASES, ids=str)
+def test_compiled_gradients_equal_eager_for_an_nchw_gradient_of_a_channels_last_output(
+    dtype, activation, offset
+):
+    """y = BN(x) for a channels_last x, y.backward(g) with g contiguous (NCHW): torch.compile
+    (fullgraph) gives eager's bits. AOTAutograd hands the compiled backward g in y's format
+    (channels_last); the eager backward of these calls sums in g's own format, so the
+    weight, bias (and x) gradients differ by rounding unless the backward takes g in x's
+    format as the native route does."""
+
+    def step(fn):
+        x = make_input((2, 3, 4, 5), dtype, channels_last=True, offset=offset)
+        x.requires_grad_(True)
+        weight = torch.linspace(0.5, 1.5, 3, device=DEVICE).requires_grad_(True)
+        bias = torch.linspace(-0.3, 0.3, 3, device=DEVICE).requires_grad_(True)
+        y = fn(x, weight, bias)
+        grad_out = make_input(y.shape, dtype, seed=4, scaled_channels=False)  # contiguous
+        return [y, *torch.autograd.grad(y, [x, weight, bias], grad_out)]
+
+    def call(x, weight, bias):
+        return fastbn.batch_norm(x, None, None, weight, bias, True, activation=activation,
+                                 negative_slope=0.1)
+
+    eager = step(call)
+    compiled = step(torch.compile(call, backend="aot_eager", fullgraph=True))
+    for name, mine, theirs in zip(("output", "x", "weight", "bias"), eager, compiled,
+                                  strict=True):
+        assert torch.equal(mine, theirs), name

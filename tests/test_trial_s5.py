@@ -19,6 +19,8 @@ until the bug is fixed).
 6. channels_last x, a contiguous (NCHW) output gradient: torch.compile's gradients differ
    from eager's by rounding where the eager backward is not the native route's (float16 /
    bfloat16 leaky_relu; the exact path at large mean), since its sums follow g's format.
+7. Batched gradients (is_grads_batched=True, jacobian(vectorize=True)) of a channels_last
+   native call raise a vmap copy_ error in the native route's gradient-format pre-hook.
 """
 
 from __future__ import annotations
@@ -213,3 +215,23 @@ def test_compiled_gradients_equal_eager_for_an_nchw_gradient_of_a_channels_last_
     for name, mine, theirs in zip(("output", "x", "weight", "bias"), eager, compiled,
                                   strict=True):
         assert torch.equal(mine, theirs), name
+
+
+@pytest.mark.parametrize("activation", [None, "relu"])
+@pytest.mark.parametrize("shape", [(2, 3, 2, 4), (2, 3, 2, 2, 3)], ids=str)
+def test_batched_gradients_of_a_channels_last_call_equal_torchs(shape, activation):
+    """autograd.grad(..., is_grads_batched=True) (what jacobian(vectorize=True) and hessian
+    run) vmaps the backward over a batch of output gradients. On the CPU native route the
+    pre-hook that hands the node its gradient in x's format copies the batched gradient
+    into an unbatched empty_like(x) (reference.like_input's copy_), which vmap refuses."""
+    x = make_input(shape, channels_last=True).requires_grad_(True)
+    weight = torch.linspace(0.5, 1.5, 3, device=DEVICE)
+    grads_out = torch.stack([make_input(shape, seed=s, scaled_channels=False) for s in (3, 4)])
+    y = fastbn.batch_norm(x, None, None, weight, None, True, activation=activation)
+    expected_y = F.batch_norm(x, None, None, weight, None, True)
+    if activation == "relu":
+        expected_y = F.relu(expected_y)
+    grads, = torch.autograd.grad(y, x, grads_out, is_grads_batched=True)
+    expected, = torch.autograd.grad(expected_y, x, grads_out, is_grads_batched=True)
+    atol, rtol = tolerance(torch.float32)
+    torch.testing.assert_close(grads, expected, atol=atol, rtol=rtol)

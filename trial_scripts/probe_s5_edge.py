@@ -7,21 +7,23 @@ momentum 0 / 1, torch.utils.checkpoint, anomaly mode, run-to-run bits.
 
 Usage: python trial_scripts/probe_s5_edge.py
 """
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint as cp
 
 import fastbn
+from s5_common import BAD, report as _report
 from fastbn import cpu
 
 torch.set_num_threads(1)
-BAD = []
 
 
 def report(tag, ok, why=""):
-    print(f"{tag:64s} {'ok' if ok else 'BAD ' + why}", flush=True)
-    if not ok:
-        BAD.append(tag)
+    _report(tag, ok, why, 64)
 
 
 def torch_fused(x, rm, rv, w, b, z, act, momentum=0.1):

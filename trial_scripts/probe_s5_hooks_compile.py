@@ -17,17 +17,15 @@ import torch
 import torch.nn as nn
 
 import fastbn
+from s5_common import BAD, report as _report
 from probe_models import resnetish
 
 torch.set_num_threads(1)
 warnings.simplefilter("ignore")
-BAD = []
 
 
 def report(tag, ok, why=""):
-    print(f"{tag:60s} {'ok' if ok else 'BAD ' + why}", flush=True)
-    if not ok:
-        BAD.append(tag)
+    _report(tag, ok, why, 60)
 
 
 # 1. hooks on a fused layer: what the hooks see and the gradients must equal the same layer's

@@ -11,20 +11,22 @@ gradient into an unbatched empty_like(x) (tests/test_trial_s5.py).
 """
 import copy
 
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import fastbn
+from s5_common import BAD, report as _report
 
 torch.set_num_threads(1)
-BAD = []
 
 
 def report(tag, ok, why=""):
-    print(f"{tag:60s} {'ok' if ok else 'BAD ' + why}", flush=True)
-    if not ok:
-        BAD.append(tag)
+    _report(tag, ok, why, 60)
 
 
 def close(a, b, tol=1e-5):

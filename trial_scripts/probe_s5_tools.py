@@ -11,14 +11,18 @@ import io
 import pickle
 import sys
 
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch
 import torch.nn as nn
 
 import fastbn
+from s5_common import BAD, report as _report
 
 torch.set_num_threads(1)
 BACKENDS = sys.argv[1:] or ["aot_eager", "inductor"]
-BAD = []
 
 CASES = {  # name: (module factory, input factory)
     "cl-relu-res": (lambda: fastbn.BatchNorm2d(5, activation="relu"), lambda: torch.randn(3, 5, 4, 6).to(memory_format=torch.channels_last), True),
@@ -31,9 +35,7 @@ CASES = {  # name: (module factory, input factory)
 
 
 def report(tag, ok, why=""):
-    print(f"{tag:44s} {'ok' if ok else 'BAD ' + why}", flush=True)
-    if not ok:
-        BAD.append(tag)
+    _report(tag, ok, why, 44)
 
 
 def setup(name):

@@ -277,11 +277,34 @@ def check_arguments(
                     f"batch_norm is not differentiable with respect to {name}: it cannot "
                     "have requires_grad=True"
                 )
+    if training and (
+        _inference(running_mean) or _inference(running_var) or _inference(num_batches_tracked)
+    ) and not torch.is_inference_mode_enabled():
+        _raise_inference_state(running_mean, running_var, num_batches_tracked)
     if training and momentum is None and running_mean is not None and num_batches_tracked is None:
         raise TypeError(  # F.batch_norm's type for momentum=None: it takes floats only
             "batch_norm: momentum=None (a cumulative moving average) needs num_batches_tracked"
         )
     return False
+
+
+def _inference(tensor: Tensor | None) -> bool:
+    """Whether tensor is an inference tensor (made under torch.inference_mode)."""
+    return tensor is not None and tensor.is_inference()
+
+
+def _raise_inference_state(running_mean, running_var, num_batches_tracked) -> None:
+    """torch's RuntimeError for an in-place update of an inference tensor outside inference
+    mode, naming the first state tensor a training call would update: raised before any of
+    them changes (the update itself would raise part-way, after the counter's)."""
+    for name, tensor in (("running_mean", running_mean), ("running_var", running_var),
+                         ("num_batches_tracked", num_batches_tracked)):
+        if _inference(tensor):
+            raise RuntimeError(
+                f"batch_norm: {name} is updated in place in training, but it is an inference "
+                "tensor (made under torch.inference_mode), and an inplace update to an "
+                "inference tensor outside InferenceMode is not allowed"
+            )
 
 
 # The dtypes a per-channel tensor may have, per input dtype.

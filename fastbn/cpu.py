@@ -77,6 +77,10 @@ _BITS_TO_BYTE = 0x0102040810204080
 """Multiplying 8 little-endian 0/1 bytes by this puts byte j's bit at bit 56 + j."""
 
 
+_CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
+"""The channels-innermost memory format of each rank that has one."""
+
+
 def fast_layout(x: Tensor) -> str | None:
     """"planes" for contiguous (N, C, *S), "rows" when channels are innermost
     (channels_last, channels_last_3d, a contiguous (N, C) matrix), else None."""
@@ -86,8 +90,7 @@ def fast_layout(x: Tensor) -> str | None:
         return "rows" if x.is_contiguous() else None
     if x.is_contiguous():
         return "planes"
-    formats = {4: torch.channels_last, 5: torch.channels_last_3d}
-    if x.dim() in formats and x.is_contiguous(memory_format=formats[x.dim()]):
+    if x.dim() in _CHANNELS_LAST and x.is_contiguous(memory_format=_CHANNELS_LAST[x.dim()]):
         return "rows"
     return None
 
@@ -262,9 +265,9 @@ def native_training_forward(
     """activation(BatchNorm(x) + residual) with batch statistics for an eager call that
     ``serves_natively``: one ``torch.native_batch_norm``, the residual added and the
     activation applied in place on its output (``epilogue_``), each step recorded by
-    torch's autograd (NativeBatchNormBackward0, AddBackward0, ReluBackward0 or
-    LeakyReluBackward1, the last from the output: no Python in the backward, no mask and
-    no recomputation).
+    torch's autograd (NativeBatchNormBackward0, AddBackward0, then ReluBackward0 from the
+    output or LeakyReluBackward0 from its input: no Python in the backward, no mask and no
+    recomputation).
 
     The same bits as the ops' route (batch_stats_, normalize_batch, normalize_backward),
     which for these calls runs the same kernels on the same values: its statistics and
@@ -280,7 +283,11 @@ def native_training_forward(
                                      momentum):
         return None
     y = same_format(y, x)  # (torch's strides differ from empty_like's on size-1 dimensions)
-    y, _ = epilogue_(y, x, residual, activation, negative_slope, False)
+    if activation == "leaky_relu":  # out of place, as NATIVE_ACTIVATIONS says why
+        y, _ = epilogue_(y, x, residual, "none", negative_slope, False)
+        y = torch.nn.functional.leaky_relu(y, negative_slope)
+    else:
+        y, _ = epilogue_(y, x, residual, activation, negative_slope, False)
     if y.requires_grad:  # (a pre-hook on y's node: cheaper per call than Tensor.register_hook)
         y.grad_fn.register_prehook(grad_in_format_hook(x))
     return y
@@ -303,24 +310,45 @@ def epilogue_(
 def grad_in_format_hook(
     x: Tensor,
 ) -> Callable[[tuple[Tensor | None, ...]], tuple[Tensor | None, ...] | None]:
-    """A pre-hook for the autograd node of an output shaped like x that hands the node its
-    output's gradient in x's memory format (None: unchanged where it has it already)."""
+    """A pre-hook for the autograd node of an output shaped like x (a ``fast_layout`` x)
+    that hands the node its output's gradient in x's memory format (None: unchanged where
+    it has it already)."""
     strides = x.stride()
+    memory_format = memory_format_of(x)
 
     def hook(grads: tuple[Tensor | None, ...]) -> tuple[Tensor | None, ...] | None:
         grad = grads[0]
         if grad is None or grad.stride() == strides:
             return None
-        return (like_input(grad, x), *grads[1:])
+        return (in_memory_format(grad, memory_format), *grads[1:])
 
     return hook
 
 
+def in_memory_format(t: Tensor, memory_format: torch.memory_format) -> Tensor:
+    """A copy of t in memory_format, by empty_like and copy_, which vmap batches (a batched
+    gradient, autograd.grad(..., is_grads_batched=True), can neither be copied into an
+    unbatched tensor nor asked ``is_contiguous`` in a channels-last format)."""
+    return torch.empty_like(t, memory_format=memory_format).copy_(t)
+
+
+def memory_format_of(x: Tensor) -> torch.memory_format:
+    """The memory format of a ``fast_layout`` x: channels_last(_3d) for a 4-D/5-D x with
+    channels innermost, else contiguous (a 2-D "rows" x is contiguous)."""
+    if x.dim() in _CHANNELS_LAST and not x.is_contiguous():
+        return _CHANNELS_LAST[x.dim()]
+    return torch.contiguous_format
+
+
 NATIVE_ACTIVATIONS = ("none", "relu", "leaky_relu")
-"""Activations ``native_training_forward`` applies in place (relu_, leaky_relu_), torch's
-autograd differentiating them from the output (threshold_backward: zero where the output
-is <= 0; leaky_relu_backward: the slope where it is not > 0, with negative_slope >= 0,
-which keeps the output's sign). Both give ``reference.activation_derivative`` at 0, -0.0,
+"""Activations ``native_training_forward`` applies after torch's kernel, as torch's own
+modules do, torch's autograd differentiating them: relu in place (relu_: threshold_backward
+from the output, zero where it is <= 0; an in-place change of the output before the
+backward then raises autograd's version error, as after torch's F.relu, which saves its
+output too), leaky_relu with negative_slope >= 0 out of place (leaky_relu_backward from
+the pre-activation, the slope where it is not > 0, as torch's F.leaky_relu: its output
+may be changed in place before the backward, as torch's may; leaky_relu_ would save its
+output and refuse that). Both give ``reference.activation_derivative`` at 0, -0.0,
 +-inf and on subnormals; leaky_relu's also at NaN. At a NaN pre-activation (u is NaN only
 when the residual, the weight or the bias holds a NaN or an inf: the rule has x's
 statistics finite) relu's passes the gradient (NaN <= 0 is false) where
@@ -770,6 +798,17 @@ def native_backward(
     )
 
 
+def grad_in_x_format(inputs: BackwardInputs) -> BackwardInputs:
+    """inputs with grad_out in the memory format of a ``fast_layout`` x (the output's): what
+    the traced route's backward receives from AOTAutograd, so an eager backward given a
+    gradient in another format sums in the same order and gives the same bits (torch's
+    backward kernel also takes its fast path only with matching formats)."""
+    grad_out, x = inputs.grad_out, inputs.x
+    if grad_out.stride() == x.stride() or fast_layout(x) is None:
+        return inputs
+    return inputs._replace(grad_out=in_memory_format(grad_out, memory_format_of(x)))
+
+
 def grad_residual_from(g: Tensor, grad_out: Tensor, x: Tensor, residual: Tensor | None) -> Tensor:
     """d residual = g, in the residual's format (x's when the mask stood in for it), never
     aliasing grad_out."""
@@ -782,6 +821,7 @@ def normalize_backward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``reference.normalize_backward`` by torch's CPU backward kernel on g = dy * act'(u)
     when the exactness rule holds: one pass for the sums, one for d input."""
+    inputs = grad_in_x_format(inputs)
     (grad_out, x, mean, var, weight, bias, residual, activation_mask, eps, activation,
      negative_slope) = inputs
     want_input, want_weight, want_bias, want_residual = output_mask
@@ -811,6 +851,7 @@ def normalize_grad_sums(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``reference.normalize_grad_sums``: [sum(g), sum(g * x_hat)] (compute dtype) by one
     pass of torch's backward kernel, and d weight, d bias from them."""
+    inputs = grad_in_x_format(inputs)
     (grad_out, x, mean, var, weight, bias, residual, activation_mask, eps, activation,
      negative_slope) = inputs
     constants = native_constants(x, mean, var, eps)
@@ -837,6 +878,7 @@ def normalize_grad_input(
 ) -> tuple[Tensor, Tensor]:
     """``reference.normalize_grad_input``: d input = a * g + b * x + c per channel (the
     cheap form of ``reference.normalize_backward``'s d input), two passes."""
+    inputs = grad_in_x_format(inputs)
     (grad_out, x, mean, var, weight, bias, residual, activation_mask, eps, activation,
      negative_slope) = inputs
     constants = native_constants(x, mean, var, eps)

@@ -277,7 +277,7 @@ def check_arguments(
                     f"batch_norm is not differentiable with respect to {name}: it cannot "
                     "have requires_grad=True"
                 )
-    if training and (
+    if training and not torch.compiler.is_compiling() and (  # (dynamo cannot trace these)
         _inference(running_mean) or _inference(running_var) or _inference(num_batches_tracked)
     ) and not torch.is_inference_mode_enabled():
         _raise_inference_state(running_mean, running_var, num_batches_tracked)

@@ -11,8 +11,9 @@ same results to the dtype's precision, by doing less work:
   (``batch_stats_as_computed_``; ``normalize`` and its backward take statistics in any
   float dtype), the ops' contract ``batch_stats_`` in STATS_DTYPE;
 - normalization by torch's own kernels (``torch.native_batch_norm`` in eval form: one
-  pass, ``x * scale + shift``; ``torch.addcmul`` when channels are innermost), then the
-  residual and the activation in place on the output;
+  pass, ``x * scale + shift``; ``torch.addcmul`` when channels are innermost and the
+  tensor has at least ADDCMUL_MIN elements, below which the eval kernel's one op costs
+  less than addcmul's six), then the residual and the activation in place on the output;
 - the backward by ``aten.native_batch_norm_backward``: one pass for the two sums, one for
   d input;
 - an eager training call where torch's kernel gives the statistics anyway, without

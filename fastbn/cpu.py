@@ -87,10 +87,14 @@ def fast_layout(x: Tensor) -> str | None:
         return "rows" if x.is_contiguous() else None
     if x.is_contiguous():
         return "planes"
-    formats = {4: torch.channels_last, 5: torch.channels_last_3d}
-    if x.dim() in formats and x.is_contiguous(memory_format=formats[x.dim()]):
+    channels_last = _CHANNELS_LAST.get(x.dim())
+    if channels_last is not None and x.is_contiguous(memory_format=channels_last):
         return "rows"
     return None
+
+
+_CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
+"""The channels-innermost memory format of a 4-D and of a 5-D tensor."""
 
 
 def within_ratio(mean: Tensor, var: Tensor, eps: float, ratio: float) -> bool:

@@ -105,6 +105,40 @@ def test_cheap_side_of_the_rule_uses_torchs_kernels_and_matches_truth(monkeypatc
         assert_close_to_truth(f"grad {name}", grad, expected[name])
 
 
+class FullSizeOps(TorchDispatchMode):
+    """Records the name of every op that returns a tensor of ``numel`` elements."""
+
+    def __init__(self, numel: int):
+        super().__init__()
+        self.numel = numel
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        first = out[0] if isinstance(out, (tuple, list)) else out
+        if isinstance(first, torch.Tensor) and first.numel() == self.numel:
+            self.names.append(func.__name__)
+        return out
+
+
+@pytest.mark.parametrize("shape", [(4, 16, 32, 32), (4, 16, 31, 32), (4096, 16), (4095, 16)],
+                         ids=str)
+def test_channels_innermost_affine_is_addcmul_only_from_addcmul_min_elements(shape):
+    """A channels-innermost float32 eval call: addcmul for at least ADDCMUL_MIN elements,
+    torch's eval kernel (one op) below; the truth's output on both sides."""
+    x = make_input(shape, offset=3.0, channels_last=True)
+    weight, bias = torch.rand(16) + 0.5, torch.randn(16)
+    running_mean, running_var = torch.full((16,), 2.5), torch.rand(16) + 0.5
+    with FullSizeOps(x.numel()) as passes:
+        y, _ = cpu.normalize(x, running_mean, running_var, weight, bias, None, 1e-5, "none",
+                             0.0, False)
+    large = x.numel() >= cpu.ADDCMUL_MIN
+    assert passes.names == ["addcmul.default" if large else "native_batch_norm.default"]
+    assert y.stride() == x.stride()
+    truth = batch_norm_truth(x, running_mean, running_var, weight, bias, False)
+    assert_close_to_truth("output", y, truth["y"])
+
+
 def test_exact_side_of_the_rule_takes_the_hi_lo_path_and_matches_truth(monkeypatch):
     """|mean| / std = 1e4 > 16: the statistics and the normalization go to the oracle's
     hi/lo form, and the output keeps float32 precision."""

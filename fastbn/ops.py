@@ -43,8 +43,9 @@ autograd formula (SyncBatchNorm has no double backward):
 Callers use the ``call_*`` functions at the end of this file. In plain eager mode they run
 the same implementation without the dispatcher, with the same autograd formulas (the
 dispatcher's Python layers cost about 100 microseconds per op, more than a small
-BatchNorm's kernels take on a GPU); under torch.compile/export tracing, and when any tensor
-argument is not a plain tensor (tensor subclasses such as fake tensors or
+BatchNorm's kernels take on a GPU), and without the empty tensors an op returns for a mask
+or gradient it did not compute (None instead); under torch.compile/export tracing, and when
+any tensor argument is not a plain tensor (tensor subclasses such as fake tensors or
 ``TwoTensor``, meta tensors), they call the ops, so the kernels only ever see plain tensors.
 
 Under a torch.func transform (vmap, grad, jvp, jacrev, jacfwd, ...) or inside a forward-AD
@@ -134,8 +135,22 @@ def normalize(
     save_mask: bool,
     backend: str,
 ) -> tuple[Tensor, Tensor]:
-    return normalized(x, mean, var, weight, bias, residual, eps, use_batch_stats, activation,
-                      negative_slope, save_mask, backend)
+    y, activation_mask = normalized(x, mean, var, weight, bias, residual, eps, use_batch_stats,
+                                    activation, negative_slope, save_mask, backend)
+    return y, mask_output(x, activation_mask)
+
+
+def mask_output(x: Tensor, activation_mask: Optional[Tensor]) -> Tensor:
+    """The activation mask as an op returns it: a tensor, empty (uint8, on x's device) where
+    the backend saved none and says so with None (the Triton launchers do: an eager call
+    then allocates nothing for it)."""
+    return x.new_empty(0, dtype=torch.uint8) if activation_mask is None else activation_mask
+
+
+def grads_output(x: Tensor, grads: tuple) -> tuple[Tensor, ...]:
+    """Gradients as an op returns them: an empty tensor (x's dtype and device, as the fake
+    implementations give) for each that was not asked for and came back None."""
+    return tuple(x.new_empty(0) if grad is None else grad for grad in grads)
 
 
 def normalized(x, mean, var, weight, bias, residual, eps, use_batch_stats, activation,
@@ -143,7 +158,8 @@ def normalized(x, mean, var, weight, bias, residual, eps, use_batch_stats, activ
     """The backend's normalize, its output in torch's memory format: the body of the op,
     of its eager autograd Function and of the eager call without a backward. With batch
     statistics the "torch" backend's is ``cpu.normalize_batch`` (the bits of the eager
-    ``cpu.native_training_forward`` where that serves)."""
+    ``cpu.native_training_forward`` where that serves). The mask may be None where none is
+    saved (see mask_output)."""
     function = (cpu.normalize_batch if use_batch_stats and backend == "torch"
                 else implementation(backend).normalize)
     y, activation_mask = function(
@@ -179,16 +195,17 @@ def _normalize_setup_context(ctx, inputs, output):
     - the residual for silu/hardswish with a residual (their derivative needs u)."""
     (x, mean, var, weight, bias, residual, eps, use_batch_stats, activation, slope, save_mask,
      backend) = inputs
+    ctx.mark_non_differentiable(output[1])
     _keep_for_backward(ctx, x, mean, var, weight, bias, residual, output[1], eps,
                        use_batch_stats, activation, slope, save_mask, backend)
 
 
 def _keep_for_backward(ctx, x, mean, var, weight, bias, residual, activation_mask, eps,
                        use_batch_stats, activation, slope, save_mask, backend):
-    """_normalize_setup_context's work on its arguments one by one: the eager Functions'
+    """_normalize_setup_context's work on its arguments one by one (but marking the mask
+    non-differentiable, which only a Function that returns it does): the eager Functions'
     forwards call it so, with no tuple built and taken apart per call. The options travel
     as one attribute (one store and one load per call instead of six)."""
-    ctx.mark_non_differentiable(activation_mask)
     if save_mask:
         ctx.save_for_backward(x, mean, var, weight, bias, None, activation_mask)
     else:
@@ -230,25 +247,12 @@ normalize.register_autograd(_normalize_grads, setup_context=_normalize_setup_con
 # ---------------------------------------------------------------------------------------------
 
 
-def trained(  # the op's body, also called directly by eager calls (_train_forward)
-    x: Tensor,
-    running_mean: Optional[Tensor],
-    running_var: Optional[Tensor],
-    num_batches_tracked: Optional[Tensor],
-    momentum: Optional[float],
-    weight: Optional[Tensor],
-    bias: Optional[Tensor],
-    residual: Optional[Tensor],
-    eps: float,
-    activation: str,
-    negative_slope: float,
-    save_mask: bool,
-    backend: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def trained(x, running_mean, running_var, num_batches_tracked, momentum, weight, bias,
+            residual, eps, activation, negative_slope, save_mask, backend):
     """The backend's training forward, y in torch's output format: the body of the op and
     of the eager call. The kernels have one of their own (one launch where a channel
     block's slice fits one program); the torch backend runs its batch_stats_ then its
-    normalize."""
+    normalize. The mask may be None where none is saved (see mask_output)."""
     module = implementation(backend)
     if backend == "triton":
         y, mean, var, activation_mask = module.batch_norm_train_(
@@ -263,10 +267,29 @@ def trained(  # the op's body, also called directly by eager calls (_train_forwa
     return in_output_format(y, x), mean, var, activation_mask
 
 
-batch_norm_train_ = torch.library.custom_op(
-    "fastbn::batch_norm_train_", trained,
+@torch.library.custom_op(
+    "fastbn::batch_norm_train_",
     mutates_args=("running_mean", "running_var", "num_batches_tracked"),
 )
+def batch_norm_train_(
+    x: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    num_batches_tracked: Optional[Tensor],
+    momentum: Optional[float],
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    residual: Optional[Tensor],
+    eps: float,
+    activation: str,
+    negative_slope: float,
+    save_mask: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    y, mean, var, activation_mask = trained(
+        x, running_mean, running_var, num_batches_tracked, momentum, weight, bias, residual,
+        eps, activation, negative_slope, save_mask, backend)
+    return y, mean, var, mask_output(x, activation_mask)
 
 
 @batch_norm_train_.register_fake
@@ -284,7 +307,18 @@ def _batch_norm_train_fake(x, running_mean, running_var, num_batches_tracked, mo
 # ---------------------------------------------------------------------------------------------
 
 
-def _normalize_backward(  # the op's body, also called directly by eager calls (_call)
+def _normalize_backward_eager(grad_out, x, mean, var, weight, bias, residual, activation_mask,
+                              eps, use_batch_stats, activation, negative_slope, output_mask,
+                              backend):
+    """normalize_backward's gradients, None for those the mask does not ask for where the
+    backend says so (the Triton launchers do): the op's body, without the empty tensors an
+    op must return, for eager calls (_call)."""
+    inputs = BackwardInputs(grad_out, x, mean, var, weight, bias, residual, activation_mask, eps,
+                            activation, negative_slope)
+    return implementation(backend).normalize_backward(inputs, use_batch_stats, output_mask)
+
+
+def _normalize_backward(
     grad_out: Tensor,
     x: Tensor,
     mean: Tensor,
@@ -300,9 +334,9 @@ def _normalize_backward(  # the op's body, also called directly by eager calls (
     output_mask: list[bool],
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    inputs = BackwardInputs(grad_out, x, mean, var, weight, bias, residual, activation_mask, eps,
-                            activation, negative_slope)
-    return implementation(backend).normalize_backward(inputs, use_batch_stats, output_mask)
+    return grads_output(x, _normalize_backward_eager(
+        grad_out, x, mean, var, weight, bias, residual, activation_mask, eps, use_batch_stats,
+        activation, negative_slope, output_mask, backend))
 
 
 normalize_backward = torch.library.custom_op(
@@ -391,6 +425,15 @@ normalize_backward.register_autograd(
 # ---------------------------------------------------------------------------------------------
 
 
+def _normalize_grad_sums_eager(grad_out, x, mean, var, weight, bias, residual, activation_mask,
+                               eps, activation, negative_slope, output_mask, backend):
+    """normalize_grad_sums's results, None for a gradient not asked for (see
+    _normalize_backward_eager)."""
+    inputs = BackwardInputs(grad_out, x, mean, var, weight, bias, residual, activation_mask, eps,
+                            activation, negative_slope)
+    return implementation(backend).normalize_grad_sums(inputs, output_mask)
+
+
 def _normalize_grad_sums(
     grad_out: Tensor,
     x: Tensor,
@@ -406,9 +449,9 @@ def _normalize_grad_sums(
     output_mask: list[bool],
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    inputs = BackwardInputs(grad_out, x, mean, var, weight, bias, residual, activation_mask, eps,
-                            activation, negative_slope)
-    return implementation(backend).normalize_grad_sums(inputs, output_mask)
+    return grads_output(x, _normalize_grad_sums_eager(
+        grad_out, x, mean, var, weight, bias, residual, activation_mask, eps, activation,
+        negative_slope, output_mask, backend))
 
 
 normalize_grad_sums = torch.library.custom_op(
@@ -424,6 +467,17 @@ def _normalize_grad_sums_fake(grad_out, x, mean, var, weight, bias, residual, ac
         torch.empty_like(weight) if output_mask[0] and weight is not None else x.new_empty(0),
         torch.empty_like(bias) if output_mask[1] and bias is not None else x.new_empty(0),
     )
+
+
+def _normalize_grad_input_eager(grad_out, x, mean, var, weight, bias, residual, activation_mask,
+                                grad_means, eps, use_batch_stats, activation, negative_slope,
+                                output_mask, backend):
+    """normalize_grad_input's gradients, None for those not asked for (see
+    _normalize_backward_eager)."""
+    inputs = BackwardInputs(grad_out, x, mean, var, weight, bias, residual, activation_mask, eps,
+                            activation, negative_slope)
+    return implementation(backend).normalize_grad_input(inputs, grad_means, use_batch_stats,
+                                                        output_mask)
 
 
 def _normalize_grad_input(
@@ -443,10 +497,9 @@ def _normalize_grad_input(
     output_mask: list[bool],
     backend: str,
 ) -> tuple[Tensor, Tensor]:
-    inputs = BackwardInputs(grad_out, x, mean, var, weight, bias, residual, activation_mask, eps,
-                            activation, negative_slope)
-    return implementation(backend).normalize_grad_input(inputs, grad_means, use_batch_stats,
-                                                        output_mask)
+    return grads_output(x, _normalize_grad_input_eager(
+        grad_out, x, mean, var, weight, bias, residual, activation_mask, grad_means, eps,
+        use_batch_stats, activation, negative_slope, output_mask, backend))
 
 
 normalize_grad_input = torch.library.custom_op(
@@ -567,6 +620,8 @@ class _Normalize(torch.autograd.Function):
         eps, use_batch_stats, activation, negative_slope, save_mask, backend = options
         output = normalized(x, mean, var, weight, bias, residual, eps, use_batch_stats,
                             activation, negative_slope, save_mask, backend)
+        if output[1] is not None:  # (None: the Triton launchers' way to say "no mask")
+            ctx.mark_non_differentiable(output[1])
         _keep_for_backward(ctx, x, mean, var, weight, bias, residual, output[1], eps,
                            use_batch_stats, activation, negative_slope, save_mask, backend)
         ctx.set_materialize_grads(False)  # see _gradients
@@ -632,7 +687,9 @@ class _TrainForward(torch.autograd.Function):
     tensors come in normalize's argument order (running statistics where its mean and var
     are), so normalize's context and formula serve as they are; the options are one tuple
     (momentum, eps, activation, negative_slope, save_mask, backend, eager), ``eager`` saying
-    whether the forward runs the op's body (see ``direct``) or the op."""
+    whether the forward runs the op's body (see ``direct``) or the op. It returns y alone:
+    the activation mask is kept for the backward, and no caller wants it (an output more
+    costs autograd work on every call, a few microseconds)."""
 
     @staticmethod
     def forward(ctx, x, running_mean, running_var, weight, bias, residual, num_batches_tracked,
@@ -645,10 +702,10 @@ class _TrainForward(torch.autograd.Function):
                            activation, negative_slope, save_mask, backend)
         if eager:
             ctx.set_materialize_grads(False)  # see _gradients
-        return y, activation_mask
+        return y
 
     @staticmethod
-    def backward(ctx, grad_out, grad_mask):
+    def backward(ctx, grad_out):
         # x, running_mean, running_var, weight, bias, residual; num_batches_tracked, options
         return (*_gradients(ctx, grad_out), None, None)
 
@@ -672,9 +729,10 @@ def _train_forward(x, running_mean, running_var, num_batches_tracked, momentum, 
 
 def call_batch_norm_train_(x: Tensor, running_mean, running_var, num_batches_tracked, momentum,
                            weight, bias, residual, eps, activation, negative_slope, save_mask,
-                           backend, eager: Optional[bool] = None) -> tuple[Tensor, Tensor]:
+                           backend, eager: Optional[bool] = None) -> Tensor:
     """The training forward with batch statistics, running statistics updated in place:
-    (y, activation mask), differentiable in y as ``normalize`` with use_batch_stats. An
+    y, differentiable as ``normalize``'s with use_batch_stats (its activation mask, when
+    saved, only for the backward). An
     eager call on the "torch" backend is ``call_batch_stats_`` (its statistics as computed)
     then ``call_normalize``. ``eager``: as call_normalize's, of all the tensors."""
     if eager is None:
@@ -697,7 +755,7 @@ def call_batch_norm_train_(x: Tensor, running_mean, running_var, num_batches_tra
                                       num_batches_tracked, momentum, backend,
                                       for_normalize=True, eager=known)
         return call_normalize(x, mean, var, weight, bias, residual, eps, True, activation,
-                              negative_slope, save_mask, backend, known)
+                              negative_slope, save_mask, backend, known)[0]
     options = (momentum, eps, activation, negative_slope, save_mask, backend, eager)
     if torch.is_grad_enabled() and requires_grad(x, weight, bias, residual):
         if eager:
@@ -707,10 +765,9 @@ def call_batch_norm_train_(x: Tensor, running_mean, running_var, num_batches_tra
         return _TrainForward.apply(x, running_mean, running_var, weight, bias, residual,
                                    num_batches_tracked, options)
     # No backward can follow: no autograd node to build.
-    y, _, _, activation_mask = _train_forward(
+    return _train_forward(
         x, running_mean, running_var, num_batches_tracked, momentum, weight, bias, residual,
-        eps, activation, negative_slope, save_mask, backend, eager)
-    return y, activation_mask
+        eps, activation, negative_slope, save_mask, backend, eager)[0]
 
 
 def requires_grad(*tensors: Optional[Tensor]) -> bool:
@@ -737,17 +794,17 @@ def call_normalize_backward(*args: Any) -> tuple[Tensor, Tensor, Tensor, Tensor]
         return reference.normalize_backward(inputs, use_batch_stats, output_mask)
     if torch.is_grad_enabled():
         return normalize_backward(*args)
-    return _call(normalize_backward, _normalize_backward, args, 8)
+    return _call(normalize_backward, _normalize_backward_eager, args, 8)
 
 
 def call_normalize_grad_sums(*args: Any) -> tuple[Tensor, Tensor, Tensor]:
     """``normalize_grad_sums(*args)``: (sums, d weight, d bias)."""
-    return _call(normalize_grad_sums, _normalize_grad_sums, args, 8)
+    return _call(normalize_grad_sums, _normalize_grad_sums_eager, args, 8)
 
 
 def call_normalize_grad_input(*args: Any) -> tuple[Tensor, Tensor]:
     """``normalize_grad_input(*args)``: (d input, d residual)."""
-    return _call(normalize_grad_input, _normalize_grad_input, args, 9)
+    return _call(normalize_grad_input, _normalize_grad_input_eager, args, 9)
 
 
 def _call(op: Any, body: Any, args: tuple, tensors: int) -> Any:

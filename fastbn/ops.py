@@ -794,7 +794,7 @@ def call_normalize_backward(*args: Any) -> tuple[Tensor, Tensor, Tensor, Tensor]
         return reference.normalize_backward(inputs, use_batch_stats, output_mask)
     if torch.is_grad_enabled():
         return normalize_backward(*args)
-    return _call(normalize_backward, _normalize_backward_eager, args, 8)
+    return _call(normalize_backward, _normalize_backward_eager, args, 8, compiling=False)
 
 
 def call_normalize_grad_sums(*args: Any) -> tuple[Tensor, Tensor, Tensor]:
@@ -807,11 +807,14 @@ def call_normalize_grad_input(*args: Any) -> tuple[Tensor, Tensor]:
     return _call(normalize_grad_input, _normalize_grad_input_eager, args, 9)
 
 
-def _call(op: Any, body: Any, args: tuple, tensors: int) -> Any:
+def _call(op: Any, body: Any, args: tuple, tensors: int, compiling: Optional[bool] = None
+          ) -> Any:
     """op(*args), whose first ``tensors`` arguments are the (optional) tensors; for an eager
     call (see ``direct``) on plain tensors, the op's body ``body(*args)`` without the
-    dispatcher."""
-    if direct(args[0]) and plain(*args[1:tensors]):
+    dispatcher. ``compiling=False``: the caller knows it is not compiling (asked once)."""
+    x = args[0]
+    eager = direct_uncompiled(x) if compiling is False else direct(x)
+    if eager and plain(*args[1:tensors]):
         return body(*args)
     return op(*args)
 

@@ -215,27 +215,31 @@ def _keep_for_backward(ctx, x, mean, var, weight, bias, residual, activation_mas
 
 def _normalize_grads(ctx, grad_out, _grad_mask):
     # One gradient per op argument: x, mean, var, weight, bias, residual, then six non-tensors.
-    return (*_gradients(ctx, grad_out), None, None, None, None, None, None)
+    needs = ctx.needs_input_grad
+    grad_input, grad_weight, grad_bias, grad_residual = _gradients(
+        ctx, grad_out, needs[0], needs[3], needs[4], needs[5])
+    return (grad_input, None, None, grad_weight, grad_bias, grad_residual,
+            None, None, None, None, None, None)
 
 
-def _gradients(ctx, grad_out):
-    """(d x, None, None, d weight, d bias, d residual) of normalize's backward, None for what
-    autograd does not ask for: the gradients of its six tensor arguments, also those of the
-    eager Functions (x, running_mean, running_var, weight, bias, residual)."""
+def _gradients(ctx, grad_out, want_input, want_weight, want_bias, want_residual):
+    """(d x, d weight, d bias, d residual) of normalize's backward, None for what autograd
+    does not ask for (the ``want_*`` flags, from the caller's needs_input_grad): the
+    gradients of the op's differentiable arguments, which are the eager Functions' tensor
+    arguments (x, weight, bias, residual)."""
     x, mean, var, weight, bias, residual, activation_mask = ctx.saved_tensors
     # The eager Functions set_materialize_grads(False): autograd would otherwise zero-fill a
     # gradient for the non-differentiable mask on every call. y's gradient is then None
     # only when y's consumers gave it none: zero, as autograd would have made it.
     if grad_out is None:
         grad_out = torch.zeros_like(x)
-    needs = ctx.needs_input_grad
     has_residual, eps, use_batch_stats, activation, slope, backend = ctx.options
-    mask = [needs[0], needs[3], needs[4], needs[5] and has_residual]
+    mask = [want_input, want_weight, want_bias, want_residual and has_residual]
     grad_input, grad_weight, grad_bias, grad_residual = call_normalize_backward(
         grad_out, x, mean, var, weight, bias, residual, activation_mask, eps, use_batch_stats,
         activation, slope, mask, backend,
     )
-    return (grad_input if mask[0] else None, None, None, grad_weight if mask[1] else None,
+    return (grad_input if mask[0] else None, grad_weight if mask[1] else None,
             grad_bias if mask[2] else None, grad_residual if mask[3] else None)
 
 
@@ -612,12 +616,13 @@ def count_mutations(running_mean: Optional[Tensor], running_var: Optional[Tensor
 class _Normalize(torch.autograd.Function):
     """``normalize`` for eager calls: the op's implementation and autograd formula. (The
     forward takes ctx itself: with a separate setup_context, apply() binds the signature
-    through inspect on every call. The six non-tensor arguments travel as one tuple: apply
-    walks its arguments one by one.)"""
+    through inspect on every call. Its arguments are the tensors that may take a gradient,
+    x, weight, bias and the residual; mean, var and the six non-tensor arguments travel as
+    one tuple: apply walks its arguments one by one, and autograd its inputs per call.)"""
 
     @staticmethod
-    def forward(ctx, x, mean, var, weight, bias, residual, options):
-        eps, use_batch_stats, activation, negative_slope, save_mask, backend = options
+    def forward(ctx, x, weight, bias, residual, options):
+        mean, var, eps, use_batch_stats, activation, negative_slope, save_mask, backend = options
         output = normalized(x, mean, var, weight, bias, residual, eps, use_batch_stats,
                             activation, negative_slope, save_mask, backend)
         if output[1] is not None:  # (None: the Triton launchers' way to say "no mask")
@@ -629,7 +634,14 @@ class _Normalize(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, grad_mask):
-        return (*_gradients(ctx, grad_out), None)  # x .. residual, then options
+        return (*_eager_gradients(ctx, grad_out), None)  # x, weight, bias, residual; options
+
+
+def _eager_gradients(ctx, grad_out):
+    """_gradients for the eager Functions, whose first four arguments are x, weight, bias and
+    the residual."""
+    want_input, want_weight, want_bias, want_residual = ctx.needs_input_grad[:4]
+    return _gradients(ctx, grad_out, want_input, want_weight, want_bias, want_residual)
 
 
 def _eager_apply(function: type) -> Any:
@@ -671,8 +683,9 @@ def call_normalize(
     if eager:
         if torch.is_grad_enabled() and requires_grad(x, weight, bias, residual):
             return _apply_normalize(
-                _live(x), _live(mean), _live(var), _live(weight), _live(bias), _live(residual),
-                (eps, use_batch_stats, activation, negative_slope, save_mask, backend))
+                _live(x), _live(weight), _live(bias), _live(residual),
+                (_live(mean), _live(var), eps, use_batch_stats, activation, negative_slope,
+                 save_mask, backend))
         # No backward can follow (inference, eval under no_grad): no autograd node to build.
         return normalized(x, mean, var, weight, bias, residual, eps, use_batch_stats,
                           activation, negative_slope, save_mask, backend)
@@ -683,18 +696,19 @@ def call_normalize(
 class _TrainForward(torch.autograd.Function):
     """The training forward's autograd: ``batch_norm_train_`` (a mutating op, which
     torch.library gives no autograd formula) inside, normalize's backward with batch
-    statistics outside, so gradients reach x, weight, bias and the residual only. The
-    tensors come in normalize's argument order (running statistics where its mean and var
-    are), so normalize's context and formula serve as they are; the options are one tuple
-    (momentum, eps, activation, negative_slope, save_mask, backend, eager), ``eager`` saying
-    whether the forward runs the op's body (see ``direct``) or the op. It returns y alone:
+    statistics outside, so gradients reach x, weight, bias and the residual only: its
+    arguments, as _Normalize's, so normalize's context and formula serve as they are. The
+    rest is one tuple, (running_mean, running_var, num_batches_tracked, momentum, eps,
+    activation, negative_slope, save_mask, backend, eager) (fewer autograd inputs: a few
+    microseconds per forward and backward), ``eager`` saying whether the forward runs the
+    op's body (see ``direct``) or the op. It returns y alone:
     the activation mask is kept for the backward, and no caller wants it (an output more
     costs autograd work on every call, a few microseconds)."""
 
     @staticmethod
-    def forward(ctx, x, running_mean, running_var, weight, bias, residual, num_batches_tracked,
-                options):
-        momentum, eps, activation, negative_slope, save_mask, backend, eager = options
+    def forward(ctx, x, weight, bias, residual, options):
+        (running_mean, running_var, num_batches_tracked, momentum, eps, activation,
+         negative_slope, save_mask, backend, eager) = options
         y, mean, var, activation_mask = _train_forward(
             x, running_mean, running_var, num_batches_tracked, momentum, weight, bias, residual,
             eps, activation, negative_slope, save_mask, backend, eager)
@@ -706,8 +720,7 @@ class _TrainForward(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        # x, running_mean, running_var, weight, bias, residual; num_batches_tracked, options
-        return (*_gradients(ctx, grad_out), None, None)
+        return (*_eager_gradients(ctx, grad_out), None)  # x, weight, bias, residual; options
 
 
 _apply_train_forward = _eager_apply(_TrainForward)
@@ -756,14 +769,16 @@ def call_batch_norm_train_(x: Tensor, running_mean, running_var, num_batches_tra
                                       for_normalize=True, eager=known)
         return call_normalize(x, mean, var, weight, bias, residual, eps, True, activation,
                               negative_slope, save_mask, backend, known)[0]
-    options = (momentum, eps, activation, negative_slope, save_mask, backend, eager)
     if torch.is_grad_enabled() and requires_grad(x, weight, bias, residual):
         if eager:
             return _apply_train_forward(
-                _live(x), _live(running_mean), _live(running_var), _live(weight), _live(bias),
-                _live(residual), _live(num_batches_tracked), options)
-        return _TrainForward.apply(x, running_mean, running_var, weight, bias, residual,
-                                   num_batches_tracked, options)
+                _live(x), _live(weight), _live(bias), _live(residual),
+                (_live(running_mean), _live(running_var), _live(num_batches_tracked), momentum,
+                 eps, activation, negative_slope, save_mask, backend, eager))
+        return _TrainForward.apply(
+            x, weight, bias, residual,
+            (running_mean, running_var, num_batches_tracked, momentum, eps, activation,
+             negative_slope, save_mask, backend, eager))
     # No backward can follow: no autograd node to build.
     return _train_forward(
         x, running_mean, running_var, num_batches_tracked, momentum, weight, bias, residual,

@@ -100,7 +100,7 @@ def batch_norm(
     eager = not compiling and ops.direct_uncompiled(input) and ops.plain(
         running_mean, running_var, weight, bias, residual, num_batches_tracked)
     if training:
-        output, _ = ops.call_batch_norm_train_(
+        output = ops.call_batch_norm_train_(
             input, running_mean, running_var, num_batches_tracked, momentum, weight, bias,
             residual, eps, activation_name, negative_slope, save_mask, backend, eager,
         )

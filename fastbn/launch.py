@@ -655,18 +655,6 @@ def batch_stats_(
     return mean, var
 
 
-_MASK_TEMPLATES: dict[torch.device, Tensor] = {}
-
-
-def no_mask(device: torch.device) -> Tensor:
-    """A new empty uint8 tensor on ``device``: normalize's mask when it saves none. (From
-    a per-device template: new_empty without a dtype argument costs half as much.)"""
-    template = _MASK_TEMPLATES.get(device)
-    if template is None:
-        template = _MASK_TEMPLATES[device] = torch.empty(0, dtype=torch.uint8, device=device)
-    return template.new_empty(0)
-
-
 def writable_vector(t: Tensor) -> Tensor:
     """A per-channel buffer the kernels update in place: t if contiguous, else a copy that
     ``copy_back`` writes into t afterwards."""
@@ -752,12 +740,12 @@ def normalize(
     save_mask: bool,
 ) -> tuple[Tensor, Tensor]:
     """y = act((x - mean) / sqrt(var + eps) * weight + bias + residual), x's dtype and format,
-    and the packed activation mask when ``save_mask`` (else an empty uint8 tensor)."""
+    and the packed activation mask when ``save_mask`` (else None: the op layer makes the
+    empty tensor an op must return, ``ops.normalize``)."""
     out = torch.empty_like(x)
-    activation_mask = (x.new_empty(mask_shape(x), dtype=torch.uint8) if save_mask
-                       else no_mask(x.device))
+    activation_mask = x.new_empty(mask_shape(x), dtype=torch.uint8) if save_mask else None
     if x.numel() == 0:
-        return out, activation_mask.zero_()
+        return out, None if activation_mask is None else activation_mask.zero_()
     copy_x, copy_residual, standin, launch = normalize_setup(
         geometry(x), None if residual is None else geometry(residual), x.dtype,
         None if residual is None else residual.dtype, weight is not None, bias is not None,
@@ -769,7 +757,7 @@ def normalize(
     with device_guard(x.device):
         launch(
             (x, y, residual, per_channel(mean), per_channel(var), per_channel(weight),
-             per_channel(bias), activation_mask if save_mask else None),
+             per_channel(bias), activation_mask),
             (eps, negative_slope),
         )
     copy_back(y, out)
@@ -869,7 +857,8 @@ def batch_norm_train_(
     ``normalize`` with the running statistics and num_batches_tracked updated as
     ``batch_stats_`` updates them: in one launch where a channel block's slice fits one
     program (plan_train_forward; its statistics by an exact two-pass, so not bitwise
-    those of the statistics launch), else in those two."""
+    those of the statistics launch), else in those two. The mask is None without
+    ``save_mask``, as normalize's."""
     update = running_mean is not None and running_var is not None
     copy_x, copy_residual, standin, plan = train_forward_setup(
         geometry(x), None if residual is None else geometry(residual), x.dtype,
@@ -889,15 +878,14 @@ def batch_norm_train_(
     device = x.device  # (a new torch.device per read)
     mean = torch.empty(channels, dtype=STATS_DTYPE, device=device)
     var = torch.empty(channels, dtype=STATS_DTYPE, device=device)
-    activation_mask = (x.new_empty(mask_shape(x), dtype=torch.uint8) if save_mask
-                       else no_mask(device))
+    activation_mask = x.new_empty(mask_shape(x), dtype=torch.uint8) if save_mask else None
     running = (writable_vector(running_mean), writable_vector(running_var)) if update else (
         None, None)
     with device_guard(device):
         tickets = counters(device, plan.counters) if plan.counters else None
         plan.launch(
             (x_read, y, residual_read, mean, var, *running, num_batches_tracked, tickets,
-             per_channel(weight), per_channel(bias), activation_mask if save_mask else None),
+             per_channel(weight), per_channel(bias), activation_mask),
             (0.0 if momentum is None else float(momentum), unbiasing_factor(count),
              float(count), eps, negative_slope),
         )
@@ -1016,9 +1004,9 @@ def plan_backward(
                                        tiles.block_s),
                      num_warps=tiles.num_warps),
                 bytes_read=reads + 32 * view.channels,
-                bytes_written=len(outputs) * numel * size + 16 * view.channels,
+                bytes_written=len(outputs) * numel * size + 8 * view.channels,
             )
-            return BackwardPlan(None, None, 0, 0, one_launch)
+            return BackwardPlan(None, None, 0, 0, one_launch)  # (its sums stay in registers)
     if want_sums:
         view, strides = _backward_geometries(grad_out, x, residual, (), use_act_bits)
         bits_stride_n, bits_stride_c = act_bits_strides(view)
@@ -1081,9 +1069,10 @@ def normalize_backward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients (d input, d weight, d bias, d residual) of ``normalize``: the sums (which
     write d weight and d bias), then the elementwise gradients, two launches sharing one
-    plan and one workspace; the formulas are ``reference.normalize_backward``'s.
-    Unrequested gradients come back empty; d residual comes in the residual's format, or
-    x's when the activation mask stood in for it."""
+    plan and one workspace (or in one launch); the formulas are
+    ``reference.normalize_backward``'s. Unrequested gradients come back None (the op layer
+    makes the empty tensors an op must return, ``ops._normalize_backward``); d residual
+    comes in the residual's format, or x's when the activation mask stood in for it."""
     want_input, want_weight, want_bias, want_residual = output_mask
     want_weight = want_weight and inputs.weight is not None
     want_bias = want_bias and inputs.bias is not None
@@ -1097,24 +1086,28 @@ def _backward(inputs, sums, inv_count, use_batch_stats, want_input, want_residua
               want_weight, want_bias, standalone_sums=False):
     """Every backward entry point: the sums (want_sums; else ``sums`` given or unneeded)
     and d input / d residual, which reads the means ``sums * inv_count``. Returns
-    (d input, d weight, d bias, d residual, sums); the sums are [2, C] with
-    ``standalone_sums``, else the flat allocation they head (the workspace follows them),
-    which the kernels read alike."""
+    (d input, d weight, d bias, d residual, sums), None for what was not asked for; the
+    sums are [2, C] with ``standalone_sums``, else the flat allocation they head (the
+    workspace follows them), which the kernels read alike, and None after the one-launch
+    backward, which keeps them in registers."""
     (grad_out, x, mean, var, weight, bias, residual, activation_mask, eps, activation,
      negative_slope) = inputs
     # Custom-op outputs must not alias each other: a fresh tensor for each; ``empty``
     # where the kernels write every element.
-    grad_weight = torch.empty_like(weight) if want_weight else x.new_empty(0)
-    grad_bias = torch.empty_like(bias) if want_bias else x.new_empty(0)
-    grad_input = torch.empty_like(x) if want_input else x.new_empty(0)
+    grad_weight = torch.empty_like(weight) if want_weight else None
+    grad_bias = torch.empty_like(bias) if want_bias else None
+    grad_input = torch.empty_like(x) if want_input else None
     grad_residual = (torch.empty_like(x if residual is None else residual) if want_residual
-                     else x.new_empty(0))
+                     else None)
     acc = compute_dtype(x.dtype)
     device = x.device  # (a new torch.device per read)
     if x.numel() == 0:
         if want_sums:
             sums = torch.zeros((2, x.shape[1]), dtype=acc, device=device)
-        return grad_input, grad_weight.zero_(), grad_bias.zero_(), grad_residual, sums
+        for grad in (grad_weight, grad_bias):
+            if grad is not None:
+                grad.zero_()
+        return grad_input, grad_weight, grad_bias, grad_residual, sums
     # The residual matters only through the activation's derivative, and not at all when
     # the activation bits record that derivative.
     use_act_bits = activation_mask is not None
@@ -1129,16 +1122,19 @@ def _backward(inputs, sums, inv_count, use_batch_stats, want_input, want_residua
     x_read = x.contiguous() if copy_x else x
     residual_read = None if not read_residual else (
         residual.contiguous() if copy_residual else residual)
-    gi = None if not want_input else stand_in(grad_input) if standin_input else grad_input
-    gr = None if not want_residual else (
-        stand_in(grad_residual) if standin_residual else grad_residual)
+    gi = stand_in(grad_input) if standin_input else grad_input  # (None where unwanted)
+    gr = stand_in(grad_residual) if standin_residual else grad_residual
     mean, var = per_channel(mean), per_channel(var)
     weight, bias = per_channel(weight), per_channel(bias)
     act_bits = activation_mask if use_act_bits else None
-    grad_weight_out = grad_weight if want_weight else None
-    grad_bias_out = grad_bias if want_bias else None
     with device_guard(device):
-        if want_sums:
+        if plan.one_launch is not None:
+            plan.one_launch(
+                (grad_out, x_read, residual_read, mean, var, weight, bias, act_bits, gi, gr,
+                 grad_weight, grad_bias),
+                (eps, negative_slope, inv_count),
+            )
+        if plan.sums is not None:
             if standalone_sums:
                 sums = torch.empty((2, x.shape[1]), dtype=acc, device=device)
                 partial = (torch.empty(plan.workspace, dtype=acc, device=device)
@@ -1146,17 +1142,10 @@ def _backward(inputs, sums, inv_count, use_batch_stats, want_input, want_residua
             else:  # one allocation: the [2, C] sums (flat), then the partial-sum workspace
                 sums = torch.empty(2 * x.shape[1] + plan.workspace, dtype=acc, device=device)
                 partial = sums[2 * x.shape[1]:] if plan.workspace else None
-        if plan.one_launch is not None:
-            plan.one_launch(
-                (grad_out, x_read, residual_read, mean, var, weight, bias, act_bits, gi, gr,
-                 sums, grad_weight_out, grad_bias_out),
-                (eps, negative_slope, inv_count),
-            )
-        if plan.sums is not None:
             tickets = counters(device, plan.counters) if plan.counters else None
             plan.sums(
                 (grad_out, x_read, residual_read, mean, var, weight, bias, act_bits, partial,
-                 tickets, sums, grad_weight_out, grad_bias_out),
+                 tickets, sums, grad_weight, grad_bias),
                 (eps, negative_slope),
             )
         if plan.grad_input is not None:
@@ -1177,7 +1166,7 @@ def normalize_grad_sums(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """[sum(g), sum(g * x_hat)] per channel ([2, C], compute dtype), and d weight / d bias,
     written by the same launch that writes the sums, where ``output_mask`` (weight, bias)
-    asks for them (else empty)."""
+    asks for them (else None)."""
     want_weight = output_mask[0] and inputs.weight is not None
     want_bias = output_mask[1] and inputs.bias is not None
     _, grad_weight, grad_bias, _, sums = _backward(
@@ -1192,10 +1181,10 @@ def normalize_grad_input(
 ) -> tuple[Tensor, Tensor]:
     """d input and d residual in one launch, from the per-channel [mean(g), mean(g * x_hat)]
     (read for d input with ``use_batch_stats``). ``output_mask`` is (input, residual); what it
-    does not ask for comes back empty."""
+    does not ask for comes back None."""
     want_input, want_residual = output_mask
     if not (want_input or want_residual):
-        return inputs.x.new_empty(0), inputs.x.new_empty(0)
+        return None, None
     grad_input, _, _, grad_residual, _ = _backward(
         inputs, grad_means, 1.0, use_batch_stats, want_input, want_residual, False, False, False)
     return grad_input, grad_residual

@@ -43,8 +43,9 @@ autograd formula (SyncBatchNorm has no double backward):
 Callers use the ``call_*`` functions at the end of this file. In plain eager mode they run
 the same implementation without the dispatcher, with the same autograd formulas (the
 dispatcher's Python layers cost about 100 microseconds per op, more than a small
-BatchNorm's kernels take on a GPU); under torch.compile/export tracing, and when any tensor
-argument is not a plain tensor (tensor subclasses such as fake tensors or
+BatchNorm's kernels take on a GPU), and without the empty tensors an op returns for a mask
+or gradient it did not compute (None instead); under torch.compile/export tracing, and when
+any tensor argument is not a plain tensor (tensor subclasses such as fake tensors or
 ``TwoTensor``, meta tensors), they call the ops, so the kernels only ever see plain tensors.
 
 Under a torch.func transform (vmap, grad, jvp, jacrev, jacfwd, ...) or inside a forward-AD
@@ -134,8 +135,22 @@ def normalize(
     save_mask: bool,
     backend: str,
 ) -> tuple[Tensor, Tensor]:
-    return normalized(x, mean, var, weight, bias, residual, eps, use_batch_stats, activation,
-                      negative_slope, save_mask, backend)
+    y, activation_mask = normalized(x, mean, var, weight, bias, residual, eps, use_batch_stats,
+                                    activation, negative_slope, save_mask, backend)
+    return y, mask_output(x, activation_mask)
+
+
+def mask_output(x: Tensor, activation_mask: Optional[Tensor]) -> Tensor:
+    """The activation mask as an op returns it: a tensor, empty (uint8, on x's device) where
+    the backend saved none and says so with None (the Triton launchers do: an eager call
+    then allocates nothing for it)."""
+    return x.new_empty(0, dtype=torch.uint8) if activation_mask is None else activation_mask
+
+
+def grads_output(x: Tensor, grads: tuple) -> tuple[Tensor, ...]:
+    """Gradients as an op returns them: an empty tensor (x's dtype and device, as the fake
+    implementations give) for each that was not asked for and came back None."""
+    return tuple(x.new_empty(0) if grad is None else grad for grad in grads)
 
 
 def normalized(x, mean, var, weight, bias, residual, eps, use_batch_stats, activation,
@@ -143,7 +158,8 @@ def normalized(x, mean, var, weight, bias, residual, eps, use_batch_stats, activ
     """The backend's normalize, its output in torch's memory format: the body of the op,
     of its eager autograd Function and of the eager call without a backward. With batch
     statistics the "torch" backend's is ``cpu.normalize_batch`` (the bits of the eager
-    ``cpu.native_training_forward`` where that serves)."""
+    ``cpu.native_training_forward`` where that serves). The mask may be None where none is
+    saved (see mask_output)."""
     function = (cpu.normalize_batch if use_batch_stats and backend == "torch"
                 else implementation(backend).normalize)
     y, activation_mask = function(
@@ -179,16 +195,17 @@ def _normalize_setup_context(ctx, inputs, output):
     - the residual for silu/hardswish with a residual (their derivative needs u)."""
     (x, mean, var, weight, bias, residual, eps, use_batch_stats, activation, slope, save_mask,
      backend) = inputs
+    ctx.mark_non_differentiable(output[1])
     _keep_for_backward(ctx, x, mean, var, weight, bias, residual, output[1], eps,
                        use_batch_stats, activation, slope, save_mask, backend)
 
 
 def _keep_for_backward(ctx, x, mean, var, weight, bias, residual, activation_mask, eps,
                        use_batch_stats, activation, slope, save_mask, backend):
-    """_normalize_setup_context's work on its arguments one by one: the eager Functions'
+    """_normalize_setup_context's work on its arguments one by one (but marking the mask
+    non-differentiable, which only a Function that returns it does): the eager Functions'
     forwards call it so, with no tuple built and taken apart per call. The options travel
     as one attribute (one store and one load per call instead of six)."""
-    ctx.mark_non_differentiable(activation_mask)
     if save_mask:
         ctx.save_for_backward(x, mean, var, weight, bias, None, activation_mask)
     else:
@@ -198,27 +215,31 @@ def _keep_for_backward(ctx, x, mean, var, weight, bias, residual, activation_mas
 
 def _normalize_grads(ctx, grad_out, _grad_mask):
     # One gradient per op argument: x, mean, var, weight, bias, residual, then six non-tensors.
-    return (*_gradients(ctx, grad_out), None, None, None, None, None, None)
+    needs = ctx.needs_input_grad
+    grad_input, grad_weight, grad_bias, grad_residual = _gradients(
+        ctx, grad_out, needs[0], needs[3], needs[4], needs[5])
+    return (grad_input, None, None, grad_weight, grad_bias, grad_residual,
+            None, None, None, None, None, None)
 
 
-def _gradients(ctx, grad_out):
-    """(d x, None, None, d weight, d bias, d residual) of normalize's backward, None for what
-    autograd does not ask for: the gradients of its six tensor arguments, also those of the
-    eager Functions (x, running_mean, running_var, weight, bias, residual)."""
+def _gradients(ctx, grad_out, want_input, want_weight, want_bias, want_residual):
+    """(d x, d weight, d bias, d residual) of normalize's backward, None for what autograd
+    does not ask for (the ``want_*`` flags, from the caller's needs_input_grad): the
+    gradients of the op's differentiable arguments, which are the eager Functions' tensor
+    arguments (x, weight, bias, residual)."""
     x, mean, var, weight, bias, residual, activation_mask = ctx.saved_tensors
     # The eager Functions set_materialize_grads(False): autograd would otherwise zero-fill a
     # gradient for the non-differentiable mask on every call. y's gradient is then None
     # only when y's consumers gave it none: zero, as autograd would have made it.
     if grad_out is None:
         grad_out = torch.zeros_like(x)
-    needs = ctx.needs_input_grad
     has_residual, eps, use_batch_stats, activation, slope, backend = ctx.options
-    mask = [needs[0], needs[3], needs[4], needs[5] and has_residual]
+    mask = [want_input, want_weight, want_bias, want_residual and has_residual]
     grad_input, grad_weight, grad_bias, grad_residual = call_normalize_backward(
         grad_out, x, mean, var, weight, bias, residual, activation_mask, eps, use_batch_stats,
         activation, slope, mask, backend,
     )
-    return (grad_input if mask[0] else None, None, None, grad_weight if mask[1] else None,
+    return (grad_input if mask[0] else None, grad_weight if mask[1] else None,
             grad_bias if mask[2] else None, grad_residual if mask[3] else None)
 
 
@@ -230,25 +251,12 @@ normalize.register_autograd(_normalize_grads, setup_context=_normalize_setup_con
 # ---------------------------------------------------------------------------------------------
 
 
-def trained(  # the op's body, also called directly by eager calls (_train_forward)
-    x: Tensor,
-    running_mean: Optional[Tensor],
-    running_var: Optional[Tensor],
-    num_batches_tracked: Optional[Tensor],
-    momentum: Optional[float],
-    weight: Optional[Tensor],
-    bias: Optional[Tensor],
-    residual: Optional[Tensor],
-    eps: float,
-    activation: str,
-    negative_slope: float,
-    save_mask: bool,
-    backend: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def trained(x, running_mean, running_var, num_batches_tracked, momentum, weight, bias,
+            residual, eps, activation, negative_slope, save_mask, backend):
     """The backend's training forward, y in torch's output format: the body of the op and
     of the eager call. The kernels have one of their own (one launch where a channel
     block's slice fits one program); the torch backend runs its batch_stats_ then its
-    normalize."""
+    normalize. The mask may be None where none is saved (see mask_output)."""
     module = implementation(backend)
     if backend == "triton":
         y, mean, var, activation_mask = module.batch_norm_train_(
@@ -263,10 +271,29 @@ def trained(  # the op's body, also called directly by eager calls (_train_forwa
     return in_output_format(y, x), mean, var, activation_mask
 
 
-batch_norm_train_ = torch.library.custom_op(
-    "fastbn::batch_norm_train_", trained,
+@torch.library.custom_op(
+    "fastbn::batch_norm_train_",
     mutates_args=("running_mean", "running_var", "num_batches_tracked"),
 )
+def batch_norm_train_(
+    x: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    num_batches_tracked: Optional[Tensor],
+    momentum: Optional[float],
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    residual: Optional[Tensor],
+    eps: float,
+    activation: str,
+    negative_slope: float,
+    save_mask: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    y, mean, var, activation_mask = trained(
+        x, running_mean, running_var, num_batches_tracked, momentum, weight, bias, residual,
+        eps, activation, negative_slope, save_mask, backend)
+    return y, mean, var, mask_output(x, activation_mask)
 
 
 @batch_norm_train_.register_fake
@@ -284,7 +311,18 @@ def _batch_norm_train_fake(x, running_mean, running_var, num_batches_tracked, mo
 # ---------------------------------------------------------------------------------------------
 
 
-def _normalize_backward(  # the op's body, also called directly by eager calls (_call)
+def _normalize_backward_eager(grad_out, x, mean, var, weight, bias, residual, activation_mask,
+                              eps, use_batch_stats, activation, negative_slope, output_mask,
+                              backend):
+    """normalize_backward's gradients, None for those the mask does not ask for where the
+    backend says so (the Triton launchers do): the op's body, without the empty tensors an
+    op must return, for eager calls (_call)."""
+    inputs = BackwardInputs(grad_out, x, mean, var, weight, bias, residual, activation_mask, eps,
+                            activation, negative_slope)
+    return implementation(backend).normalize_backward(inputs, use_batch_stats, output_mask)
+
+
+def _normalize_backward(
     grad_out: Tensor,
     x: Tensor,
     mean: Tensor,
@@ -300,9 +338,9 @@ def _normalize_backward(  # the op's body, also called directly by eager calls (
     output_mask: list[bool],
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    inputs = BackwardInputs(grad_out, x, mean, var, weight, bias, residual, activation_mask, eps,
-                            activation, negative_slope)
-    return implementation(backend).normalize_backward(inputs, use_batch_stats, output_mask)
+    return grads_output(x, _normalize_backward_eager(
+        grad_out, x, mean, var, weight, bias, residual, activation_mask, eps, use_batch_stats,
+        activation, negative_slope, output_mask, backend))
 
 
 normalize_backward = torch.library.custom_op(
@@ -391,6 +429,15 @@ normalize_backward.register_autograd(
 # ---------------------------------------------------------------------------------------------
 
 
+def _normalize_grad_sums_eager(grad_out, x, mean, var, weight, bias, residual, activation_mask,
+                               eps, activation, negative_slope, output_mask, backend):
+    """normalize_grad_sums's results, None for a gradient not asked for (see
+    _normalize_backward_eager)."""
+    inputs = BackwardInputs(grad_out, x, mean, var, weight, bias, residual, activation_mask, eps,
+                            activation, negative_slope)
+    return implementation(backend).normalize_grad_sums(inputs, output_mask)
+
+
 def _normalize_grad_sums(
     grad_out: Tensor,
     x: Tensor,
@@ -406,9 +453,9 @@ def _normalize_grad_sums(
     output_mask: list[bool],
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    inputs = BackwardInputs(grad_out, x, mean, var, weight, bias, residual, activation_mask, eps,
-                            activation, negative_slope)
-    return implementation(backend).normalize_grad_sums(inputs, output_mask)
+    return grads_output(x, _normalize_grad_sums_eager(
+        grad_out, x, mean, var, weight, bias, residual, activation_mask, eps, activation,
+        negative_slope, output_mask, backend))
 
 
 normalize_grad_sums = torch.library.custom_op(
@@ -424,6 +471,17 @@ def _normalize_grad_sums_fake(grad_out, x, mean, var, weight, bias, residual, ac
         torch.empty_like(weight) if output_mask[0] and weight is not None else x.new_empty(0),
         torch.empty_like(bias) if output_mask[1] and bias is not None else x.new_empty(0),
     )
+
+
+def _normalize_grad_input_eager(grad_out, x, mean, var, weight, bias, residual, activation_mask,
+                                grad_means, eps, use_batch_stats, activation, negative_slope,
+                                output_mask, backend):
+    """normalize_grad_input's gradients, None for those not asked for (see
+    _normalize_backward_eager)."""
+    inputs = BackwardInputs(grad_out, x, mean, var, weight, bias, residual, activation_mask, eps,
+                            activation, negative_slope)
+    return implementation(backend).normalize_grad_input(inputs, grad_means, use_batch_stats,
+                                                        output_mask)
 
 
 def _normalize_grad_input(
@@ -443,10 +501,9 @@ def _normalize_grad_input(
     output_mask: list[bool],
     backend: str,
 ) -> tuple[Tensor, Tensor]:
-    inputs = BackwardInputs(grad_out, x, mean, var, weight, bias, residual, activation_mask, eps,
-                            activation, negative_slope)
-    return implementation(backend).normalize_grad_input(inputs, grad_means, use_batch_stats,
-                                                        output_mask)
+    return grads_output(x, _normalize_grad_input_eager(
+        grad_out, x, mean, var, weight, bias, residual, activation_mask, grad_means, eps,
+        use_batch_stats, activation, negative_slope, output_mask, backend))
 
 
 normalize_grad_input = torch.library.custom_op(
@@ -559,14 +616,17 @@ def count_mutations(running_mean: Optional[Tensor], running_var: Optional[Tensor
 class _Normalize(torch.autograd.Function):
     """``normalize`` for eager calls: the op's implementation and autograd formula. (The
     forward takes ctx itself: with a separate setup_context, apply() binds the signature
-    through inspect on every call. The six non-tensor arguments travel as one tuple: apply
-    walks its arguments one by one.)"""
+    through inspect on every call. Its arguments are the tensors that may take a gradient,
+    x, weight, bias and the residual; mean, var and the six non-tensor arguments travel as
+    one tuple: apply walks its arguments one by one, and autograd its inputs per call.)"""
 
     @staticmethod
-    def forward(ctx, x, mean, var, weight, bias, residual, options):
-        eps, use_batch_stats, activation, negative_slope, save_mask, backend = options
+    def forward(ctx, x, weight, bias, residual, options):
+        mean, var, eps, use_batch_stats, activation, negative_slope, save_mask, backend = options
         output = normalized(x, mean, var, weight, bias, residual, eps, use_batch_stats,
                             activation, negative_slope, save_mask, backend)
+        if output[1] is not None:  # (None: the Triton launchers' way to say "no mask")
+            ctx.mark_non_differentiable(output[1])
         _keep_for_backward(ctx, x, mean, var, weight, bias, residual, output[1], eps,
                            use_batch_stats, activation, negative_slope, save_mask, backend)
         ctx.set_materialize_grads(False)  # see _gradients
@@ -574,7 +634,14 @@ class _Normalize(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, grad_mask):
-        return (*_gradients(ctx, grad_out), None)  # x .. residual, then options
+        return (*_eager_gradients(ctx, grad_out), None)  # x, weight, bias, residual; options
+
+
+def _eager_gradients(ctx, grad_out):
+    """_gradients for the eager Functions, whose first four arguments are x, weight, bias and
+    the residual."""
+    want_input, want_weight, want_bias, want_residual = ctx.needs_input_grad[:4]
+    return _gradients(ctx, grad_out, want_input, want_weight, want_bias, want_residual)
 
 
 def _eager_apply(function: type) -> Any:
@@ -616,8 +683,9 @@ def call_normalize(
     if eager:
         if torch.is_grad_enabled() and requires_grad(x, weight, bias, residual):
             return _apply_normalize(
-                _live(x), _live(mean), _live(var), _live(weight), _live(bias), _live(residual),
-                (eps, use_batch_stats, activation, negative_slope, save_mask, backend))
+                _live(x), _live(weight), _live(bias), _live(residual),
+                (_live(mean), _live(var), eps, use_batch_stats, activation, negative_slope,
+                 save_mask, backend))
         # No backward can follow (inference, eval under no_grad): no autograd node to build.
         return normalized(x, mean, var, weight, bias, residual, eps, use_batch_stats,
                           activation, negative_slope, save_mask, backend)
@@ -628,16 +696,19 @@ def call_normalize(
 class _TrainForward(torch.autograd.Function):
     """The training forward's autograd: ``batch_norm_train_`` (a mutating op, which
     torch.library gives no autograd formula) inside, normalize's backward with batch
-    statistics outside, so gradients reach x, weight, bias and the residual only. The
-    tensors come in normalize's argument order (running statistics where its mean and var
-    are), so normalize's context and formula serve as they are; the options are one tuple
-    (momentum, eps, activation, negative_slope, save_mask, backend, eager), ``eager`` saying
-    whether the forward runs the op's body (see ``direct``) or the op."""
+    statistics outside, so gradients reach x, weight, bias and the residual only: its
+    arguments, as _Normalize's, so normalize's context and formula serve as they are. The
+    rest is one tuple, (running_mean, running_var, num_batches_tracked, momentum, eps,
+    activation, negative_slope, save_mask, backend, eager) (fewer autograd inputs: a few
+    microseconds per forward and backward), ``eager`` saying whether the forward runs the
+    op's body (see ``direct``) or the op. It returns y alone:
+    the activation mask is kept for the backward, and no caller wants it (an output more
+    costs autograd work on every call, a few microseconds)."""
 
     @staticmethod
-    def forward(ctx, x, running_mean, running_var, weight, bias, residual, num_batches_tracked,
-                options):
-        momentum, eps, activation, negative_slope, save_mask, backend, eager = options
+    def forward(ctx, x, weight, bias, residual, options):
+        (running_mean, running_var, num_batches_tracked, momentum, eps, activation,
+         negative_slope, save_mask, backend, eager) = options
         y, mean, var, activation_mask = _train_forward(
             x, running_mean, running_var, num_batches_tracked, momentum, weight, bias, residual,
             eps, activation, negative_slope, save_mask, backend, eager)
@@ -645,12 +716,11 @@ class _TrainForward(torch.autograd.Function):
                            activation, negative_slope, save_mask, backend)
         if eager:
             ctx.set_materialize_grads(False)  # see _gradients
-        return y, activation_mask
+        return y
 
     @staticmethod
-    def backward(ctx, grad_out, grad_mask):
-        # x, running_mean, running_var, weight, bias, residual; num_batches_tracked, options
-        return (*_gradients(ctx, grad_out), None, None)
+    def backward(ctx, grad_out):
+        return (*_eager_gradients(ctx, grad_out), None)  # x, weight, bias, residual; options
 
 
 _apply_train_forward = _eager_apply(_TrainForward)
@@ -672,9 +742,10 @@ def _train_forward(x, running_mean, running_var, num_batches_tracked, momentum, 
 
 def call_batch_norm_train_(x: Tensor, running_mean, running_var, num_batches_tracked, momentum,
                            weight, bias, residual, eps, activation, negative_slope, save_mask,
-                           backend, eager: Optional[bool] = None) -> tuple[Tensor, Tensor]:
+                           backend, eager: Optional[bool] = None) -> Tensor:
     """The training forward with batch statistics, running statistics updated in place:
-    (y, activation mask), differentiable in y as ``normalize`` with use_batch_stats. An
+    y, differentiable as ``normalize``'s with use_batch_stats (its activation mask, when
+    saved, only for the backward). An
     eager call on the "torch" backend is ``call_batch_stats_`` (its statistics as computed)
     then ``call_normalize``. ``eager``: as call_normalize's, of all the tensors."""
     if eager is None:
@@ -697,20 +768,21 @@ def call_batch_norm_train_(x: Tensor, running_mean, running_var, num_batches_tra
                                       num_batches_tracked, momentum, backend,
                                       for_normalize=True, eager=known)
         return call_normalize(x, mean, var, weight, bias, residual, eps, True, activation,
-                              negative_slope, save_mask, backend, known)
-    options = (momentum, eps, activation, negative_slope, save_mask, backend, eager)
+                              negative_slope, save_mask, backend, known)[0]
     if torch.is_grad_enabled() and requires_grad(x, weight, bias, residual):
         if eager:
             return _apply_train_forward(
-                _live(x), _live(running_mean), _live(running_var), _live(weight), _live(bias),
-                _live(residual), _live(num_batches_tracked), options)
-        return _TrainForward.apply(x, running_mean, running_var, weight, bias, residual,
-                                   num_batches_tracked, options)
+                _live(x), _live(weight), _live(bias), _live(residual),
+                (_live(running_mean), _live(running_var), _live(num_batches_tracked), momentum,
+                 eps, activation, negative_slope, save_mask, backend, eager))
+        return _TrainForward.apply(
+            x, weight, bias, residual,
+            (running_mean, running_var, num_batches_tracked, momentum, eps, activation,
+             negative_slope, save_mask, backend, eager))
     # No backward can follow: no autograd node to build.
-    y, _, _, activation_mask = _train_forward(
+    return _train_forward(
         x, running_mean, running_var, num_batches_tracked, momentum, weight, bias, residual,
-        eps, activation, negative_slope, save_mask, backend, eager)
-    return y, activation_mask
+        eps, activation, negative_slope, save_mask, backend, eager)[0]
 
 
 def requires_grad(*tensors: Optional[Tensor]) -> bool:
@@ -737,24 +809,27 @@ def call_normalize_backward(*args: Any) -> tuple[Tensor, Tensor, Tensor, Tensor]
         return reference.normalize_backward(inputs, use_batch_stats, output_mask)
     if torch.is_grad_enabled():
         return normalize_backward(*args)
-    return _call(normalize_backward, _normalize_backward, args, 8)
+    return _call(normalize_backward, _normalize_backward_eager, args, 8, compiling=False)
 
 
 def call_normalize_grad_sums(*args: Any) -> tuple[Tensor, Tensor, Tensor]:
     """``normalize_grad_sums(*args)``: (sums, d weight, d bias)."""
-    return _call(normalize_grad_sums, _normalize_grad_sums, args, 8)
+    return _call(normalize_grad_sums, _normalize_grad_sums_eager, args, 8)
 
 
 def call_normalize_grad_input(*args: Any) -> tuple[Tensor, Tensor]:
     """``normalize_grad_input(*args)``: (d input, d residual)."""
-    return _call(normalize_grad_input, _normalize_grad_input, args, 9)
+    return _call(normalize_grad_input, _normalize_grad_input_eager, args, 9)
 
 
-def _call(op: Any, body: Any, args: tuple, tensors: int) -> Any:
+def _call(op: Any, body: Any, args: tuple, tensors: int, compiling: Optional[bool] = None
+          ) -> Any:
     """op(*args), whose first ``tensors`` arguments are the (optional) tensors; for an eager
     call (see ``direct``) on plain tensors, the op's body ``body(*args)`` without the
-    dispatcher."""
-    if direct(args[0]) and plain(*args[1:tensors]):
+    dispatcher. ``compiling=False``: the caller knows it is not compiling (asked once)."""
+    x = args[0]
+    eager = direct_uncompiled(x) if compiling is False else direct(x)
+    if eager and plain(*args[1:tensors]):
         return body(*args)
     return op(*args)
 

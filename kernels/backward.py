@@ -128,12 +128,16 @@ def output_grad_window(
 
 
 @triton.jit
-def store_parameter_grads(c, c_mask, sum_g, sum_g_xhat, sums_ptr, grad_weight_ptr,
-                          grad_bias_ptr, C, WRITE_GRAD_WEIGHT: tl.constexpr,
-                          WRITE_GRAD_BIAS: tl.constexpr):
-    """Write the final sums [2, C] and d weight, d bias in their own dtypes."""
+def store_sums(c, c_mask, sum_g, sum_g_xhat, sums_ptr, C):
+    """Write the final sums [2, C]."""
     tl.store(sums_ptr + c, sum_g, mask=c_mask)
     tl.store(sums_ptr + C + c, sum_g_xhat, mask=c_mask)
+
+
+@triton.jit
+def store_parameter_grads(c, c_mask, sum_g, sum_g_xhat, grad_weight_ptr, grad_bias_ptr,
+                          WRITE_GRAD_WEIGHT: tl.constexpr, WRITE_GRAD_BIAS: tl.constexpr):
+    """Write d weight (the sums of g * x_hat) and d bias (of g) in their own dtypes."""
     if WRITE_GRAD_WEIGHT:
         tl.store(grad_weight_ptr + c, sum_g_xhat.to(grad_weight_ptr.dtype.element_ty),
                  mask=c_mask)
@@ -241,13 +245,13 @@ def partial_grad_sums_kernel(
             total_g, total_g_xhat = merge_partial_sums(
                 partial_ptr, c, c_mask, C, num_chunks, BLOCK_C, MERGE_CHUNKS, COMPUTE_DTYPE)
             tl.store(counters_ptr + block, 0)
-            store_parameter_grads(c, c_mask, total_g, total_g_xhat, sums_ptr,
-                                  grad_weight_ptr, grad_bias_ptr, C, WRITE_GRAD_WEIGHT,
-                                  WRITE_GRAD_BIAS)
+            store_sums(c, c_mask, total_g, total_g_xhat, sums_ptr, C)
+            store_parameter_grads(c, c_mask, total_g, total_g_xhat, grad_weight_ptr,
+                                  grad_bias_ptr, WRITE_GRAD_WEIGHT, WRITE_GRAD_BIAS)
     else:
-        store_parameter_grads(c, c_mask, chunk_sum_g, chunk_sum_g_xhat, sums_ptr,
-                              grad_weight_ptr, grad_bias_ptr, C, WRITE_GRAD_WEIGHT,
-                              WRITE_GRAD_BIAS)
+        store_sums(c, c_mask, chunk_sum_g, chunk_sum_g_xhat, sums_ptr, C)
+        store_parameter_grads(c, c_mask, chunk_sum_g, chunk_sum_g_xhat, grad_weight_ptr,
+                              grad_bias_ptr, WRITE_GRAD_WEIGHT, WRITE_GRAD_BIAS)
 
 
 @triton.jit
@@ -356,7 +360,7 @@ def slice_backward_kernel(
     mean_ptr, var_ptr, weight_ptr, bias_ptr,  # [C] statistics; weight, bias (HAS_*)
     act_bits_ptr,  # [N, C, cdiv(S, 8)] uint8 activation bits (None unless USE_ACT_BITS)
     grad_input_ptr, grad_residual_ptr,  # [N, C, S] views written (None unless WRITE_GRAD_*)
-    sums_ptr, grad_weight_ptr, grad_bias_ptr,  # [2, C] sums; [C] (WRITE_GRAD_*): written
+    grad_weight_ptr, grad_bias_ptr,  # [C] (None unless WRITE_GRAD_*): written
     C, S, batch,  # the view's channels, positions per sample and samples
     numel,  # batch * C * S (VECTOR)
     g_stride_n, g_stride_c, g_stride_s, x_stride_n, x_stride_c, x_stride_s,  # views' strides
@@ -375,7 +379,8 @@ def slice_backward_kernel(
     USE_INT64: tl.constexpr,
 ):
     """The whole backward of one channel block, its [N, S] slice held as one tile: the
-    sums, d weight and d bias, then d input and d residual from the same registers."""
+    sums (kept in registers: nothing reads them afterwards), d weight and d bias, then d
+    input and d residual from the same registers."""
     S = known_row(S, ROW)
     g_stride_c = known_row(g_stride_c, ROW)
     x_stride_c = known_row(x_stride_c, ROW)
@@ -414,8 +419,8 @@ def slice_backward_kernel(
         )
     sum_g = tl.sum(g, axis=1)
     sum_g_xhat = tl.sum(g * x_hat, axis=1)
-    store_parameter_grads(c, c_mask, sum_g, sum_g_xhat, sums_ptr, grad_weight_ptr,
-                          grad_bias_ptr, C, WRITE_GRAD_WEIGHT, WRITE_GRAD_BIAS)
+    store_parameter_grads(c, c_mask, sum_g, sum_g_xhat, grad_weight_ptr, grad_bias_ptr,
+                          WRITE_GRAD_WEIGHT, WRITE_GRAD_BIAS)
     inv_count = tl.full([], inv_count, COMPUTE_DTYPE)
     store_input_grads(g, x_hat, scale[:, None], (sum_g * inv_count)[:, None],
                       (sum_g_xhat * inv_count)[:, None], mask, whole, grad_input_ptr,

@@ -99,6 +99,54 @@ def test_ops_pass_opcheck(backend, device, activation, save_mask):
     torch.library.opcheck(ops.batch_norm_train_, train_args)
 
 
+@pytest.mark.parametrize("output_mask", [[True, False, False, False], [False, True, False, True],
+                                         [False, False, True, False]],
+                         ids=["input", "weight_residual", "bias"])
+def test_ops_return_an_empty_tensor_for_each_output_not_computed(backend, device, output_mask):
+    """The op contract: every output is a tensor, an empty one (on x's device) for a mask
+    not saved and a gradient not asked for, though the Triton launchers say None for those
+    (the op layer makes the tensor; eager calls skip it); opcheck holds with a partial mask."""
+    x = make_input((3, 4, 5, 5), torch.float64, device=device)
+    residual = make_input((3, 4, 5, 5), torch.float64, seed=1, device=device)
+    weight = torch.rand(4, dtype=torch.float64, device=device)
+    bias = torch.rand(4, dtype=torch.float64, device=device)
+    mean, var = reference.batch_mean_var(x)
+    grad_out = torch.randn_like(x)
+
+    def assert_empty(t, dtype):
+        assert isinstance(t, torch.Tensor) and t.numel() == 0
+        assert t.dtype == dtype and t.device == x.device
+
+    _, mask = ops.normalize(x, mean, var, weight, bias, residual, 1e-5, True, "relu", 0.01,
+                            False, backend)
+    assert_empty(mask, torch.uint8)
+    *_, mask = ops.batch_norm_train_(
+        x, torch.zeros_like(mean), torch.ones_like(var), torch.tensor(0, device=device), 0.1,
+        weight, bias, residual, 1e-5, "relu", 0.01, False, backend)
+    assert_empty(mask, torch.uint8)
+    common = (grad_out, x, mean, var, weight, bias, residual, None)
+    backward_args = (*common, 1e-5, True, "relu", 0.01, output_mask, backend)
+    torch.library.opcheck(ops.normalize_backward, backward_args)
+    for wanted, grad, like in zip(output_mask, ops.normalize_backward(*backward_args),
+                                  (x, weight, bias, residual), strict=True):
+        if wanted:
+            assert grad.shape == like.shape
+        else:
+            assert_empty(grad, x.dtype)
+    sums, *grads = ops.normalize_grad_sums(*common, 1e-5, "relu", 0.01, output_mask[1:3],
+                                           backend)
+    assert sums.shape == (2, 4)
+    grad_means = sums / 75  # N * H * W values per channel
+    grads = [*grads, *ops.normalize_grad_input(*common, grad_means, 1e-5, True, "relu", 0.01,
+                                               [output_mask[0], output_mask[3]], backend)]
+    for wanted, grad, like in zip((*output_mask[1:3], output_mask[0], output_mask[3]), grads,
+                                  (weight, bias, x, residual), strict=True):
+        if wanted:
+            assert grad.shape == like.shape
+        else:
+            assert_empty(grad, x.dtype)
+
+
 class _NoGradient(torch.autograd.Function):
     """The identity, whose backward gives its input no gradient (None)."""
 

@@ -88,13 +88,13 @@ def batch_norm(
     backend = resolve_backend(input)
     if training and backend == "torch" and cpu.serves_natively(
         input, running_mean, running_var, weight, bias, activation_name, negative_slope
-    ) and ops.direct(input) and ops.plain(running_mean, running_var, weight, bias, residual,
-                                          num_batches_tracked):
+    ) and not compiling and ops.direct_uncompiled(input) and ops.plain(
+        running_mean, running_var, weight, bias, residual, num_batches_tracked
+    ):
         output = cpu.native_training_forward(input, running_mean, running_var, weight, bias,
                                              residual, momentum, eps, num_batches_tracked,
                                              activation_name, negative_slope)
-        if output is not None:
-            ops.count_mutations(running_mean, running_var, num_batches_tracked)
+        if output is not None:  # (its in-place updates bumped the state's versions)
             return output
     save_mask = saves_activation_mask(activation_name, input, weight, bias, residual)
     eager = not compiling and ops.direct_uncompiled(input) and ops.plain(

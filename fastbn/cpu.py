@@ -364,7 +364,13 @@ without a residual (threshold_backward on the recomputed u) already follows.
 
 Not relu6: torch's hardtanh_backward at NaN depends on where the element lies (the
 gradient passes in the kernel's scalar tail, not in its vectorized body), no convention
-at all. silu and hardswish need u in their backward. Those stay on the ops' route."""
+at all. silu and hardswish need u in their backward. Those stay on the ops' route.
+
+The ops' route of a call the native route could serve (traced, or eager when the rule
+fails) keeps the residual rather than the activation mask (functional.batch_norm decides),
+so its backward differentiates the activation by the same torch kernels at the recomputed
+pre-activation: the same gradient at NaN of either sign, where the mask's sign test
+(``positive``) would differ."""
 
 
 def serves_natively(

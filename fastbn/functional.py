@@ -86,9 +86,10 @@ def batch_norm(
                 None if t is None else t.resolve_neg() for t in (input, weight, bias, residual)
             )
     backend = resolve_backend(input)
-    if training and backend == "torch" and cpu.serves_natively(
+    native = training and backend == "torch" and cpu.serves_natively(
         input, running_mean, running_var, weight, bias, activation_name, negative_slope
-    ) and not compiling and ops.direct_uncompiled(input) and ops.plain(
+    )
+    if native and not compiling and ops.direct_uncompiled(input) and ops.plain(
         running_mean, running_var, weight, bias, residual, num_batches_tracked
     ):
         output = cpu.native_training_forward(input, running_mean, running_var, weight, bias,
@@ -96,7 +97,12 @@ def batch_norm(
                                              activation_name, negative_slope)
         if output is not None:  # (its in-place updates bumped the state's versions)
             return output
-    save_mask = saves_activation_mask(activation_name, input, weight, bias, residual)
+    # A call the native route could serve keeps its residual, not the mask, on the ops'
+    # route too: the backward then recomputes the pre-activation and differentiates the
+    # activation by torch's kernels, as the native route's autograd nodes do (the same
+    # gradient at a NaN pre-activation of either sign, where the mask's sign test differs).
+    save_mask = not native and saves_activation_mask(activation_name, input, weight, bias,
+                                                     residual)
     eager = not compiling and ops.direct_uncompiled(input) and ops.plain(
         running_mean, running_var, weight, bias, residual, num_batches_tracked)
     if training:

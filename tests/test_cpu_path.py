@@ -6,6 +6,8 @@ the input's size."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -470,8 +472,9 @@ def test_native_route_and_the_ops_route_give_the_same_bits(activation, residual,
         dtype == torch.float32 or activation != "leaky_relu"))
     node, eager = fused_step(x, z, weight, bias, activation, grad_out)
     assert (node in NATIVE_NODES.get(activation, ())) == native, node
-    monkeypatch.setattr(ops, "direct", lambda x: False)
-    _, through_ops = fused_step(x, z, weight, bias, activation, grad_out)
+    monkeypatch.setattr(ops, "direct_uncompiled", lambda x: False)
+    ops_node, through_ops = fused_step(x, z, weight, bias, activation, grad_out)
+    assert ops_node == "_TrainForwardBackward", ops_node  # (the custom ops' route ran)
     for mine, theirs in zip(eager, through_ops, strict=True):
         assert torch.equal(mine, theirs)
 
@@ -660,3 +663,30 @@ def test_native_double_backward_matches_truth(activation):
     expected = torch.autograd.grad(grad_x64.square().sum(), [truth["x"], truth["weight"]])
     for name, grad, grad64 in zip(("x", "weight"), mine, expected, strict=True):
         assert_close_to_truth(f"grad grad {name}", grad, grad64)
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0], ids=["+nan", "-nan"])
+@pytest.mark.parametrize("activation", ["relu", "leaky_relu"])
+def test_ops_route_differentiates_a_nan_pre_activation_as_the_native_route(
+    activation, sign, monkeypatch
+):
+    """A residual of NaNs of either sign (inf - inf gives the sign-set NaN on x86): the ops'
+    route of a natively servable call keeps the residual and differentiates the activation
+    by torch's kernels, as the native route's nodes do (relu passes the gradient at NaN,
+    leaky_relu gives the slope), not by the mask's sign test."""
+
+    def residual_grad():
+        x = make_input((8, 4), offset=0.5).requires_grad_(True)
+        residual = torch.full((8, 4), math.copysign(math.nan, sign)).requires_grad_(True)
+        y = fastbn.batch_norm(x, None, None, None, None, True, residual=residual,
+                              activation=activation, negative_slope=0.1)
+        grad, = torch.autograd.grad(y, [residual], torch.ones_like(y))
+        return type(y.grad_fn).__name__, grad
+
+    native_node, native = residual_grad()
+    monkeypatch.setattr(ops, "direct_uncompiled", lambda x: False)
+    ops_node, through_ops = residual_grad()
+    assert native_node in NATIVE_NODES[activation] and ops_node == "_TrainForwardBackward"
+    expected = 1.0 if activation == "relu" else 0.1
+    assert torch.equal(native, torch.full((8, 4), expected))
+    assert torch.equal(through_ops, native)

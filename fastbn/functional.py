@@ -285,8 +285,16 @@ def check_arguments(
                 )
     if training and not torch.compiler.is_compiling() and (  # (dynamo cannot trace these)
         _inference(running_mean) or _inference(running_var) or _inference(num_batches_tracked)
+        or _inference(input)
     ) and not torch.is_inference_mode_enabled():
         _raise_inference_state(running_mean, running_var, num_batches_tracked)
+        if torch.is_grad_enabled() and ops.requires_grad(input, weight, bias, residual):
+            raise RuntimeError(  # (torch's message; raised before the running update)
+                "batch_norm: Inference tensors cannot be saved for backward: the input is an "
+                "inference tensor (made under torch.inference_mode) and the backward needs "
+                "it; to work around you can make a clone to get a normal tensor and use it "
+                "in autograd"
+            )
     if training and momentum is None and running_mean is not None and num_batches_tracked is None:
         raise TypeError(  # F.batch_norm's type for momentum=None: it takes floats only
             "batch_norm: momentum=None (a cumulative moving average) needs num_batches_tracked"

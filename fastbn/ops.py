@@ -202,7 +202,7 @@ def _normalize_setup_context(ctx, inputs, output):
 
 def _keep_for_backward(ctx, x, mean, var, weight, bias, residual, activation_mask, eps,
                        use_batch_stats, activation, slope, save_mask, backend):
-    """_normalize_setup_context's work on its arguments one by one (but marking the mask
+    """_normalize_setup_context's work on its arguments one by one (except marking the mask
     non-differentiable, which only a Function that returns it does): the eager Functions'
     forwards call it so, with no tuple built and taken apart per call. The options travel
     as one attribute (one store and one load per call instead of six)."""
@@ -558,14 +558,10 @@ def plain(*tensors: Optional[Tensor]) -> bool:
     return True
 
 
-def transformed() -> bool:
-    """Whether a torch.func transform or a forward-AD dual level is active (see the module
-    docstring): two cheap reads of interpreter state; never true while compiling."""
-    return not torch.compiler.is_compiling() and transform_active()
-
-
 def transform_active() -> bool:
-    """``transformed()`` for a caller that knows it is not compiling."""
+    """Whether a torch.func transform or a forward-AD dual level is active (see the module
+    docstring): two cheap reads of interpreter state, for a caller that knows it is not
+    compiling (never true while compiling)."""
     return (torch.autograd.forward_ad._current_level >= 0
             or _functorch.peek_interpreter_stack() is not None)
 
@@ -675,8 +671,9 @@ def call_normalize(
     save_mask: bool,
     backend: str,
     eager: Optional[bool] = None,
-) -> tuple[Tensor, Tensor]:
-    """``normalize``: (y, activation mask). ``eager`` says whether the call may skip the
+) -> tuple[Tensor, Optional[Tensor]]:
+    """``normalize``: (y, activation mask; None for an eager call that saves none, the custom
+    op's empty tensor otherwise). ``eager`` says whether the call may skip the
     dispatcher (``direct(x)`` and ``plain`` of the other tensors) where the caller knows."""
     if eager is None:
         eager = direct(x) and plain(mean, var, weight, bias, residual)

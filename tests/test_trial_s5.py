@@ -245,3 +245,26 @@ def test_batched_gradients_of_a_channels_last_call_equal_torchs(shape, activatio
     expected, = torch.autograd.grad(expected_y, x, grads_out, is_grads_batched=True)
     atol, rtol = tolerance(torch.float32)
     torch.testing.assert_close(grads, expected, atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("activation", [None, "relu", "silu"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_inference_input_needed_for_the_backward_raises_before_any_update(
+    channels_last, activation
+):
+    """An input made under torch.inference_mode, with a weight that requires grad, in
+    training outside it: torch's BatchNorm cannot save the input for the backward and
+    raises RuntimeError with nothing changed; so does fastbn's, on every route."""
+    with torch.inference_mode():
+        x = make_input((4, 3, 5, 6), channels_last=channels_last)
+    weight = torch.ones(3, device=DEVICE, requires_grad=True)
+    running_mean, running_var = torch.zeros(3, device=DEVICE), torch.ones(3, device=DEVICE)
+    num_batches_tracked = torch.tensor(0, device=DEVICE)
+    with pytest.raises(RuntimeError):
+        F.batch_norm(x, running_mean.clone(), running_var.clone(), weight, None, True)
+    with pytest.raises(RuntimeError, match="Inference tensors cannot be saved"):
+        fastbn.batch_norm(x, running_mean, running_var, weight, None, True,
+                          activation=activation, num_batches_tracked=num_batches_tracked)
+    assert num_batches_tracked.item() == 0
+    assert torch.equal(running_mean, torch.zeros(3, device=DEVICE))
+    assert torch.equal(running_var, torch.ones(3, device=DEVICE))

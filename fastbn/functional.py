@@ -89,9 +89,9 @@ def batch_norm(
     native = training and backend == "torch" and cpu.serves_natively(
         input, running_mean, running_var, weight, bias, activation_name, negative_slope
     )
-    if native and not compiling and ops.direct_uncompiled(input) and ops.plain(
-        running_mean, running_var, weight, bias, residual, num_batches_tracked
-    ):
+    eager = not compiling and ops.direct_uncompiled(input) and ops.plain(
+        running_mean, running_var, weight, bias, residual, num_batches_tracked)
+    if native and eager:
         output = cpu.native_training_forward(input, running_mean, running_var, weight, bias,
                                              residual, momentum, eps, num_batches_tracked,
                                              activation_name, negative_slope)
@@ -103,8 +103,6 @@ def batch_norm(
     # gradient at a NaN pre-activation of either sign, where the mask's sign test differs).
     save_mask = not native and saves_activation_mask(activation_name, input, weight, bias,
                                                      residual)
-    eager = not compiling and ops.direct_uncompiled(input) and ops.plain(
-        running_mean, running_var, weight, bias, residual, num_batches_tracked)
     if training:
         output = ops.call_batch_norm_train_(
             input, running_mean, running_var, num_batches_tracked, momentum, weight, bias,

@@ -666,17 +666,18 @@ def normalize(
     activation: str,
     negative_slope: float,
     save_mask: bool,
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor | None]:
     """``reference.normalize``: the cheap form by torch's kernels, the residual and the
-    activation in place on the output, when the exactness rule holds."""
+    activation in place on the output, when the exactness rule holds. The mask is None
+    without ``save_mask`` (as the Triton launchers say it; the op layer makes the empty
+    tensor an op must return, ``ops.mask_output``): no allocation per call for it."""
     constants = native_constants(x, mean, var, eps)
     low_precision = x.dtype != param_dtype(x)
     if constants is None or (low_precision and activation not in ROUNDING_COMMUTES):
         return reference.normalize(x, mean, var, weight, bias, residual, eps, activation,
                                    negative_slope, save_mask)
-    y, mask = epilogue_(affine_output(x, *constants, weight, bias, eps), x, residual,
-                        activation, negative_slope, save_mask)
-    return y, x.new_empty(0, dtype=torch.uint8) if mask is None else mask
+    return epilogue_(affine_output(x, *constants, weight, bias, eps), x, residual, activation,
+                     negative_slope, save_mask)
 
 
 def kernel_training_output(
@@ -705,7 +706,7 @@ def normalize_batch(
     x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None,
     residual: Tensor | None, eps: float, activation: str, negative_slope: float,
     save_mask: bool,
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor | None]:
     """``normalize`` where (mean, var) are x's batch statistics (``use_batch_stats``): for a
     call ``native_training_forward`` could serve, ``batch_output`` and the same epilogue,
     its bits; else ``normalize``."""
@@ -713,8 +714,7 @@ def normalize_batch(
     if y is None:
         return normalize(x, mean, var, weight, bias, residual, eps, activation, negative_slope,
                          save_mask)
-    y, mask = epilogue_(y, x, residual, activation, negative_slope, save_mask)
-    return y, x.new_empty(0, dtype=torch.uint8) if mask is None else mask
+    return epilogue_(y, x, residual, activation, negative_slope, save_mask)
 
 
 def batch_output(
@@ -841,9 +841,11 @@ def grad_residual_from(g: Tensor, grad_out: Tensor, x: Tensor, residual: Tensor 
 
 def normalize_backward(
     inputs: BackwardInputs, use_batch_stats: bool, output_mask: list[bool]
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
     """``reference.normalize_backward`` by torch's CPU backward kernel on g = dy * act'(u)
-    when the exactness rule holds: one pass for the sums, one for d input."""
+    when the exactness rule holds: one pass for the sums, one for d input. A gradient
+    ``output_mask`` does not ask for is None there (the reference's empty tensor where it
+    serves)."""
     inputs = grad_in_x_format(inputs)
     (grad_out, x, mean, var, weight, bias, residual, activation_mask, eps, activation,
      negative_slope) = inputs
@@ -860,12 +862,13 @@ def normalize_backward(
     grads = native_backward(g, x, constants, weight, use_batch_stats, eps,
                             [want_input, want_weight, want_bias]
                             ) if want_input or want_weight or want_bias else (None,) * 3
-    # Custom-op outputs must not alias each other: a fresh empty tensor for each one not asked.
+    # None for each gradient not asked for, as the Triton launchers return it (the op layer
+    # makes the empty tensors an op must return, ``ops.grads_output``).
     return (
-        same_format(grads[0], x) if want_input else x.new_empty(0),
-        as_dtype(grads[1], weight.dtype) if want_weight else x.new_empty(0),
-        as_dtype(grads[2], bias.dtype) if want_bias else x.new_empty(0),
-        grad_residual_from(g, grad_out, x, residual) if want_residual else x.new_empty(0),
+        same_format(grads[0], x) if want_input else None,
+        as_dtype(grads[1], weight.dtype) if want_weight else None,
+        as_dtype(grads[2], bias.dtype) if want_bias else None,
+        grad_residual_from(g, grad_out, x, residual) if want_residual else None,
     )
 
 

@@ -120,8 +120,8 @@ def pilot_sums(x: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
     dims = reduced_dims(x)
     count = reduced_count(x)
     dtype = compute_dtype(x.dtype)
-    pilot = x[(0, slice(None)) + (0,) * (x.dim() - 2)]
-    pilot = pilot.nan_to_num(0.0, 0.0, 0.0)  # non-finite to 0: an inf pilot makes inf - inf
+    # Non-finite pilots to 0: an inf pilot makes inf - inf.
+    pilot = first_of_each_channel(x).nan_to_num(0.0, 0.0, 0.0)
     if x.dtype == dtype:
         shifted = x - channel_view(pilot, x)
     else:  # one conversion pass, then in place: faster than a mixed-dtype subtraction
@@ -137,6 +137,11 @@ def pilot_sums(x: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
     shifted_mean = first.div_(count)
     var = torch.addcmul(second.div_(count), shifted_mean, shifted_mean, value=-1).clamp_min_(0)
     return pilot, shifted_mean, var
+
+
+def first_of_each_channel(x: Tensor) -> Tensor:
+    """x[0, :, 0, ..., 0] as one view op (indexing makes one select per dimension)."""
+    return x.as_strided((x.shape[1],), (x.stride(1),))
 
 
 def native_mean_var(x: Tensor) -> tuple[Tensor, Tensor]:

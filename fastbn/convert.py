@@ -5,7 +5,9 @@ back), fusing activations and residual adds into them only where asked.
 parameters, buffers and state_dict keys:
 
 - ``"none"`` (the default): swap only. Each torch.nn.BatchNorm1d/2d/3d (or a subclass that
-  keeps torch's ``forward``) becomes the fastbn class of the same rank in the same slot,
+  keeps torch's ``forward`` and defines no other method or class attribute, which the fastbn
+  class would drop: ``swap.own_attributes``) becomes the fastbn class of the same rank in
+  the same slot,
   holding the same Parameter and buffer objects, hooks, training flag and qconfig
   (``_FastBatchNorm.from_torch``); with sync=True, it and torch.nn.SyncBatchNorm become
   fastbn.SyncBatchNorm. Every other module keeps its class, forward, methods and

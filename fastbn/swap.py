@@ -136,6 +136,10 @@ def _replacement(layer: _BatchNorm, targets: SwapTargets) -> tuple[nn.Module | N
             if moved:
                 return None, (f"its {', '.join(moved)} is not among its parameters and "
                               "buffers (a parametrization or a hook moved it)")
+            own = own_attributes(type(layer), _fastbn_class_of(layer, targets))
+            if own:
+                return None, (f"its class defines {', '.join(own)}, which the fastbn layer "
+                              "would not keep")
             return fastbn_class.from_torch(
                 layer, activation=layer.activation, negative_slope=layer.negative_slope,
                 **extra,
@@ -144,6 +148,10 @@ def _replacement(layer: _BatchNorm, targets: SwapTargets) -> tuple[nn.Module | N
             return None, "it holds parameters or buffers of its own"
         if type(layer)._check_input_dim is not torch_class._check_input_dim:
             return None, "its class checks its input its own way"
+        own = own_attributes(type(layer), torch_class)
+        if own:  # (a frozen-statistics BN's train(), a checkpoint-renaming loader, ...)
+            return None, (f"its class defines {', '.join(own)}, which the fastbn layer would "
+                          "not keep")
         if type(layer).forward is torch_class.forward:
             if layer._modules:
                 return None, "it has submodules"
@@ -158,6 +166,40 @@ def _replacement(layer: _BatchNorm, targets: SwapTargets) -> tuple[nn.Module | N
     if isinstance(layer, nn.SyncBatchNorm):
         return None, "torch.nn.SyncBatchNorm is swapped with sync=True only"
     return None, ""
+
+
+_CLASS_BOOKKEEPING = frozenset({
+    "__module__", "__qualname__", "__doc__", "__dict__", "__weakref__", "__annotations__",
+    "__firstlineno__", "__static_attributes__", "__orig_bases__", "__parameters__",
+    "__slotnames__", "_abc_impl",
+})
+"""Names Python itself puts in a class's namespace: they say nothing of its behaviour."""
+
+_CARRIED_OVER = frozenset({"__init__", "forward"})
+"""Names a subclass may define and still be swapped: ``__init__`` has run already (the
+swap keeps the built layer's attributes and tensors), and ``forward`` is checked on its own
+(torch's, or a BatchNormAct layer's BatchNorm -> drop -> act)."""
+
+
+def own_attributes(cls: type, torch_class: type) -> list[str]:
+    """What the classes between cls and torch_class define beyond Python's bookkeeping,
+    ``__init__`` and ``forward``: methods (train, _load_from_state_dict, reset_parameters,
+    extra_repr, ...), properties and class attributes (a ``_version`` that changes how
+    state_dicts load), none of which a swap to a fastbn class would keep."""
+    own: list[str] = []
+    for klass in cls.__mro__:  # (mixins before torch_class included: they override it too)
+        if klass is torch_class:
+            break
+        own += [name for name in vars(klass) if name not in _CLASS_BOOKKEEPING
+                and name not in _CARRIED_OVER and name not in own]
+    return own
+
+
+def _fastbn_class_of(layer: _BatchNorm, targets: SwapTargets) -> type:
+    """The first of fastbn's own classes in the layer's class hierarchy (a user's subclass
+    of fastbn.BatchNorm2d sits above fastbn.BatchNorm2d)."""
+    home = targets.fastbn.__module__
+    return next(k for k in type(layer).__mro__ if k.__module__ == home)
 
 
 def _norm_act(layer: _BatchNorm) -> tuple[tuple[str | None, float], str]:

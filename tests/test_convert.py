@@ -415,6 +415,82 @@ def test_subclass_with_its_own_forward_is_left_alone_with_a_warning():
     assert type(converted[1]) is fastbn.BatchNorm2d
 
 
+class _FrozenStatistics(nn.BatchNorm2d):
+    """A detection backbone's frozen BatchNorm: train() keeps it in eval."""
+
+    def train(self, mode=True):
+        return super().train(False)
+
+
+class _OldCheckpoints(nn.BatchNorm2d):
+    """Loads checkpoints that name the affine parameters gamma and beta."""
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for old, new in (("gamma", "weight"), ("beta", "bias")):
+            if prefix + old in state_dict:
+                state_dict[prefix + new] = state_dict.pop(prefix + old)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+class _ZeroInit(nn.BatchNorm2d):
+    def reset_parameters(self):
+        super().reset_parameters()
+        nn.init.zeros_(self.weight)
+
+
+class _FrozenMixin:
+    def train(self, mode=True):
+        return super().train(False)
+
+
+class _MixedIn(_FrozenMixin, nn.BatchNorm2d):
+    pass
+
+
+@pytest.mark.parametrize("layer_class, defines", [
+    (_FrozenStatistics, "train"), (_OldCheckpoints, "_load_from_state_dict"),
+    (_ZeroInit, "reset_parameters"), (_MixedIn, "train"),
+], ids=["train", "load_from_state_dict", "reset_parameters", "mixin"])
+def test_subclass_whose_class_defines_methods_is_left_alone_with_a_warning(layer_class,
+                                                                          defines):
+    """A swap to fastbn's class would drop the subclass's methods (a frozen BN would train
+    and update its running statistics): such a layer stays, named with what it defines."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), layer_class(4))
+    reference = copy.deepcopy(model)
+    with pytest.warns(UserWarning, match=rf"1 \({layer_class.__name__}\): its class defines "
+                                         rf"{defines}, which the fastbn layer would not keep"):
+        converted = fastbn.convert(model)
+    assert type(converted[1]) is layer_class
+    x = make_input((2, 3, 6, 6))
+    converted.train()
+    reference.train()
+    assert_matches("output", converted(x), reference(x))
+    assert converted[1].training == reference[1].training
+    assert torch.equal(converted[1].running_mean, reference[1].running_mean)
+
+
+def test_frozen_statistics_layer_keeps_its_running_statistics_in_a_converted_model():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), _FrozenStatistics(4))
+    with pytest.warns(UserWarning, match="its class defines train"):
+        converted = fastbn.convert(model).train()
+    before = converted[2].running_mean.clone()
+    converted(make_input((2, 3, 6, 6), offset=2.0))
+    assert type(converted[1]) is fastbn.BatchNorm2d
+    assert not converted[2].training
+    assert torch.equal(converted[2].running_mean, before)
+
+
+def test_sync_convert_leaves_a_fastbn_subclass_that_defines_methods_with_a_warning():
+    class Frozen(fastbn.BatchNorm2d):
+        def train(self, mode=True):
+            return super().train(False)
+
+    layer = Frozen(3)
+    with pytest.warns(UserWarning, match=r"0 \(Frozen\): its class defines train"):
+        converted = fastbn.convert(nn.Sequential(layer), sync=True)
+    assert converted[0] is layer
+
+
 def test_process_group_without_sync_is_rejected():
     with pytest.raises(ValueError, match="process_group is only used with sync=True"):
         fastbn.convert(resnet(), process_group=object())

@@ -189,7 +189,9 @@ def in_output_format(y: Tensor, x: Tensor) -> Tensor:
 
 def _normalize_setup_context(ctx, inputs, output):
     """What the backward keeps: x, the statistics and the affine parameters, plus
-    - nothing more without an activation, or with one but no residual (u is recomputed);
+    - nothing more without an activation (d residual is then grad_out, in x's format: the
+      residual itself is not kept, so it may change in place before the backward, as after
+      torch's BatchNorm + add), or with one but no residual (u is recomputed);
     - the packed activation mask (1 bit per element) for relu/relu6/leaky_relu with a
       residual, which is then not kept;
     - the residual for silu/hardswish with a residual (their derivative needs u)."""
@@ -208,8 +210,9 @@ def _keep_for_backward(ctx, x, mean, var, weight, bias, residual, activation_mas
     as one attribute (one store and one load per call instead of six)."""
     if save_mask:
         ctx.save_for_backward(x, mean, var, weight, bias, None, activation_mask)
-    else:
-        ctx.save_for_backward(x, mean, var, weight, bias, residual, None)
+    else:  # the residual only where the backward recomputes u = BN(x) + residual with it
+        ctx.save_for_backward(x, mean, var, weight, bias,
+                              None if activation == "none" else residual, None)
     ctx.options = (residual is not None, eps, use_batch_stats, activation, slope, backend)
 
 

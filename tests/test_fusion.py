@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 from cases import MEMORY_FORMATS, Case, cases, run_side_by_side
-from helpers import ACTIVATIONS, activation64, make_input
+from helpers import ACTIVATIONS, activation64, assert_matches, make_input
 
 import fastbn
 
@@ -64,6 +64,31 @@ def test_fused_relu_family_saves_less_than_torch_bn_then_activation(backend, dev
     # output or input: a second full tensor.
     assert ours < theirs
     assert ours <= x.numel() * x.element_size() * (1 + 1 / 16) + 1024
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_residual_without_activation_is_not_kept_so_it_may_change_before_the_backward(
+        backend, device, training, channels_last):
+    """BN(x) + z needs no z in its backward (d z is the output's gradient): like torch's
+    BatchNorm + add, the fused call keeps none, so z may change in place after the forward
+    (a later in-place layer) and the gradients are still torch's."""
+    shape = (2, 3, 4, 4)
+    x = make_input(shape, channels_last=channels_last, device=device).requires_grad_(True)
+    z = make_input(shape, seed=1, channels_last=channels_last, device=device,
+                   ).requires_grad_(True)
+    grad = make_input(shape, seed=2, device=device, scaled_channels=False)
+    ours = fastbn.BatchNorm2d(3, device=device).train(training)
+    theirs = torch.nn.BatchNorm2d(3, device=device).train(training)
+    y, expected = ours(x, residual=z), theirs(x) + z
+    with torch.no_grad():
+        z.mul_(2.0)
+    got = torch.autograd.grad(y, (x, z, ours.weight, ours.bias), grad)
+    want = torch.autograd.grad(expected, (x, z, theirs.weight, theirs.bias), grad)
+    for name, actual, truth in zip(("d input", "d residual", "d weight", "d bias"), got, want,
+                                   strict=True):
+        assert_matches(name, actual, truth)
+    assert saved_bytes(lambda: ours(x, residual=z)) < 2 * x.numel() * x.element_size()
 
 
 def test_residual_mask_replaces_the_residual_only_when_a_backward_can_follow(device):

@@ -169,9 +169,11 @@ def derivative_is_one(u: Tensor, activation: str) -> Tensor:
 
 def derivative_from_bits(bits: Tensor, activation: str, negative_slope: float,
                          dtype: torch.dtype) -> Tensor:
-    """A SIGN_ACTIVATIONS derivative from its derivative_is_one bits."""
+    """A SIGN_ACTIVATIONS derivative from its derivative_is_one bits, in dtype: the slope is
+    rounded once, to dtype (two Python numbers would make a float32 tensor first, which
+    rounds a float64 call's slope to float32)."""
     otherwise = negative_slope if activation == "leaky_relu" else 0.0
-    return torch.where(bits, 1.0, otherwise).to(dtype)
+    return torch.where(bits, bits.new_ones((), dtype=dtype), otherwise)
 
 
 def activation_derivative(u: Tensor, activation: str, negative_slope: float) -> Tensor:

@@ -91,6 +91,25 @@ def test_residual_without_activation_is_not_kept_so_it_may_change_before_the_bac
     assert saved_bytes(lambda: ours(x, residual=z)) < 2 * x.numel() * x.element_size()
 
 
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_float64_leaky_relu_gradient_on_a_strided_input_keeps_the_slope_in_float64(
+        backend, device, training):
+    """A transposed (N, L, C) -> (N, C, L) input takes the reference formulas, whose slope
+    must not pass through float32 on its way to a float64 derivative."""
+    x = make_input((3, 7, 6), torch.float64, device=device).transpose(1, 2) - 0.5
+    ours_x, torch_x = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    stats = (torch.zeros(6, dtype=torch.float64, device=device),
+             torch.ones(6, dtype=torch.float64, device=device))
+    y = fastbn.batch_norm(ours_x, *(t.clone() for t in stats), None, None, training,
+                          activation="leaky_relu", negative_slope=0.01)
+    expected = torch.nn.functional.leaky_relu(torch.nn.functional.batch_norm(
+        torch_x, *(t.clone() for t in stats), None, None, training), 0.01)
+    grad = make_input(y.shape, torch.float64, seed=1, device=device, scaled_channels=False)
+    assert_matches("output", y, expected)
+    assert_matches("d input", torch.autograd.grad(y, ours_x, grad)[0],
+                   torch.autograd.grad(expected, torch_x, grad)[0])
+
+
 def test_residual_mask_replaces_the_residual_only_when_a_backward_can_follow(device):
     x = make_input((2, 3, 4, 4), device=device)
     z = make_input((2, 3, 4, 4), seed=1, device=device)

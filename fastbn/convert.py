@@ -498,7 +498,10 @@ def _check_no_augmented_assignment_to_arguments(module: nn.Module) -> None:
         tree = ast.parse(textwrap.dedent(inspect.getsource(forward)))
     except (OSError, TypeError, SyntaxError) as error:
         raise _Untraceable(f"its forward's source cannot be read ({error})") from error
-    function = tree.body[0]
+    # (A lambda's source is the whole line that assigns it: no def to read.)
+    function = tree.body[0] if tree.body else None
+    if not isinstance(function, ast.FunctionDef | ast.AsyncFunctionDef):
+        raise _Untraceable("its forward is not a def statement whose source can be read")
     arguments = {a.arg for a in (*function.args.posonlyargs, *function.args.args)}
     for node in ast.walk(function):
         if isinstance(node, ast.AugAssign) and (

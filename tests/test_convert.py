@@ -491,6 +491,22 @@ def test_sync_convert_leaves_a_fastbn_subclass_that_defines_methods_with_a_warni
     assert converted[0] is layer
 
 
+class _LambdaForward(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(4)
+
+    forward = lambda self, x: torch.relu(self.bn(x))  # noqa: E731 (what is tested)
+
+
+def test_graph_fuse_leaves_a_module_whose_forward_is_a_lambda_with_a_warning(device):
+    with pytest.warns(UserWarning, match="its forward is not a def statement"):
+        converted, reference = converted_pair(_LambdaForward(), device, fuse="graph")
+    assert type(converted) is _LambdaForward
+    assert type(converted.bn) is fastbn.BatchNorm2d
+    assert_same_outputs(converted, reference, make_input((2, 4, 5, 5), device=device))
+
+
 def test_process_group_without_sync_is_rejected():
     with pytest.raises(ValueError, match="process_group is only used with sync=True"):
         fastbn.convert(resnet(), process_group=object())

@@ -256,7 +256,9 @@ def _revert(module: nn.Module, edits: Edits, done: dict[int, nn.Module]) -> nn.M
 
 def _replaced_module(graph_module: nn.Module, original: nn.Module, edits: Edits) -> nn.Module:
     """The module a GraphModule replaced, holding the GraphModule's current tensors and
-    training flags (``.to()`` and ``.train()`` reached only the GraphModule's tree)."""
+    training flags (``.to()`` and ``.train()`` reached only the GraphModule's tree) and, from
+    each copy in that tree, what was set on the copy since convert (its hooks, a layer's
+    momentum or eps: the copy is what the model ran)."""
     for path, mirror in graph_module.named_modules(remove_duplicate=False):
         target = original.get_submodule(path)
         if target is mirror:
@@ -264,8 +266,27 @@ def _replaced_module(graph_module: nn.Module, original: nn.Module, edits: Edits)
         for name in ("_parameters", "_buffers"):
             for key, tensor in getattr(mirror, name).items():
                 edits.set(getattr(target, name), key, tensor)
+        if path:  # (the root is the GraphModule itself: fx's own state, not the module's)
+            for key, value in vars(mirror).items():
+                if _set_since_convert(key, mirror) and (
+                        target.__dict__.get(key, _ABSENT) is not value):
+                    edits.set(target.__dict__, key, value)
         edits.set(target.__dict__, "training", mirror.training)
     return original
+
+
+_ABSENT = object()
+
+
+def _set_since_convert(key: str, copy_: nn.Module) -> bool:
+    """Whether a tree copy's attribute ``key`` is state a user sets on the module (its hook
+    dictionaries, a public attribute such as a layer's momentum or eps), not what convert
+    set on the copy: an inlined container's stand-in forward, a fused layer's activation."""
+    if key in HOOK_STATE:
+        return True
+    if key.startswith("_") or key == "forward":
+        return False
+    return not (isinstance(copy_, _FastBatchNorm) and key in ("activation", "negative_slope"))
 
 
 def _unfold(sequential: nn.Module, edits: Edits) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.lazy import LazyModuleMixin
 
 # An activation as fastbn layers take it: (activation, negative_slope).
 Activation = tuple[str, float]
@@ -165,6 +166,8 @@ def _replacement(layer: _BatchNorm, targets: SwapTargets) -> tuple[nn.Module | N
         return fastbn_class.from_torch(layer, activation=name, negative_slope=slope, **extra), ""
     if isinstance(layer, nn.SyncBatchNorm):
         return None, "torch.nn.SyncBatchNorm is swapped with sync=True only"
+    if isinstance(layer, LazyModuleMixin):  # (it becomes a torch BatchNorm at its first call)
+        return None, "a lazy layer takes its shape at its first forward: convert after one"
     return None, ""
 
 

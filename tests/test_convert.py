@@ -531,6 +531,54 @@ def test_revert_keeps_what_was_set_on_a_layer_after_convert(device, fuse):
     assert (reverted.bn.momentum, reverted.bn.eps, len(calls)) == (0.5, 1e-3, 1)
 
 
+def test_state_dict_hooks_carry_over_through_convert_and_revert():
+    """A layer's state_dict and load_state_dict hooks are hooks too: they come with it."""
+    def add_extra(module, state_dict, prefix, local_metadata):
+        state_dict[prefix + "extra"] = torch.ones(1)
+
+    def drop_extra(state_dict, prefix, *args):
+        state_dict.pop(prefix + "extra", None)
+
+    loaded = []
+    layer = nn.BatchNorm2d(3)
+    layer._register_state_dict_hook(add_extra)
+    layer._register_load_state_dict_pre_hook(drop_extra)
+    layer.register_load_state_dict_post_hook(lambda module, keys: loaded.append(1))
+    checkpoint = nn.Sequential(layer).state_dict()
+    converted = fastbn.convert(nn.Sequential(layer))
+    assert type(converted[0]) is fastbn.BatchNorm2d
+    assert "0.extra" in converted.state_dict()
+    converted.load_state_dict(checkpoint)  # strict: the pre-hook takes "extra" out
+    reverted = fastbn.revert(converted)
+    assert type(reverted[0]) is nn.BatchNorm2d
+    assert "0.extra" in reverted.state_dict()
+    reverted.load_state_dict(checkpoint)
+    assert loaded == [1, 1]
+
+
+def test_revert_keeps_attributes_set_on_the_layer_after_convert():
+    """Freezing the running statistics after convert (track_running_stats=False) must
+    survive revert, as must an attribute of the user's."""
+    model = fastbn.convert(nn.Sequential(nn.BatchNorm2d(3))).train()
+    model[0].track_running_stats = False
+    model[0].tag = "frozen"
+    reverted = fastbn.revert(model)
+    reverted(make_input((2, 3, 4, 4), offset=1.0))
+    assert type(reverted[0]) is nn.BatchNorm2d
+    assert reverted[0].track_running_stats is False and reverted[0].tag == "frozen"
+    assert torch.equal(reverted[0].running_mean, torch.zeros(3))
+
+
+def test_lazy_layer_is_left_with_a_warning_until_its_first_forward():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.LazyBatchNorm2d())
+    with pytest.warns(UserWarning, match=r"1 \(LazyBatchNorm2d\): a lazy layer takes its "
+                                         r"shape at its first forward"):
+        converted = fastbn.convert(model)
+    assert type(converted[1]) is nn.LazyBatchNorm2d
+    converted(make_input((2, 3, 4, 4)))
+    assert type(fastbn.convert(converted)[1]) is fastbn.BatchNorm2d
+
+
 def test_process_group_without_sync_is_rejected():
     with pytest.raises(ValueError, match="process_group is only used with sync=True"):
         fastbn.convert(resnet(), process_group=object())

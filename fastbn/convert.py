@@ -54,7 +54,7 @@ from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
 from torch.nn import functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from fastbn.modules import HOOK_STATE, _FastBatchNorm, swap_targets
+from fastbn.modules import FASTBN_ONLY, HOOK_STATE, _FastBatchNorm, swap_targets
 from fastbn.swap import (
     DEFAULT_SLOPE,
     Activation,
@@ -286,7 +286,7 @@ def _set_since_convert(key: str, copy_: nn.Module) -> bool:
         return True
     if key.startswith("_") or key == "forward":
         return False
-    return not (isinstance(copy_, _FastBatchNorm) and key in ("activation", "negative_slope"))
+    return not (isinstance(copy_, _FastBatchNorm) and key in FASTBN_ONLY)
 
 
 def _unfold(sequential: nn.Module, edits: Edits) -> None:

@@ -101,10 +101,9 @@ class _SyncBatchNorm(torch.autograd.Function):
             input, mean, var, weight, bias, residual, eps, True, activation, negative_slope,
             save_mask, backend,
         )
-        # As fastbn::normalize keeps them: the mask stands in for the residual when saved,
-        # and without an activation the backward needs no residual at all.
+        # As fastbn::normalize keeps them (ops.kept_residual).
         ctx.save_for_backward(input, mean, var, count, weight, bias,
-                              None if save_mask or activation == "none" else residual,
+                              ops.kept_residual(residual, activation, save_mask),
                               activation_mask if save_mask else None)
         ctx.has_residual = residual is not None
         ctx.eps = eps

@@ -48,7 +48,7 @@ HOOK_STATE = (
 )
 # A fastbn layer's public attributes that the torch layer it gives back has its own of (or
 # none): every other public attribute (track_running_stats, affine, one a user set) goes back.
-_FASTBN_ONLY = ("activation", "negative_slope", "process_group")
+FASTBN_ONLY = ("activation", "negative_slope", "process_group")
 # What a swapped layer takes over from the layer it replaces, and gives back to it.
 _SHARED_STATE = ("training", "eps", "momentum", "qconfig", *HOOK_STATE)
 _LIVE_STATE = (*_SHARED_STATE, "_parameters", "_buffers", "_non_persistent_buffers_set")
@@ -208,7 +208,7 @@ class _FastBatchNorm(_BatchNorm):
         layer.__dict__.update(origin.state)
         layer._modules = dict(origin.state["_modules"])
         for name, value in vars(self).items():  # set since the swap: track_running_stats, ...
-            if not name.startswith("_") and name not in _FASTBN_ONLY:
+            if not name.startswith("_") and name not in FASTBN_ONLY:
                 layer.__dict__[name] = value
         _take_state(self, layer)
         layer.train(self.training)

@@ -208,12 +208,17 @@ def _keep_for_backward(ctx, x, mean, var, weight, bias, residual, activation_mas
     non-differentiable, which only a Function that returns it does): the eager Functions'
     forwards call it so, with no tuple built and taken apart per call. The options travel
     as one attribute (one store and one load per call instead of six)."""
-    if save_mask:
-        ctx.save_for_backward(x, mean, var, weight, bias, None, activation_mask)
-    else:  # the residual only where the backward recomputes u = BN(x) + residual with it
-        ctx.save_for_backward(x, mean, var, weight, bias,
-                              None if activation == "none" else residual, None)
+    ctx.save_for_backward(x, mean, var, weight, bias,
+                          kept_residual(residual, activation, save_mask),
+                          activation_mask if save_mask else None)
     ctx.options = (residual is not None, eps, use_batch_stats, activation, slope, backend)
+
+
+def kept_residual(residual: Optional[Tensor], activation: str, save_mask: bool
+                  ) -> Optional[Tensor]:
+    """The residual as the backward keeps it: only where it recomputes u = BN(x) + residual
+    with it (an activation, and no mask standing in for it); None otherwise."""
+    return None if save_mask or activation == "none" else residual
 
 
 def _normalize_grads(ctx, grad_out, _grad_mask):

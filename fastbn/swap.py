@@ -137,10 +137,9 @@ def _replacement(layer: _BatchNorm, targets: SwapTargets) -> tuple[nn.Module | N
             if moved:
                 return None, (f"its {', '.join(moved)} is not among its parameters and "
                               "buffers (a parametrization or a hook moved it)")
-            own = own_attributes(type(layer), _fastbn_class_of(layer, targets))
-            if own:
-                return None, (f"its class defines {', '.join(own)}, which the fastbn layer "
-                              "would not keep")
+            reason = own_attributes_reason(layer, _fastbn_class_of(layer, targets))
+            if reason:
+                return None, reason
             return fastbn_class.from_torch(
                 layer, activation=layer.activation, negative_slope=layer.negative_slope,
                 **extra,
@@ -149,10 +148,9 @@ def _replacement(layer: _BatchNorm, targets: SwapTargets) -> tuple[nn.Module | N
             return None, "it holds parameters or buffers of its own"
         if type(layer)._check_input_dim is not torch_class._check_input_dim:
             return None, "its class checks its input its own way"
-        own = own_attributes(type(layer), torch_class)
-        if own:  # (a frozen-statistics BN's train(), a checkpoint-renaming loader, ...)
-            return None, (f"its class defines {', '.join(own)}, which the fastbn layer would "
-                          "not keep")
+        reason = own_attributes_reason(layer, torch_class)  # (a frozen BN's train(), ...)
+        if reason:
+            return None, reason
         if type(layer).forward is torch_class.forward:
             if layer._modules:
                 return None, "it has submodules"
@@ -196,6 +194,14 @@ def own_attributes(cls: type, torch_class: type) -> list[str]:
         own += [name for name in vars(klass) if name not in _CLASS_BOOKKEEPING
                 and name not in _CARRIED_OVER and name not in own]
     return own
+
+
+def own_attributes_reason(layer: _BatchNorm, base: type) -> str:
+    """Why layer cannot be swapped for its own attributes (``own_attributes`` of its class
+    above ``base``), or "" when it has none."""
+    own = own_attributes(type(layer), base)
+    return f"its class defines {', '.join(own)}, which the fastbn layer would not keep" if (
+        own) else ""
 
 
 def _fastbn_class_of(layer: _BatchNorm, targets: SwapTargets) -> type:

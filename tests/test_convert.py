@@ -18,6 +18,7 @@ from convert_models import (
     BasicBlock,
     Bottleneck,
     DataDependent,
+    InputResidual,
     TrainingBranch,
     Wrapper,
     assert_same_outputs,
@@ -507,21 +508,11 @@ def test_graph_fuse_leaves_a_module_whose_forward_is_a_lambda_with_a_warning(dev
     assert_same_outputs(converted, reference, make_input((2, 4, 5, 5), device=device))
 
 
-class _AddRelu(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(4, 4, 3, padding=1, bias=False)
-        self.bn = nn.BatchNorm2d(4)
-
-    def forward(self, x):
-        return F.relu(self.bn(self.conv(x)) + x)
-
-
 @pytest.mark.parametrize("fuse", ["none", "safe", "graph"])
 def test_revert_keeps_what_was_set_on_a_layer_after_convert(device, fuse):
     """The layer a user reaches after convert is what the model runs (under "graph", a fused
     copy): its momentum, eps and hooks come back with revert."""
-    model = fastbn.convert(_AddRelu().to(device), fuse=fuse)
+    model = fastbn.convert(InputResidual().to(device), fuse=fuse)
     model.bn.momentum, model.bn.eps = 0.5, 1e-3
     calls = []
     model.bn.register_forward_hook(lambda *args: calls.append(1))

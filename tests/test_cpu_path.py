@@ -37,6 +37,16 @@ def torch_backend():
         yield
 
 
+@pytest.fixture(autouse=True, params=["small_nchw_native", "nchw_pilot"])
+def nchw_statistics(request, monkeypatch):
+    """Every test twice: with NATIVE_PLANES_MAX as shipped (the small float32 NCHW inputs
+    here take torch's statistics kernel) and at 0 (they take the pilot sums, as larger ones
+    do), so both float32 NCHW routes meet every specification in this file."""
+    if request.param == "nchw_pilot":
+        monkeypatch.setattr(cpu, "NATIVE_PLANES_MAX", 0)
+    return request.param
+
+
 def strided(x: torch.Tensor) -> torch.Tensor:
     """x's values in a non-dense layout (every other element of a wider buffer)."""
     wide = torch.empty(*x.shape[:-1], 2 * x.shape[-1], dtype=x.dtype)
@@ -211,6 +221,27 @@ def test_batch_normalize_of_other_statistics_is_not_torchs_training_kernel():
     expected, _ = cpu.normalize(x, other_mean, var, None, None, None, 1e-5, "none", 0.0, False)
     assert cpu.kernel_training_output(x, other_mean, var, None, None, 1e-5) is None
     assert torch.equal(y, expected)
+
+
+@pytest.mark.parametrize("shape", [(4, 64, 16, 16), (4, 64, 16, 17), (2, 3, 5), (5, 3)],
+                         ids=str)
+def test_float32_nchw_takes_torchs_statistics_kernel_up_to_native_planes_max(shape):
+    """A contiguous float32 x of at most NATIVE_PLANES_MAX elements is served natively (one
+    torch.native_batch_norm, differentiated by torch), a larger one by the pilot sums; a 2-D
+    x always natively (channels innermost); both within the truth's tolerance."""
+    x = make_input(shape, offset=3.0).requires_grad_(True)
+    small = x.numel() <= cpu.NATIVE_PLANES_MAX
+    assert cpu.native_statistics(x) == (small or x.dim() == 2)
+    running_mean, running_var = torch.zeros(shape[1]), torch.ones(shape[1])
+    truth = batch_norm_truth(x, running_mean, running_var, None, None, True)
+    y = fastbn.batch_norm(x, running_mean, running_var, None, None, True)
+    node = type(y.grad_fn).__name__
+    assert (node == "NativeBatchNormBackward0") == (small or x.dim() == 2), node
+    grad_out = make_input(shape, seed=4)
+    (grad,) = torch.autograd.grad(y, [x], grad_out)
+    assert_close_to_truth("output", y, truth["y"])
+    assert_close_to_truth("running_var", running_var, truth["running_var"])
+    assert_close_to_truth("grad x", grad, grads_truth(truth, grad_out)["x"])
 
 
 def test_pilot_far_from_the_mean_falls_back_to_two_passes():

@@ -157,18 +157,26 @@ _EARLY_STOP = ("known limit (README Limits): the native route updates the runnin
 
 
 @pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
-@pytest.mark.parametrize(("shape", "channels_last"), [
-    pytest.param((3, 4, 5, 6), True, marks=pytest.mark.xfail(strict=True, reason=_EARLY_STOP)),
-    pytest.param((9, 4), False, marks=pytest.mark.xfail(strict=True, reason=_EARLY_STOP)),
-    ((3, 4, 5, 6), False)], ids=str)
+@pytest.mark.parametrize(("shape", "channels_last", "native_planes_max"), [
+    pytest.param((3, 4, 5, 6), True, None,
+                 marks=pytest.mark.xfail(strict=True, reason=_EARLY_STOP)),
+    pytest.param((9, 4), False, None, marks=pytest.mark.xfail(strict=True, reason=_EARLY_STOP)),
+    pytest.param((3, 4, 5, 6), False, None,
+                 marks=pytest.mark.xfail(strict=True, reason=_EARLY_STOP)),
+    ((3, 4, 5, 6), False, 0)], ids=str)
 def test_non_reentrant_checkpoint_updates_the_running_statistics_as_torchs_does(
-    shape, channels_last, residual
+    shape, channels_last, native_planes_max, residual, monkeypatch
 ):
     """torch.utils.checkpoint(use_reentrant=False) runs the forward again in the backward;
     torch's BatchNorm updates its running statistics and counter in both runs. The CPU
-    native route updates them after torch.native_batch_norm has saved its tensors, so the
+    native route (channels_last, 2-D, and float32 NCHW up to NATIVE_PLANES_MAX elements)
+    updates them after torch.native_batch_norm has saved its tensors, so the
     recomputation, which stops as soon as every saved tensor is back, stops before the
-    update: once, not twice (with relu, whose output is saved last, twice)."""
+    update: once, not twice (with relu, whose output is saved last, twice). A float32 NCHW
+    call on the eager Function (NATIVE_PLANES_MAX at 0, as for a larger tensor) updates
+    them twice, as torch does."""
+    if native_planes_max is not None:
+        monkeypatch.setattr(fastbn.cpu, "NATIVE_PLANES_MAX", native_planes_max)
     cls = fastbn.BatchNorm2d if len(shape) == 4 else fastbn.BatchNorm1d
     torch_cls = nn.BatchNorm2d if len(shape) == 4 else nn.BatchNorm1d
     layer, reference = cls(4).to(DEVICE), torch_cls(4).to(DEVICE)

@@ -15,7 +15,8 @@ same results to the dtype's precision, by doing less work:
   tensor has at least ADDCMUL_MIN elements, below which the eval kernel's one op costs
   less than addcmul's six), then the residual and the activation in place on the output;
 - the backward by ``aten.native_batch_norm_backward``: one pass for the two sums, one for
-  d input;
+  d input; an eager relu call's activation derivative from its output, as torch's F.relu
+  takes it (``relu_grad_from_output``, where ``ops.keeps_output``);
 - an eager training call where torch's kernel gives the statistics anyway, without
   activation or with one of NATIVE_ACTIVATIONS: one ``torch.native_batch_norm``, the
   residual and the activation in place on its output (``native_training_forward``: torch's
@@ -349,6 +350,15 @@ def grad_in_format_hook(
         return (in_memory_format(grad, memory_format), *grads[1:])
 
     return hook
+
+
+def relu_grad_from_output(grad_out: Tensor, output: Tensor) -> Tensor:
+    """relu's backward from its output y, as torch's F.relu computes it (threshold_backward
+    of its result): grad_out where y > 0 or is NaN, 0 elsewhere; in y's memory format
+    (x's, for a ``fast_layout`` x), which the backward kernel after it then reads."""
+    if grad_out.stride() != output.stride() and fast_layout(output) is not None:
+        grad_out = in_memory_format(grad_out, memory_format_of(output))
+    return torch.ops.aten.threshold_backward.default(grad_out, output, 0.0)
 
 
 def in_memory_format(t: Tensor, memory_format: torch.memory_format) -> Tensor:
@@ -763,9 +773,12 @@ def mask_indicator(mask: Tensor, x: Tensor) -> Tensor:
     if x.numel() >= ROWS_MASK_MIN and fast_layout(x) == "rows":
         return unpack_rows(mask, x)
     words = mask.to(torch.int64).mul_(_BYTE_TO_WORD).bitwise_and_(_BIT_J_OF_BYTE_J)
-    flags = words.view(torch.uint8)[..., :reference.mask_positions(x).shape[-1]]
-    flags = flags[0].t() if x.dim() == 2 else flags.reshape(x.shape)
-    return torch.empty_like(x).copy_(flags)
+    indicator = torch.empty_like(x)
+    positions = reference.mask_positions(indicator)  # a view of it (a fast layout's)
+    # Converted straight from the padded bytes' strided view: a reshape of that view
+    # would copy every byte once more where the positions are no multiple of 8 (7x7, 14x14).
+    positions.copy_(words.view(torch.uint8)[..., :positions.shape[-1]])
+    return indicator
 
 
 ACTIVATION_BACKWARD = {

@@ -101,8 +101,9 @@ def batch_norm(
     # route too: the backward then recomputes the pre-activation and differentiates the
     # activation by torch's kernels, as the native route's autograd nodes do (the same
     # gradient at a NaN pre-activation of either sign, where the mask's sign test differs).
-    save_mask = not native and saves_activation_mask(activation_name, input, weight, bias,
-                                                     residual)
+    # An eager relu call on the "torch" backend keeps its output instead (ops.keeps_output).
+    save_mask = not native and not (eager and ops.keeps_output(activation_name, backend)) and (
+        saves_activation_mask(activation_name, input, weight, bias, residual))
     if training:
         output = ops.call_batch_norm_train_(
             input, running_mean, running_var, num_batches_tracked, momentum, weight, bias,

@@ -210,7 +210,16 @@ def _keep_for_backward(ctx, x, mean, var, weight, bias, residual, activation_mas
     as one attribute (one store and one load per call instead of six)."""
     ctx.save_for_backward(x, mean, var, weight, bias,
                           kept_residual(residual, activation, save_mask),
-                          activation_mask if save_mask else None)
+                          activation_mask if save_mask else None, None)
+    ctx.options = (residual is not None, eps, use_batch_stats, activation, slope, backend)
+
+
+def _keep_output_for_backward(ctx, x, mean, var, weight, bias, residual, output, eps,
+                              use_batch_stats, activation, slope, backend):
+    """_keep_for_backward where the backward differentiates the activation from ``output``
+    (``keeps_output``): that, x, the statistics and the affine parameters; neither the
+    residual nor an activation mask."""
+    ctx.save_for_backward(x, mean, var, weight, bias, None, None, output)
     ctx.options = (residual is not None, eps, use_batch_stats, activation, slope, backend)
 
 
@@ -219,6 +228,18 @@ def kept_residual(residual: Optional[Tensor], activation: str, save_mask: bool
     """The residual as the backward keeps it: only where it recomputes u = BN(x) + residual
     with it (an activation, and no mask standing in for it); None otherwise."""
     return None if save_mask or activation == "none" else residual
+
+
+def keeps_output(activation: str, backend: str) -> bool:
+    """Whether an eager call's backward (``_Normalize``) differentiates the activation from
+    the output it returned, as torch's F.relu differentiates its result: relu on the
+    "torch" backend. There the output is what torch's unfused BatchNorm + (add +) ReLU
+    keeps, so the backward is torch's: one threshold_backward of the output, no activation
+    mask packed in the forward and unpacked in the backward (two extra passes on a CPU),
+    no pre-activation recomputed; and, as after torch's F.relu, changing the output in
+    place before the backward raises autograd's version error. The Triton backend keeps
+    its 1-bit mask (GPU memory); the ops' route (traced calls) is unchanged."""
+    return activation == "relu" and backend == "torch"
 
 
 def _normalize_grads(ctx, grad_out, _grad_mask):
@@ -235,13 +256,22 @@ def _gradients(ctx, grad_out, want_input, want_weight, want_bias, want_residual)
     does not ask for (the ``want_*`` flags, from the caller's needs_input_grad): the
     gradients of the op's differentiable arguments, which are the eager Functions' tensor
     arguments (x, weight, bias, residual)."""
-    x, mean, var, weight, bias, residual, activation_mask = ctx.saved_tensors
+    x, mean, var, weight, bias, residual, activation_mask, output = ctx.saved_tensors
     # The eager Functions set_materialize_grads(False): autograd would otherwise zero-fill a
     # gradient for the non-differentiable mask on every call. y's gradient is then None
     # only when y's consumers gave it none: zero, as autograd would have made it.
     if grad_out is None:
         grad_out = torch.zeros_like(x)
     has_residual, eps, use_batch_stats, activation, slope, backend = ctx.options
+    if output is not None:  # keeps_output: d u from the output, then BN's backward of it
+        grad_u = cpu.relu_grad_from_output(grad_out, output)
+        grad_input, grad_weight, grad_bias, _ = call_normalize_backward(
+            grad_u, x, mean, var, weight, bias, None, None, eps, use_batch_stats, "none",
+            slope, [want_input, want_weight, want_bias, False], backend,
+        )
+        return (grad_input if want_input else None, grad_weight if want_weight else None,
+                grad_bias if want_bias else None,
+                grad_u if want_residual and has_residual else None)  # d residual = d u
     mask = [want_input, want_weight, want_bias, want_residual and has_residual]
     grad_input, grad_weight, grad_bias, grad_residual = call_normalize_backward(
         grad_out, x, mean, var, weight, bias, residual, activation_mask, eps, use_batch_stats,
@@ -631,8 +661,13 @@ class _Normalize(torch.autograd.Function):
                             activation, negative_slope, save_mask, backend)
         if output[1] is not None:  # (None: the Triton launchers' way to say "no mask")
             ctx.mark_non_differentiable(output[1])
-        _keep_for_backward(ctx, x, mean, var, weight, bias, residual, output[1], eps,
-                           use_batch_stats, activation, negative_slope, save_mask, backend)
+        if keeps_output(activation, backend):
+            _keep_output_for_backward(ctx, x, mean, var, weight, bias, residual, output[0],
+                                      eps, use_batch_stats, activation, negative_slope,
+                                      backend)
+        else:
+            _keep_for_backward(ctx, x, mean, var, weight, bias, residual, output[1], eps,
+                               use_batch_stats, activation, negative_slope, save_mask, backend)
         ctx.set_materialize_grads(False)  # see _gradients
         return output
 

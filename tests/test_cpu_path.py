@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from helpers import (
     DTYPES,
     LOW_PRECISION,
+    activation64,
     assert_close_to_truth,
     away_from_kinks,
     batch_norm_truth,
@@ -582,28 +583,34 @@ def test_native_fused_call_beyond_the_rule_changes_nothing_and_stays_exact(activ
     assert int(steps) == 5
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
 @pytest.mark.parametrize("activation,slope", [("relu", 0.0), ("leaky_relu", 0.01),
                                               ("leaky_relu", 0.0)])
-def test_native_derivative_at_the_kinks_zeros_infinities_and_nan(activation, slope, dtype):
+def test_derivative_at_the_kinks_zeros_infinities_and_nan_is_torchs(activation, slope, dtype):
     """With weight 0 and bias 0 the pre-activation is the residual itself (u = +-0 + z):
     the residual's gradient is grad_out * act'(z), which must be the reference's derivative
     at 0, -0.0, +-inf, beside the kinks and on subnormals; at NaN relu passes the gradient
     (torch's backward: NaN <= 0 is false), leaky_relu gives the slope, as the reference.
-    The forward gives act(z) as the reference does."""
+    The forward gives act(z) as the reference does. float32 and bfloat16 channels_last: the
+    native route's nodes; float64 NCHW: the Function's, relu from its kept output."""
     if dtype == torch.bfloat16 and activation == "leaky_relu":
         pytest.skip("leaky_relu does not commute with the bfloat16 rounding: the ops' route")
+    if dtype == torch.float64 and activation == "leaky_relu":
+        pytest.skip("the Function's route keeps leaky_relu's mask, whose NaN test differs")
+    native = dtype != torch.float64
     tiny = torch.finfo(dtype).smallest_normal / 4
     specials = [0.0, -0.0, 6.0, float("inf"), -float("inf"), float("nan"), 1.0, -1.0,
                 tiny, -tiny, 5.96875, 6.0625, 0.0078125, -0.0078125]
     z = torch.tensor(specials * 2, dtype=dtype).reshape(1, 4, 7, 1).expand(2, 4, 7, 1)
-    z = z.contiguous(memory_format=torch.channels_last).requires_grad_(True)
-    x = make_input(tuple(z.shape), dtype, channels_last=True).requires_grad_(True)
-    weight = torch.zeros(4, requires_grad=True)
-    bias = torch.zeros(4)
+    z = z.contiguous(memory_format=torch.channels_last if native else torch.contiguous_format)
+    z.requires_grad_(True)
+    x = make_input(tuple(z.shape), dtype, channels_last=native).requires_grad_(True)
+    weight = torch.zeros(4, dtype=cpu.param_dtype(x), requires_grad=True)
+    bias = torch.zeros(4, dtype=cpu.param_dtype(x))
     y = fastbn.batch_norm(x, None, None, weight, bias, True, residual=z, activation=activation,
                           negative_slope=slope)
-    assert type(y.grad_fn).__name__ in NATIVE_NODES[activation]
+    nodes = NATIVE_NODES[activation] if native else ("_NormalizeBackward",)
+    assert type(y.grad_fn).__name__ in nodes
     u = z.detach()
     expected_y = reference.activation_forward(u, activation, slope)
     assert torch.equal(y.isnan(), expected_y.isnan())
@@ -616,20 +623,27 @@ def test_native_derivative_at_the_kinks_zeros_infinities_and_nan(activation, slo
     assert torch.equal(grad_z, grad_out * derivative)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype,channels_last", [
+    (torch.float32, True), (torch.bfloat16, True),  # the native route
+    (torch.float32, False), (torch.float64, False),  # the Function's ("nchw_pilot": float32)
+], ids=["float32-channels_last", "bfloat16-channels_last", "float32-nchw", "float64-nchw"])
 @pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
-@pytest.mark.parametrize("activation", [None, "relu", "leaky_relu"])
-def test_modifying_the_native_output_in_place_raises_as_in_torch(activation, residual, dtype):
+@pytest.mark.parametrize("activation", [None, "relu", "relu6", "leaky_relu"])
+def test_modifying_the_output_in_place_raises_as_in_torch(activation, residual, dtype,
+                                                          channels_last):
     """Changing the output in place before the backward raises autograd's version error
-    exactly where it does after torch's unfused BatchNorm and F.relu / F.leaky_relu: relu
-    keeps its output for the backward, leaky_relu its input (never without an
-    activation)."""
+    exactly where it does after torch's unfused BatchNorm and activation, on every route:
+    relu keeps its output for the backward (torch's nodes on the native route,
+    ops.keeps_output on the Function's), leaky_relu its input on the native route, relu6
+    and leaky_relu their mask or recomputed pre-activation on the Function's (torch: their
+    input); never without an activation."""
     if dtype == torch.bfloat16 and activation == "leaky_relu":
         pytest.skip("leaky_relu does not commute with the bfloat16 rounding: the ops' route")
 
     def step(function):
-        x = make_input((3, 4, 5, 6), dtype, channels_last=True).requires_grad_(True)
-        z = make_input((3, 4, 5, 6), dtype, seed=1, channels_last=True) if residual else None
+        x = make_input((3, 4, 5, 6), dtype, channels_last=channels_last).requires_grad_(True)
+        z = make_input((3, 4, 5, 6), dtype, seed=1, channels_last=channels_last
+                       ) if residual else None
         y = function(x, z)
         y.mul_(2)
         try:
@@ -642,14 +656,37 @@ def test_modifying_the_native_output_in_place_raises_as_in_torch(activation, res
     def unfused(x, z):
         y = F.batch_norm(x, None, None, None, None, True)
         y = y if z is None else y + z
-        if activation == "relu":
-            return F.relu(y)
-        return F.leaky_relu(y, 0.01) if activation == "leaky_relu" else y
+        return y if activation is None else activation64(y, activation)
 
     raised = step(lambda x, z: fastbn.batch_norm(x, None, None, None, None, True, residual=z,
                                                  activation=activation))
     assert raised == step(unfused)
     assert raised == (activation == "relu")
+
+
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+def test_function_route_relu_keeps_its_output_and_nothing_else_full_size(residual):
+    """float64 (never the native route): the Function's node keeps x and the output (no
+    activation mask, no residual), and its backward is torch's relu backward of that
+    output followed by torch's BatchNorm backward: the gradients of the unfused torch
+    layers, d residual included, in x's format for a gradient given in another."""
+    x, z, _, _ = fused_leaves((3, 4, 5, 6), torch.float64, False, residual)
+    weight = torch.linspace(1.5, 3.0, 4, dtype=torch.float64).requires_grad_(True)
+    bias = torch.linspace(-0.3, 0.4, 4, dtype=torch.float64).requires_grad_(True)
+    y = fastbn.batch_norm(x, None, None, weight, bias, True, residual=z, activation="relu")
+    assert type(y.grad_fn).__name__ == "_NormalizeBackward"
+    full = [t for t in y.grad_fn.saved_tensors if t is not None and t.numel() == x.numel()]
+    assert len(full) == 2
+    assert full[0] is x and torch.equal(full[1], y)
+    grad_out = torch.randn_like(y).contiguous(memory_format=torch.channels_last)
+    leaves = [x, weight, bias] + ([z] if residual else [])
+    ours = torch.autograd.grad(y, leaves, grad_out)
+    u = F.batch_norm(x, None, None, weight, bias, True)
+    theirs = torch.autograd.grad(F.relu(u if z is None else u + z), leaves, grad_out)
+    for name, mine, torchs in zip(["x", "weight", "bias", "residual"][:len(ours)], ours, theirs,
+                                  strict=True):
+        assert_close_to_truth(name, mine, torchs)
+    assert ours[0].is_contiguous() and (z is None or ours[3].is_contiguous())
 
 
 @pytest.mark.parametrize("activation", [None, "relu", "leaky_relu"])

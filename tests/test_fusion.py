@@ -13,7 +13,7 @@ from cases import MEMORY_FORMATS, Case, cases, run_side_by_side
 from helpers import ACTIVATIONS, activation64, assert_matches, make_input
 
 import fastbn
-from fastbn import cpu
+from fastbn import cpu, ops
 
 FUSED = Case((3, 4, 5, 6), running_stats=False, spread=2.0)
 FUSED_CASES = [
@@ -52,7 +52,8 @@ def test_fused_relu_family_saves_less_than_torch_bn_then_activation(backend, dev
                                                                      monkeypatch):
     """float32 NCHW, where no native route serves (on the CPU path a small float32 NCHW call
     would: NATIVE_PLANES_MAX, set to 0 here; the native route saves what torch's own layers
-    save, as the README's feature table says)."""
+    save, as the README's feature table says). The CPU path's eager relu keeps its output
+    instead of a mask (ops.keeps_output): what torch keeps, no more."""
     monkeypatch.setattr(cpu, "NATIVE_PLANES_MAX", 0)
     shape = (4, 8, 16, 16)
     x = make_input(shape, device=device).requires_grad_(True)
@@ -66,6 +67,12 @@ def test_fused_relu_family_saves_less_than_torch_bn_then_activation(backend, dev
 
     ours = saved_bytes(lambda: fused(x, residual=z))
     theirs = saved_bytes(torch_layers)
+    if ops.keeps_output(activation, backend):
+        # The CPU path's relu keeps x and its output, as torch's BatchNorm and F.relu do.
+        full = x.numel() * x.element_size()
+        assert 2 * full <= ours <= theirs
+        assert ours <= 2 * full + 1024
+        return
     # Ours keeps x (and a 1-bit mask with a residual); torch keeps x and the activation's
     # output or input: a second full tensor.
     assert ours < theirs

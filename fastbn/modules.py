@@ -14,6 +14,7 @@ per-layer halves of ``fastbn.convert`` / ``fastbn.revert``.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import Any
 
@@ -153,7 +154,9 @@ class _FastBatchNorm(_BatchNorm):
         """A cls layer in place of ``layer``, computing ``activation`` after the normalization.
 
         It holds layer's Parameter and buffer objects, hooks, training flag, eps, momentum
-        and qconfig, like torch.nn.SyncBatchNorm.convert_sync_batchnorm's layers; ``extra``
+        and qconfig, like torch.nn.SyncBatchNorm.convert_sync_batchnorm's layers, and the
+        attributes of layer's own that a BatchNorm layer does not have (a flag such as
+        ``no_weight_decay``, set on it or by a subclass's ``__init__``); ``extra``
         goes to cls's constructor (process_group). It remembers layer's class and other
         attributes (children such as a timm BatchNormAct2d's ``act`` included) for
         ``to_torch``; from a fastbn layer it takes over what that one remembers.
@@ -164,6 +167,9 @@ class _FastBatchNorm(_BatchNorm):
             negative_slope=negative_slope, **extra,
         )
         _take_state(layer, new)
+        for name, value in vars(layer).items():  # the user's own: flags set on the layer or
+            if name not in vars(new):  # by a subclass's __init__ (the same objects)
+                new.__dict__[name] = value
         if isinstance(layer, _FastBatchNorm) and layer._torch_origin is not None:
             new._torch_origin = layer._torch_origin
             new.__dict__["_folded_module"] = layer._folded_module
@@ -224,14 +230,14 @@ class _FastBatchNorm(_BatchNorm):
             "torch.compile, which run fastbn's custom ops."
         )
 
-    def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
+    def forward(self, input: Tensor, residual: Tensor | float | None = None) -> Tensor:
         """activation(BatchNorm(input) + residual).
 
         A residual of another dtype or shape than input (a float32 block input under
-        autocast, a broadcast term) is added after the normalization by torch's ``+``, with
-        its type promotion and broadcasting. ONNX export sees torch's batch_norm, the add and
-        the activation: standard operators. Under torch.fx the call is one node, without the
-        rank check.
+        autocast, a broadcast term), or a Python number, is added after the normalization
+        by torch's ``+``, with its type promotion and broadcasting. ONNX export sees torch's
+        batch_norm, the add and the activation: standard operators. Under torch.fx the call
+        is one node, without the rank check.
         """
         if isinstance(input, torch.fx.Proxy) and input.tracer.root is not self:
             return _module_call_node(self, input, residual)
@@ -240,6 +246,9 @@ class _FastBatchNorm(_BatchNorm):
         self._check_input_dim(input)
         if _in_onnx_export():
             return self._add_and_activate(_BatchNorm.forward(self, input), residual)
+        if residual is not None and not isinstance(residual, Tensor):
+            self._check_number_residual(residual)  # before anything changes
+            return self._add_and_activate(self._normalize(input, None, None), residual)
         if residual is not None and (
             residual.dtype != input.dtype or residual.shape != input.shape
         ):
@@ -265,7 +274,19 @@ class _FastBatchNorm(_BatchNorm):
             return self._add_and_activate(self._normalize(input, None, None), residual)
         return self._normalize(input, residual, self.activation)
 
-    def _add_and_activate(self, normalized: Tensor, residual: Tensor | None) -> Tensor:
+    def _check_number_residual(self, residual: object) -> None:
+        """Raise for a residual that is neither a Tensor nor a number torch's ``+`` adds (a
+        Python number is added after the normalization, as ``bn(x) + 1.0``), or a complex
+        one before a real activation."""
+        if not isinstance(residual, numbers.Number):
+            raise TypeError(f"{type(self).__name__}: residual must be a Tensor or a number, "
+                            f"got {type(residual).__name__}")
+        if self.activation is not None and isinstance(residual, complex):
+            raise TypeError(f"{type(self).__name__}: a complex residual makes the sum "
+                            f"complex, and {self.activation} takes real tensors")
+
+    def _add_and_activate(self, normalized: Tensor, residual: Tensor | float | None
+                          ) -> Tensor:
         """activation(normalized + residual) by torch's own operators."""
         u = normalized if residual is None else normalized + residual
         if self.activation is None:

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from convert_models import (
     BasicBlock,
+    BatchNormAct2d,
     Bottleneck,
     DataDependent,
     InputResidual,
@@ -558,6 +559,41 @@ def test_revert_keeps_attributes_set_on_the_layer_after_convert():
     assert type(reverted[0]) is nn.BatchNorm2d
     assert reverted[0].track_running_stats is False and reverted[0].tag == "frozen"
     assert torch.equal(reverted[0].running_mean, torch.zeros(3))
+
+
+class _Tagged(nn.BatchNorm2d):
+    def __init__(self, num_features, zero_init=False):
+        super().__init__(num_features)
+        self.zero_init = zero_init
+
+
+def test_convert_keeps_the_attributes_a_layer_holds_of_its_own():
+    """A flag set by a subclass's __init__ or on the layer (weight-decay exemptions,
+    zero-init markers that training code reads) is there on the fastbn layer, the same
+    object; the class becomes fastbn's (isinstance of the subclass is False) and revert
+    gives it back."""
+    model = nn.Sequential(_Tagged(4, zero_init=True), nn.BatchNorm2d(4))
+    groups = {"decay": False}
+    model[1].no_weight_decay = groups
+    converted = fastbn.convert(model)
+    assert type(converted[0]) is fastbn.BatchNorm2d and converted[0].zero_init is True
+    assert converted[1].no_weight_decay is groups
+    reverted = fastbn.revert(converted)
+    assert type(reverted[0]) is _Tagged and reverted[0].zero_init is True
+    assert reverted[1].no_weight_decay is groups
+
+
+def test_convert_runs_none_of_the_users_hooks():
+    """Probing a BatchNormAct layer's forward (on copies, with a made-up input) calls no
+    hook of the user's; the swapped layer keeps its hooks and calls them on real calls."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), BatchNormAct2d(8))
+    seen = []
+    model[1].register_forward_hook(lambda module, args, output: seen.append(output.shape))
+    model[1].register_forward_pre_hook(lambda module, args: seen.append("pre"))
+    converted = fastbn.convert(model)
+    assert isinstance(converted[1], fastbn.BatchNorm2d) and seen == []
+    converted(make_input((2, 3, 6, 6)))
+    assert seen == ["pre", torch.Size([2, 8, 4, 4])]
 
 
 def test_lazy_layer_is_left_with_a_warning_until_its_first_forward():

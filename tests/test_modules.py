@@ -485,6 +485,30 @@ def test_module_rejects_wrong_residual_shape_without_counting_the_batch(backend,
     assert_state_unchanged(module, before)
 
 
+@pytest.mark.parametrize("number", [1.5, 2, True], ids=["float", "int", "bool"])
+def test_module_adds_a_number_residual_as_torchs_plus_does(backend, device, number):
+    """bn(x, residual=1.5) is relu(bn(x) + 1.5), as torch's layers plus its + compute."""
+    module = fastbn.BatchNorm2d(3, activation="relu", device=device)
+    plain = torch.nn.BatchNorm2d(3, device=device)
+    x = make_input((4, 3, 2, 2), device=device)
+    assert_matches("output", module(x, residual=number), torch.relu(plain(x) + number))
+    assert_matches("running_var", module.running_var, plain.running_var)
+
+
+@pytest.mark.parametrize("residual, message", [
+    ("1.5", "residual must be a Tensor or a number, got str"),
+    (1j, "complex residual makes the sum complex, and relu takes real tensors"),
+], ids=["str", "complex"])
+def test_module_rejects_a_residual_it_cannot_add_without_counting_the_batch(
+        backend, device, residual, message):
+    module = trained_module(device)
+    module.activation = "relu"
+    before = module_state(module)
+    with pytest.raises(TypeError, match=message):
+        module(make_input((4, 3, 2, 2), device=device), residual=residual)
+    assert_state_unchanged(module, before)
+
+
 # ---------------------------------------------------------------------------------------------
 # The nn.Module contract: class, state_dict, resets, repr, hooks
 # ---------------------------------------------------------------------------------------------

@@ -12,6 +12,13 @@ import torch.nn.functional as F
 
 import fastbn
 from fastbn.bench.cli import build_parser, choose_points, main
+from fastbn.bench.model import (
+    FUSE_LEVELS,
+    SmallResNet,
+    measure_model_step,
+    model_json,
+    model_table,
+)
 from fastbn.bench.modes import MODES, make_step
 from fastbn.bench.problem import TOLERANCE, make_inputs, relative_error, truth
 from fastbn.bench.providers import (
@@ -525,3 +532,29 @@ class ApexLikeBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
 def test_apex_provider_passes_channels_last_input_as_channels_innermost(point):
     rows = run([point], MODES, [ApexProvider(ApexLikeBatchNorm)], CPU_SETTINGS)
     assert [row.status for row in rows] == ["ok"] * len(MODES), rows
+
+
+# --- the model step ---------------------------------------------------------------------------
+
+
+def test_graph_fused_model_computes_each_relu_and_residual_in_its_batchnorm_layer():
+    """fastbn.convert(SmallResNet(), fuse="graph"), what the model step times at "graph":
+    13 of its 15 BatchNorm2d layers take their ReLU (all but the two blocks' bn2 whose
+    add goes into the strided shortcut's BN), 6 the residual too (every block's add)."""
+    model = fastbn.convert(SmallResNet(), fuse="graph")
+    layers = [m for m in model.modules() if isinstance(m, fastbn.BatchNorm2d)]
+    assert len(layers) == 15
+    assert sum(layer.activation == "relu" for layer in layers) == 13
+    residual_calls = [node for node in model.graph.nodes if "residual" in node.kwargs]
+    assert len(residual_calls) == 6
+
+
+@pytest.mark.parametrize("fuse", FUSE_LEVELS)
+def test_model_step_times_each_fuse_level_against_torch_after_the_float64_check(fuse):
+    step = measure_model_step(1, False, fuse, warmup=0, reps=1)
+    assert (step.threads, step.layout, step.fuse) == (1, "nchw", fuse)
+    assert step.torch_ms > 0 and step.fastbn_ms > 0
+    assert step.speedup == pytest.approx(step.torch_ms / step.fastbn_ms)
+    assert step.ok, (step.torch_error, step.fastbn_error)
+    assert f"fuse={fuse}" in model_table([step])
+    assert model_json([step])[0]["fuse"] == fuse

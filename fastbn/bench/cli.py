@@ -178,10 +178,12 @@ threads (--threads): on CPU the whole run repeats at each torch thread count
   thread count, dtype, layout, fusion and mode.
 
 model (--model/--no-model, default on for the cpu suite): a small ResNet-style CIFAR model
-  (fastbn.bench.model: 3 stages of 2 BasicBlocks, 13 BatchNorm2d, batch 32 at 32x32), one
+  (fastbn.bench.model: 3 stages of 2 BasicBlocks, 15 BatchNorm2d, batch 32 at 32x32), one
   SGD training step (forward, cross-entropy, backward, update) with torch's BatchNorm and
-  converted by fastbn.convert, both layouts, at each thread count, interleaved; checked
-  first against a float64 copy of the model. In the JSON under "model_step".
+  converted by fastbn.convert with fuse="none" (layers swapped) and fuse="graph" (BN+ReLU
+  and BN+add+ReLU fused), both layouts, at each thread count, each interleaved with
+  torch's; checked first against a float64 copy of the model. In the JSON under
+  "model_step" (one entry per thread count, layout and fuse level).
 
 output: the table on stdout, progress on stderr. --out DIR writes
   SUITE-DEVICE-DATE.json (device, versions, command, date, copy bandwidth, geometric means,

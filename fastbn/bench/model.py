@@ -4,9 +4,12 @@ The model (no torchvision needed): a 3x3 stem conv -> BN -> ReLU, then three sta
 BasicBlocks (3x3 conv -> BN -> ReLU -> 3x3 conv -> BN, plus the identity or a strided 1x1
 conv -> BN, then add and ReLU), global average pooling and a linear classifier; widths 16,
 32, 64 on 32x32 images (CIFAR-sized). One step: forward, cross-entropy, backward, SGD
-update. The fastbn model is a deep copy converted with ``fastbn.convert`` (BN+ReLU and
-BN+add+ReLU fused where the module structure allows); before timing, one step of each on
-the same batch is checked against a float64 copy of the model (see TOLERANCE).
+update. The fastbn model is a deep copy converted with ``fastbn.convert`` at one of FUSE_LEVELS:
+"none" (the default: the BatchNorm layers swapped, nothing fused, since every ReLU and add
+here is in a forward) or "graph" (torch.fx fuses each BN -> ReLU and BN -> add -> ReLU into
+the layer: 13 of the 15 layers take a ReLU, 6 of them the residual too). Before timing,
+one step of each model on the same batch is checked against a float64 copy of the model
+(see TOLERANCE).
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ CLASSES = 10
 # gradients are sums that cancel (torch's own error is ~1e-3 channels_last here); a wrong
 # formula errs by O(1).
 TOLERANCE = 5e-2
+FUSE_LEVELS = ("none", "graph")
+"""The ``fastbn.convert(model, fuse=...)`` levels timed, each against torch's model."""
 
 
 class BasicBlock(nn.Module):
@@ -57,7 +62,8 @@ class BasicBlock(nn.Module):
 
 
 class SmallResNet(nn.Module):
-    """A ResNet-20-like CIFAR model with two blocks per stage (13 BatchNorm2d layers)."""
+    """A ResNet-20-like CIFAR model with two blocks per stage (15 BatchNorm2d layers: the
+    stem's, two per block, and the two strided shortcuts')."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -83,6 +89,7 @@ class ModelStep:
 
     threads: int
     layout: str
+    fuse: str
     torch_ms: float
     fastbn_ms: float
     speedup: float
@@ -124,16 +131,18 @@ def error_against(state: dict, truth: dict) -> float:
     return worst
 
 
-def measure_model_step(threads: int, channels_last: bool, warmup: int, reps: int) -> ModelStep:
-    """Time the training step of SmallResNet with torch's BatchNorm and converted to fastbn,
-    interleaved (torch, fastbn, torch, ...), at ``threads`` torch threads."""
+def measure_model_step(threads: int, channels_last: bool, fuse: str, warmup: int, reps: int
+                       ) -> ModelStep:
+    """Time the training step of SmallResNet with torch's BatchNorm and converted to fastbn
+    by ``fastbn.convert(model, fuse=fuse)``, interleaved (torch, fastbn, torch, ...), at
+    ``threads`` torch threads."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         generator = torch.Generator().manual_seed(0)
         torch.manual_seed(0)
         torch_model = SmallResNet()
-        fastbn_model = fastbn.convert(copy.deepcopy(torch_model))
+        fastbn_model = fastbn.convert(copy.deepcopy(torch_model), fuse=fuse)
         images = torch.randn(BATCH, 3, IMAGE, IMAGE, generator=generator)
         labels = torch.randint(0, CLASSES, (BATCH,), generator=generator)
         if channels_last:
@@ -157,18 +166,19 @@ def measure_model_step(threads: int, channels_last: bool, warmup: int, reps: int
                 step()
                 times[name].append((time.perf_counter() - start) * 1e3)
         torch_ms, fastbn_ms = (summarize(times[name]).median_ms for name in ("torch", "fastbn"))
-        return ModelStep(threads, "channels_last" if channels_last else "nchw", torch_ms,
+        return ModelStep(threads, "channels_last" if channels_last else "nchw", fuse, torch_ms,
                          fastbn_ms, torch_ms / fastbn_ms, *errors)
     finally:
         torch.set_num_threads(previous)
 
 
 def model_steps(thread_counts: list[int], warmup: int, reps: int) -> list[ModelStep]:
-    """The model step at each thread count, in both layouts."""
+    """The model step at each thread count, in both layouts, at each of FUSE_LEVELS."""
     return [
-        measure_model_step(threads, channels_last, warmup, reps)
+        measure_model_step(threads, channels_last, fuse, warmup, reps)
         for threads in thread_counts
         for channels_last in (False, True)
+        for fuse in FUSE_LEVELS
     ]
 
 
@@ -183,7 +193,8 @@ def model_table(steps: list[ModelStep]) -> str:
              f"training step (batch {BATCH}, {IMAGE}x{IMAGE}, SGD); error against a float64 copy:"]
     for step in steps:
         lines.append(
-            f"  threads {step.threads:>2}  {step.layout:13s}  torch {step.torch_ms:8.3f} ms  "
+            f"  threads {step.threads:>2}  {step.layout:13s}  fuse={step.fuse:5s}  "
+            f"torch {step.torch_ms:8.3f} ms  "
             f"fastbn {step.fastbn_ms:8.3f} ms  vs torch {step.speedup:.2f}x  error torch "
             f"{step.torch_error:.2g} fastbn {step.fastbn_error:.2g}"
             + ("" if step.ok else "  WRONG")

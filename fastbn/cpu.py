@@ -247,8 +247,8 @@ def accept_kernel_statistics_(
     if num_batches_tracked is not None:
         num_batches_tracked.add_(1)
     if running_mean is not None and running_var is not None:
-        lerp_running_stats_(running_mean, running_var, num_batches_tracked, mean, unbiased_var,
-                            momentum)
+        update_float32_running_stats_(running_mean, running_var, num_batches_tracked, mean,
+                                      unbiased_var, momentum)
     return True
 
 
@@ -434,32 +434,35 @@ def update_running_stats_(
     momentum: float | None,
 ) -> None:
     """``reference.update_running_stats_`` (same factor, momentum or 1 / num_batches_tracked
-    on the device) as two float32 lerps; float16/bfloat16 buffers go to the reference,
+    on the device) in float32, by torch's formula; float16/bfloat16 buffers go to the reference,
     which rounds once from float64."""
     if running_mean.dtype != torch.float32 or running_var.dtype != torch.float32:
         update_running_stats_reference(
             running_mean, running_var, num_batches_tracked, mean, var, count, momentum
         )
         return
-    lerp_running_stats_(running_mean, running_var, num_batches_tracked, mean.float(),
-                        var.float() * reference.unbiasing_factor(count), momentum)
+    update_float32_running_stats_(running_mean, running_var, num_batches_tracked, mean.float(),
+                                  var.float() * reference.unbiasing_factor(count), momentum)
 
 
-def lerp_running_stats_(
+def update_float32_running_stats_(
     running_mean: Tensor, running_var: Tensor, num_batches_tracked: Tensor | None,
     mean: Tensor, unbiased_var: Tensor, momentum: float | None,
 ) -> None:
-    """The float32 running buffers lerped towards float32 batch statistics by the factor
-    momentum, or 1 / num_batches_tracked (on the device) for momentum=None."""
-    if momentum is not None:  # one dispatch for both (on a CPU: running_mean.lerp_ and
-        torch._foreach_lerp_(  # running_var.lerp_ in turn, the same bits)
-            [running_mean, running_var], [mean, unbiased_var], momentum)
+    """The float32 running buffers moved towards float32 batch statistics by the factor
+    momentum, or 1 / num_batches_tracked (on the device) for momentum=None, by torch's
+    formula (1 - factor) * running + factor * batch: an inf batch statistic makes an inf
+    running value, and an inf running value stays inf, as in torch's kernels (a lerp,
+    running + factor * (batch - running), one op fewer, gives NaN for both: inf - inf)."""
+    if momentum is not None:  # one dispatch per step for both buffers
+        torch._foreach_mul_([running_mean, running_var], 1.0 - momentum)
+        torch._foreach_add_([running_mean, running_var], [mean, unbiased_var], alpha=momentum)
         return
     if num_batches_tracked is None:
         raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
     factor = num_batches_tracked.reciprocal().to(torch.float32)
-    running_mean.lerp_(mean, factor)
-    running_var.lerp_(unbiased_var, factor)
+    torch._foreach_mul_([running_mean, running_var], 1.0 - factor)
+    torch._foreach_addcmul_([running_mean, running_var], [mean, unbiased_var], [factor, factor])
 
 
 def batch_stats_(

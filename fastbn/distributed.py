@@ -75,7 +75,7 @@ def sync_batch_norm(
     activation_name = "none" if activation is None else activation
     check_arguments(
         input, running_mean, running_var, weight, bias, True, momentum, eps, residual,
-        activation_name, num_batches_tracked, whole_batch=False,
+        activation_name, num_batches_tracked, whole_batch=False, negative_slope=negative_slope,
     )
     save_mask = saves_activation_mask(activation_name, input, weight, bias, residual)
     return _SyncBatchNorm.apply(

@@ -62,7 +62,7 @@ def batch_norm(
     activation_name = "none" if activation is None else activation
     if check_arguments(
         input, running_mean, running_var, weight, bias, training, momentum, eps, residual,
-        activation_name, num_batches_tracked,
+        activation_name, num_batches_tracked, negative_slope=negative_slope,
     ):
         return _empty_batch_norm(
             input, running_mean, running_var, weight, bias, training, eps, residual,
@@ -176,6 +176,7 @@ def check_arguments(
     activation: str,
     num_batches_tracked: Tensor | None,
     whole_batch: bool = True,
+    negative_slope: float = 0.01,
 ) -> bool:
     """Raise for a call batch_norm cannot serve; change nothing. Returns whether input has no
     elements: torch serves that through its empty-input shortcut, which checks no more than
@@ -193,6 +194,8 @@ def check_arguments(
         _check_number("momentum", momentum, none_allowed=True)
     if type(eps) is not float:
         _check_number("eps", eps)
+    if type(negative_slope) is not float:  # (checked whatever the activation, as the others)
+        _check_number("negative_slope", negative_slope)
     if activation not in ACTIVATIONS:
         raise ValueError(
             f"batch_norm: unknown activation {activation!r}; expected None or one of "

@@ -135,6 +135,9 @@ class _FastBatchNorm(_BatchNorm):
             raise ValueError(
                 f"unknown activation {activation!r}; expected None or one of {ACTIVATIONS[1:]}"
             )
+        if not isinstance(negative_slope, numbers.Real):  # (as fastbn.batch_norm checks it)
+            raise TypeError(f"{type(self).__name__}: negative_slope must be a number, got "
+                            f"{type(negative_slope).__name__}")
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
         if affine and not bias:  # torch < 2.12 has no bias= keyword; same result either way
             self.register_parameter("bias", None)

@@ -326,6 +326,32 @@ def test_inf_gives_non_finite_results_where_torch_does():
     assert torch.isfinite(y[:, [0, 2]]).all()
 
 
+@pytest.mark.parametrize("momentum", [None, 1.0, 0.7, 0.1], ids=str)
+@pytest.mark.parametrize("shape", [(4, 3, 5, 5), (2, 3, 128, 128)], ids=["small", "pilot"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_inf_batch_statistics_reach_the_running_statistics_as_in_torch(
+    shape, channels_last, momentum
+):
+    """A channel with an inf (mean inf, variance NaN), then a finite batch: the running
+    statistics are torch's, inf where torch's are inf, NaN where torch's are NaN, on every
+    route (the native one, the pilot sums' exact path) and every factor, momentum=None's
+    first 1 / 1 included (a lerp gave NaN for a factor >= 0.5: inf - inf)."""
+    x = make_input(shape, channels_last=channels_last)
+    x[0, 1, 0, 1] = float("inf")
+    layers = [layer(3, momentum=momentum) for layer in (fastbn.BatchNorm2d, torch.nn.BatchNorm2d)]
+    for batch in (x, make_input(shape, channels_last=channels_last, seed=5)):
+        for layer in layers:
+            layer(batch)
+        ours, torchs = layers
+        for name in ("running_mean", "running_var"):
+            mine, theirs = getattr(ours, name), getattr(torchs, name)
+            assert torch.equal(mine.isnan(), theirs.isnan()), name
+            assert torch.equal(mine.isinf(), theirs.isinf()), name
+            assert not mine[[0, 2]].isnan().any() and not mine[[0, 2]].isinf().any(), name
+    if momentum != 1.0:  # (momentum 1 gives NaN from the second batch on, 0 * inf, as torch)
+        assert torch.isinf(ours.running_mean[1])
+
+
 def test_nan_running_variance_in_eval_propagates():
     x = make_input((4, 3, 5, 5))
     y = fastbn.batch_norm(x, torch.zeros(3), torch.tensor([1.0, float("nan"), 1.0]), None,

@@ -157,6 +157,13 @@ MISTAKES = [
     Mistake("momentum_a_string", lambda c, d: {"momentum": "0.1"}, "momentum must be a float"),
     Mistake("momentum_a_string_in_eval", lambda c, d: {"momentum": "0.1", "training": False},
             "momentum must be a float"),
+    # torch's F.leaky_relu takes a Number (a TypeError); fastbn checks before anything runs,
+    # whatever the activation, as it checks momentum and eps.
+    Mistake("negative_slope_a_string",
+            lambda c, d: {"activation": "leaky_relu", "negative_slope": "0.1"},
+            "negative_slope must be a float, got str", torch_call=None, error=TypeError),
+    Mistake("negative_slope_none_without_leaky_relu", lambda c, d: {"negative_slope": None},
+            "negative_slope must be a float, got NoneType", torch_call=None, error=TypeError),
     Mistake("running_mean_requires_grad",
             lambda c, d: {"running_mean": c["running_mean"].requires_grad_(True)},
             "not differentiable with respect to running_mean"),

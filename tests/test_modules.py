@@ -509,6 +509,24 @@ def test_module_rejects_a_residual_it_cannot_add_without_counting_the_batch(
     assert_state_unchanged(module, before)
 
 
+@pytest.mark.parametrize("slope", ["0.1", None, 0.1j], ids=["str", "None", "complex"])
+def test_a_negative_slope_that_is_no_real_number_is_refused_at_construction(slope):
+    """A TypeError naming it when the layer is built (torch's nn.LeakyReLU would refuse it
+    at its first forward, in F.leaky_relu), not a comparison error at the first call."""
+    with pytest.raises(TypeError, match="BatchNorm2d: negative_slope must be a number"):
+        fastbn.BatchNorm2d(3, activation="leaky_relu", negative_slope=slope)
+
+
+def test_a_negative_slope_set_to_a_string_later_raises_before_counting_the_batch(
+        backend, device):
+    module = trained_module(device)
+    module.activation, module.negative_slope = "leaky_relu", "0.1"
+    before = module_state(module)
+    with pytest.raises(TypeError, match="negative_slope must be a float, got str"):
+        module(make_input((4, 3, 2, 2), device=device))
+    assert_state_unchanged(module, before)
+
+
 # ---------------------------------------------------------------------------------------------
 # The nn.Module contract: class, state_dict, resets, repr, hooks
 # ---------------------------------------------------------------------------------------------

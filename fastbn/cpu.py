@@ -247,8 +247,8 @@ def accept_kernel_statistics_(
     if num_batches_tracked is not None:
         num_batches_tracked.add_(1)
     if running_mean is not None and running_var is not None:
-        update_float32_running_stats_(running_mean, running_var, num_batches_tracked, mean,
-                                      unbiased_var, momentum)
+        lerp_running_stats_(running_mean, running_var, num_batches_tracked, mean,
+                            unbiased_var, momentum)
     return True
 
 
@@ -434,7 +434,8 @@ def update_running_stats_(
     momentum: float | None,
 ) -> None:
     """``reference.update_running_stats_`` (same factor, momentum or 1 / num_batches_tracked
-    on the device) in float32, by torch's formula; float16/bfloat16 buffers go to the reference,
+    on the device) in float32, by torch's formula (statistics of any value: this is also the
+    exact path's update); float16/bfloat16 buffers go to the reference,
     which rounds once from float64."""
     if running_mean.dtype != torch.float32 or running_var.dtype != torch.float32:
         update_running_stats_reference(
@@ -449,20 +450,42 @@ def update_float32_running_stats_(
     running_mean: Tensor, running_var: Tensor, num_batches_tracked: Tensor | None,
     mean: Tensor, unbiased_var: Tensor, momentum: float | None,
 ) -> None:
-    """The float32 running buffers moved towards float32 batch statistics by the factor
-    momentum, or 1 / num_batches_tracked (on the device) for momentum=None, by torch's
-    formula (1 - factor) * running + factor * batch: an inf batch statistic makes an inf
-    running value, and an inf running value stays inf, as in torch's kernels (a lerp,
-    running + factor * (batch - running), one op fewer, gives NaN for both: inf - inf)."""
+    """The float32 running buffers moved towards float32 batch statistics of any value by
+    the factor momentum, or 1 / num_batches_tracked (on the device) for momentum=None, by
+    torch's formula (1 - factor) * running + factor * batch: an inf batch statistic gives an
+    inf running value for every factor, as in torch's kernels (``lerp_running_stats_``
+    gives NaN there for a factor >= 0.5: inf - inf)."""
     if momentum is not None:  # one dispatch per step for both buffers
         torch._foreach_mul_([running_mean, running_var], 1.0 - momentum)
         torch._foreach_add_([running_mean, running_var], [mean, unbiased_var], alpha=momentum)
         return
-    if num_batches_tracked is None:
-        raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
-    factor = num_batches_tracked.reciprocal().to(torch.float32)
+    factor = momentum_none_factor(num_batches_tracked)
     torch._foreach_mul_([running_mean, running_var], 1.0 - factor)
     torch._foreach_addcmul_([running_mean, running_var], [mean, unbiased_var], [factor, factor])
+
+
+def lerp_running_stats_(
+    running_mean: Tensor, running_var: Tensor, num_batches_tracked: Tensor | None,
+    mean: Tensor, unbiased_var: Tensor, momentum: float | None,
+) -> None:
+    """``update_float32_running_stats_`` for finite batch statistics (those the exactness
+    rule accepted, which fails on NaN and inf) in one op: running + factor * (batch -
+    running), the same value up to rounding. (An inf running value then becomes NaN, where
+    torch's formula keeps it inf: a limit the README states.)"""
+    if momentum is not None:  # one dispatch for both (on a CPU: running_mean.lerp_ and
+        torch._foreach_lerp_(  # running_var.lerp_ in turn, the same bits)
+            [running_mean, running_var], [mean, unbiased_var], momentum)
+        return
+    factor = momentum_none_factor(num_batches_tracked)
+    running_mean.lerp_(mean, factor)
+    running_var.lerp_(unbiased_var, factor)
+
+
+def momentum_none_factor(num_batches_tracked: Tensor | None) -> Tensor:
+    """1 / num_batches_tracked in float32, on the device: momentum=None's update factor."""
+    if num_batches_tracked is None:
+        raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
+    return num_batches_tracked.reciprocal().to(torch.float32)
 
 
 def batch_stats_(

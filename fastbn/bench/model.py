@@ -188,7 +188,7 @@ def model_json(steps: list[ModelStep]) -> list[dict]:
 
 
 def model_table(steps: list[ModelStep]) -> str:
-    """The model-step results, one line per thread count and layout."""
+    """The model-step results, one line per thread count, layout and fuse level."""
     lines = [f"small ResNet-style model (SmallResNet, {2 * len(WIDTHS)} BasicBlocks), one "
              f"training step (batch {BATCH}, {IMAGE}x{IMAGE}, SGD); error against a float64 copy:"]
     for step in steps:

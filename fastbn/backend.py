@@ -37,10 +37,35 @@ class _ThreadChoice(threading.local):
 
 
 _thread = _ThreadChoice()
-# FASTBN_BACKEND as last read, and the name it gives: the environment is read again only
-# in eager code, and only re-parsed when its text changed; traced code reads the cache.
-_environment: tuple[str | None, str] = (None, "auto")
+# How many use_backend blocks are open, in all threads together: while none is, no thread
+# has a choice, and current_backend skips the thread-local read (an eager call's every
+# attribute read costs, after a large kernel has evicted the interpreter's data from the
+# caches). Changed under the lock: use_backend is rare, the read is not.
+_open_choices = 0
+_open_choices_lock = threading.Lock()
+# FASTBN_BACKEND as last read (raw, as _raw_environment gives it; _UNREAD before the first
+# read) and the name it gives: the environment is read again only in eager code, and only
+# re-parsed when its text changed; traced code reads the cache.
+_UNREAD = object()
+_environment: tuple[object, str] = (_UNREAD, "auto")
 _triton_problem: str | None = None  # why the kernels cannot run, once known ("" = they can)
+
+# CPython's os.environ keeps the environment, encoded, in a dict (os._Environ._data, every
+# change through os.environ or monkeypatch going there too): one dict lookup reads
+# FASTBN_BACKEND, where os.environ.get runs three Python functions and, for an unset
+# variable (the common case), raises and catches a KeyError on every call.
+_ENVIRON = os.environ
+_ENVIRON_DATA = getattr(_ENVIRON, "_data", None)
+_ENVIRON_KEY = _ENVIRON.encodekey("FASTBN_BACKEND") if hasattr(_ENVIRON, "encodekey") else None
+
+
+def _raw_environment() -> object:
+    """FASTBN_BACKEND as stored (None when unset): compared with the last read to see a
+    change, not parsed. The plain os.environ.get where os.environ is not the mapping this
+    module found at import (replaced) or is not CPython's."""
+    if os.environ is _ENVIRON and isinstance(_ENVIRON_DATA, dict):
+        return _ENVIRON_DATA.get(_ENVIRON_KEY)
+    return os.environ.get("FASTBN_BACKEND")
 
 
 def _check_name(name: str, source: str) -> str:
@@ -51,30 +76,35 @@ def _check_name(name: str, source: str) -> str:
     return name
 
 
-def current_backend() -> str:
+def current_backend(compiling: bool | None = None) -> str:
     """The backend name in force in this thread: the innermost ``use_backend``, else
-    FASTBN_BACKEND, else auto."""
-    chosen = _thread.chosen
-    if chosen is not None:
-        return chosen
-    return environment_default()
+    FASTBN_BACKEND, else auto. ``compiling``: whether torch.compile is tracing, where the
+    caller already asked (None: asked here)."""
+    if _open_choices:
+        chosen = _thread.chosen
+        if chosen is not None:
+            return chosen
+    return environment_default(compiling)
 
 
-def environment_default() -> str:
+def environment_default(compiling: bool | None = None) -> str:
     """The backend FASTBN_BACKEND names ("auto" when unset or empty).
 
     Under torch.compile tracing this is the value cached by the last eager read (or the
     environment read once, at the first call), so tracing neither reads the environment
-    nor bakes a read of it into the graph.
+    nor bakes a read of it into the graph. ``compiling``: as current_backend's.
     """
     global _environment
-    raw, name = _environment
-    if torch.compiler.is_compiling() and raw is not None:
+    cached, name = _environment
+    if cached is not _UNREAD and (
+        torch.compiler.is_compiling() if compiling is None else compiling
+    ):
         return name
-    text = os.environ.get("FASTBN_BACKEND", "")
-    if text != raw:
+    raw = _raw_environment()
+    if raw != cached:
+        text = os.environ.get("FASTBN_BACKEND", "")
         name = _check_name(text, "FASTBN_BACKEND") if text else "auto"
-        _environment = (text, name)
+        _environment = (raw, name)
     return name
 
 
@@ -82,13 +112,18 @@ def environment_default() -> str:
 def use_backend(name: str) -> Iterator[None]:
     """Run this thread's calls inside the ``with`` block on backend ``name`` ("auto",
     "triton", "torch"); other threads keep their own choice."""
+    global _open_choices
     _check_name(name, "use_backend()")
     previous = _thread.chosen
+    with _open_choices_lock:
+        _open_choices += 1
     _thread.chosen = name
     try:
         yield
     finally:
         _thread.chosen = previous
+        with _open_choices_lock:
+            _open_choices -= 1
 
 
 @torch.compiler.assume_constant_result
@@ -114,9 +149,10 @@ def runs_in_interpreter() -> bool:
     return launch.interpreted()
 
 
-def resolve_backend(x: torch.Tensor) -> str:
-    """The implementation ("triton" or "torch") that runs a call on tensor x."""
-    name = current_backend()
+def resolve_backend(x: torch.Tensor, compiling: bool | None = None) -> str:
+    """The implementation ("triton" or "torch") that runs a call on tensor x.
+    ``compiling``: as current_backend's."""
+    name = current_backend(compiling)
     if name == "torch":
         return "torch"
     if name == "auto":

@@ -100,12 +100,21 @@ def fast_layout(x: Tensor) -> str | None:
 
 def within_ratio(mean: Tensor, var: Tensor, eps: float, ratio: float) -> bool:
     """max |mean| / sqrt(var + eps) <= ratio over the channels, as min(var - mean^2 / ratio^2)
-    >= -eps in three C-element ops; False for NaN or Inf (min propagates NaN; the full
-    reduction min(), cheaper per call than amin()).
+    >= -eps in two C-element ops and a host read; False for NaN or Inf (min propagates NaN;
+    the full reduction min(), cheaper per call than amin()).
 
     Reads C-element CPU tensors on the host: no device involved (fast_layout keeps every
-    other device on the reference path)."""
-    return torch.addcmul(var, mean, mean, value=-1.0 / ratio**2).min().item() >= -eps
+    other device on the reference path). The read is ``host_scalar``'s."""
+    return host_scalar(torch.addcmul(var, mean, mean, value=-1.0 / ratio**2).min()) >= -eps
+
+
+def host_scalar(t: Tensor) -> float:
+    """The value of a one-element CPU tensor as a Python number: ``t.tolist()``, the same
+    value as ``t.item()``, read directly, without item's two dispatched ops (item,
+    _local_scalar_dense). Dispatched ops cost most right after a large kernel has evicted
+    the dispatcher's data from the caches, which is where a BatchNorm call's host reads
+    run."""
+    return t.tolist()
 
 
 STATS_RATIO = FAST_RATIO[torch.float32]
@@ -133,7 +142,7 @@ def pilot_sums(x: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
     del shifted  # freed before the output is allocated, which then takes its memory
     # mean(t)^2 <= K var(t) = K (mean(t^2) - mean(t)^2)  <=>  sum(t^2) >= (K + 1) / K sum(t)^2 / M
     ratio = (1 + PILOT_CANCELLATION) / PILOT_CANCELLATION
-    if not torch.addcmul(second, first, first, value=-ratio / count).amin().item() >= 0:
+    if not host_scalar(torch.addcmul(second, first, first, value=-ratio / count).amin()) >= 0:
         return None
     shifted_mean = first.div_(count)
     var = torch.addcmul(second.div_(count), shifted_mean, shifted_mean, value=-1).clamp_min_(0)
@@ -469,14 +478,12 @@ def lerp_running_stats_(
     mean: Tensor, unbiased_var: Tensor, momentum: float | None,
 ) -> None:
     """``update_float32_running_stats_`` for finite batch statistics (those the exactness
-    rule accepted, which fails on NaN and inf) in one op: running + factor * (batch -
-    running), the same value up to rounding. (An inf running value then becomes NaN, where
-    torch's formula keeps it inf: a limit the README states.)"""
-    if momentum is not None:  # one dispatch for both (on a CPU: running_mean.lerp_ and
-        torch._foreach_lerp_(  # running_var.lerp_ in turn, the same bits)
-            [running_mean, running_var], [mean, unbiased_var], momentum)
-        return
-    factor = momentum_none_factor(num_batches_tracked)
+    rule accepted, which fails on NaN and inf) in one op per buffer, lerp: running +
+    factor * (batch - running), the same value up to rounding. (An inf running value then
+    becomes NaN, where torch's formula keeps it inf: a limit the README states.)"""
+    # Two lerp_ calls, not one _foreach_lerp_: on a CPU that runs the same two lerp_ inside
+    # its own dispatch (the same bits), one op more per call.
+    factor = momentum if momentum is not None else momentum_none_factor(num_batches_tracked)
     running_mean.lerp_(mean, factor)
     running_var.lerp_(unbiased_var, factor)
 
@@ -861,18 +868,23 @@ def output_grad(
 
 def native_backward(
     g: Tensor, x: Tensor, constants: tuple[Tensor, Tensor], weight: Tensor | None,
-    use_batch_stats: bool, eps: float, mask: list[bool],
+    use_batch_stats: bool, eps: float, mask: list[bool], torch_bits: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """torch's CPU BatchNorm backward of g: (d input, sum(g * x_hat), sum(g)) where ``mask``
-    asks for them. With ``use_batch_stats`` d input includes the statistics' dependence on x."""
+    asks for them. With ``use_batch_stats`` d input includes the statistics' dependence on x,
+    through 1 / sqrt(var + eps): ``kernel_invstd`` where ``torch_bits`` asks for the bits of
+    torch's own backward (a call ``batch_output`` serves, whose eager forward may be
+    ``native_training_forward``, differentiated by torch), else rsqrt in var's dtype, two ops
+    instead of four (float64 for float64 input, where the two agree)."""
     mean, var = constants
     weight = cast(weight, param_dtype(x))
     # g in x's memory format: given mixed formats, torch's kernel takes a generic path
     # that is slower and, for bfloat16, sums in bfloat16.
     g = g if g.stride() == x.stride() and g.dtype == x.dtype else like_input(g, x)
     if use_batch_stats:
+        invstd = kernel_invstd(var, eps) if torch_bits else torch.rsqrt(var + eps)
         return torch.ops.aten.native_batch_norm_backward.default(
-            g, x, weight, None, None, mean, kernel_invstd(var, eps), True, eps, mask
+            g, x, weight, None, None, mean, invstd, True, eps, mask
         )
     return torch.ops.aten.native_batch_norm_backward.default(
         g, x, weight, mean, var, None, None, False, eps, mask
@@ -917,8 +929,10 @@ def normalize_backward(
         return reference.normalize_backward(inputs, use_batch_stats, output_mask)
     want_weight = want_weight and weight is not None
     want_bias = want_bias and bias is not None
+    torch_bits = use_batch_stats and serves_natively(x, None, None, weight, bias, activation,
+                                                     negative_slope)
     grads = native_backward(g, x, constants, weight, use_batch_stats, eps,
-                            [want_input, want_weight, want_bias]
+                            [want_input, want_weight, want_bias], torch_bits
                             ) if want_input or want_weight or want_bias else (None,) * 3
     # None for each gradient not asked for, as the Triton launchers return it (the op layer
     # makes the empty tensors an op must return, ``ops.grads_output``).
@@ -946,7 +960,7 @@ def normalize_grad_sums(
     if g is None:
         return reference.normalize_grad_sums(inputs, output_mask)
     _, sum_g_xhat, sum_g = native_backward(g, x, constants, None, True, eps,
-                                           [False, True, True])
+                                           [False, True, True], False)  # (global statistics)
     sums = torch.stack([sum_g, sum_g_xhat]).to(compute_dtype(x.dtype))
     grad_weight, grad_bias = x.new_empty(0), x.new_empty(0)
     if output_mask[0] and weight is not None:

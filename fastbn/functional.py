@@ -60,15 +60,16 @@ def batch_norm(
     computed on the device.
     """
     activation_name = "none" if activation is None else activation
+    compiling = torch.compiler.is_compiling()  # (asked once: the calls below are told)
     if check_arguments(
         input, running_mean, running_var, weight, bias, training, momentum, eps, residual,
         activation_name, num_batches_tracked, negative_slope=negative_slope,
+        compiling=compiling,
     ):
         return _empty_batch_norm(
             input, running_mean, running_var, weight, bias, training, eps, residual,
             activation_name, negative_slope, num_batches_tracked,
         )
-    compiling = torch.compiler.is_compiling()  # (asked once: the calls below are told)
     if not compiling:  # (tracing sees the custom ops and plain tensors)
         negative = _negative(input, weight, bias, residual, running_mean, running_var,
                              num_batches_tracked)  # (one test for the common case: none)
@@ -85,7 +86,7 @@ def batch_norm(
             input, weight, bias, residual = (
                 None if t is None else t.resolve_neg() for t in (input, weight, bias, residual)
             )
-    backend = resolve_backend(input)
+    backend = resolve_backend(input, compiling)
     native = training and backend == "torch" and cpu.serves_natively(
         input, running_mean, running_var, weight, bias, activation_name, negative_slope
     )
@@ -177,11 +178,13 @@ def check_arguments(
     num_batches_tracked: Tensor | None,
     whole_batch: bool = True,
     negative_slope: float = 0.01,
+    compiling: bool | None = None,
 ) -> bool:
     """Raise for a call batch_norm cannot serve; change nothing. Returns whether input has no
     elements: torch serves that through its empty-input shortcut, which checks no more than
     was checked here. ``whole_batch=False`` says input is one rank's share of a synchronised
-    batch, which may hold one value per channel (or none)."""
+    batch, which may hold one value per channel (or none). ``compiling``: whether
+    torch.compile is tracing, where the caller already asked (None: asked here)."""
     if not isinstance(input, Tensor):
         raise TypeError(f"batch_norm: input must be a Tensor, got {type(input).__name__}")
     for value in (running_mean, running_var, weight, bias, residual, num_batches_tracked):
@@ -285,9 +288,10 @@ def check_arguments(
                     f"batch_norm is not differentiable with respect to {name}: it cannot "
                     "have requires_grad=True"
                 )
-    if training and not torch.compiler.is_compiling() and (  # (dynamo cannot trace these)
-        _inference(running_mean) or _inference(running_var) or _inference(num_batches_tracked)
-        or _inference(input)
+    if training and compiling is None:
+        compiling = torch.compiler.is_compiling()
+    if training and not compiling and (  # (dynamo cannot trace is_inference)
+        _any_inference(running_mean, running_var, num_batches_tracked, input)
     ) and not torch.is_inference_mode_enabled():
         _raise_inference_state(running_mean, running_var, num_batches_tracked)
         if torch.is_grad_enabled() and ops.requires_grad(input, weight, bias, residual):
@@ -304,9 +308,13 @@ def check_arguments(
     return False
 
 
-def _inference(tensor: Tensor | None) -> bool:
-    """Whether tensor is an inference tensor (made under torch.inference_mode)."""
-    return tensor is not None and tensor.is_inference()
+def _any_inference(*tensors: Tensor | None) -> bool:
+    """Whether some tensor given (None aside) is an inference tensor (made under
+    torch.inference_mode)."""
+    for tensor in tensors:  # noqa: SIM110 (a loop: no generator on the hot path)
+        if tensor is not None and tensor.is_inference():
+            return True
+    return False
 
 
 def _raise_inference_state(running_mean, running_var, num_batches_tracked) -> None:
@@ -315,7 +323,7 @@ def _raise_inference_state(running_mean, running_var, num_batches_tracked) -> No
     them changes (the update itself would raise part-way, after the counter's)."""
     for name, tensor in (("running_mean", running_mean), ("running_var", running_var),
                          ("num_batches_tracked", num_batches_tracked)):
-        if _inference(tensor):
+        if _any_inference(tensor):
             raise RuntimeError(
                 f"batch_norm: {name} is updated in place in training, but it is an inference "
                 "tensor (made under torch.inference_mode), and an inplace update to an "

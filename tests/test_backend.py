@@ -74,6 +74,40 @@ def test_each_call_sees_the_environment_variable_as_it_is_then(monkeypatch):
     assert current_backend() == "auto"
 
 
+def test_environment_variable_is_read_from_a_replaced_os_environ(monkeypatch):
+    """os.environ replaced by another mapping (the fast read looks at the one found at
+    import): the variable is read from the new one, and again from the old one after."""
+    monkeypatch.setattr(os, "environ", {"FASTBN_BACKEND": "torch"})
+    assert current_backend() == "torch"
+    os.environ["FASTBN_BACKEND"] = "triton"
+    assert current_backend() == "triton"
+    monkeypatch.undo()
+    assert current_backend() == "auto"
+
+
+def test_a_backend_block_in_another_thread_leaves_this_threads_default(monkeypatch):
+    """While another thread's use_backend block is open (so the thread-local choice is
+    read), this thread still sees the environment's default, and follows its changes."""
+    entered, leave = threading.Event(), threading.Event()
+
+    def hold_a_block():
+        with fastbn.use_backend("triton"):
+            entered.set()
+            leave.wait()
+
+    thread = threading.Thread(target=hold_a_block)
+    thread.start()
+    entered.wait()
+    try:
+        assert current_backend() == "auto"
+        monkeypatch.setenv("FASTBN_BACKEND", "torch")
+        assert current_backend() == "torch"
+    finally:
+        leave.set()
+        thread.join()
+    assert current_backend() == "torch"
+
+
 def test_use_backend_overrides_the_environment_variable(monkeypatch):
     monkeypatch.setenv("FASTBN_BACKEND", "torch")
     with fastbn.use_backend("auto"):
@@ -176,7 +210,7 @@ def test_calls_in_a_thread_run_on_that_threads_backend(monkeypatch):
     resolved = []
     monkeypatch.setattr(
         fastbn.functional, "resolve_backend",
-        lambda x: resolved.append(current_backend()) or resolve_backend(x),
+        lambda x, *args: resolved.append(current_backend()) or resolve_backend(x, *args),
     )
 
     def call():

@@ -85,6 +85,19 @@ def test_torch_backend_runs_fastbn_cpu_and_the_oracle_stays_importable():
         assert callable(getattr(cpu, name)) and callable(getattr(reference, name))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_host_scalar_reads_the_value_item_reads(dtype):
+    """The rule's host read (cpu.host_scalar, tolist) gives item()'s Python number, the
+    sign of zero, infinities, NaN and subnormals included."""
+    tiny = torch.finfo(dtype).tiny
+    for value in (0.0, -0.0, 1.5, -3.25e7, tiny / 4, -tiny / 8, math.inf, -math.inf):
+        t = torch.tensor(value, dtype=dtype).min()
+        read = cpu.host_scalar(t)
+        assert type(read) is float and read == t.item()
+        assert math.copysign(1.0, read) == math.copysign(1.0, t.item())
+    assert math.isnan(cpu.host_scalar(torch.tensor(math.nan, dtype=dtype).min()))
+
+
 def test_exactness_rule_thresholds_follow_the_rounding_budget():
     assert cpu.FAST_RATIO[torch.float32] == 16
     assert cpu.FAST_RATIO[torch.float16] == 1024
@@ -243,6 +256,33 @@ def test_float32_nchw_takes_torchs_statistics_kernel_up_to_native_planes_max(sha
     assert_close_to_truth("output", y, truth["y"])
     assert_close_to_truth("running_var", running_var, truth["running_var"])
     assert_close_to_truth("grad x", grad, grads_truth(truth, grad_out)["x"])
+
+
+@pytest.mark.parametrize("activation", [None, "relu", "silu"])
+def test_backward_takes_torchs_invstd_bits_only_where_the_native_route_serves(
+    monkeypatch, nchw_statistics, activation
+):
+    """The backward's 1 / sqrt(var + eps) is kernel_invstd (torch's float64-rounded bits)
+    only for a call the native route serves (its traced route must give the eager route's
+    bits); elsewhere rsqrt in float32. Both within the truth's tolerance."""
+    calls = []
+    kernel_invstd = cpu.kernel_invstd
+    monkeypatch.setattr(cpu, "kernel_invstd", lambda *a: calls.append(a) or kernel_invstd(*a))
+    x = make_input((4, 6, 5, 7), offset=3.0).requires_grad_(True)
+    weight = torch.linspace(0.5, 2.0, 6, requires_grad=True)
+    bias = torch.linspace(-1.0, 1.0, 6, requires_grad=True)
+    served = cpu.serves_natively(x, None, None, weight, bias, activation or "none")
+    assert served == (nchw_statistics == "small_nchw_native" and activation != "silu")
+    truth = batch_norm_truth(x, None, None, weight, bias, True, activation=activation)
+    y, _ = ops.call_normalize(x, *cpu.batch_mean_var(x.detach()), weight, bias, None, 1e-5,
+                              True, activation or "none", 0.01, False, "torch", False)
+    grad_out = make_input(x.shape, seed=4)
+    calls.clear()  # (the forward's batch_output compares its bits with kernel_invstd's)
+    grads = torch.autograd.grad(y, [x, weight, bias], grad_out)
+    assert bool(calls) == served
+    expected = grads_truth(truth, grad_out)
+    for name, grad in zip(("x", "weight", "bias"), grads, strict=True):
+        assert_close_to_truth(f"grad {name}", grad, expected[name])
 
 
 def test_pilot_far_from_the_mean_falls_back_to_two_passes():

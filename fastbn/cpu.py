@@ -464,13 +464,16 @@ def update_float32_running_stats_(
     torch's formula (1 - factor) * running + factor * batch: an inf batch statistic gives an
     inf running value for every factor, as in torch's kernels (``lerp_running_stats_``
     gives NaN there for a factor >= 0.5: inf - inf)."""
-    if momentum is not None:  # one dispatch per step for both buffers
-        torch._foreach_mul_([running_mean, running_var], 1.0 - momentum)
-        torch._foreach_add_([running_mean, running_var], [mean, unbiased_var], alpha=momentum)
+    # Each buffer by its own ops, not one _foreach_ op per step: on a CPU that runs the same
+    # per-buffer ops inside its own dispatch (the same bits), one op more per step.
+    if momentum is not None:
+        for running, batch in ((running_mean, mean), (running_var, unbiased_var)):
+            running.mul_(1.0 - momentum).add_(batch, alpha=momentum)
         return
     factor = momentum_none_factor(num_batches_tracked)
-    torch._foreach_mul_([running_mean, running_var], 1.0 - factor)
-    torch._foreach_addcmul_([running_mean, running_var], [mean, unbiased_var], [factor, factor])
+    keep = 1.0 - factor
+    for running, batch in ((running_mean, mean), (running_var, unbiased_var)):
+        running.mul_(keep).addcmul_(batch, factor)
 
 
 def lerp_running_stats_(

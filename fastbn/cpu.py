@@ -46,13 +46,20 @@ statistics back would be a device sync there.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 from fastbn import reference
-from fastbn.conventions import STATS_DTYPE, BackwardInputs, compute_dtype, reduced_count
+from fastbn.conventions import (
+    STATS_DTYPE,
+    BackwardInputs,
+    compute_dtype,
+    reduced_count,
+    unbiasing_factor,
+)
 from fastbn.reference import channel_view, derivative_is_one, like_input, reduced_dims
 from fastbn.reference import update_running_stats_ as update_running_stats_reference
 
@@ -557,15 +564,17 @@ def param_dtype(x: Tensor) -> torch.dtype:
 
 
 def native_constants(
-    x: Tensor, mean: Tensor, var: Tensor, eps: float
+    x: Tensor, mean: Tensor, var: Tensor, eps: float, ratio: float | None = None
 ) -> tuple[Tensor, Tensor] | None:
     """(mean, var) in param_dtype(x) for torch's kernels, or None when the call must take
-    the exact path (another layout or device, or the exactness rule fails)."""
+    the exact path (another layout or device, or the exactness rule fails: the bound is
+    FAST_RATIO[x.dtype], or ``ratio`` where given)."""
     if fast_layout(x) is None:
         return None
     dtype = param_dtype(x)
     mean, var = as_dtype(mean, dtype), as_dtype(var, dtype)
-    return (mean, var) if within_ratio(mean, var, eps, FAST_RATIO[x.dtype]) else None
+    bound = FAST_RATIO[x.dtype] if ratio is None else ratio
+    return (mean, var) if within_ratio(mean, var, eps, bound) else None
 
 
 def as_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
@@ -745,6 +754,16 @@ def normalize(
                      negative_slope, save_mask)
 
 
+def kernel_statistics_ratio(x: Tensor) -> float:
+    """The rule's bound on max |mean| / sqrt(biased var) that holds for every statistics
+    ``kernel_batch_stats_`` accepts from x: it tests the unbiased variance, var * M / (M - 1),
+    against STATS_RATIO, so the biased ratio may reach sqrt(M / (M - 1)) times that (sqrt(2)
+    at M = 2); widened by more than rounding moves either. What the ops' route tests those
+    statistics against where it must give the native route's bits (``kernel_training_output``,
+    and the backward of such a call), so that none the native route took misses it."""
+    return STATS_RATIO * math.sqrt(unbiasing_factor(reduced_count(x))) * (1 + 2.0**-16)
+
+
 def kernel_training_output(
     x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None,
     eps: float,
@@ -756,7 +775,7 @@ def kernel_training_output(
     otherwise (other statistics, e.g. SyncBatchNorm's global ones). It recomputes the
     statistics: one pass more than ``normalize``, paid on the ops' route only (traced
     calls), which must give the eager route's bits."""
-    if not within_ratio(mean, var, 0.0, STATS_RATIO):
+    if not within_ratio(mean, var, 0.0, kernel_statistics_ratio(x)):
         return None  # never statistics kernel_batch_stats_ accepted: no pass spent
     y, kernel_mean, kernel_invstd_ = torch.native_batch_norm(x, weight, bias, None, None, True,
                                                              0.0, eps)
@@ -923,7 +942,12 @@ def normalize_backward(
     (grad_out, x, mean, var, weight, bias, residual, activation_mask, eps, activation,
      negative_slope) = inputs
     want_input, want_weight, want_bias, want_residual = output_mask
-    constants = native_constants(x, mean, var, eps)
+    # A call the native route serves: torch's backward (the native route's) wherever that
+    # route took the statistics, which it accepts by kernel_statistics_ratio's bound.
+    torch_bits = use_batch_stats and serves_natively(x, None, None, weight, bias, activation,
+                                                     negative_slope)
+    constants = native_constants(x, mean, var, eps, max(
+        FAST_RATIO[x.dtype], kernel_statistics_ratio(x)) if torch_bits else None)
     g = None if constants is None else output_grad(
         grad_out, x, constants, weight, bias, residual, activation_mask, eps, activation,
         negative_slope, use_batch_stats,
@@ -932,8 +956,6 @@ def normalize_backward(
         return reference.normalize_backward(inputs, use_batch_stats, output_mask)
     want_weight = want_weight and weight is not None
     want_bias = want_bias and bias is not None
-    torch_bits = use_batch_stats and serves_natively(x, None, None, weight, bias, activation,
-                                                     negative_slope)
     grads = native_backward(g, x, constants, weight, use_batch_stats, eps,
                             [want_input, want_weight, want_bias], torch_bits
                             ) if want_input or want_weight or want_bias else (None,) * 3

@@ -576,6 +576,30 @@ def test_native_route_and_the_ops_route_give_the_same_bits(activation, residual,
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("activation", [None, "relu"])
+def test_routes_agree_where_only_the_unbiased_variance_passes_the_rule(activation, dtype,
+                                                                       monkeypatch):
+    """Two values per channel at |mean| / std = 20 (biased), 14.1 (unbiased): torch's
+    statistics kernel is accepted on the unbiased variance (<= STATS_RATIO = 16), so the
+    eager call is the native route; the ops' route (what torch.compile traces) must give its
+    bits too: its output, state and every gradient, though the biased ratio is beyond 16."""
+    spread = torch.tensor([[-1.0], [1.0]]) * torch.tensor([1.0, 0.5, 2.0])
+    x = (20 * torch.tensor([1.0, -0.5, 2.0]) + spread).to(dtype).requires_grad_(True)
+    mean, var = x.detach().float().mean(0), x.detach().float().var(0, unbiased=False)
+    assert (mean.abs() / var.sqrt()).min() > cpu.STATS_RATIO
+    weight = torch.linspace(1.5, 3.0, 3).requires_grad_(True)
+    bias = torch.linspace(-0.3, 0.4, 3).requires_grad_(True)
+    grad_out = torch.tensor([[0.3, -0.7, 1.1], [-0.2, 0.9, 0.4]]).to(dtype)
+    node, eager = fused_step(x, None, weight, bias, activation, grad_out)
+    assert node in NATIVE_NODES[activation], node
+    monkeypatch.setattr(ops, "direct_uncompiled", lambda x: False)
+    ops_node, through_ops = fused_step(x, None, weight, bias, activation, grad_out)
+    assert ops_node == "_TrainForwardBackward", ops_node
+    for mine, theirs in zip(eager, through_ops, strict=True):
+        assert torch.equal(mine, theirs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
 @pytest.mark.parametrize("activation", ["relu", "leaky_relu"])
 def test_native_fused_training_step_matches_truth(activation, residual, dtype):

@@ -61,7 +61,6 @@ from fastbn.conventions import (
     unbiasing_factor,
 )
 from fastbn.reference import channel_view, derivative_is_one, like_input, reduced_dims
-from fastbn.reference import update_running_stats_ as update_running_stats_reference
 
 ROUNDING_BUDGET = {
     torch.float64: 2.0**-40,
@@ -226,13 +225,22 @@ def native_statistics(x: Tensor) -> bool:
         layout == "rows" or x.dtype != torch.float32 or x.numel() <= NATIVE_PLANES_MAX)
 
 
-def float32_or_none(*tensors: Tensor | None) -> bool:
-    """Whether every tensor given (None aside) is float32: what torch's kernels take beside
-    a ``native_statistics`` input without a conversion."""
+def kernel_per_channel(x: Tensor, *tensors: Tensor | None) -> bool:
+    """Whether torch's kernels take every per-channel tensor given (None aside) beside a
+    ``native_statistics`` x as float32, which their mixed-type form needs for float16/
+    bfloat16 x: float32 tensors as they are, tensors of x's float16/bfloat16 dtype
+    converted to float32 (exactly; ``as_kernel_parameter``)."""
     for t in tensors:  # noqa: SIM110 (a loop: no generator on the hot path)
-        if t is not None and t.dtype != torch.float32:
+        if t is not None and t.dtype != torch.float32 and t.dtype != x.dtype:
             return False
     return True
+
+
+def as_kernel_parameter(t: Tensor | None) -> Tensor | None:
+    """A ``kernel_per_channel`` tensor as torch's kernels take it: float32 (a float16/
+    bfloat16 weight or bias converted, a step autograd records: its gradient comes back
+    rounded once to the tensor's dtype, as the ops' route rounds it)."""
+    return cast(t, torch.float32)
 
 
 def kernel_running_scratch(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -263,8 +271,12 @@ def accept_kernel_statistics_(
     if num_batches_tracked is not None:
         num_batches_tracked.add_(1)
     if running_mean is not None and running_var is not None:
-        lerp_running_stats_(running_mean, running_var, num_batches_tracked, mean,
-                            unbiased_var, momentum)
+        if running_mean.dtype == torch.float32:
+            lerp_running_stats_(running_mean, running_var, num_batches_tracked, mean,
+                                unbiased_var, momentum)
+        else:  # (float16/bfloat16 buffers: rounded once, as on the other routes)
+            update_rounded_running_stats_(running_mean, running_var, num_batches_tracked,
+                                          mean, unbiased_var, 1.0, momentum)
     return True
 
 
@@ -321,7 +333,8 @@ def native_training_forward(
     the first node, so every backward kernel after it sees x's format). None, with
     nothing changed, when the statistics fail the rule: the caller takes the exact path."""
     scratch = kernel_running_scratch(x)
-    y, _, _ = torch.native_batch_norm(x, weight, bias, *scratch, True, 1.0, eps)
+    y, _, _ = torch.native_batch_norm(x, as_kernel_parameter(weight), as_kernel_parameter(bias),
+                                      *scratch, True, 1.0, eps)
     if not accept_kernel_statistics_(scratch, running_mean, running_var, num_batches_tracked,
                                      momentum):
         return None
@@ -426,12 +439,15 @@ def serves_natively(
     """Whether a training call on x may be ``native_training_forward``: an activation of
     NATIVE_ACTIVATIONS that runs after the output's one rounding (ROUNDING_COMMUTES for
     float16/bfloat16 input; leaky_relu with negative_slope >= 0), torch's statistics kernel
-    for x, every per-channel tensor in float32."""
+    for x, every per-channel tensor in float32 or x's float16/bfloat16 dtype
+    (``kernel_per_channel``: the weight and bias go to torch's kernel converted to float32,
+    float16/bfloat16 running buffers take the update rounded once from float64)."""
     if activation not in NATIVE_ACTIVATIONS or (
         activation not in ROUNDING_COMMUTES and x.dtype != torch.float32
     ) or (activation == "leaky_relu" and not negative_slope >= 0):
         return False
-    return native_statistics(x) and float32_or_none(running_mean, running_var, weight, bias)
+    return native_statistics(x) and kernel_per_channel(x, running_mean, running_var, weight,
+                                                        bias)
 
 
 def batch_mean_var(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -451,15 +467,42 @@ def update_running_stats_(
 ) -> None:
     """``reference.update_running_stats_`` (same factor, momentum or 1 / num_batches_tracked
     on the device) in float32, by torch's formula (statistics of any value: this is also the
-    exact path's update); float16/bfloat16 buffers go to the reference,
+    exact path's update); float16/bfloat16 buffers by ``update_rounded_running_stats_``,
     which rounds once from float64."""
     if running_mean.dtype != torch.float32 or running_var.dtype != torch.float32:
-        update_running_stats_reference(
-            running_mean, running_var, num_batches_tracked, mean, var, count, momentum
-        )
+        update_rounded_running_stats_(running_mean, running_var, num_batches_tracked, mean,
+                                      var, unbiasing_factor(count), momentum)
         return
     update_float32_running_stats_(running_mean, running_var, num_batches_tracked, mean.float(),
                                   var.float() * reference.unbiasing_factor(count), momentum)
+
+
+def update_rounded_running_stats_(
+    running_mean: Tensor, running_var: Tensor, num_batches_tracked: Tensor | None,
+    mean: Tensor, var: Tensor, var_scale: float, momentum: float | None,
+) -> None:
+    """Running buffers of a dtype other than float32 (float16/bfloat16; float64, for float64
+    input) moved by torch's formula (1 - factor) * running + factor * batch (the batch's
+    unbiased variance var * var_scale: M / (M - 1) for a biased var, 1 for an unbiased
+    one), evaluated in float64 from the buffers' and the statistics'
+    values (whatever their dtype) and rounded once into each buffer, as
+    ``reference.update_running_stats_`` does: in place, four ops per buffer and no Python
+    operators, whose wrappers cost more than the ops on these C-element tensors. (The
+    reference multiplies float32 statistics by the factor in float32 first, one rounding
+    more; torch rounds from float32.)"""
+    if momentum is None:
+        if num_batches_tracked is None:
+            raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
+        factor = num_batches_tracked.to(STATS_DTYPE).reciprocal_()  # (1 / n, rounded once)
+        keep = torch.rsub(factor, 1.0)
+    for running, batch, scale in ((running_mean, mean, 1.0), (running_var, var, var_scale)):
+        moved = running.to(STATS_DTYPE)  # (float64 buffers: the buffer itself, changed in place)
+        if momentum is None:
+            moved.mul_(keep).addcmul_(batch, factor, value=scale)
+        else:
+            moved.mul_(1.0 - momentum).add_(batch, alpha=momentum * scale)
+        if moved is not running:
+            running.copy_(moved)
 
 
 def update_float32_running_stats_(
@@ -527,7 +570,7 @@ def batch_stats_as_computed_(
     eager training forward): no conversions to float64 and back. Where torch's kernel
     gives the statistics and float32 running buffers (or none) take its update, by
     ``kernel_batch_stats_`` (as the eager ``native_training_forward`` does)."""
-    if native_statistics(x) and float32_or_none(running_mean, running_var):
+    if native_statistics(x) and kernel_per_channel(x, running_mean, running_var):
         stats = kernel_batch_stats_(x, running_mean, running_var, num_batches_tracked,
                                     momentum)
         if stats is not None:
@@ -777,8 +820,8 @@ def kernel_training_output(
     calls), which must give the eager route's bits."""
     if not within_ratio(mean, var, 0.0, kernel_statistics_ratio(x)):
         return None  # never statistics kernel_batch_stats_ accepted: no pass spent
-    y, kernel_mean, kernel_invstd_ = torch.native_batch_norm(x, weight, bias, None, None, True,
-                                                             0.0, eps)
+    y, kernel_mean, kernel_invstd_ = torch.native_batch_norm(
+        x, as_kernel_parameter(weight), as_kernel_parameter(bias), None, None, True, 0.0, eps)
     mean, var = as_dtype(mean, torch.float32), as_dtype(var, torch.float32)
     if not (torch.equal(kernel_mean, mean) and torch.equal(kernel_invstd_,
                                                             kernel_invstd(var, eps))):

@@ -390,6 +390,50 @@ def test_inf_batch_statistics_reach_the_running_statistics_as_in_torch(
     assert torch.isinf(ours.running_mean[1])
 
 
+@pytest.mark.parametrize("momentum", [None, 1.0, 0.7, 0.1, 0.0], ids=str)
+@pytest.mark.parametrize("dtype", [*LOW_PRECISION, torch.float64], ids=str)
+def test_rounded_running_update_is_torchs_formula_rounded_once_from_float64(dtype, momentum):
+    """float16/bfloat16 (and float64) running buffers: (1 - factor) * running + factor *
+    batch, the variance unbiased (M / (M - 1)), evaluated in float64 and rounded once into
+    the buffer, for each factor (momentum=None: 1 / num_batches_tracked); float32
+    statistics as the training forward hands them. Float64 buffers to within a few ulps of
+    that evaluation (no rounding to another dtype follows)."""
+    channels, count, steps = 257, 50, torch.tensor(3)
+    generator = torch.Generator().manual_seed(5)
+    running_mean = (3 * torch.randn(channels, generator=generator)).to(dtype)
+    running_var = (torch.rand(channels, generator=generator) + 0.1).to(dtype)
+    stats_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    mean = (3 * torch.randn(channels, generator=generator)).to(stats_dtype)
+    var = (2 * torch.rand(channels, generator=generator)).to(stats_dtype)
+    factor = 1 / 3 if momentum is None else momentum
+    truth = [(1 - factor) * running_mean.double() + factor * mean.double(),
+             (1 - factor) * running_var.double() + factor * var.double() * count / (count - 1)]
+    cpu.update_rounded_running_stats_(running_mean, running_var, steps, mean, var,
+                                      count / (count - 1), momentum)
+    assert running_mean.dtype == running_var.dtype == dtype
+    for name, buffer, expected in zip(("mean", "var"), (running_mean, running_var), truth,
+                                      strict=True):
+        if dtype == torch.float64:
+            scale = expected.abs().max()
+            assert (buffer - expected).abs().max() <= 8 * 2.0**-53 * scale, name
+        else:
+            assert torch.equal(buffer, expected.to(dtype)), name
+    assert steps.item() == 3  # (the caller counts the step)
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+def test_rounded_running_update_keeps_inf_and_propagates_nan_as_torchs_formula(dtype):
+    """An inf batch mean makes the running mean inf (torch's formula, not a lerp's NaN), a
+    NaN one NaN, in each low-precision buffer."""
+    running_mean, running_var = torch.zeros(3, dtype=dtype), torch.ones(3, dtype=dtype)
+    mean = torch.tensor([float("inf"), 1.0, float("nan")])
+    var = torch.tensor([1.0, float("inf"), 1.0])
+    cpu.update_rounded_running_stats_(running_mean, running_var, None, mean, var, 4 / 3, 0.5)
+    assert running_mean[0].item() == math.inf and math.isnan(running_mean[2].item())
+    assert running_var[1].item() == math.inf
+    assert torch.isfinite(running_mean[1]) and torch.isfinite(running_var[[0, 2]]).all()
+
+
 def test_nan_running_variance_in_eval_propagates():
     x = make_input((4, 3, 5, 5))
     y = fastbn.batch_norm(x, torch.zeros(3), torch.tensor([1.0, float("nan"), 1.0]), None,
@@ -527,20 +571,23 @@ NATIVE_NODES = {None: ("NativeBatchNormBackward0", "AddBackward0"),
 """The autograd node a natively served call's output has, per activation."""
 
 
-def fused_leaves(shape, dtype, channels_last, residual, seed=0, offset=0.5):
-    """x, the residual (or None), weight, bias: leaves of a fused call."""
+def fused_leaves(shape, dtype, channels_last, residual, seed=0, offset=0.5,
+                 params=torch.float32):
+    """x, the residual (or None), weight, bias (in ``params``): leaves of a fused call."""
     x = make_input(shape, dtype, seed=seed, offset=offset,
                    channels_last=channels_last).requires_grad_(True)
     z = make_input(shape, dtype, seed=seed + 1, channels_last=channels_last
                    ).requires_grad_(True) if residual else None
-    weight = torch.linspace(1.5, 3.0, shape[1]).requires_grad_(True)
-    bias = torch.linspace(-0.3, 0.4, shape[1]).requires_grad_(True)
+    weight = torch.linspace(1.5, 3.0, shape[1], dtype=params).requires_grad_(True)
+    bias = torch.linspace(-0.3, 0.4, shape[1], dtype=params).requires_grad_(True)
     return x, z, weight, bias
 
 
 def fused_step(x, z, weight, bias, activation, grad_out, negative_slope=0.01):
-    """Output, running statistics, step counter and every gradient of one training call."""
-    running_mean, running_var = torch.zeros(x.shape[1]), torch.ones(x.shape[1])
+    """Output, running statistics (in the weight's dtype), step counter and every gradient
+    of one training call."""
+    running_mean = torch.zeros(x.shape[1], dtype=weight.dtype)
+    running_var = torch.ones(x.shape[1], dtype=weight.dtype)
     steps = torch.tensor(2)
     y = fastbn.batch_norm(x, running_mean, running_var, weight, bias, True, None, 1e-5,
                           residual=z, activation=activation, negative_slope=negative_slope,
@@ -550,18 +597,25 @@ def fused_step(x, z, weight, bias, activation, grad_out, negative_slope=0.01):
     return type(y.grad_fn).__name__, [y, running_mean, running_var, steps, *grads]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype,params", [
+    (torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+    (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
+], ids=["float32", "bfloat16-float32-params", "bfloat16", "float16"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 @pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
 @pytest.mark.parametrize("activation", [None, "relu", "relu6", "leaky_relu"])
 def test_native_route_and_the_ops_route_give_the_same_bits(activation, residual,
-                                                           channels_last, dtype, monkeypatch):
+                                                           channels_last, dtype, params,
+                                                           monkeypatch):
     """The eager call (torch's nodes where it serves natively) and the ops' route (what
     torch.compile and export trace: normalize_batch, normalize_backward) agree bit for bit
-    on the output, the state and every gradient; the native route serves exactly the
-    calls serves_natively names (not float32 NCHW, leaky_relu on bfloat16, relu6)."""
+    on the output, the state and every gradient, with float32 per-channel tensors and with
+    per-channel tensors in a float16/bfloat16 input's dtype (the native route converts the
+    weight and bias to float32 for torch's kernel, rounds the running update once); the
+    native route serves exactly the calls serves_natively names (not float32 NCHW,
+    leaky_relu on float16/bfloat16, relu6)."""
     shape = (3, 4, 5, 6)
-    x, z, weight, bias = fused_leaves(shape, dtype, channels_last, residual)
+    x, z, weight, bias = fused_leaves(shape, dtype, channels_last, residual, params=params)
     grad_out = make_input(shape, dtype, seed=9, channels_last=channels_last)
     native = cpu.serves_natively(x, None, None, weight, bias, activation or "none", 0.01)
     assert native == (cpu.native_statistics(x) and activation != "relu6" and (
@@ -575,10 +629,13 @@ def test_native_route_and_the_ops_route_give_the_same_bits(activation, residual,
         assert torch.equal(mine, theirs)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype,params", [
+    (torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+    (torch.bfloat16, torch.bfloat16),
+], ids=["float32", "bfloat16-float32-params", "bfloat16"])
 @pytest.mark.parametrize("activation", [None, "relu"])
 def test_routes_agree_where_only_the_unbiased_variance_passes_the_rule(activation, dtype,
-                                                                       monkeypatch):
+                                                                       params, monkeypatch):
     """Two values per channel at |mean| / std = 20 (biased), 14.1 (unbiased): torch's
     statistics kernel is accepted on the unbiased variance (<= STATS_RATIO = 16), so the
     eager call is the native route; the ops' route (what torch.compile traces) must give its
@@ -587,8 +644,8 @@ def test_routes_agree_where_only_the_unbiased_variance_passes_the_rule(activatio
     x = (20 * torch.tensor([1.0, -0.5, 2.0]) + spread).to(dtype).requires_grad_(True)
     mean, var = x.detach().float().mean(0), x.detach().float().var(0, unbiased=False)
     assert (mean.abs() / var.sqrt()).min() > cpu.STATS_RATIO
-    weight = torch.linspace(1.5, 3.0, 3).requires_grad_(True)
-    bias = torch.linspace(-0.3, 0.4, 3).requires_grad_(True)
+    weight = torch.linspace(1.5, 3.0, 3, dtype=params).requires_grad_(True)
+    bias = torch.linspace(-0.3, 0.4, 3, dtype=params).requires_grad_(True)
     grad_out = torch.tensor([[0.3, -0.7, 1.1], [-0.2, 0.9, 0.4]]).to(dtype)
     node, eager = fused_step(x, None, weight, bias, activation, grad_out)
     assert node in NATIVE_NODES[activation], node

@@ -996,6 +996,8 @@ def normalize_backward(
         negative_slope, use_batch_stats,
     )
     if g is None:
+        if activation == "relu" and activation_mask is None:
+            return relu_backward_beyond_the_rule(inputs, use_batch_stats, output_mask)
         return reference.normalize_backward(inputs, use_batch_stats, output_mask)
     want_weight = want_weight and weight is not None
     want_bias = want_bias and bias is not None
@@ -1010,6 +1012,28 @@ def normalize_backward(
         as_dtype(grads[2], bias.dtype) if want_bias else None,
         grad_residual_from(g, grad_out, x, residual) if want_residual else None,
     )
+
+
+def relu_backward_beyond_the_rule(
+    inputs: BackwardInputs, use_batch_stats: bool, output_mask: list[bool]
+) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+    """``normalize_backward`` of a relu call whose statistics fail the rule (the exact path)
+    and that kept no mask, as the eager call's backward computes it from the output it keeps
+    (``ops.keeps_output``): relu's gradient by torch's threshold_backward at u, the exact
+    path's pre-activation in x's dtype (the output's signs and NaNs: the gradient passes at
+    a NaN, torch's convention, where the reference's u > 0 stops it), then BatchNorm's
+    backward of that gradient, which is also d residual. So the ops' route (a traced call,
+    which keeps no output) gives the eager call's bits, NaN statistics included."""
+    (grad_out, x, mean, var, weight, bias, residual, _, eps, _, negative_slope) = inputs
+    u, _ = reference.normalize(x, mean, var, weight, bias, residual, eps, "none",
+                               negative_slope, False)
+    grad_u = relu_grad_from_output(grad_out, u)
+    want_input, want_weight, want_bias, want_residual = output_mask
+    grad_input, grad_weight, grad_bias, _ = normalize_backward(
+        BackwardInputs(grad_u, x, mean, var, weight, bias, None, None, eps, "none",
+                       negative_slope),
+        use_batch_stats, [want_input, want_weight, want_bias, False])
+    return grad_input, grad_weight, grad_bias, (grad_u if want_residual else None)
 
 
 def normalize_grad_sums(

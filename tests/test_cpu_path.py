@@ -656,6 +656,42 @@ def test_routes_agree_where_only_the_unbiased_variance_passes_the_rule(activatio
         assert torch.equal(mine, theirs)
 
 
+def same_bits_nan_aware(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal bit for bit where finite, NaN at the same places."""
+    return torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
+
+
+@pytest.mark.parametrize("dtype,channels_last", [
+    (torch.float32, True), (torch.bfloat16, True), (torch.bfloat16, False),
+    (torch.float32, False),  # the native route, or ("nchw_pilot") the Function's
+], ids=["float32-channels_last", "bfloat16-channels_last", "bfloat16-nchw", "float32-nchw"])
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+def test_relu_routes_agree_on_a_channel_with_nan_statistics(residual, channels_last, dtype,
+                                                            monkeypatch):
+    """A NaN in one channel fails the rule (the exact path): the eager call's backward
+    differentiates relu from the output it keeps, torch's convention (the gradient passes at
+    a NaN), and the ops' route (what torch.compile traces, which keeps no output) must give
+    the same output, state and gradients, d bias of the NaN channel included (it summed 0
+    there, the reference's convention). A residual on a call the native route could not
+    serve keeps relu's mask on the ops' route instead (README, limits)."""
+    shape = (3, 4, 5, 6)
+    x, z, weight, bias = fused_leaves(shape, dtype, channels_last, residual)
+    if residual and not cpu.serves_natively(x, None, None, weight, bias, "relu", 0.0):
+        pytest.skip("the ops' route keeps relu's mask here (its sign test at a NaN differs)")
+    with torch.no_grad():
+        x[1, 2, 3, 4] = float("nan")
+    grad_out = make_input(shape, dtype, seed=9, channels_last=channels_last)
+    node, eager = fused_step(x, z, weight, bias, "relu", grad_out)
+    monkeypatch.setattr(ops, "direct_uncompiled", lambda x: False)
+    ops_node, through_ops = fused_step(x, z, weight, bias, "relu", grad_out)
+    assert ops_node == "_TrainForwardBackward", ops_node
+    grad_bias = eager[6]  # (the whole NaN channel passes: d bias is the sum of grad_out)
+    torch.testing.assert_close(grad_bias[2], grad_out[:, 2].float().sum(), rtol=1e-5, atol=1e-5)
+    assert torch.isnan(eager[1][2]) and torch.isfinite(eager[1][[0, 1, 3]]).all()
+    for mine, theirs in zip(eager, through_ops, strict=True):
+        assert same_bits_nan_aware(mine, theirs)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
 @pytest.mark.parametrize("activation", ["relu", "leaky_relu"])

@@ -796,13 +796,18 @@ def call_batch_norm_train_(x: Tensor, running_mean, running_var, num_batches_tra
     # the statistics op sees the plain tensors only, as torch's own kernel would.
     # Under torch.jit.trace too: a trace records an autograd.Function as a node that reruns
     # its Python forward besides the op inside, which would update the running statistics
-    # twice per replay; the separate ops have registered autograd formulas instead.
-    # (An eager call is neither: direct excludes tracing, plain every subclass.)
-    if (backend == "torch") if eager else (not torch.compiler.is_compiling() and (
-        torch._C._is_tracing()
-        or (plain(x, running_mean, running_var, num_batches_tracked)
-            and not plain(weight, bias, residual))
-    )):
+    # twice per replay; the separate ops have registered autograd formulas instead. And
+    # under torch.export: its graph keeps the ops but not an autograd.Function's backward,
+    # so the one mutating op (which torch.library lets have no autograd formula) would make
+    # the exported program's output impossible to differentiate.
+    # (An eager call is none of these: direct excludes tracing and compiling, plain every
+    # subclass.)
+    if (backend == "torch") if eager else (torch.compiler.is_exporting() or (
+        not torch.compiler.is_compiling() and (
+            torch._C._is_tracing()
+            or (plain(x, running_mean, running_var, num_batches_tracked)
+                and not plain(weight, bias, residual))
+        ))):
         known = eager or None  # (else each call asks for its own tensors)
         mean, var = call_batch_stats_(x.detach(), running_mean, running_var,
                                       num_batches_tracked, momentum, backend,

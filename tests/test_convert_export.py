@@ -167,6 +167,40 @@ def test_torch_export_and_jit_trace_compute_what_the_original_does(level):
         assert_matches("torch.jit.trace", traced(x), model(x))
 
 
+@pytest.mark.parametrize("level", ["none", "graph"])
+def test_torch_export_in_training_mode_trains_like_the_original(level):
+    """A converted model exported in train mode (e.g. for quantization-aware training) runs
+    a training step as torch's model does: output, running statistics and step counters,
+    and the gradients of the input and of every parameter (the exported graph holds the
+    statistics op and the differentiable normalize, not the one mutating training op, which
+    has no autograd formula)."""
+    model, shape = zoo_model("resnet", torch.float32)
+    randomize_batchnorms_(model)
+    model.train()
+    converted = fastbn.convert(copy.deepcopy(model), fuse=level).train()
+    x = make_input(shape)
+    exported = torch.export.export(converted, (x,)).module()
+    targets = [node.target for node in exported.graph.nodes if node.op == "call_function"]
+    assert torch.ops.fastbn.batch_norm_train_.default not in targets
+    runs = []
+    for net in (model, exported):
+        leaf = x.clone().requires_grad_(True)
+        y = net(leaf)
+        params = [p for _, p in sorted(net.named_parameters())]
+        grads = torch.autograd.grad(y, [leaf, *params], torch.ones_like(y))
+        runs.append((y, grads, dict(net.named_buffers())))
+    (y_torch, grads_torch, buffers_torch), (y, grads, buffers) = runs
+    assert_matches("output", y, y_torch)
+    for index, (grad, grad_torch) in enumerate(zip(grads, grads_torch, strict=True)):
+        assert_matches(f"gradient {index}", grad, grad_torch)
+    assert sorted(buffers) == sorted(buffers_torch)
+    for name, buffer in buffers.items():
+        if buffer.is_floating_point():
+            assert_matches(name, buffer, buffers_torch[name])
+        else:
+            assert torch.equal(buffer, buffers_torch[name]), name
+
+
 def test_compiled_graph_fused_model_trains_like_the_original():
     torch.manual_seed(0)
     model = InputResidual().to(DEVICE)

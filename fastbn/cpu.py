@@ -467,8 +467,8 @@ def update_running_stats_(
 ) -> None:
     """``reference.update_running_stats_`` (same factor, momentum or 1 / num_batches_tracked
     on the device) in float32, by torch's formula (statistics of any value: this is also the
-    exact path's update); float16/bfloat16 buffers by ``update_rounded_running_stats_``,
-    which rounds once from float64."""
+    exact path's update); float16/bfloat16 (and float64) buffers by
+    ``update_rounded_running_stats_``, which rounds once from float64."""
     if running_mean.dtype != torch.float32 or running_var.dtype != torch.float32:
         update_rounded_running_stats_(running_mean, running_var, num_batches_tracked, mean,
                                       var, unbiasing_factor(count), momentum)
@@ -568,7 +568,7 @@ def batch_stats_as_computed_(
     """``batch_stats_`` with the statistics as ``mean_var`` gives them (the compute dtype
     where that is exact enough), for a caller that hands them to ``normalize`` only (an
     eager training forward): no conversions to float64 and back. Where torch's kernel
-    gives the statistics and float32 running buffers (or none) take its update, by
+    gives the statistics and the running buffers (or none) are ``kernel_per_channel``, by
     ``kernel_batch_stats_`` (as the eager ``native_training_forward`` does)."""
     if native_statistics(x) and kernel_per_channel(x, running_mean, running_var):
         stats = kernel_batch_stats_(x, running_mean, running_var, num_batches_tracked,

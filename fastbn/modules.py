@@ -408,8 +408,11 @@ class SyncBatchNorm(_FastBatchNorm):
         self.process_group = process_group
 
     def _check_input_dim(self, input: Tensor) -> None:
+        """torch's SyncBatchNorm checks: the rank, then the channel count."""
         if input.dim() < 2:
             raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+        if input.size(1) == 0:
+            raise ValueError("SyncBatchNorm number of input channels should be non-zero")
 
     @classmethod
     def convert_sync_batchnorm(cls, module: torch.nn.Module,
@@ -419,20 +422,16 @@ class SyncBatchNorm(_FastBatchNorm):
         tensors; the same as ``fastbn.convert(module, fuse="none", sync=True, ...)``."""
         return swap_model(module, swap_targets(True, process_group))
 
-    def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
-        """activation(SyncBatchNorm(input) + residual)."""
-        if isinstance(input, torch.fx.Proxy) and input.tracer.root is not self:
-            return _module_call_node(self, input, residual)
-        if not is_fx_symbolic_tracing():
-            self._check_input_dim(input)
-            if input.size(1) == 0:
-                raise ValueError("SyncBatchNorm number of input channels should be non-zero")
-        if (
-            not self.training
-            or _in_onnx_export()
-            or sync_world_size(self.process_group) == 1
-        ):
-            return super().forward(input, residual)
+    # forward is the layers' (_FastBatchNorm.forward): its checks (this class's
+    # _check_input_dim), ONNX export, and the residual torch's + adds (a number, a broadcast
+    # shape, another dtype) around one _normalize call, which synchronises here.
+
+    def _normalize(self, input: Tensor, residual: Tensor | None, activation: str | None) -> Tensor:
+        """activation(SyncBatchNorm(input) + residual) in one fastbn call: in training, over
+        more than one process, with the statistics of the whole group's batch (torch's
+        rule); otherwise the layer's own."""
+        if not self.training or sync_world_size(self.process_group) == 1:
+            return super()._normalize(input, residual, activation)
         tracking = self.track_running_stats
         return sync_batch_norm(
             input,
@@ -444,7 +443,7 @@ class SyncBatchNorm(_FastBatchNorm):
             self.eps,
             self.process_group,
             residual=residual,
-            activation=self.activation,
+            activation=activation,
             negative_slope=self.negative_slope,
             num_batches_tracked=self.num_batches_tracked if tracking else None,
         )

@@ -170,6 +170,27 @@ def check_activation_residual(rank: Rank) -> None:
     )
 
 
+def check_residual_torch_adds(rank: Rank) -> None:
+    """A residual that torch's + adds after the normalization (a Python number, a broadcast
+    shape, another dtype: a float32 block input under autocast) with a fused relu, as one
+    process on the whole batch gives it: output (dtype included) and running statistics."""
+    shape = (rank.total(UNEVEN), CHANNELS, 4, 5)
+    part = rank.share(UNEVEN)
+    residuals = (1.5, make_input((1, CHANNELS, 1, 1), seed=300, device=rank.device),
+                 make_input(shape, torch.float32, seed=301, device=rank.device))
+    pairs = []
+    for index, z in enumerate(residuals):
+        sync, single = layer_pair(rank, torch.float64, len(shape), activation="relu")
+        x = make_input(shape, torch.float64, seed=index, device=rank.device)
+        own = z[part] if isinstance(z, torch.Tensor) and z.shape == shape else z
+        y, y_all = sync(x[part], own), single(x, z)
+        assert_true(y.dtype == y_all.dtype, f"residual {index}: {y.dtype} != {y_all.dtype}")
+        pairs += [(f"residual {index} output", y, y_all[part])]
+        pairs += [(f"residual {index} {name}", getattr(sync, name), getattr(single, name))
+                  for name in ("running_mean", "running_var", "num_batches_tracked")]
+    compare(pairs)
+
+
 def check_channels_last(rank: Rank) -> None:
     pairs = layer_pairs(rank, (0, CHANNELS, 4, 5), UNEVEN, channels_last=True)
     compare(pairs)
@@ -375,6 +396,7 @@ CHECKS = {
     "empty_share": check_empty_share,
     "momentum_none": check_momentum_none,
     "activation_residual": check_activation_residual,
+    "residual_torch_adds": check_residual_torch_adds,
     "channels_last": check_channels_last,
     "input_2d": check_input_2d,
     "no_affine_no_running_stats": check_no_affine_no_running_stats,

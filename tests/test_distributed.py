@@ -113,6 +113,10 @@ def test_fused_activation_and_residual_match(job):
     assert_passed(job, "activation_residual")
 
 
+def test_residual_that_torchs_add_takes_matches(job):
+    assert_passed(job, "residual_torch_adds")
+
+
 def test_channels_last_input_matches_and_keeps_its_format(job):
     assert_passed(job, "channels_last")
 

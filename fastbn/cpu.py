@@ -1022,14 +1022,16 @@ def relu_backward_beyond_the_rule(
     (``ops.keeps_output``): relu's gradient by torch's threshold_backward at u, the exact
     path's pre-activation in x's dtype (the output's signs and NaNs: the gradient passes at
     a NaN, torch's convention, where the reference's u > 0 stops it), then BatchNorm's
-    backward of that gradient, which is also d residual. So the ops' route (a traced call,
-    which keeps no output) gives the eager call's bits, NaN statistics included."""
+    backward of that gradient (the reference's, as for the eager call: the same statistics
+    fail the rule without an activation too), which is also d residual. So the ops' route
+    (a traced call, which keeps no output) gives the eager call's bits, NaN statistics
+    included."""
     (grad_out, x, mean, var, weight, bias, residual, _, eps, _, negative_slope) = inputs
     u, _ = reference.normalize(x, mean, var, weight, bias, residual, eps, "none",
                                negative_slope, False)
     grad_u = relu_grad_from_output(grad_out, u)
     want_input, want_weight, want_bias, want_residual = output_mask
-    grad_input, grad_weight, grad_bias, _ = normalize_backward(
+    grad_input, grad_weight, grad_bias, _ = reference.normalize_backward(
         BackwardInputs(grad_u, x, mean, var, weight, bias, None, None, eps, "none",
                        negative_slope),
         use_batch_stats, [want_input, want_weight, want_bias, False])

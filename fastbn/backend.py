@@ -18,7 +18,7 @@ import importlib
 import os
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 
 import torch
 
@@ -90,8 +90,8 @@ def current_backend(compiling: bool | None = None) -> str:
 def environment_default(compiling: bool | None = None) -> str:
     """The backend FASTBN_BACKEND names ("auto" when unset or empty).
 
-    Under torch.compile tracing this is the value cached by the last eager read (or the
-    environment read once, at the first call), so tracing neither reads the environment
+    Under torch.compile tracing this is the value cached by the last eager read (the first
+    is at import: ``_read_environment_at_import``), so tracing neither reads the environment
     nor bakes a read of it into the graph. ``compiling``: as current_backend's.
     """
     global _environment
@@ -101,7 +101,7 @@ def environment_default(compiling: bool | None = None) -> str:
     ):
         return name
     raw = _raw_environment()
-    if raw != cached:
+    if cached is _UNREAD or raw != cached:  # (`is` first: dynamo cannot compare an object())
         text = os.environ.get("FASTBN_BACKEND", "")
         name = _check_name(text, "FASTBN_BACKEND") if text else "auto"
         _environment = (raw, name)
@@ -166,3 +166,16 @@ def resolve_backend(x: torch.Tensor, compiling: bool | None = None) -> str:
             "tensors, or on CPU tensors when TRITON_INTERPRET=1 is set before triton is imported"
         )
     return "triton"
+
+
+def _read_environment_at_import() -> None:
+    """Read FASTBN_BACKEND once now, so that a call traced by torch.compile before any eager
+    call (torch.compile(model, fullgraph=True) as a process's first fastbn call) finds it
+    cached instead of tracing the read, which dynamo cannot (it graph-breaks on the
+    comparison with the unread marker). An invalid value is left for the first call to
+    raise, naming it."""
+    with suppress(ValueError):
+        environment_default(compiling=False)
+
+
+_read_environment_at_import()

@@ -88,21 +88,30 @@ if not {on_gpu}:
 import torch, fastbn, fastbn.backend
 assert fastbn.backend._triton_problem is None  # nothing has probed the kernels yet
 bn = fastbn.BatchNorm2d(3).to("{device}")
-x = torch.randn(2, 3, 4, 4, device="{device}")
-with fastbn.use_backend("triton"):
+x = torch.randn(2, 3, 4, 4, device="{device}", requires_grad=True)
+with {choice}:
     y = torch.compile(bn, fullgraph=True, backend="aot_eager")(x)
-expected = torch.nn.BatchNorm2d(3).to("{device}")(x)
+    (grad,) = torch.autograd.grad(y.sum(), x)
+torch_bn = torch.nn.BatchNorm2d(3).to("{device}")
+expected = torch_bn(x)
 torch.testing.assert_close(y, expected)
+torch.testing.assert_close(grad, torch.autograd.grad(expected.sum(), x)[0])
+torch.testing.assert_close(bn.running_var, torch_bn.running_var)
 print("ok")
 """
 
 
-def test_first_fastbn_call_may_be_inside_a_compiled_region(device):
+@pytest.mark.parametrize("choice", ['fastbn.use_backend("triton")', "contextlib.nullcontext()"],
+                         ids=["use_backend", "default_backend"])
+def test_first_fastbn_call_may_be_inside_a_compiled_region(device, choice):
     """The backend probe (can the kernels run?) runs when dynamo first meets a call, not
-    through a traced import, so a model compiled before any eager call still compiles."""
-    code = FIRST_CALL_COMPILED.format(on_gpu=ON_GPU, device=device,
-                                      tests=os.path.dirname(os.path.abspath(__file__)))
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    through a traced import, and FASTBN_BACKEND was read at import, so a model compiled
+    (fullgraph) before any eager call still compiles: a training step, its backward and
+    running statistics as torch's."""
+    code = "import contextlib\n" + FIRST_CALL_COMPILED.format(
+        on_gpu=ON_GPU, device=device, choice=choice,
+        tests=os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FASTBN_BACKEND")}
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]

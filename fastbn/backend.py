@@ -149,6 +149,25 @@ def runs_in_interpreter() -> bool:
     return launch.interpreted()
 
 
+def recorded_backend(resolved: str, compiling: bool) -> str:
+    """The backend name a traced call records in its ops, for ``resolved`` (resolve_backend's
+    answer while tracing): "auto" in a program made by torch.export or torch.jit.trace, which
+    may run on another device or machine than the one it was made on (each op then picks its
+    implementation when it runs, by ``backend_at_run_time``, as an eager call would), the
+    resolved name in torch.compile's graphs (made and run in one process, guarded on the
+    choice, and recompiled for another device). ``compiling``: whether torch.compile (or
+    export) is tracing, which never runs under torch.jit.trace (and cannot ask it)."""
+    if torch.compiler.is_exporting() or (not compiling and torch._C._is_tracing()):
+        return "auto"
+    return resolved
+
+
+def backend_at_run_time(name: str, x: torch.Tensor) -> str:
+    """The implementation ("triton" or "torch") for an op's ``backend`` argument ``name`` on
+    x: a resolved name as it is, "auto" (``recorded_backend``'s) resolved for x now."""
+    return resolve_backend(x, False) if name == "auto" else name
+
+
 def resolve_backend(x: torch.Tensor, compiling: bool | None = None) -> str:
     """The implementation ("triton" or "torch") that runs a call on tensor x.
     ``compiling``: as current_backend's."""

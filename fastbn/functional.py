@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from fastbn import cpu, ops
-from fastbn.backend import resolve_backend
+from fastbn.backend import recorded_backend, resolve_backend
 from fastbn.conventions import ACTIVATIONS, SIGN_ACTIVATIONS
 from fastbn.reference import activation_forward
 
@@ -105,6 +105,8 @@ def batch_norm(
     # An eager relu call on the "torch" backend keeps its output instead (ops.keeps_output).
     save_mask = not native and not (eager and ops.keeps_output(activation_name, backend)) and (
         saves_activation_mask(activation_name, input, weight, bias, residual))
+    if not eager:  # a traced call: an exported or traced program picks it when it runs
+        backend = recorded_backend(backend, compiling)
     if training:
         output = ops.call_batch_norm_train_(
             input, running_mean, running_var, num_batches_tracked, momentum, weight, bias,

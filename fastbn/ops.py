@@ -2,7 +2,9 @@
 
 Six ops, each dispatching on its ``backend`` argument ("torch" -> ``fastbn.cpu``, the fast
 PyTorch implementation, which falls back to the explicit-formula oracle ``fastbn.reference``
-where it must; "triton" -> ``fastbn.launch``; the three modules share these signatures):
+where it must; "triton" -> ``fastbn.launch``; the three modules share these signatures;
+"auto", which programs made by torch.export and torch.jit.trace record, -> either, chosen
+for the call's tensors when it runs: ``backend.backend_at_run_time``):
 
 ``fastbn::batch_stats_(x, running_mean?, running_var?, num_batches_tracked?, momentum?)``
     -> (mean, var). Mutating, not differentiable: the batch mean and biased variance, plus
@@ -68,6 +70,7 @@ from torch import Tensor
 from torch._C import _functorch
 
 from fastbn import conventions, cpu, reference
+from fastbn.backend import backend_at_run_time
 from fastbn.conventions import BackwardInputs
 
 
@@ -103,7 +106,7 @@ def batch_stats_(
     momentum: Optional[float],
     backend: str,
 ) -> tuple[Tensor, Tensor]:
-    return implementation(backend).batch_stats_(
+    return implementation(backend_at_run_time(backend, x)).batch_stats_(
         x, running_mean, running_var, num_batches_tracked, momentum
     )
 
@@ -160,6 +163,7 @@ def normalized(x, mean, var, weight, bias, residual, eps, use_batch_stats, activ
     statistics the "torch" backend's is ``cpu.normalize_batch`` (the bits of the eager
     ``cpu.native_training_forward`` where that serves). The mask may be None where none is
     saved (see mask_output)."""
+    backend = backend_at_run_time(backend, x)
     function = (cpu.normalize_batch if use_batch_stats and backend == "torch"
                 else implementation(backend).normalize)
     y, activation_mask = function(
@@ -295,6 +299,7 @@ def trained(x, running_mean, running_var, num_batches_tracked, momentum, weight,
     of the eager call. The kernels have one of their own (one launch where a channel
     block's slice fits one program); the torch backend runs its batch_stats_ then its
     normalize. The mask may be None where none is saved (see mask_output)."""
+    backend = backend_at_run_time(backend, x)
     module = implementation(backend)
     if backend == "triton":
         y, mean, var, activation_mask = module.batch_norm_train_(
@@ -357,7 +362,8 @@ def _normalize_backward_eager(grad_out, x, mean, var, weight, bias, residual, ac
     op must return, for eager calls (_call)."""
     inputs = BackwardInputs(grad_out, x, mean, var, weight, bias, residual, activation_mask, eps,
                             activation, negative_slope)
-    return implementation(backend).normalize_backward(inputs, use_batch_stats, output_mask)
+    return implementation(backend_at_run_time(backend, x)).normalize_backward(
+        inputs, use_batch_stats, output_mask)
 
 
 def _normalize_backward(
@@ -473,7 +479,8 @@ def _normalize_grad_sums_eager(grad_out, x, mean, var, weight, bias, residual, a
     _normalize_backward_eager)."""
     inputs = BackwardInputs(grad_out, x, mean, var, weight, bias, residual, activation_mask, eps,
                             activation, negative_slope)
-    return implementation(backend).normalize_grad_sums(inputs, output_mask)
+    return implementation(backend_at_run_time(backend, x)).normalize_grad_sums(inputs,
+                                                                              output_mask)
 
 
 def _normalize_grad_sums(
@@ -518,8 +525,8 @@ def _normalize_grad_input_eager(grad_out, x, mean, var, weight, bias, residual, 
     _normalize_backward_eager)."""
     inputs = BackwardInputs(grad_out, x, mean, var, weight, bias, residual, activation_mask, eps,
                             activation, negative_slope)
-    return implementation(backend).normalize_grad_input(inputs, grad_means, use_batch_stats,
-                                                        output_mask)
+    return implementation(backend_at_run_time(backend, x)).normalize_grad_input(
+        inputs, grad_means, use_batch_stats, output_mask)
 
 
 def _normalize_grad_input(

@@ -14,7 +14,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import DEVICE
+from conftest import DEVICE, _triton_problem
 from convert_models import (
     InputResidual,
     assert_same_buffers,
@@ -199,6 +199,52 @@ def test_torch_export_in_training_mode_trains_like_the_original(level):
             assert_matches(name, buffer, buffers_torch[name])
         else:
             assert torch.equal(buffer, buffers_torch[name]), name
+
+
+def _fastbn_backends(graph: torch.fx.Graph | torch._C.Graph) -> set[str]:
+    """The backend argument (the last) of every fastbn op in an export or jit.trace graph."""
+    if isinstance(graph, torch.fx.Graph):
+        return {node.args[-1] for node in graph.nodes
+                if node.op == "call_function" and str(node.target).startswith("fastbn.")}
+    return {node.inputsAt(node.inputsSize() - 1).toIValue() for node in graph.nodes()
+            if node.kind().startswith("fastbn::")}
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_exported_and_traced_programs_pick_the_backend_when_they_run(training, backend,
+                                                                     monkeypatch):
+    """A program made by torch.export or torch.jit.trace records backend "auto" in every
+    fastbn op, whatever ran while it was made (a program exported on a GPU machine must run
+    on a CPU one, and the other way round), and each op picks its implementation when it
+    runs: the backend in force then, by the tensors' device, use_backend and FASTBN_BACKEND,
+    as an eager call does. Made under one backend, run under the other: torch's results."""
+    model, shape = zoo_model("resnet", torch.float32)
+    randomize_batchnorms_(model)
+    model.train(training)
+    x = make_input(shape)
+    converted = fastbn.convert(copy.deepcopy(model), fuse="graph").train(training)
+    exported = torch.export.export(copy.deepcopy(converted), (x,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TracerWarnings from the shape checks
+        traced = torch.jit.trace(copy.deepcopy(converted), (x,), check_trace=False)
+    assert _fastbn_backends(exported.graph) == {"auto"}
+    assert _fastbn_backends(traced.inlined_graph) == {"auto"}
+    other = "torch" if backend == "triton" else "triton"
+    if other == "triton" and _triton_problem():
+        pytest.skip(_triton_problem())
+    ran = []
+    implementation = fastbn.ops.implementation
+    monkeypatch.setattr(fastbn.ops, "implementation",
+                        lambda name: ran.append(name) or implementation(name))
+    # torch's model in the state each program starts from: jit.trace ran the forward once.
+    references = {"torch.export": copy.deepcopy(model), "torch.jit.trace": copy.deepcopy(model)}
+    references["torch.jit.trace"](x)
+    for name, program in (("torch.export", exported.module()), ("torch.jit.trace", traced)):
+        ran.clear()
+        with fastbn.use_backend(other):
+            assert_matches(name, program(x), references[name](x))
+        assert set(ran) == {other}, name
+        assert_same_buffers(program, references[name])
 
 
 def test_compiled_graph_fused_model_trains_like_the_original():

@@ -445,16 +445,30 @@ def _normalize_backward_grads(ctx, grad_grad_input, grad_grad_weight, grad_grad_
         )
         return reference.normalize_backward(inputs, ctx.use_batch_stats, ctx.output_mask)
 
-    outputs, vjp = torch.func.vjp(first_backward, *present.values())
-    cotangents = tuple(
-        torch.zeros_like(out) if grad is None else grad.to(out.dtype)
+    # The vector-Jacobian product by torch.autograd.grad, not torch.func.vjp, which refuses
+    # to run while saved-tensor hooks are active (torch.autograd.graph.save_on_cpu around a
+    # gradient-penalty step). The recomputation reads a view of each tensor that needs a
+    # gradient: the derivatives are then the partial ones, through the recomputation only
+    # (grad_out is itself a function of x, through a graph already differentiated), and
+    # differentiable again through the views where grad mode is on (a third derivative).
+    create_graph = torch.is_grad_enabled()
+    with torch.enable_grad():
+        wanted = {name: t.view_as(t) for name, t in present.items() if t.requires_grad}
+        outputs = first_backward(*(wanted.get(name, t) for name, t in present.items()))
+    pairs = [
+        (out, grad.to(out.dtype))
         for out, grad in zip(
             outputs,
             (grad_grad_input, grad_grad_weight, grad_grad_bias, grad_grad_residual),
             strict=True,
         )
-    )
-    grads = dict(zip(present, vjp(cotangents), strict=True))
+        if grad is not None and out.requires_grad
+    ]
+    grads = dict.fromkeys(names)
+    if wanted and pairs:
+        grads.update(zip(wanted, torch.autograd.grad(
+            [out for out, _ in pairs], list(wanted.values()), [grad for _, grad in pairs],
+            allow_unused=True, create_graph=create_graph), strict=True))
     # One gradient per op argument: grad_out, x, mean, var, weight, bias, residual,
     # activation_mask, then six non-tensors.
     return (

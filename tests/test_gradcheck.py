@@ -9,6 +9,8 @@ those it adds little to the kernels' coverage; the rest is marked slow there.
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from cases import LEAVES, Case, cases, draw_away_from_kinks, fastbn_call, fresh_state
@@ -137,3 +139,50 @@ def test_batchnorm2d_module_gradients(backend, device, check, training):
         return torch.func.functional_call(module, {"weight": weight, "bias": bias}, (x,))
 
     run_check(check, backend, function, (float64_leaf(x), weight, bias))
+
+
+def gradient_penalty(training: bool, activation: str | None, device) -> tuple:
+    """A function of (x, weight, bias) that differentiates a fastbn call once with
+    create_graph=True and returns a penalty of that gradient (WGAN-GP style), and its
+    float64 leaves: checking it checks fastbn's double backward, and gradgradcheck its
+    third derivative."""
+    generator = torch.Generator().manual_seed(5)
+    x = make_input(SHAPES[4], torch.float64, device=device, spread=2.0)
+    weight = (1 + 0.3 * torch.randn(C, generator=generator, dtype=torch.float64)).to(device)
+    bias = torch.randn(C, generator=generator, dtype=torch.float64).to(device)
+    running_mean = torch.randn(C, generator=generator, dtype=torch.float64).to(device)
+    running_var = (0.5 + torch.rand(C, generator=generator, dtype=torch.float64)).to(device)
+    v = make_input(SHAPES[4], torch.float64, seed=9, device=device)
+
+    def penalty(x, weight, bias):
+        y = fastbn.batch_norm(x, running_mean.clone(), running_var.clone(), weight, bias,
+                              training, activation=activation)
+        grad_x, grad_weight = torch.autograd.grad((y * v).sum(), (x, weight), create_graph=True)
+        return (grad_x * grad_x).sum() + (grad_weight * grad_weight).sum()
+
+    return penalty, (float64_leaf(x), float64_leaf(weight), float64_leaf(bias))
+
+
+@CORE_CHECK_PAIRS
+@pytest.mark.parametrize("activation", [None, "silu"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_gradient_penalty_gradients(backend, device, check, training, activation):
+    run_check(check, backend, *gradient_penalty(training, activation, device))
+
+
+@pytest.mark.parametrize("activation", [None, "relu", "silu"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_gradient_penalty_runs_under_saved_tensor_hooks(backend, device, training, activation):
+    """A gradient-penalty step inside torch.autograd.graph.save_on_cpu (or any
+    saved_tensors_hooks) gives the gradients it gives without: the double backward runs
+    there (torch.func.vjp, which it used to call, refuses saved-tensor hooks)."""
+    penalty, leaves = gradient_penalty(training, activation, device)
+    runs = []
+    for hooks in (contextlib.nullcontext(), torch.autograd.graph.save_on_cpu()):
+        inputs = [leaf.detach().clone().requires_grad_(True) for leaf in leaves]
+        with hooks:
+            penalty(*inputs).backward()
+        runs.append([leaf.grad for leaf in inputs])
+    assert runs[0][0] is not None  # (bias has none without an activation: no term in it)
+    for index, (plain, hooked) in enumerate(zip(*runs, strict=True)):
+        assert (plain is None and hooked is None) or torch.equal(plain, hooked), f"leaf {index}"

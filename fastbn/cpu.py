@@ -889,7 +889,27 @@ ACTIVATION_BACKWARD = {
 }
 """torch's own backward of the SIGN_ACTIVATIONS at u: grad where derivative_is_one(u), else
 0 (negative_slope * grad for leaky_relu), in one pass, written over u (a temporary): one
-full-size allocation fewer, which on a CPU means fewer fresh pages to fault in."""
+full-size allocation fewer, which on a CPU means fewer fresh pages to fault in. Called
+through ``activation_backward``."""
+
+ACTIVATION_BACKWARD_OUT_OF_PLACE = {
+    "relu": lambda grad, u, slope: torch.ops.aten.threshold_backward.default(grad, u, 0.0),
+    "relu6": lambda grad, u, slope: torch.ops.aten.hardtanh_backward.default(
+        grad, u, 0.0, 6.0),
+    "leaky_relu": lambda grad, u, slope: torch.ops.aten.leaky_relu_backward.default(
+        grad, u, slope, False),
+}
+"""ACTIVATION_BACKWARD's results in a new tensor (the same values)."""
+
+
+def activation_backward(activation: str, grad: Tensor, u: Tensor, slope: float) -> Tensor:
+    """ACTIVATION_BACKWARD[activation](grad, u, slope); out of place while a
+    TorchDispatchMode is active, which sees those out= overloads: they name their output
+    grad_input, and torch's own torch.autograd.graph.allow_mutation_on_saved_tensors mode
+    looks an output up as "out" (a KeyError in the backward)."""
+    table = (ACTIVATION_BACKWARD if torch._C._len_torch_dispatch_stack() == 0
+             else ACTIVATION_BACKWARD_OUT_OF_PLACE)
+    return table[activation](grad, u, slope)
 
 
 def output_grad(
@@ -918,8 +938,8 @@ def output_grad(
     if activation_mask is not None:  # the indicator is > 0 exactly where u was
         indicator = mask_indicator(activation_mask, x)
         if activation == "leaky_relu":
-            return ACTIVATION_BACKWARD["leaky_relu"](grad_out, indicator, negative_slope)
-        return ACTIVATION_BACKWARD["relu"](grad_out, indicator, negative_slope)
+            return activation_backward("leaky_relu", grad_out, indicator, negative_slope)
+        return activation_backward("relu", grad_out, indicator, negative_slope)
     u = batch_output(x, *constants, weight, bias, eps, activation, negative_slope
                      ) if use_batch_stats else None
     if u is None:
@@ -927,7 +947,7 @@ def output_grad(
     if residual is not None:
         u.add_(residual)
     if activation in ACTIVATION_BACKWARD:
-        return ACTIVATION_BACKWARD[activation](grad_out, u, negative_slope)
+        return activation_backward(activation, grad_out, u, negative_slope)
     return grad_out * reference.activation_derivative(u, activation, negative_slope)
 
 

@@ -132,3 +132,35 @@ def test_residual_mask_replaces_the_residual_only_when_a_backward_can_follow(dev
             lambda: fastbn.batch_norm(x, None, None, weight, None, True, residual=z,
                                       activation="relu"))
     assert inference == 0
+
+
+@pytest.mark.parametrize("activation", ["relu", "relu6", "leaky_relu"])
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_relu_family_backward_under_allow_mutation_on_saved_tensors(backend, device, activation,
+                                                                    residual, training, dtype):
+    """Under torch.autograd.graph.allow_mutation_on_saved_tensors (a TorchDispatchMode) the
+    fused relu-family backward runs and gives torch's gradients, the input changed in place
+    after the forward as that mode allows (the CPU backward's in-place out= overloads,
+    whose output argument the mode looks up by another name, raised a KeyError)."""
+    shape = (3, 4, 5, 6)
+    x = make_input(shape, dtype, device=device)
+    z = make_input(shape, dtype, seed=1, device=device) if residual else None
+    grad_out = make_input(shape, dtype, seed=2, device=device)
+    fused = fastbn.BatchNorm2d(4, activation=activation, device=device, dtype=dtype)
+    plain = torch.nn.BatchNorm2d(4, device=device, dtype=dtype)
+    for layer in (fused, plain):
+        layer.train(training)
+
+    def grads(forward):
+        leaf = x.clone().requires_grad_(True)
+        with torch.autograd.graph.allow_mutation_on_saved_tensors():
+            t = leaf * 1
+            y = forward(t)
+            t.mul_(2)  # the mode keeps what the backward saved of t as it was
+            y.backward(grad_out)
+        return leaf.grad
+
+    expected = grads(lambda t: activation64(plain(t) if z is None else plain(t) + z, activation))
+    assert_matches("d input", grads(lambda t: fused(t, residual=z)), expected)

@@ -156,12 +156,17 @@ def saves_activation_mask(
     """Whether the forward keeps the activation's bit mask for the backward instead of the
     residual: relu-family activations with a residual, when a backward can follow. Never
     under torch.jit.trace: the trace would record a choice that its check run, and later calls
-    of the traced module, can make differently (the residual is kept instead)."""
+    of the traced module, can make differently (the residual is kept instead). Nor under
+    torch.export: the mask's packed size, ceil(positions / 8), is 1 for up to 8 positions,
+    and its contiguity check then adds a guard that a dynamic range reaching that far
+    violates (a late stage's 2 x 2 maps, a BatchNorm1d batch of up to 8), where torch's own
+    BatchNorm exports."""
     return (
         activation in SIGN_ACTIVATIONS
         and residual is not None
         and torch.is_grad_enabled()
         and not torch.jit.is_tracing()
+        and not torch.compiler.is_exporting()
         and ops.requires_grad(input, weight, bias, residual)
     )
 

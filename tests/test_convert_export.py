@@ -247,6 +247,54 @@ def test_exported_and_traced_programs_pick_the_backend_when_they_run(training, b
         assert_same_buffers(program, references[name])
 
 
+class FusedBlock(nn.Module):
+    """relu-family(BN(x) + z) as one fastbn layer (``fused``) or torch's layers."""
+
+    def __init__(self, activation: str, fused: bool):
+        super().__init__()
+        self.activation, self.fused = activation, fused
+        self.bn = (fastbn.BatchNorm2d(4, activation=activation) if fused
+                   else nn.BatchNorm2d(4))
+
+    def forward(self, x, z):
+        if self.fused:
+            return self.bn(x, residual=z)
+        u = self.bn(x) + z
+        return {"relu": torch.relu, "relu6": nn.functional.relu6,
+                "leaky_relu": nn.functional.leaky_relu}[self.activation](u)
+
+
+@pytest.mark.parametrize("activation", ["relu", "relu6", "leaky_relu"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_export_with_dynamic_spatial_sizes_down_to_two_by_two(activation, training):
+    """torch.export with a dynamic H = W whose range reaches 2 x 2 (8 positions or fewer: a
+    packed activation mask of one byte per row, whose contiguity check used to add a guard
+    the range violates) exports a fused relu-family layer with a residual as torch's
+    layers export, and the program computes what they compute at 2 x 2 and 7 x 7 (in
+    training, the input's and the parameters' gradients too)."""
+    torch.manual_seed(0)
+    reference = FusedBlock(activation, fused=False).to(DEVICE).train(training)
+    randomize_batchnorms_(reference)
+    fused = FusedBlock(activation, fused=True).to(DEVICE).train(training)
+    fused.bn.load_state_dict(reference.bn.state_dict())
+    side = torch.export.Dim("side", min=2, max=16)
+    shapes = {"x": {2: side, 3: side}, "z": {2: side, 3: side}}
+    x, z = make_input((2, 4, 6, 6)), make_input((2, 4, 6, 6), seed=1)
+    program = torch.export.export(copy.deepcopy(fused), (x, z), dynamic_shapes=shapes).module()
+    for size in (2, 7):
+        x, z = make_input((2, 4, size, size), seed=size), make_input((2, 4, size, size))
+        runs = []
+        for net in (reference, program):
+            leaf = x.clone().requires_grad_(True)
+            y = net(leaf, z)
+            params = [p for _, p in sorted(net.named_parameters())]
+            runs.append((y, torch.autograd.grad(y, [leaf, *params], torch.ones_like(y))))
+        (y_torch, grads_torch), (y, grads) = runs
+        assert_matches(f"output at {size} x {size}", y, y_torch)
+        for index, (grad, grad_torch) in enumerate(zip(grads, grads_torch, strict=True)):
+            assert_matches(f"gradient {index} at {size} x {size}", grad, grad_torch)
+
+
 def test_compiled_graph_fused_model_trains_like_the_original():
     torch.manual_seed(0)
     model = InputResidual().to(DEVICE)

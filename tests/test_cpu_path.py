@@ -939,3 +939,23 @@ def test_ops_route_differentiates_a_nan_pre_activation_as_the_native_route(
     expected = 1.0 if activation == "relu" else 0.1
     assert torch.equal(native, torch.full((8, 4), expected))
     assert torch.equal(through_ops, native)
+
+
+@pytest.mark.parametrize("shape", [(524288, 2, 2), (16384, 4, 4, 4)], ids=str)
+def test_large_batch_of_small_planes_keeps_float32_statistics_exact(shape):
+    """A float32 NCHW input with many samples of a few positions each (a BatchNorm1d over
+    short sequences, a late 4 x 4 stage at a large batch), above NATIVE_PLANES_MAX, takes
+    the pilot sums: as exact as torch's kernel (whose sums are float64), where one sum over
+    N and S together accumulated along N one value at a time (running_var 2.6e-5 off at
+    (524288, 2, 2))."""
+    x = make_input(shape, spread=3.0, offset=2.0)
+    running = (torch.zeros(shape[1]), torch.ones(shape[1]))
+    truth = batch_norm_truth(x, *running, None, None, True)
+    results = []
+    for function in (fastbn.batch_norm, F.batch_norm):
+        running_mean, running_var = (t.clone() for t in running)
+        y = function(x, running_mean, running_var, None, None, True)
+        results.append({"y": y, "running_mean": running_mean, "running_var": running_var})
+    ours, theirs = results
+    for name in ("y", "running_mean", "running_var"):
+        assert_close_to_truth(name, ours[name], truth[name], theirs[name])

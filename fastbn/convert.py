@@ -59,7 +59,9 @@ from fastbn.swap import (
     DEFAULT_SLOPE,
     Activation,
     Edits,
+    adds_behaviour,
     check_module,
+    fastbn_class_of,
     has_hooks,
     module_activation,
     swap,
@@ -222,10 +224,13 @@ def _fold_sequentials(root: nn.Module, edits: Edits) -> None:
 
 
 def _fusible(module: nn.Module | None) -> bool:
-    """A fastbn layer that can take an activation and a residual: none yet, and no hooks
-    (they would see the fused output)."""
+    """A fastbn layer that can take an activation and a residual: none yet, no hooks (they
+    would see the fused output), and fastbn's own forward (a user's subclass with a forward
+    or methods of its own computes more than BatchNorm, which the fused call would skip or
+    misplace)."""
     return (
         isinstance(module, _FastBatchNorm) and module.activation is None and not has_hooks(module)
+        and not adds_behaviour(type(module), fastbn_class_of(module, _FastBatchNorm.__module__))
     )
 
 

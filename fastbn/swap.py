@@ -137,7 +137,12 @@ def _replacement(layer: _BatchNorm, targets: SwapTargets) -> tuple[nn.Module | N
             if moved:
                 return None, (f"its {', '.join(moved)} is not among its parameters and "
                               "buffers (a parametrization or a hook moved it)")
-            reason = own_attributes_reason(layer, _fastbn_class_of(layer, targets))
+            if list(layer._parameters) != _PARAMETERS or list(layer._buffers) != _BUFFERS:
+                return None, "it holds parameters or buffers of its own"
+            base = fastbn_class_of(layer, targets.fastbn.__module__)
+            if defines_forward(type(layer), base):  # (a user's subclass of fastbn's class)
+                return None, "its class has its own forward"
+            reason = own_attributes_reason(layer, base)
             if reason:
                 return None, reason
             return fastbn_class.from_torch(
@@ -196,6 +201,22 @@ def own_attributes(cls: type, torch_class: type) -> list[str]:
     return own
 
 
+def defines_forward(cls: type, base: type) -> bool:
+    """Whether a class between cls and base (a subclass of it) defines its own forward."""
+    for klass in cls.__mro__:
+        if klass is base:
+            return False
+        if "forward" in vars(klass):
+            return True
+    return False
+
+
+def adds_behaviour(cls: type, base: type) -> bool:
+    """Whether cls, a subclass of base, computes anything base does not: a forward or any
+    other attribute of its own (``own_attributes``)."""
+    return defines_forward(cls, base) or bool(own_attributes(cls, base))
+
+
 def own_attributes_reason(layer: _BatchNorm, base: type) -> str:
     """Why layer cannot be swapped for its own attributes (``own_attributes`` of its class
     above ``base``), or "" when it has none."""
@@ -204,10 +225,9 @@ def own_attributes_reason(layer: _BatchNorm, base: type) -> str:
         own) else ""
 
 
-def _fastbn_class_of(layer: _BatchNorm, targets: SwapTargets) -> type:
-    """The first of fastbn's own classes in the layer's class hierarchy (a user's subclass
-    of fastbn.BatchNorm2d sits above fastbn.BatchNorm2d)."""
-    home = targets.fastbn.__module__
+def fastbn_class_of(layer: _BatchNorm, home: str) -> type:
+    """The first of fastbn's own classes (those of module ``home``) in the layer's class
+    hierarchy (a user's subclass of fastbn.BatchNorm2d sits above fastbn.BatchNorm2d)."""
     return next(k for k in type(layer).__mro__ if k.__module__ == home)
 
 

@@ -493,6 +493,59 @@ def test_sync_convert_leaves_a_fastbn_subclass_that_defines_methods_with_a_warni
     assert converted[0] is layer
 
 
+class _ScaledFast(fastbn.BatchNorm2d):
+    """A user's subclass of a fastbn layer whose forward computes more than BatchNorm."""
+
+    def forward(self, input, residual=None):
+        return 3 * super().forward(input, residual) - 1
+
+
+class _ExtraBuffer(fastbn.BatchNorm2d):
+    def __init__(self, num_features):
+        super().__init__(num_features)
+        self.register_buffer("scale", torch.full((num_features,), 2.0))
+
+
+@pytest.mark.parametrize("layer_class", [_ScaledFast, _ExtraBuffer])
+def test_sync_convert_leaves_a_fastbn_subclass_with_its_own_forward_or_buffers(layer_class):
+    """convert(sync=True) keeps a user's subclass of fastbn.BatchNorm2d with a forward or
+    buffers of its own, as it keeps such subclasses of torch's (it used to swap it for a
+    SyncBatchNorm, which dropped the forward)."""
+    layer = layer_class(3)
+    reason = ("its class has its own forward" if layer_class is _ScaledFast
+              else "it holds parameters or buffers of its own")
+    with pytest.warns(UserWarning, match=rf"0 \({layer_class.__name__}\): {reason}"):
+        converted = fastbn.convert(nn.Sequential(layer), sync=True)
+    assert converted[0] is layer
+
+
+class _ScaledBlock(nn.Module):
+    """relu(bn(conv(x)) + x) and bn2 -> ReLU in a Sequential, bn and bn2 _ScaledFast."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 1)
+        self.bn = _ScaledFast(4)
+        self.tail = nn.Sequential(_ScaledFast(4), nn.ReLU())
+
+    def forward(self, x):
+        return self.tail(torch.relu(self.bn(self.conv(x)) + x))
+
+
+@pytest.mark.parametrize("level", ["safe", "graph"])
+def test_fusing_levels_leave_a_fastbn_subclass_with_its_own_forward_unfused(level):
+    """An activation or a residual is never taken into a user's subclass of a fastbn layer
+    whose forward does more than BatchNorm: the converted model computes what it did (the
+    fused layer used to apply its own forward's extra steps after the activation)."""
+    torch.manual_seed(0)
+    model = _ScaledBlock().eval()
+    x = make_input((2, 4, 3, 3))
+    before = model(x)
+    converted = fastbn.convert(model, fuse=level)
+    assert all(m.activation is None for m in converted.modules() if isinstance(m, _ScaledFast))
+    assert torch.equal(converted(x), before)
+
+
 class _LambdaForward(nn.Module):
     def __init__(self):
         super().__init__()

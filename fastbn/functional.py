@@ -403,10 +403,15 @@ def _raise_mixed_dtypes(weight, bias, running_mean, running_var, dtype: torch.dt
 
 
 def _check_number(name: str, value: object, none_allowed: bool = False) -> None:
-    """A TypeError naming the argument unless value is a real number (or an allowed None)."""
+    """A TypeError naming the argument unless value is a number torch's argument parser
+    takes as a float (a Python float, int or bool, a NumPy real scalar), or an allowed
+    None. Other real numbers (fractions.Fraction) are refused here, as torch refuses them:
+    they would fail in the running update, after the step counter changed."""
     if type(value) in _NUMBERS or (value is None and none_allowed):
         return
-    if value is None or not isinstance(value, numbers.Real):
+    if value is None or not isinstance(value, numbers.Real) or not (
+        isinstance(value, _NUMBERS) or type(value).__module__ == "numpy"
+    ):
         expected = "a float or None" if none_allowed else "a float"
         raise TypeError(f"batch_norm: {name} must be {expected}, got {type(value).__name__}")
 

@@ -7,6 +7,7 @@ running_mean, running_var and num_batches_tracked keep their values.
 
 from __future__ import annotations
 
+import fractions
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -155,6 +156,15 @@ MISTAKES = [
                           "training": False},
             "weight has dtype torch.bfloat16 but bias has dtype torch.float32"),
     Mistake("momentum_a_string", lambda c, d: {"momentum": "0.1"}, "momentum must be a float"),
+    # A real number torch's parser does not take as a float: refused before the step counts
+    # (it used to fail in the running update, after num_batches_tracked changed).
+    Mistake("momentum_a_fraction", lambda c, d: {"momentum": fractions.Fraction(1, 10)},
+            "momentum must be a float or None, got Fraction"),
+    Mistake("eps_a_fraction", lambda c, d: {"eps": fractions.Fraction(1, 100000)},
+            "eps must be a float, got Fraction"),
+    Mistake("negative_slope_a_fraction",
+            lambda c, d: {"activation": "leaky_relu", "negative_slope": fractions.Fraction(1, 10)},
+            "negative_slope must be a float, got Fraction", torch_call=None, error=TypeError),
     Mistake("momentum_a_string_in_eval", lambda c, d: {"momentum": "0.1", "training": False},
             "momentum must be a float"),
     # torch's F.leaky_relu takes a Number (a TypeError); fastbn checks before anything runs,

@@ -357,10 +357,27 @@ class BatchNorm3d(_FastBatchNorm, torch.nn.BatchNorm3d):
 class BatchNorm(_FastBatchNorm):
     """BatchNorm for inputs of rank ``num_dims`` (2 to 5), checked on every call."""
 
-    def __init__(self, num_features: int, num_dims: int, *args, **kwargs) -> None:
+    def __init__(
+        self,
+        num_features: int,
+        num_dims: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        bias: bool = True,
+        activation: str | None = None,
+        negative_slope: float = 0.01,
+    ) -> None:
+        # (The arguments spelled out, as the other layers': torch.nn.utils.skip_init looks
+        # for ``device`` in the signature.)
         if not isinstance(num_dims, int) or not 2 <= num_dims <= 5:
             raise ValueError(f"BatchNorm: num_dims must be an int from 2 to 5, got {num_dims!r}")
-        super().__init__(num_features, *args, **kwargs)
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device,
+                         dtype, bias=bias, activation=activation, negative_slope=negative_slope)
         self.num_dims = num_dims
 
     def _check_input_dim(self, input: Tensor) -> None:

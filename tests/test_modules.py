@@ -646,6 +646,18 @@ def test_generic_batchnorm_rejects_num_dims_outside_2_to_5(num_dims):
         fastbn.BatchNorm(3, num_dims)
 
 
+@pytest.mark.parametrize("module_class", [fastbn.BatchNorm, fastbn.BatchNorm1d,
+                                          fastbn.BatchNorm2d, fastbn.BatchNorm3d,
+                                          fastbn.SyncBatchNorm])
+def test_skip_init_builds_every_layer_uninitialised(module_class):
+    """torch.nn.utils.skip_init (it needs a ``device`` argument in the signature) builds each
+    layer with the arguments torch's layers take, the generic one with its num_dims."""
+    args = (3, 4) if module_class is fastbn.BatchNorm else (3,)
+    layer = torch.nn.utils.skip_init(module_class, *args, momentum=0.3, activation="relu")
+    assert type(layer) is module_class
+    assert (layer.momentum, layer.activation, layer.weight.shape) == (0.3, "relu", (3,))
+
+
 def hook_events(module_class, device, register):
     """The hook calls one forward and backward of module_class(3) records (via register)."""
     module = module_class(3, device=device)

@@ -150,7 +150,7 @@ def convert(
     return module
 
 
-def revert(module: nn.Module) -> nn.Module:
+def revert(module: nn.Module, *, built: bool = False) -> nn.Module:
     """Undo ``fastbn.convert``: torch BatchNorm layers and explicit activations again.
 
     Every GraphModule convert made becomes the module it replaced, every activation module
@@ -159,17 +159,23 @@ def revert(module: nn.Module) -> nn.Module:
     BatchNormAct's ``act`` included), holding the layer's current Parameter and buffer
     objects, hooks, training flag, eps and momentum. The result computes bit for bit what
     the model computed before convert, and folds for deployment the same way. fastbn layers
-    that convert did not make stay as they are.
+    that convert did not make stay as they are, unless ``built=True``: then each becomes
+    torch's layer of its kind (``_FastBatchNorm.built_to_torch``: fastbn.BatchNorm2d a
+    torch.nn.BatchNorm2d), so that a model built with ``norm_layer=fastbn.BatchNorm2d`` can
+    be quantized or folded as torch's.
 
     Reverts in place and returns the result (a new object when ``module`` itself was
     swapped or replaced). Raises ValueError, changing nothing, where a swapped layer was
     given an activation after convert that its torch layer would not compute, or a
-    parametrization (which the torch layer would lose).
+    parametrization (which the torch layer would lose); with ``built=True`` also where a
+    built layer computes an activation or is a subclass with methods of its own, naming it.
     """
     check_module(module, "fastbn.revert")
+    if type(built) is not bool:
+        raise TypeError(f"fastbn.revert: built must be a bool, got {type(built).__name__}")
     edits = Edits()
     try:
-        return _revert(module, edits, {})
+        return _revert(module, edits, {}, built, "")
     except BaseException:
         edits.undo()
         raise
@@ -238,8 +244,10 @@ def _fusible(module: nn.Module | None) -> bool:
 # 2. Revert
 
 
-def _revert(module: nn.Module, edits: Edits, done: dict[int, nn.Module]) -> nn.Module:
-    """module as it was before convert; a module reachable by two paths is reverted once."""
+def _revert(module: nn.Module, edits: Edits, done: dict[int, nn.Module], built: bool,
+            path: str) -> nn.Module:
+    """module as it was before convert (with ``built``, its built fastbn layers torch's); a
+    module reachable by two paths is reverted once."""
     if id(module) in done:
         return done[id(module)]
     result = module
@@ -250,11 +258,17 @@ def _revert(module: nn.Module, edits: Edits, done: dict[int, nn.Module]) -> nn.M
         _unfold(result, edits)
     for name, child in list(result._modules.items()):
         if child is not None:
-            reverted = _revert(child, edits, done)
+            reverted = _revert(child, edits, done, built, _join(path, name))
             if reverted is not child:
                 edits.set(result._modules, name, reverted)
     if isinstance(result, _FastBatchNorm) and result._torch_origin is not None:
         result = result.to_torch()
+    elif built and isinstance(result, _FastBatchNorm):
+        try:
+            result = result.built_to_torch()
+        except ValueError as error:
+            raise ValueError(f"fastbn.revert(built=True): {path or 'the model'}: {error}"
+                             ) from None
     done[id(module)] = result
     return result
 

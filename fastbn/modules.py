@@ -5,11 +5,13 @@ buffers and state_dict keys (loadable in both directions), same train/eval seman
 errors. What it adds is keyword-only: ``activation`` / ``negative_slope`` fused into the
 layer, and ``forward(input, residual=None)`` adding a residual before the activation.
 
-The layers also serve the tools that read a model's forward: torch.fx records each call as
-one ``fastbn.functional.batch_norm`` node; ONNX export (both exporters) sees torch's
+The layers also serve the tools that read a model's forward: torch.fx records each layer
+inside a traced module as one ``call_module`` node (a layer traced alone as one
+``fastbn.functional.batch_norm`` node); ONNX export (both exporters) sees torch's
 ``batch_norm`` followed by the residual add and activation as standard operators; torch.jit.script
 is refused with the way out (``fastbn.revert``). ``from_torch`` / ``to_torch`` are the
-per-layer halves of ``fastbn.convert`` / ``fastbn.revert``.
+per-layer halves of ``fastbn.convert`` / ``fastbn.revert``; ``built_to_torch`` is
+``fastbn.revert(model, built=True)``'s for layers built as fastbn's.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from fastbn.conventions import ACTIVATIONS
 from fastbn.distributed import sync_batch_norm, sync_world_size
 from fastbn.functional import batch_norm
-from fastbn.swap import SwapTargets, moved_tensors, swap_model
+from fastbn.swap import SwapTargets, adds_behaviour, moved_tensors, swap_model
 
 # torch.fx records these calls as single nodes instead of tracing into them.
 torch.fx.wrap("batch_norm")
@@ -53,6 +55,8 @@ FASTBN_ONLY = ("activation", "negative_slope", "process_group")
 # What a swapped layer takes over from the layer it replaces, and gives back to it.
 _SHARED_STATE = ("training", "eps", "momentum", "qconfig", *HOOK_STATE)
 _LIVE_STATE = (*_SHARED_STATE, "_parameters", "_buffers", "_non_persistent_buffers_set")
+# The attributes of a built fastbn layer that torch's layer of its kind does not have.
+_BUILT_ONLY = (*FASTBN_ONLY, "num_dims", "_torch_origin", "_folded_module")
 _TORCH_ACTIVATIONS = {
     "relu": lambda u, slope: F.relu(u),
     "relu6": lambda u, slope: F.relu6(u),
@@ -223,6 +227,48 @@ class _FastBatchNorm(_BatchNorm):
         layer.train(self.training)
         return layer
 
+    def built_to_torch(self) -> _BatchNorm:
+        """For a layer built as a fastbn layer (not swapped in by from_torch): torch's own
+        layer of its kind (``torch_class_of_built``), holding this layer's tensors, hooks,
+        training flag, eps, momentum, qconfig and the attributes set on it, computing what
+        it computes. What ``fastbn.revert(model, built=True)`` puts in its place.
+
+        Raises ValueError when the torch layer would compute something else: this layer
+        computes an activation, its class defines methods of its own (a user's subclass),
+        or it holds a tensor outside its dictionaries (a parametrization)."""
+        name = type(self).__name__
+        if self._torch_origin is not None:
+            raise RuntimeError(f"{name}.built_to_torch: this layer was swapped in by "
+                               "from_torch; to_torch gives back the layer it replaced")
+        if self.activation is not None:
+            raise ValueError(
+                f"{name}.built_to_torch: this layer computes activation={self.activation!r}, "
+                "which torch's layer does not; build it with activation=None and put the "
+                "activation module after it"
+            )
+        moved = moved_tensors(self)
+        if moved:
+            raise ValueError(
+                f"{name}.built_to_torch: this layer's {', '.join(moved)} is not among its "
+                "parameters and buffers (a parametrization), so the torch layer would lose "
+                "it; remove that first (torch.nn.utils.parametrize.remove_parametrizations)"
+            )
+        fastbn_class = next(k for k in type(self).__mro__ if k.__module__ == __name__)
+        if adds_behaviour(type(self), fastbn_class):
+            raise ValueError(f"{name}.built_to_torch: its class defines methods of its own "
+                             f"over fastbn.{fastbn_class.__name__}, which torch's layer "
+                             "would not keep")
+        cls = torch_class_of_built(self)
+        extra = {"process_group": self.process_group} if cls is torch.nn.SyncBatchNorm else {}
+        layer = cls(self.num_features, self.eps, self.momentum, self.affine,
+                    self.track_running_stats, device="meta", **extra)
+        _take_state(self, layer)
+        for key, value in vars(self).items():  # the user's own flags (no_weight_decay, ...)
+            if key not in vars(layer) and key not in _BUILT_ONLY:
+                layer.__dict__[key] = value
+        layer.train(self.training)
+        return layer
+
     def __prepare_scriptable__(self) -> None:
         """torch.jit.script's hook: refuse, saying what works instead."""
         raise RuntimeError(
@@ -386,6 +432,25 @@ class BatchNorm(_FastBatchNorm):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, num_dims={self.num_dims}"
+
+
+_TORCH_CLASS_OF_RANK = {
+    2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d,
+    5: torch.nn.BatchNorm3d,
+}
+
+
+def torch_class_of_built(layer: _FastBatchNorm) -> type[_BatchNorm]:
+    """torch's layer class for a fastbn layer built as one: torch.nn.SyncBatchNorm for
+    fastbn.SyncBatchNorm, BatchNorm1d/2d/3d for fastbn.BatchNorm by its num_dims (BatchNorm1d
+    for 2 and 3), else the torch class fastbn's class derives from (fastbn.BatchNorm2d:
+    torch.nn.BatchNorm2d)."""
+    if isinstance(layer, SyncBatchNorm):
+        return torch.nn.SyncBatchNorm
+    if isinstance(layer, BatchNorm):
+        return _TORCH_CLASS_OF_RANK[layer.num_dims]
+    return next(k for k in type(layer).__mro__ if k.__module__ == _BatchNorm.__module__
+                and k is not _BatchNorm)
 
 
 class SyncBatchNorm(_FastBatchNorm):

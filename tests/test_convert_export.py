@@ -167,6 +167,34 @@ def test_torch_export_and_jit_trace_compute_what_the_original_does(level):
         assert_matches("torch.jit.trace", traced(x), model(x))
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_a_saved_jit_trace_holds_for_other_sizes_layouts_and_strides(training):
+    """A converted model traced at one small NCHW size (its TracerWarnings notwithstanding),
+    saved and loaded, computes what torch's model computes at a larger size, in
+    channels_last and on a strided view, running statistics included."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.ReLU()).train(training)
+    randomize_batchnorms_(model)
+    converted = fastbn.convert(copy.deepcopy(model), fuse="safe")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TracerWarnings from the shape checks
+        traced = torch.jit.trace(converted, (make_input((2, 3, 4, 4)),), check_trace=False)
+    buffer = io.BytesIO()
+    torch.jit.save(traced, buffer)
+    buffer.seek(0)
+    loaded = torch.jit.load(buffer)
+    loaded.load_state_dict(model.state_dict())  # (before the update tracing ran)
+    for x in (make_input((8, 3, 32, 32)) * 3 + 100,
+              make_input((4, 3, 16, 16)).to(memory_format=torch.channels_last),
+              make_input((2, 3, 16, 16))[:, :, ::2, ::3]):
+        assert_matches("output", loaded(x), model(x))
+        assert loaded(x).stride() == model(x).stride()
+    expected = dict(model.named_buffers())
+    for name, buffer_ in loaded.state_dict().items():
+        if buffer_.is_floating_point() and name in expected:
+            assert_matches(name, buffer_, expected[name])
+
+
 @pytest.mark.parametrize("level", ["none", "graph"])
 def test_torch_export_in_training_mode_trains_like_the_original(level):
     """A converted model exported in train mode (e.g. for quantization-aware training) runs

@@ -435,6 +435,105 @@ def test_revert_rejects_what_is_not_a_module():
         fastbn.revert("model")
 
 
+def _built_block(norm_layer) -> nn.Module:
+    """A torchvision-style conv/BN/ReLU stack taking its norm layer as an argument."""
+    return nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), norm_layer(8), nn.ReLU(),
+                         nn.Conv2d(8, 4, 1), norm_layer(4))
+
+
+def test_revert_built_gives_torch_layers_to_a_model_built_with_fastbn_norm_layers():
+    """norm_layer=functools.partial(fastbn.BatchNorm2d, ...): revert(built=True) makes each
+    layer torch's BatchNorm2d holding the same tensors, hooks and attributes, computing the
+    same bits, and quantization's fuse_modules then folds it as in the torch model."""
+    import functools
+
+    from torch.ao.quantization import fuse_modules
+
+    torch.manual_seed(0)
+    model = _built_block(functools.partial(fastbn.BatchNorm2d, eps=1e-3, momentum=0.01))
+    reference = _built_block(functools.partial(nn.BatchNorm2d, eps=1e-3, momentum=0.01))
+    x = make_input((4, 3, 9, 9), torch.float64)
+    model.double(), reference.double()
+    model(x)  # a training step: the running statistics move
+    reference.load_state_dict(model.state_dict())
+    layer = model[1]
+    layer.no_weight_decay = True
+    calls = []
+    layer.register_forward_hook(lambda *args: calls.append(1))
+    tensors = (layer.weight, layer.bias, layer.running_mean, layer.running_var,
+               layer.num_batches_tracked)
+    assert type(fastbn.revert(model)[1]) is fastbn.BatchNorm2d  # the default keeps them
+    reverted = fastbn.revert(model, built=True).eval()
+    assert [type(m) for m in reverted] == [type(m) for m in reference]
+    torch_layer = reverted[1]
+    assert (torch_layer.weight, torch_layer.bias, torch_layer.running_mean,
+            torch_layer.running_var, torch_layer.num_batches_tracked) == tensors
+    assert (torch_layer.eps, torch_layer.momentum, torch_layer.no_weight_decay) == (
+        1e-3, 0.01, True)
+    assert torch.equal(reverted(x), reference.eval()(x)) and calls == [1]  # (the hook ran)
+    folded = fuse_modules(copy.deepcopy(reverted), [["0", "1", "2"], ["3", "4"]])
+    expected = fuse_modules(copy.deepcopy(reference), [["0", "1", "2"], ["3", "4"]])
+    assert torch.equal(folded(x), expected(x))
+
+
+@pytest.mark.parametrize(("layer", "expected"), [
+    (lambda: fastbn.BatchNorm1d(3), nn.BatchNorm1d),
+    (lambda: fastbn.BatchNorm3d(3, affine=False), nn.BatchNorm3d),
+    (lambda: fastbn.BatchNorm(3, num_dims=2), nn.BatchNorm1d),
+    (lambda: fastbn.BatchNorm(3, num_dims=3, momentum=None), nn.BatchNorm1d),
+    (lambda: fastbn.BatchNorm(3, num_dims=4, track_running_stats=False), nn.BatchNorm2d),
+    (lambda: fastbn.BatchNorm(3, num_dims=5), nn.BatchNorm3d),
+    (lambda: fastbn.SyncBatchNorm(3), nn.SyncBatchNorm),
+])
+def test_revert_built_gives_each_built_layer_torchs_class_of_its_kind(layer, expected):
+    built = layer().train(False)
+    reverted = fastbn.revert(nn.Sequential(built), built=True)[0]
+    assert type(reverted) is expected
+    assert not reverted.training
+    assert (reverted.num_features, reverted.eps, reverted.momentum, reverted.affine,
+            reverted.track_running_stats) == (built.num_features, built.eps, built.momentum,
+                                              built.affine, built.track_running_stats)
+    assert reverted.state_dict().keys() == built.state_dict().keys()
+    assert not hasattr(reverted, "activation") and not hasattr(reverted, "num_dims")
+
+
+def test_revert_built_puts_back_a_folded_activation_and_then_gives_torchs_layer():
+    model = nn.Sequential(fastbn.BatchNorm2d(3), nn.ReLU())
+    converted = fastbn.convert(model, fuse="safe")
+    assert converted[0].activation == "relu"
+    reverted = fastbn.revert(converted, built=True)
+    assert [type(m) for m in reverted] == [nn.BatchNorm2d, nn.ReLU]
+
+
+class _OwnForward(fastbn.BatchNorm2d):
+    def forward(self, input, residual=None):
+        return super().forward(input, residual) * 2
+
+
+@pytest.mark.parametrize(("layer", "message"), [
+    (lambda: fastbn.BatchNorm2d(3, activation="relu"), "computes activation='relu'"),
+    (lambda: _OwnForward(3), "defines methods of its own"),
+])
+def test_revert_built_refuses_a_layer_torchs_would_not_compute_and_changes_nothing(
+        layer, message):
+    model = nn.Sequential(fastbn.BatchNorm2d(3), nn.Sequential(layer()))
+    modules = list(model.named_modules())
+    with pytest.raises(ValueError, match=rf"built=True\): 1\.0: .*{message}"):
+        fastbn.revert(model, built=True)
+    assert list(model.named_modules()) == modules
+
+
+def test_revert_built_refuses_a_parametrized_layer_and_what_is_not_a_bool():
+    from torch.nn.utils import parametrize
+
+    layer = fastbn.BatchNorm2d(3)
+    parametrize.register_parametrization(layer, "weight", nn.Identity())
+    with pytest.raises(ValueError, match="weight is not among its parameters"):
+        fastbn.revert(nn.Sequential(layer), built=True)
+    with pytest.raises(TypeError, match="built must be a bool, got str"):
+        fastbn.revert(nn.Sequential(fastbn.BatchNorm2d(3)), built="yes")
+
+
 # ---------------------------------------------------------------------------------------------
 # State: state_dict both ways, functional_call
 

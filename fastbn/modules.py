@@ -29,7 +29,13 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from fastbn.conventions import ACTIVATIONS
 from fastbn.distributed import sync_batch_norm, sync_world_size
 from fastbn.functional import batch_norm
-from fastbn.swap import SwapTargets, adds_behaviour, moved_tensors, swap_model
+from fastbn.swap import (
+    SwapTargets,
+    defines_forward,
+    moved_tensors,
+    own_attributes,
+    swap_model,
+)
 
 # torch.fx records these calls as single nodes instead of tracing into them.
 torch.fx.wrap("batch_norm")
@@ -234,8 +240,9 @@ class _FastBatchNorm(_BatchNorm):
         it computes. What ``fastbn.revert(model, built=True)`` puts in its place.
 
         Raises ValueError when the torch layer would compute something else: this layer
-        computes an activation, its class defines methods of its own (a user's subclass),
-        or it holds a tensor outside its dictionaries (a parametrization)."""
+        computes an activation, its class defines a forward, methods or class attributes of
+        its own (a user's subclass; an ``__init__`` alone is fine), or it holds a tensor
+        outside its dictionaries (a parametrization)."""
         name = type(self).__name__
         if self._torch_origin is not None:
             raise RuntimeError(f"{name}.built_to_torch: this layer was swapped in by "
@@ -254,8 +261,11 @@ class _FastBatchNorm(_BatchNorm):
                 "it; remove that first (torch.nn.utils.parametrize.remove_parametrizations)"
             )
         fastbn_class = next(k for k in type(self).__mro__ if k.__module__ == __name__)
-        if adds_behaviour(type(self), fastbn_class):
-            raise ValueError(f"{name}.built_to_torch: its class defines methods of its own "
+        own = own_attributes(type(self), fastbn_class)
+        if defines_forward(type(self), fastbn_class):
+            own = ["forward", *own]
+        if own:
+            raise ValueError(f"{name}.built_to_torch: its class defines {', '.join(own)} "
                              f"over fastbn.{fastbn_class.__name__}, which torch's layer "
                              "would not keep")
         cls = torch_class_of_built(self)

@@ -510,9 +510,24 @@ class _OwnForward(fastbn.BatchNorm2d):
         return super().forward(input, residual) * 2
 
 
+class _OwnAttribute(fastbn.BatchNorm2d):
+    frozen = True
+
+
+class _OwnInit(fastbn.BatchNorm2d):
+    def __init__(self, num_features):
+        super().__init__(num_features, eps=1e-3)
+
+
+def test_revert_built_takes_a_subclass_that_only_sets_constructor_defaults():
+    reverted = fastbn.revert(nn.Sequential(_OwnInit(3)), built=True)[0]
+    assert type(reverted) is nn.BatchNorm2d and reverted.eps == 1e-3
+
+
 @pytest.mark.parametrize(("layer", "message"), [
     (lambda: fastbn.BatchNorm2d(3, activation="relu"), "computes activation='relu'"),
-    (lambda: _OwnForward(3), "defines methods of its own"),
+    (lambda: _OwnForward(3), "its class defines forward over fastbn.BatchNorm2d"),
+    (lambda: _OwnAttribute(3), "its class defines frozen over fastbn.BatchNorm2d"),
 ])
 def test_revert_built_refuses_a_layer_torchs_would_not_compute_and_changes_nothing(
         layer, message):

@@ -341,9 +341,15 @@ def native_training_forward(
     state update are ``kernel_batch_stats_``'s (one acceptance test and update,
     ``accept_kernel_statistics_``), its output ``kernel_training_output``'s with the same
     epilogue, its backward the activation's backward and torch's backward kernel with
-    ``kernel_invstd`` on the gradient in x's format (the hook here does that conversion at
-    the first node, so every backward kernel after it sees x's format). None, with
-    nothing changed, when the statistics fail the rule: the caller takes the exact path."""
+    ``kernel_invstd`` on the gradient in x's format (what a traced call's backward
+    receives). A float16/bfloat16 call's gradient is converted to x's format at the first
+    node (``grad_in_format_hook``: torch's mixed-format kernel sums those in their own
+    dtype); a float32 call's goes to torch's nodes as it comes, as in torch's own model:
+    given another format (the expanded gradient of a global average pool, a contiguous one
+    for a channels_last x) torch's kernel takes its mixed-format path, whose float64 sums
+    are as exact as torch's model's, where x's format would give its float32 row sums (the
+    traced call's, which receives x's format). None, with nothing changed, when the
+    statistics fail the rule: the caller takes the exact path."""
     scratch = kernel_running_scratch(x)
     y, _, _ = torch.native_batch_norm(x, as_kernel_parameter(weight), as_kernel_parameter(bias),
                                       *scratch, True, 1.0, eps)
@@ -356,8 +362,8 @@ def native_training_forward(
         y = torch.nn.functional.leaky_relu(y, negative_slope)
     else:
         y, _ = epilogue_(y, x, residual, activation, negative_slope, False)
-    if y.requires_grad:  # (a pre-hook on y's node: cheaper per call than Tensor.register_hook)
-        y.grad_fn.register_prehook(grad_in_format_hook(x))
+    if y.requires_grad and x.dtype != torch.float32:  # (a pre-hook on y's node: cheaper
+        y.grad_fn.register_prehook(grad_in_format_hook(x))  # than Tensor.register_hook)
     return y
 
 

@@ -870,20 +870,73 @@ def test_function_route_relu_keeps_its_output_and_nothing_else_full_size(residua
     assert ours[0].is_contiguous() and (z is None or ours[3].is_contiguous())
 
 
-@pytest.mark.parametrize("activation", [None, "relu", "leaky_relu"])
-def test_native_backward_kernel_gets_the_gradient_in_the_inputs_format(activation):
-    """An NCHW grad_out for a channels_last input: the pre-hook hands every backward node
-    after the first, torch's BatchNorm backward kernel included, x's format (a mixed format
-    would take the kernel's slower generic path)."""
-    x, z, weight, bias = fused_leaves((3, 4, 5, 6), torch.float32, True, True)
-    y = fastbn.batch_norm(x, None, None, weight, bias, True, residual=z, activation=activation)
+def _native_kernel_grad_strides(x, y, weight, grad_out):
+    """The strides of the gradient torch's BatchNorm backward node receives, and the
+    gradients of x and weight."""
     node = y.grad_fn
     while type(node).__name__ != "NativeBatchNormBackward0":
         node = node.next_functions[0][0]
     seen = []
     node.register_prehook(lambda grads: seen.append(grads[0].stride()))
-    grads = torch.autograd.grad(y, [x, weight], make_input(tuple(x.shape), seed=3))
+    grads = torch.autograd.grad(y, [x, weight], grad_out)
+    return seen, grads
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+@pytest.mark.parametrize("activation", [None, "relu", "leaky_relu"])
+def test_native_backward_kernel_gets_a_low_precision_gradient_in_the_inputs_format(
+        activation, dtype):
+    """An NCHW grad_out for a float16/bfloat16 channels_last input: the pre-hook hands every
+    backward node after the first, torch's BatchNorm backward kernel included, x's format
+    (torch's mixed-format path would sum in the low-precision dtype)."""
+    activation = None if activation == "leaky_relu" and dtype != torch.float32 else activation
+    x, z, weight, bias = fused_leaves((3, 4, 5, 6), dtype, True, True)
+    y = fastbn.batch_norm(x, None, None, weight, bias, True, residual=z, activation=activation)
+    seen, grads = _native_kernel_grad_strides(x, y, weight, make_input(tuple(x.shape), dtype,
+                                                                       seed=3))
     assert seen == [x.stride()] and grads[0].stride() == x.stride()
+
+
+@pytest.mark.parametrize("activation", [None, "relu", "leaky_relu"])
+@pytest.mark.parametrize("grad_format", ["contiguous", "expanded"])
+def test_native_float32_backward_takes_the_gradient_as_torchs_model_does(activation,
+                                                                          grad_format):
+    """A float32 channels_last call's gradient in another format (contiguous, or the
+    expanded one a global average pool hands back) reaches torch's nodes as it comes, as in
+    torch's own model: the same bits as torch's BatchNorm + add + activation (whose relu
+    backward hands the kernel x's format in both), and without an activation d x and
+    d bias within the float32 tolerance of the float64 truth (torch's mixed-format kernel
+    sums in float64; x's format would give its float32 row sums, 2.7e-5 off in d bias at
+    this shape)."""
+    shape = (32, 16, 16, 16)
+    x, z, weight, bias = fused_leaves(shape, torch.float32, True, True)
+    grad_out = make_input(shape, seed=3) if grad_format == "contiguous" else (
+        make_input(shape[:2] + (1, 1), seed=3).expand(shape))
+    y = fastbn.batch_norm(x, None, None, weight, bias, True, residual=z, activation=activation)
+    seen, grads = _native_kernel_grad_strides(x, y, weight, grad_out)
+    reference_leaves = [t.detach().clone().requires_grad_(True) for t in (x, weight, bias, z)]
+    rx, rw, rb, rz = reference_leaves
+    expected = F.batch_norm(rx, None, None, rw, rb, True) + rz
+    expected = {None: expected, "relu": F.relu(expected),
+                "leaky_relu": F.leaky_relu(expected)}[activation]
+    torch_seen, torch_grads = _native_kernel_grad_strides(rx, expected, rw, grad_out)
+    assert seen == torch_seen
+    assert torch.equal(y, expected)
+    assert all(torch.equal(a, b) for a, b in zip(grads, torch_grads, strict=True))
+    if activation is not None:  # (relu's backward hands torch's kernel x's format in both)
+        return
+    truth_leaves = [t.detach().double().requires_grad_(True) for t in (x, weight, bias, z)]
+    tx, tw, tb, tz = truth_leaves
+    truth = F.batch_norm(tx, None, None, tw, tb, True) + tz
+    truth = {None: truth, "relu": F.relu(truth), "leaky_relu": F.leaky_relu(truth)}[activation]
+    truth_grads = torch.autograd.grad(truth, [tx, tw, tb], grad_out.double())
+    y_grads = torch.autograd.grad(fastbn.batch_norm(x, None, None, weight, bias, True,
+                                                    residual=z, activation=activation),
+                                  [x, weight, bias], grad_out)
+    # (d weight, a sum of g * x_hat that cancels within each sample here, is torch's bits,
+    # checked above: its float32 error relative to the small result exceeds the tolerance.)
+    assert_close_to_truth("d x", y_grads[0], truth_grads[0])
+    assert_close_to_truth("d bias", y_grads[2], truth_grads[2])
 
 
 @pytest.mark.parametrize("activation", [None, "relu", "leaky_relu"])

@@ -343,13 +343,9 @@ def native_training_forward(
     epilogue, its backward the activation's backward and torch's backward kernel with
     ``kernel_invstd`` on the gradient in x's format (what a traced call's backward
     receives). A float16/bfloat16 call's gradient is converted to x's format at the first
-    node (``grad_in_format_hook``: torch's mixed-format kernel sums those in their own
-    dtype); a float32 call's goes to torch's nodes as it comes, as in torch's own model:
-    given another format (the expanded gradient of a global average pool, a contiguous one
-    for a channels_last x) torch's kernel takes its mixed-format path, whose float64 sums
-    are as exact as torch's model's, where x's format would give its float32 row sums (the
-    traced call's, which receives x's format). None, with nothing changed, when the
-    statistics fail the rule: the caller takes the exact path."""
+    node (``grad_in_format_hook``, where ``converts_gradient_format``); a float32 call's
+    goes to torch's nodes as it comes, as in torch's own model. None, with nothing changed,
+    when the statistics fail the rule: the caller takes the exact path."""
     scratch = kernel_running_scratch(x)
     y, _, _ = torch.native_batch_norm(x, as_kernel_parameter(weight), as_kernel_parameter(bias),
                                       *scratch, True, 1.0, eps)
@@ -362,9 +358,21 @@ def native_training_forward(
         y = torch.nn.functional.leaky_relu(y, negative_slope)
     else:
         y, _ = epilogue_(y, x, residual, activation, negative_slope, False)
-    if y.requires_grad and x.dtype != torch.float32:  # (a pre-hook on y's node: cheaper
+    if y.requires_grad and converts_gradient_format(x):  # (a pre-hook on y's node: cheaper
         y.grad_fn.register_prehook(grad_in_format_hook(x))  # than Tensor.register_hook)
     return y
+
+
+def converts_gradient_format(x: Tensor) -> bool:
+    """Whether a backward of x hands torch's kernels the output's gradient in x's memory
+    format: for float16/bfloat16 x only, whose sums torch's mixed-format BatchNorm backward
+    takes in their own dtype. A float32/float64 gradient goes to them as it comes, as
+    torch's own layer hands it over: in another format than x's (the expanded gradient of
+    a global average pool, a contiguous one for a channels_last x) torch's kernel then takes
+    its mixed-format path, whose float64 sums are as exact as torch's layer's, where x's
+    format would give its channels-last float32 row sums. (A traced call's backward
+    receives x's format from AOTAutograd either way.)"""
+    return x.dtype != param_dtype(x)
 
 
 def epilogue_(
@@ -402,8 +410,10 @@ def grad_in_format_hook(
 def relu_grad_from_output(grad_out: Tensor, output: Tensor) -> Tensor:
     """relu's backward from its output y, as torch's F.relu computes it (threshold_backward
     of its result): grad_out where y > 0 or is NaN, 0 elsewhere; in y's memory format
-    (x's, for a ``fast_layout`` x), which the backward kernel after it then reads."""
-    if grad_out.stride() != output.stride() and fast_layout(output) is not None:
+    (x's, for a ``fast_layout`` x) where ``converts_gradient_format``, which the backward
+    kernel after it then reads; as it comes otherwise, as torch's F.relu takes it."""
+    if grad_out.stride() != output.stride() and converts_gradient_format(output) and (
+            fast_layout(output) is not None):
         grad_out = in_memory_format(grad_out, memory_format_of(output))
     return torch.ops.aten.threshold_backward.default(grad_out, output, 0.0)
 
@@ -981,9 +991,13 @@ def native_backward(
     instead of four (float64 for float64 input, where the two agree)."""
     mean, var = constants
     weight = cast(weight, param_dtype(x))
-    # g in x's memory format: given mixed formats, torch's kernel takes a generic path
-    # that is slower and, for bfloat16, sums in bfloat16.
-    g = g if g.stride() == x.stride() and g.dtype == x.dtype else like_input(g, x)
+    # g in x's memory format for float16/bfloat16 x (given mixed formats, torch's kernel
+    # takes a generic path that sums in their dtype); as it comes otherwise, as torch's own
+    # layer hands it over (``converts_gradient_format``).
+    if converts_gradient_format(x):
+        g = g if g.stride() == x.stride() and g.dtype == x.dtype else like_input(g, x)
+    else:
+        g = as_dtype(g, x.dtype)
     if use_batch_stats:
         invstd = kernel_invstd(var, eps) if torch_bits else torch.rsqrt(var + eps)
         return torch.ops.aten.native_batch_norm_backward.default(
@@ -995,12 +1009,15 @@ def native_backward(
 
 
 def grad_in_x_format(inputs: BackwardInputs) -> BackwardInputs:
-    """inputs with grad_out in the memory format of a ``fast_layout`` x (the output's): what
-    the traced route's backward receives from AOTAutograd, so an eager backward given a
-    gradient in another format sums in the same order and gives the same bits (torch's
-    backward kernel also takes its fast path only with matching formats)."""
+    """inputs with grad_out in the memory format of a float16/bfloat16 ``fast_layout`` x
+    (the output's; ``converts_gradient_format``): what the traced route's backward receives
+    from AOTAutograd, so an eager backward given a gradient in another format sums in the
+    same order and gives the same bits, and not in their own dtype (torch's backward kernel
+    also takes its fast path only with matching formats). A float32/float64 gradient stays
+    as it comes, as torch's own layer hands it over."""
     grad_out, x = inputs.grad_out, inputs.x
-    if grad_out.stride() == x.stride() or fast_layout(x) is None:
+    if grad_out.stride() == x.stride() or not converts_gradient_format(x) or (
+            fast_layout(x) is None):
         return inputs
     return inputs._replace(grad_out=in_memory_format(grad_out, memory_format_of(x)))
 

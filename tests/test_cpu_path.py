@@ -6,6 +6,7 @@ the input's size."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -937,6 +938,53 @@ def test_native_float32_backward_takes_the_gradient_as_torchs_model_does(activat
     # checked above: its float32 error relative to the small result exceeds the tolerance.)
     assert_close_to_truth("d x", y_grads[0], truth_grads[0])
     assert_close_to_truth("d bias", y_grads[2], truth_grads[2])
+
+
+@pytest.mark.parametrize(("shape", "training", "activation"), [
+    ((4, 16, 12, 12), False, None),       # eval: the ops' route's backward
+    ((4, 16, 12, 12), False, "relu"),
+    ((8, 16, 24, 24), True, None),        # float32 NCHW above 2^16: the pilot route
+    ((8, 16, 24, 24), True, "relu"),      # (its relu keeps the output)
+])
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_float32_ops_route_backward_takes_the_gradient_as_torchs_layer_does(
+        shape, training, activation, channels_last):
+    """The ops' route's eager backward of a float32 layer (eval; an NCHW input above 2^16
+    elements) hands torch's kernels the expanded gradient of a global average pool as it
+    comes, as torch's BatchNorm2d (+ ReLU) does: in eval torch's bits for d x, d weight and
+    d bias (converting it to x's format gave channels_last float32 row sums, d bias 4e-5
+    off where torch's is 6e-8); in training (the pilot sums' statistics, not torch's bits)
+    d x and d bias within the float32 tolerance of the float64 truth."""
+    torch.manual_seed(0)
+    x = make_input(shape, offset=0.5, channels_last=channels_last)
+    if not training and not channels_last:
+        x = x.contiguous()
+    torch_layer = torch.nn.BatchNorm2d(shape[1])
+    with torch.no_grad():
+        torch_layer.weight.uniform_(0.5, 1.5)
+        torch_layer.bias.uniform_(-0.5, 0.5)
+        torch_layer.running_mean.uniform_(-0.2, 0.2)
+        torch_layer.running_var.uniform_(0.5, 1.5)
+    layer = fastbn.BatchNorm2d(shape[1], activation=activation)
+    layer.load_state_dict(torch_layer.state_dict())
+    layer.train(training), torch_layer.train(training)
+    truth_layer = copy.deepcopy(torch_layer).double()
+    grads = []
+    for net, parameters, dtype in ((layer, layer, torch.float32),
+                                   (torch_layer, torch_layer, torch.float32),
+                                   (truth_layer, truth_layer, torch.float64)):
+        leaf = x.to(dtype).clone().requires_grad_(True)
+        y = net(leaf)
+        y = y if net is layer or activation is None else F.relu(y)
+        loss = y.mean((2, 3)).pow(2).sum()
+        grads.append(torch.autograd.grad(loss, [leaf, parameters.weight, parameters.bias]))
+    ours, theirs, truth = grads
+    if not training:
+        for name, a, b in zip(("d x", "d weight", "d bias"), ours, theirs, strict=True):
+            assert torch.equal(a, b), name
+        return
+    assert_close_to_truth("d x", ours[0], truth[0])
+    assert_close_to_truth("d bias", ours[2], truth[2])
 
 
 @pytest.mark.parametrize("activation", [None, "relu", "leaky_relu"])

@@ -1009,15 +1009,15 @@ def native_backward(
 
 
 def grad_in_x_format(inputs: BackwardInputs) -> BackwardInputs:
-    """inputs with grad_out in the memory format of a float16/bfloat16 ``fast_layout`` x
-    (the output's; ``converts_gradient_format``): what the traced route's backward receives
-    from AOTAutograd, so an eager backward given a gradient in another format sums in the
-    same order and gives the same bits, and not in their own dtype (torch's backward kernel
-    also takes its fast path only with matching formats). A float32/float64 gradient stays
-    as it comes, as torch's own layer hands it over."""
+    """inputs with grad_out in the memory format of a ``fast_layout`` x (the output's): what
+    the traced route's backward receives from AOTAutograd, so an eager backward given a
+    gradient in another format sums in the same order and gives the same bits where its
+    precision does not depend on the format (the exact path's float64 formulas) or where
+    torch's mixed-format kernel would lose it (float16/bfloat16 sums). The fast path of a
+    float32/float64 call hands torch's kernel the gradient as it came instead
+    (``converts_gradient_format``), for torch's own layer's precision."""
     grad_out, x = inputs.grad_out, inputs.x
-    if grad_out.stride() == x.stride() or not converts_gradient_format(x) or (
-            fast_layout(x) is None):
+    if grad_out.stride() == x.stride() or fast_layout(x) is None:
         return inputs
     return inputs._replace(grad_out=in_memory_format(grad_out, memory_format_of(x)))
 
@@ -1036,9 +1036,12 @@ def normalize_backward(
     when the exactness rule holds: one pass for the sums, one for d input. A gradient
     ``output_mask`` does not ask for is None there (the reference's empty tensor where it
     serves)."""
+    given = inputs.grad_out
     inputs = grad_in_x_format(inputs)
     (grad_out, x, mean, var, weight, bias, residual, activation_mask, eps, activation,
      negative_slope) = inputs
+    if not converts_gradient_format(x):  # torch's kernels below take it as it came
+        grad_out = given
     want_input, want_weight, want_bias, want_residual = output_mask
     # A call the native route serves: torch's backward (the native route's) wherever that
     # route took the statistics, which it accepts by kernel_statistics_ratio's bound.

@@ -198,9 +198,13 @@ def test_non_reentrant_checkpoint_updates_the_running_statistics_as_torchs_does(
     torch.testing.assert_close(layer.running_var, reference.running_var, atol=atol, rtol=rtol)
 
 
-# (dtype, activation, offset): the eager calls on channels_last x whose backward is not the
-# native route's: float16 leaky_relu (not served natively), float32 at mean 1e4 (the rule
-# sends it to the exact path); then a native call, whose hook puts the gradient in x's format.
+# (dtype, activation, offset): the eager calls on channels_last x whose backward takes g in
+# x's format: float16 leaky_relu (not served natively; low precision converts), float32 at
+# mean 1e4 (the rule sends it to the exact path, whose float64 formulas lose nothing by the
+# conversion); then a native float32 relu call, whose relu backward hands the BatchNorm
+# kernel x's format. (A float32 call on the fast path without relu takes g as it comes, as
+# torch's own layer does, for torch's precision: its compiled gradients then differ from
+# eager by rounding, as torch's own compiled layer's do; tests/test_cpu_path.py.)
 FORMAT_CASES = [(torch.float16, "leaky_relu", 0.0), (torch.float32, None, 1e4),
                 (torch.float32, "relu", 1e4), (torch.float32, "relu", 0.0)]
 
@@ -213,7 +217,7 @@ def test_compiled_gradients_equal_eager_for_an_nchw_gradient_of_a_channels_last_
     (fullgraph) gives eager's bits. AOTAutograd hands the compiled backward g in y's format
     (channels_last); the eager backward of these calls sums in g's own format, so the
     weight, bias (and x) gradients differ by rounding unless the backward takes g in x's
-    format as the native route does."""
+    format (see FORMAT_CASES)."""
 
     def step(fn):
         x = make_input((2, 3, 4, 5), dtype, channels_last=True, offset=offset)

@@ -32,6 +32,7 @@ from fastbn.functional import batch_norm
 from fastbn.swap import (
     SwapTargets,
     defines_forward,
+    fastbn_class_of,
     moved_tensors,
     own_attributes,
     swap_model,
@@ -206,14 +207,7 @@ class _FastBatchNorm(_BatchNorm):
                 f"{type(self).__name__}.to_torch: this layer was built as a fastbn layer, "
                 "not swapped in by from_torch, so there is no torch layer to give back"
             )
-        moved = moved_tensors(self)
-        if moved:
-            raise ValueError(
-                f"{type(self).__name__}.to_torch: this layer's {', '.join(moved)} is not "
-                "among its parameters and buffers (a parametrization or a weight_norm-style "
-                "hook moved it), so the torch layer would lose it; remove that first "
-                "(torch.nn.utils.parametrize.remove_parametrizations)"
-            )
+        self._refuse_moved_tensors("to_torch")
         if self.activation != origin.activation or (
             self.activation == "leaky_relu" and self.negative_slope != origin.negative_slope
         ):
@@ -232,6 +226,18 @@ class _FastBatchNorm(_BatchNorm):
         _take_state(self, layer)
         layer.train(self.training)
         return layer
+
+    def _refuse_moved_tensors(self, method: str) -> None:
+        """Raise ValueError when a tensor of this layer is outside its dictionaries (a
+        parametrization, a weight_norm-style hook): the torch layer would lose it."""
+        moved = moved_tensors(self)
+        if moved:
+            raise ValueError(
+                f"{type(self).__name__}.{method}: this layer's {', '.join(moved)} is not "
+                "among its parameters and buffers (a parametrization or a weight_norm-style "
+                "hook moved it), so the torch layer would lose it; remove that first "
+                "(torch.nn.utils.parametrize.remove_parametrizations)"
+            )
 
     def built_to_torch(self) -> _BatchNorm:
         """For a layer built as a fastbn layer (not swapped in by from_torch): torch's own
@@ -253,14 +259,8 @@ class _FastBatchNorm(_BatchNorm):
                 "which torch's layer does not; build it with activation=None and put the "
                 "activation module after it"
             )
-        moved = moved_tensors(self)
-        if moved:
-            raise ValueError(
-                f"{name}.built_to_torch: this layer's {', '.join(moved)} is not among its "
-                "parameters and buffers (a parametrization), so the torch layer would lose "
-                "it; remove that first (torch.nn.utils.parametrize.remove_parametrizations)"
-            )
-        fastbn_class = next(k for k in type(self).__mro__ if k.__module__ == __name__)
+        self._refuse_moved_tensors("built_to_torch")
+        fastbn_class = fastbn_class_of(self, __name__)
         own = own_attributes(type(self), fastbn_class)
         if defines_forward(type(self), fastbn_class):
             own = ["forward", *own]
